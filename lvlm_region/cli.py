@@ -1,0 +1,67 @@
+"""Command-line flags shared by the launchers: they map one to one onto RunConfig fields."""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import logging
+import os
+import sys
+
+from .config import RunConfig
+from .regions import VALID_FORMS
+
+
+def build_parser(stage: str, doc: str) -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    default_region = "none" if stage == "pretrain" else "uniform25"
+    p.add_argument("--region", help=f"region spec (default {default_region}); {VALID_FORMS}")
+    p.add_argument("--model", help="local transformers checkpoint dir (default: the embedded tiny demo model)")
+    p.add_argument("--init", help="stage-1 output dir whose projector starts this run")
+    p.add_argument("--data", help="LLaVA-format JSON (default: the generated demo data)")
+    p.add_argument("--image-folder", help="root of the data's image paths (default: the data file's directory)")
+    p.add_argument("--eval-data", help="held-out LLaVA JSON for loss and answer accuracy at the end")
+    p.add_argument("--template", help="conversation template: plain | vicuna_v1")
+    p.add_argument("--output-dir", required=True, help="where the model, run.json and metrics.jsonl go")
+    p.add_argument("--zero", type=int, default=2, help="ZeRO stage 2 or 3 (ds_configs/zero{N}.json)")
+    p.add_argument("--ds-config", help="a DeepSpeed JSON to use instead of ds_configs/zero{N}.json")
+    p.add_argument("--max-steps", type=int, help="optimizer steps (overrides --epochs)")
+    p.add_argument("--epochs", type=float, default=1.0)
+    p.add_argument("--lr", type=float, help="peak learning rate (warmup then cosine)")
+    p.add_argument("--warmup-ratio", type=float, default=0.03)
+    p.add_argument("--weight-decay", type=float, default=0.0)
+    p.add_argument("--micro-batch", type=int, default=16, help="samples per rank per micro-step")
+    p.add_argument("--grad-accum", type=int, default=1)
+    p.add_argument("--grad-clip", type=float, default=1.0)
+    p.add_argument("--grad-ckpt", action="store_true", help="activation checkpointing of the LLM")
+    p.add_argument("--precision", default="auto", help="auto | bf16 | fp16 | fp32")
+    p.add_argument("--max-length", type=int, default=2048)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--log-every", type=int, default=10)
+    p.add_argument("--num-workers", type=int, default=2)
+    p.add_argument("--eval-max-samples", type=int, default=0)
+    p.add_argument("--local_rank", type=int, default=0, help=argparse.SUPPRESS)  # added by the deepspeed launcher
+    return p
+
+
+def parse(stage: str, doc: str, argv: list[str] | None = None) -> RunConfig:
+    args = vars(build_parser(stage, doc).parse_args(argv))
+    args.pop("local_rank")
+    fields = {f.name for f in dataclasses.fields(RunConfig)}
+    return RunConfig(stage=stage, **{k: v for k, v in args.items() if k in fields})
+
+
+def main(stage: str, doc: str, argv: list[str] | None = None) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+                        stream=sys.stdout)
+    from .trainer import train  # after logging is set up; heavy imports
+
+    cfg = parse(stage, doc, argv)
+    try:
+        result = train(cfg)
+    except (ValueError, FileNotFoundError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    s = result.summary
+    if s.get("eval") and os.environ.get("RANK", "0") == "0":
+        print(f"held-out answer accuracy {s['eval']['accuracy']:.3f} ({s['eval']['correct']}/{s['eval']['samples']})")
+    return 0

@@ -1,0 +1,101 @@
+"""The one typed run configuration, shared by both stages and saved as run.json with every run.
+
+Stages differ only in their defaults (``stage_defaults``): region, data, template, learning rate, ZeRO stage.
+Fields left ``None`` are resolved by ``RunConfig.resolve`` before anything heavy happens.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from dataclasses import dataclass, field
+
+DEMO_DIR = "data/demo"  # relative to the working directory; created on first use
+
+
+@dataclass
+class RunConfig:
+    stage: str  # "pretrain" (stage 1, projector only) or "sft" (stage 2, projector + region)
+    output_dir: str  # where the model, run.json and metrics.jsonl go
+    region: str | None = None  # region spec (lvlm_region.regions); stage default: none / uniform25
+    model: str | None = None  # local transformers checkpoint dir; None = the embedded tiny demo model
+    init: str | None = None  # stage-1 output dir whose projector starts this run
+    data: str | None = None  # LLaVA JSON; None = the demo's file for this stage
+    image_folder: str | None = None  # root of the data's relative image paths; default: the data file's dir
+    eval_data: str | None = None  # held-out LLaVA JSON (sft); None = the demo's eval file when on demo data
+    template: str | None = None  # conversation template; stage default: plain / vicuna_v1
+    zero: int = 2  # ZeRO stage: 2 or 3 (picks ds_configs/zero{N}.json)
+    ds_config: str | None = None  # any DeepSpeed JSON instead of ds_configs/zero{N}.json
+    max_steps: int | None = None  # optimizer steps; overrides epochs when set
+    epochs: float = 1.0  # passes over the training data when max_steps is None
+    lr: float | None = None  # peak LR; default 1e-3 (pretrain) / 2e-5 (sft), 1e-3 for both on the demo model
+    warmup_ratio: float = 0.03  # linear warmup share of the steps, then cosine to zero
+    weight_decay: float = 0.0
+    micro_batch: int = 16  # samples per rank per micro-step
+    grad_accum: int = 1  # micro-steps per optimizer step
+    grad_clip: float = 1.0  # max global grad norm; 0 disables
+    grad_ckpt: bool = False  # activation checkpointing of the LLM (non-reentrant, works with frozen layers)
+    precision: str = "auto"  # auto (bf16 on GPU, fp32 on CPU) | bf16 | fp16 | fp32
+    max_length: int = 2048  # longer samples are dropped and counted, never cut through image tokens
+    seed: int = 0
+    log_every: int = 10  # optimizer steps between metrics lines
+    num_workers: int = 2  # DataLoader workers per rank (images are decoded there)
+    eval_max_samples: int = 0  # 0 = every held-out sample
+    max_new_tokens: int = 8  # generation budget per held-out answer
+    dataset_size: int | None = field(default=None, repr=False)  # filled in at run time (for run.json)
+
+    def resolve(self) -> "RunConfig":
+        """Fill stage defaults and validate; raises ValueError naming the field and the fix."""
+        if self.stage not in ("pretrain", "sft"):
+            raise ValueError(f"stage must be 'pretrain' or 'sft', got {self.stage!r}")
+        demo = self.model is None
+        if self.region is None:
+            self.region = "none" if self.stage == "pretrain" else "uniform25"
+        if self.template is None:
+            self.template = "plain" if self.stage == "pretrain" else "vicuna_v1"
+        if self.lr is None:
+            self.lr = 1e-3 if (demo or self.stage == "pretrain") else 2e-5
+        if self.data is None:
+            if not demo:
+                raise ValueError("--data is required with --model (the demo data only fits the demo model)")
+            self.data = os.path.join(DEMO_DIR, "pretrain.json" if self.stage == "pretrain" else "sft_train.json")
+            if self.stage == "sft" and self.eval_data is None:
+                self.eval_data = os.path.join(DEMO_DIR, "sft_eval.json")
+        if self.image_folder is None:
+            self.image_folder = os.path.dirname(os.path.abspath(self.data))
+        if self.zero not in (2, 3):
+            raise ValueError(f"--zero must be 2 or 3 (or pass --ds-config), got {self.zero}")
+        if self.precision not in ("auto", "bf16", "fp16", "fp32"):
+            raise ValueError(f"--precision must be auto, bf16, fp16 or fp32, got {self.precision!r}")
+        for name in ("micro_batch", "grad_accum", "log_every", "max_length"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}")
+        if self.max_steps is not None and self.max_steps < 1:
+            raise ValueError(f"--max-steps must be at least 1, got {self.max_steps}")
+        if self.max_steps is None and not self.epochs > 0:
+            raise ValueError(f"--epochs must be positive, got {self.epochs}")
+        if not self.lr > 0:
+            raise ValueError(f"--lr must be positive, got {self.lr}")
+        if not 0 <= self.warmup_ratio < 1:
+            raise ValueError(f"warmup_ratio must be in [0, 1), got {self.warmup_ratio}")
+        if self.ds_config is not None and not os.path.isfile(self.ds_config):
+            raise FileNotFoundError(f"--ds-config {self.ds_config} does not exist")
+        if self.init is not None and not os.path.isdir(self.init):
+            raise FileNotFoundError(f"--init {self.init} is not a directory; give a stage-1 output directory")
+        return self
+
+    @property
+    def is_demo(self) -> bool:
+        return self.model is None
+
+    @property
+    def model_path(self) -> str:
+        return self.model or os.path.join(DEMO_DIR, "base_model")
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_json(cls, path: str) -> "RunConfig":
+        with open(path) as f:
+            return cls(**json.load(f)["config"])

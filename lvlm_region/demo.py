@@ -1,0 +1,201 @@
+"""The embedded default: generated shape images, LLaVA-format captions and Q/A, a sentencepiece
+tokenizer trained on that corpus, and a tiny randomly initialised LLaVA model saved as a checkpoint.
+
+Layout of the directory it writes (all of it deterministic for a given seed)::
+
+    images/*.png            48x48 RGB, one coloured shape in one quadrant
+    pretrain.json           stage 1: caption per image ("a red circle at the top left")
+    sft_train.json          stage 2: one or two questions per image (color / shape / position)
+    sft_eval.json           held-out images, one question each
+    base_model/             LlavaForConditionalGeneration + tokenizer + processor (save_pretrained)
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import random
+import tempfile
+
+from PIL import Image, ImageDraw
+
+log = logging.getLogger(__name__)
+
+COLORS = {"red": (220, 30, 30), "green": (30, 170, 40), "blue": (30, 60, 220), "yellow": (235, 215, 20),
+          "purple": (140, 40, 180), "orange": (245, 140, 20)}
+SHAPES = ("circle", "square", "triangle", "cross")
+POSITIONS = ("top left", "top right", "bottom left", "bottom right")
+QUESTIONS = {"color": "What color is the shape?", "shape": "Which shape is in the image?",
+             "position": "Where is the shape?"}
+IMAGE_SIZE = 32  # with 16-pixel patches: one image token per quadrant
+DONE_MARKER = "COMPLETE"
+
+
+def chance_accuracy() -> float:
+    """Accuracy of guessing uniformly per question type, the eval set asks each type equally often."""
+    return (1 / len(COLORS) + 1 / len(SHAPES) + 1 / len(POSITIONS)) / 3
+
+
+def draw(color: str, shape: str, position: str, rng: random.Random) -> Image.Image:
+    im = Image.new("RGB", (IMAGE_SIZE, IMAGE_SIZE), (245, 245, 245))
+    d = ImageDraw.Draw(im)
+    half = IMAGE_SIZE // 2
+    size = rng.randint(10, 14)
+    x0 = (half if "right" in position else 0) + rng.randint(1, half - size - 1)
+    y0 = (half if "bottom" in position else 0) + rng.randint(1, half - size - 1)
+    box, fill = (x0, y0, x0 + size, y0 + size), COLORS[color]
+    if shape == "circle":
+        d.ellipse(box, fill=fill)
+    elif shape == "square":
+        d.rectangle(box, fill=fill)
+    elif shape == "triangle":
+        d.polygon([(x0 + size // 2, y0), (x0, y0 + size), (x0 + size, y0 + size)], fill=fill)
+    else:
+        t = size // 3
+        d.rectangle((x0 + t, y0, x0 + 2 * t, y0 + size), fill=fill)
+        d.rectangle((x0, y0 + t, x0 + size, y0 + 2 * t), fill=fill)
+    return im
+
+
+def _qa(kind: str, attrs: dict, first: bool) -> list[dict]:
+    q = QUESTIONS[kind]
+    return [{"from": "human", "value": f"<image>\n{q}" if first else q}, {"from": "gpt", "value": attrs[kind]}]
+
+
+def generate(out_dir: str, n_train: int = 2400, n_eval: int = 240, seed: int = 0) -> None:
+    """Write images and the three JSON files. Eval images are drawn separately from training images."""
+    rng = random.Random(seed)
+    os.makedirs(os.path.join(out_dir, "images"), exist_ok=True)
+    pretrain, train, evals = [], [], []
+    kinds = list(QUESTIONS)
+    for i in range(n_train + n_eval):
+        attrs = {"color": rng.choice(list(COLORS)), "shape": rng.choice(SHAPES), "position": rng.choice(POSITIONS)}
+        name = f"images/{i:05d}.png"
+        draw(attrs["color"], attrs["shape"], attrs["position"], rng).save(os.path.join(out_dir, name))
+        if i < n_train:
+            caption = f"a {attrs['color']} {attrs['shape']} at the {attrs['position']}"
+            pretrain.append({"id": f"cap{i}", "image": name,
+                             "conversations": [{"from": "human", "value": "<image>\nDescribe the image."},
+                                               {"from": "gpt", "value": caption}]})
+            asked = rng.sample(kinds, rng.choice((1, 2)))
+            conv = [t for j, k in enumerate(asked) for t in _qa(k, attrs, j == 0)]
+            train.append({"id": f"sft{i}", "image": name, "conversations": conv})
+        else:
+            k = kinds[i % len(kinds)]
+            evals.append({"id": f"eval{i}", "image": name, "conversations": _qa(k, attrs, True)})
+    for fname, rows in (("pretrain.json", pretrain), ("sft_train.json", train), ("sft_eval.json", evals)):
+        with open(os.path.join(out_dir, fname), "w") as f:
+            json.dump(rows, f, indent=1)
+
+
+def train_tokenizer(out_dir: str, vocab_size: int = 160) -> str:
+    """Train a sentencepiece BPE model on the generated corpus; returns a transformers tokenizer dir."""
+    import sentencepiece as spm
+    from transformers import LlamaTokenizer
+
+    from .data import VICUNA_SYSTEM
+
+    lines = [VICUNA_SYSTEM, "USER: ASSISTANT: Scene:", *QUESTIONS.values()]
+    for fname in ("pretrain.json", "sft_train.json"):
+        with open(os.path.join(out_dir, fname)) as f:
+            lines += [t["value"].replace("<image>\n", "") for s in json.load(f) for t in s["conversations"]]
+    tok_dir = os.path.join(out_dir, "tokenizer")
+    os.makedirs(tok_dir, exist_ok=True)
+    with tempfile.TemporaryDirectory() as tmp:
+        corpus = os.path.join(tmp, "corpus.txt")
+        with open(corpus, "w") as f:
+            f.write("\n".join(lines))
+        spm.SentencePieceTrainer.train(
+            input=corpus, model_prefix=os.path.join(tok_dir, "tokenizer"), vocab_size=vocab_size,
+            model_type="bpe", character_coverage=1.0, unk_id=0, bos_id=1, eos_id=2, pad_id=3,
+            user_defined_symbols=["<image>"], hard_vocab_limit=False, minloglevel=2)
+    tok = LlamaTokenizer.from_pretrained(tok_dir)
+    tok.pad_token = "<pad>"
+    tok.save_pretrained(tok_dir)
+    return tok_dir
+
+
+def pretrain_language(model, tok, out_dir: str, seed: int, steps: int = 300, batch: int = 32) -> float:
+    """Make the tiny LLM a base LLM for the demo: it learns the corpus's language, and to caption and answer
+    from a scene *described in words* where the image will later be ("<image>" replaced by the caption).
+
+    A purely random LLM cannot express confident answers through its frozen random norm and LM head (its
+    logits stay within a few nats of uniform), and one that never read a scene has nothing for a projector
+    to align to. After this step stage 1 has the same job as with a real LLM: map image features to what
+    the LLM already reads. The LLM itself has seen no image. Plain torch on one process; returns the last loss.
+    """
+    import torch
+
+    from .data import TEMPLATES, render, tokenize
+    from .model import token_loss_sum, valid_tokens
+
+    with open(os.path.join(out_dir, "pretrain.json")) as f:
+        captions = {s["image"]: s["conversations"][-1]["value"] for s in json.load(f)}
+    rows = []
+    for fname, template in (("pretrain.json", "plain"), ("sft_train.json", "vicuna_v1")):
+        with open(os.path.join(out_dir, fname)) as f:
+            for s in json.load(f):
+                scene = f"Scene: {captions[s['image']]}."
+                segs = [(text.replace("<image>", scene), trained)
+                        for text, trained in render(s["conversations"], TEMPLATES[template])]
+                rows.append(tokenize(segs, tok, -1, 0))
+    lm = model.get_decoder()
+    params = list(lm.parameters()) + list(model.get_output_embeddings().parameters())
+    opt = torch.optim.AdamW(params, lr=3e-3)
+    gen = torch.Generator().manual_seed(seed)
+    loss = float("nan")
+    for _ in range(steps):
+        picked = [rows[i] for i in torch.randint(len(rows), (batch,), generator=gen).tolist()]
+        T = max(len(r["input_ids"]) for r in picked)
+        ids = torch.full((batch, T), tok.pad_token_id)
+        labels = torch.full((batch, T), -100)
+        for j, r in enumerate(picked):
+            ids[j, :len(r["input_ids"])] = torch.tensor(r["input_ids"])
+            labels[j, :len(r["labels"])] = torch.tensor(r["labels"])
+        logits = model.lm_head(lm(input_ids=ids, attention_mask=(labels != -100) | (ids != tok.pad_token_id)).last_hidden_state)
+        lsum = token_loss_sum(logits, labels) / valid_tokens(labels)
+        opt.zero_grad()
+        lsum.backward()
+        opt.step()
+        loss = float(lsum)
+    log.info("tiny LLM language pretraining: %d steps, final loss %.3f", steps, loss)
+    return loss
+
+
+def build_base_model(out_dir: str, tok_dir: str, seed: int) -> str:
+    """Randomly initialise the tiny LLaVA and save it with tokenizer and processor, like a real checkpoint."""
+    from transformers import AutoTokenizer, LlavaProcessor
+
+    from .model import build_demo_model, make_image_processor
+
+    tok = AutoTokenizer.from_pretrained(tok_dir)
+    model = build_demo_model(len(tok), tok.convert_tokens_to_ids("<image>"), tok.pad_token_id, seed)
+    pretrain_language(model, tok, out_dir, seed)
+    path = os.path.join(out_dir, "base_model")
+    model.save_pretrained(path)
+    cfg = model.config
+    processor = LlavaProcessor(image_processor=make_image_processor(cfg.vision_config.image_size), tokenizer=tok,
+                               patch_size=cfg.vision_config.patch_size, image_token="<image>",
+                               vision_feature_select_strategy=cfg.vision_feature_select_strategy,
+                               num_additional_image_tokens=1)  # CLIP's CLS token
+    processor.save_pretrained(path)
+    return path
+
+
+def ensure(out_dir: str, seed: int = 0) -> str:
+    """Create the demo directory unless a complete one exists; returns it. Written to a temporary
+    directory and renamed, so an interrupted run never leaves a half-written default behind."""
+    if os.path.isfile(os.path.join(out_dir, DONE_MARKER)):
+        return out_dir
+    parent = os.path.dirname(os.path.abspath(out_dir))
+    os.makedirs(parent, exist_ok=True)
+    tmp = tempfile.mkdtemp(prefix=".demo-", dir=parent)
+    log.info("generating the embedded demo data and tiny model in %s", out_dir)
+    generate(tmp, seed=seed)
+    build_base_model(tmp, train_tokenizer(tmp), seed)
+    open(os.path.join(tmp, DONE_MARKER), "w").close()
+    if os.path.exists(out_dir):
+        import shutil
+        shutil.rmtree(out_dir)
+    os.rename(tmp, out_dir)
+    return out_dir

@@ -1,0 +1,194 @@
+"""Everything that touches DeepSpeed: process group, config building, engine, optimizer check, saving.
+
+No other module of the package imports deepspeed.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import socket
+from pathlib import Path
+
+import deepspeed
+import torch
+import torch.distributed as dist
+from deepspeed.accelerator import get_accelerator
+
+log = logging.getLogger(__name__)
+
+DS_CONFIG_DIR = Path(__file__).resolve().parents[1] / "ds_configs"
+# Keys the run config owns; a DeepSpeed JSON may leave them out or say "auto", but not disagree.
+OWNED = ("train_micro_batch_size_per_gpu", "gradient_accumulation_steps", "gradient_clipping", "train_batch_size")
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def init_distributed() -> None:
+    """Join the process group the `deepspeed` launcher set up; a plain `python` run becomes a world of one."""
+    if "RANK" not in os.environ:
+        os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1",
+                          MASTER_PORT=str(_free_port()))
+    if not dist.is_initialized():
+        deepspeed.init_distributed(dist_backend=get_accelerator().communication_backend_name(),
+                                   verbose=False)
+    if get_accelerator().device_name() != "cpu":
+        get_accelerator().set_device(int(os.environ.get("LOCAL_RANK", 0)))
+
+
+def rank() -> int:
+    return dist.get_rank() if dist.is_initialized() else 0
+
+
+def world_size() -> int:
+    return dist.get_world_size() if dist.is_initialized() else 1
+
+
+def barrier() -> None:
+    if dist.is_initialized():
+        dist.barrier()
+
+
+def all_reduce_sum(values: list[float]) -> list[float]:
+    t = torch.tensor(values, dtype=torch.float64, device=device())
+    if dist.is_initialized():
+        dist.all_reduce(t)
+    return t.tolist()
+
+
+def device() -> torch.device:
+    acc = get_accelerator()
+    return torch.device("cpu") if acc.device_name() == "cpu" else torch.device(acc.device_name(), acc.current_device())
+
+
+def on_cpu() -> bool:
+    return get_accelerator().device_name() == "cpu"
+
+
+def resolve_precision(precision: str) -> str:
+    if precision == "auto":
+        return "fp32" if on_cpu() else "bf16"
+    if precision != "fp32" and on_cpu():
+        raise ValueError(f"--precision {precision} needs a GPU; on CPU use fp32 (or auto)")
+    return precision
+
+
+def torch_dtype(precision: str) -> torch.dtype:
+    return {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[precision]
+
+
+def build_ds_config(zero: int, ds_config_path: str | None, micro_batch: int, grad_accum: int,
+                    grad_clip: float, precision: str) -> dict:
+    """Read the ZeRO JSON and fill in what the run config owns, leaving no "auto" behind."""
+    path = Path(ds_config_path) if ds_config_path else DS_CONFIG_DIR / f"zero{zero}.json"
+    if not path.is_file():
+        raise FileNotFoundError(f"DeepSpeed config {path} not found; ship ds_configs/ or pass --ds-config")
+    cfg = json.loads(path.read_text())
+    ours = {"train_micro_batch_size_per_gpu": micro_batch, "gradient_accumulation_steps": grad_accum,
+            "gradient_clipping": grad_clip, "train_batch_size": micro_batch * grad_accum * world_size()}
+    for key in OWNED:
+        if key in cfg and cfg[key] != "auto" and cfg[key] != ours[key]:
+            raise ValueError(f"{path}: {key}={cfg[key]} disagrees with the run config ({ours[key]}); "
+                             f"remove it from the JSON or set the matching flag")
+        cfg[key] = ours[key]
+    for key in ("bf16", "fp16"):
+        cfg.pop(key, None)
+    if precision in ("bf16", "fp16"):
+        cfg[precision] = {"enabled": True}
+    autos = [k for k, v in _walk(cfg) if v == "auto"]
+    if autos:
+        raise ValueError(f"{path}: 'auto' is not resolved for {', '.join(autos)}; give explicit values")
+    cfg.setdefault("steps_per_print", 10 ** 9)  # we log ourselves
+    cfg.setdefault("wall_clock_breakdown", False)
+    return cfg
+
+
+def _walk(d: dict, prefix: str = ""):
+    for k, v in d.items():
+        if isinstance(v, dict):
+            yield from _walk(v, f"{prefix}{k}.")
+        else:
+            yield f"{prefix}{k}", v
+
+
+def lr_lambda(total_steps: int, warmup_steps: int):
+    """Linear warmup to the peak, then cosine to zero at total_steps."""
+    def f(step: int) -> float:
+        if step < warmup_steps:
+            return (step + 1) / warmup_steps
+        progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
+        return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+    return f
+
+
+def initialize(model: torch.nn.Module, ds_config: dict, lr: float, weight_decay: float, total_steps: int,
+               warmup_steps: int):
+    """Build optimizer (trainable parameters only), scheduler and engine; check what the optimizer holds."""
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    if not trainable:
+        raise ValueError("no parameter requires grad; the region selects nothing to train")
+    offload = ds_config.get("zero_optimization", {}).get("offload_optimizer", {}).get("device", "none")
+    # Biases and norms take no weight decay; empty groups are dropped (they break ZeRO-1/2 init).
+    decay = [p for p in trainable if p.ndim >= 2]
+    no_decay = [p for p in trainable if p.ndim < 2]
+    groups = [g for g in ({"params": decay, "weight_decay": weight_decay},
+                          {"params": no_decay, "weight_decay": 0.0}) if g["params"]]
+    if offload in ("cpu", "nvme"):
+        from deepspeed.ops.adam import DeepSpeedCPUAdam
+        optimizer = DeepSpeedCPUAdam(groups, lr=lr, adamw_mode=True)
+    else:
+        optimizer = torch.optim.AdamW(groups, lr=lr)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(total_steps, warmup_steps))
+    engine, optimizer, _, scheduler = deepspeed.initialize(model=model, optimizer=optimizer,
+                                                           lr_scheduler=scheduler, config=ds_config)
+    check_optimizer(engine, trainable)
+    return engine, scheduler
+
+
+def optimizer_params(engine) -> list[torch.nn.Parameter]:
+    """The model parameters the engine's optimizer updates, whatever wrapper ZeRO put around it."""
+    opt = engine.optimizer
+    for attr in ("fp16_groups", "bit16_groups"):  # ZeRO-3, ZeRO-1/2
+        if hasattr(opt, attr):
+            return [p for group in getattr(opt, attr) for p in group]
+    inner = getattr(opt, "optimizer", opt)
+    return [p for g in inner.param_groups for p in g["params"]]
+
+
+def check_optimizer(engine, intended: list[torch.nn.Parameter]) -> None:
+    """Fail unless the optimizer holds exactly the intended parameters (trap: late freezing is ignored)."""
+    held = {id(p) for p in optimizer_params(engine)}
+    want = {id(p) for p in intended}
+    if held != want:
+        names = {id(p): n for n, p in engine.module.named_parameters()}
+        extra = sorted(names.get(i, "?") for i in held - want)
+        missing = sorted(names.get(i, "?") for i in want - held)
+        raise RuntimeError(f"optimizer parameters differ from the region: extra {extra[:5]}, missing {missing[:5]}")
+    log.info("optimizer holds exactly the %d intended parameter tensors", len(want))
+
+
+def is_zero3(engine) -> bool:
+    return engine.zero_optimization_partition_weights()
+
+
+def full_state_dict(engine) -> dict | None:
+    """The whole model's weights on rank 0 (None elsewhere); under ZeRO-3 gathered layer by layer.
+
+    Call on every rank. Frozen weights are included.
+    """
+    if is_zero3(engine):
+        return engine._zero3_consolidated_16bit_state_dict()
+    if rank() != 0:
+        return None
+    return {k: v.detach().cpu() for k, v in engine.module.state_dict().items()}
+
+
+def gathered(params, enabled: bool):
+    """Context that materialises ZeRO-3 partitioned parameters on every rank (read-only)."""
+    import contextlib
+    return deepspeed.zero.GatheredParameters(list(params), modifier_rank=None) if enabled else contextlib.nullcontext()

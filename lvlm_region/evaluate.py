@@ -1,0 +1,90 @@
+"""Held-out evaluation on the training engine: token loss and generated-answer accuracy.
+
+Runs on every rank over its shard. Under ZeRO-3 every rank must make the same forward calls, so the
+shards are padded to equal size and generation uses ``synced_gpus``.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import string
+
+import torch
+import torch.distributed as dist
+
+from . import engine as E
+from .data import ImageTextDataset, make_loader, render, to_device, tokenize
+from .model import token_loss_sum, valid_tokens
+
+log = logging.getLogger(__name__)
+
+
+def normalize(text: str) -> str:
+    return " ".join(text.lower().strip().strip(string.punctuation).split())
+
+
+@torch.no_grad()
+def evaluate(engine, eval_ds, image_folder: str, s, cfg, dtype: torch.dtype, device: torch.device) -> dict:
+    model = engine.module
+    was_training = model.training
+    model.eval()
+    if cfg.eval_max_samples:
+        eval_ds = eval_ds.select(range(min(cfg.eval_max_samples, len(eval_ds))))
+    pad_id = s.tok.tokenizer.pad_token_id
+    images = s.processor.image_processor
+
+    # Held-out loss over valid tokens (duplicates from shard padding are counted on both ranks; the
+    # DistributedSampler pads at most world_size - 1 samples).
+    loss_sum, n_valid = 0.0, 0
+    def loader(ds, left_pad=False):
+        return make_loader(ds, cfg.micro_batch, pad_id, E.rank(), E.world_size(), cfg.seed, shuffle=False,
+                           drop_last=False, num_workers=cfg.num_workers, left_pad=left_pad)
+
+    for b in loader(ImageTextDataset(eval_ds, image_folder, images)):
+        b = to_device(b, device, dtype)
+        logits = engine(input_ids=b["input_ids"], attention_mask=b["attention_mask"],
+                        pixel_values=b.get("pixel_values")).logits
+        loss_sum += float(token_loss_sum(logits, b["labels"]))
+        n_valid += valid_tokens(b["labels"])
+    loss_sum, n_valid = E.all_reduce_sum([loss_sum, n_valid])
+
+    # Greedy answers, compared after normalisation with the reference reply.
+    prompts = PromptDataset(eval_ds, image_folder, images, s.tok)
+    results: list[tuple[int, bool, str]] = []
+    zero3 = E.is_zero3(engine)
+    for b in loader(prompts, left_pad=True):
+        index, answers = b.pop("index"), b.pop("answer")
+        b = to_device(b, device, dtype)
+        gen = model.generate(input_ids=b["input_ids"], attention_mask=b["attention_mask"],
+                             pixel_values=b.get("pixel_values"), max_new_tokens=cfg.max_new_tokens, do_sample=False,
+                             pad_token_id=pad_id, eos_token_id=s.tok.tokenizer.eos_token_id, synced_gpus=zero3)
+        texts = s.tok.tokenizer.batch_decode(gen[:, b["input_ids"].shape[1]:], skip_special_tokens=True)
+        results += [(i, normalize(t) == normalize(a), t) for i, t, a in zip(index, texts, answers)]
+    gathered = [None] * E.world_size()
+    if dist.is_initialized():
+        dist.all_gather_object(gathered, results)
+    else:
+        gathered = [results]
+    unique = {i: (ok, t) for part in gathered for i, ok, t in part}  # drop shard-padding duplicates
+    correct = sum(ok for ok, _ in unique.values())
+    model.train(was_training)
+    return {"loss": loss_sum / max(n_valid, 1.0), "accuracy": correct / len(unique), "correct": correct,
+            "samples": len(unique), "examples": [unique[i][1] for i in sorted(unique)[:5]]}
+
+
+class PromptDataset(ImageTextDataset):
+    """Held-out samples cut before their last reply; yields prompt ids, image, reference answer and index."""
+
+    def __init__(self, ds, image_folder, image_processor, tok):
+        super().__init__(ds, image_folder, image_processor)
+        self.tok = tok
+
+    def __getitem__(self, i: int) -> dict:
+        item = super().__getitem__(i)
+        ex = self.ds[i]
+        conv = json.loads(ex["conversations"])
+        ids = tokenize(render(conv[:-1], self.tok.template), self.tok.tokenizer, self.tok.image_token_id,
+                       self.tok.n_image_tokens)["input_ids"]
+        item["input_ids"] = item["labels"] = torch.tensor(ids)
+        item["answer"], item["index"] = conv[-1]["value"], i
+        return item

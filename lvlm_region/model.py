@@ -1,0 +1,207 @@
+"""The LVLM: build the embedded tiny default, load checkpoints, find parts by module object, freeze.
+
+Everything here is plain transformers + torch; DeepSpeed is never imported (see engine.py).
+"""
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers import (AutoConfig, AutoModelForImageTextToText, CLIPVisionConfig, LlamaConfig,
+                          LlavaConfig, LlavaForConditionalGeneration, PreTrainedModel)
+
+from .regions import Region
+
+log = logging.getLogger(__name__)
+
+PROJECTOR_FILE = "projector.safetensors"  # the projector alone, keyed as its own state_dict (linear_1.weight ...)
+
+
+@dataclass
+class Parts:
+    """The model's parts as module objects; every trainable-capable parameter belongs to exactly one."""
+
+    vision: nn.Module
+    projector: nn.Module
+    embed: nn.Module
+    layers: nn.ModuleList  # the LLM's decoder layers, in depth order
+    norm: nn.Module
+    lm_head: nn.Module
+
+    def named_parts(self) -> dict[str, nn.Module]:
+        out = {"vision": self.vision, "projector": self.projector, "embed": self.embed,
+               "norm": self.norm, "lm_head": self.lm_head}
+        out.update({f"layer.{i}": layer for i, layer in enumerate(self.layers)})
+        return out
+
+
+def find_parts(model: PreTrainedModel) -> Parts:
+    """Locate the parts of a Llava-style model through transformers' own accessors, not name strings."""
+    decoder = model.get_decoder()
+    inner = getattr(model, "model", None)
+    vision = getattr(inner, "vision_tower", None)
+    projector = getattr(inner, "multi_modal_projector", None)
+    layers = getattr(decoder, "layers", None)
+    norm = getattr(decoder, "norm", None)
+    missing = [n for n, m in (("model.vision_tower", vision), ("model.multi_modal_projector", projector),
+                              ("decoder.layers", layers), ("decoder.norm", norm)) if m is None]
+    if missing:
+        raise ValueError(f"{type(model).__name__} is not a recognised LLaVA-style model: looked for "
+                         f"{', '.join(missing)} (via get_decoder()) and did not find them")
+    depth = model.config.get_text_config().num_hidden_layers
+    if len(layers) != depth:
+        raise ValueError(f"decoder has {len(layers)} layers but text_config.num_hidden_layers is {depth}")
+    return Parts(vision=vision, projector=projector, embed=model.get_input_embeddings(), layers=layers,
+                 norm=norm, lm_head=model.get_output_embeddings())
+
+
+def token_loss_sum(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Sum of next-token cross-entropy over positions whose label is not -100. logits [B,T,V], labels [B,T]."""
+    return F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(), ignore_index=-100,
+                           reduction="sum")
+
+
+def valid_tokens(labels: torch.Tensor) -> int:
+    """How many positions token_loss_sum counts."""
+    return int((labels[:, 1:] != -100).sum())
+
+
+def num_decoder_layers(config) -> int:
+    return config.get_text_config().num_hidden_layers
+
+
+def apply_region(model: PreTrainedModel, region: Region) -> dict[str, dict[str, int]]:
+    """Set requires_grad from the region and return per-part {trainable, total} parameter counts.
+
+    Must run before the optimizer or DeepSpeed engine exists: freezing later is silently ignored.
+    """
+    parts = find_parts(model)
+    if region.num_layers != len(parts.layers):
+        raise ValueError(f"region was resolved for {region.num_layers} layers, the model has {len(parts.layers)}")
+    model.requires_grad_(False)
+    chosen = set(region.layers)
+    for name, module in parts.named_parts().items():
+        on = (int(name.split(".")[1]) in chosen) if name.startswith("layer.") else region.parts[name]
+        module.requires_grad_(on)
+    return count_parameters(model)
+
+
+def count_parameters(model: PreTrainedModel) -> dict[str, dict[str, int]]:
+    """Trainable / total parameter counts per part; fails if a parameter belongs to no part.
+
+    Sizes come from ``ds_numel`` when ZeRO-3 has partitioned a parameter (its local shape is [0]).
+    """
+    parts = find_parts(model)
+    owner: dict[int, str] = {}
+    for name, module in parts.named_parts().items():
+        for p in module.parameters():
+            owner.setdefault(id(p), "layers" if name.startswith("layer.") else name)
+    counts: dict[str, dict[str, int]] = {}
+    for pname, p in model.named_parameters():
+        part = owner.get(id(p))
+        if part is None:
+            raise ValueError(f"parameter {pname} belongs to no known part; the region cannot decide whether "
+                             "it trains")
+        n = getattr(p, "ds_numel", p.numel())
+        c = counts.setdefault(part, {"trainable": 0, "total": 0})
+        c["total"] += n
+        c["trainable"] += n if p.requires_grad else 0
+    counts["all"] = {"trainable": sum(c["trainable"] for c in counts.values()),
+                     "total": sum(c["total"] for c in counts.values())}
+    return counts
+
+
+def trainable_parameters(model: nn.Module) -> list[nn.Parameter]:
+    return [p for p in model.parameters() if p.requires_grad]
+
+
+def demo_config(vocab_size: int, image_token_id: int, pad_token_id: int) -> LlavaConfig:
+    """The embedded default: an 8-layer Llama LLM, a 2-layer CLIP tower, an mlp2x_gelu projector."""
+    text = LlamaConfig(vocab_size=vocab_size, hidden_size=128, intermediate_size=256, num_hidden_layers=8,
+                       num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+                       pad_token_id=pad_token_id, bos_token_id=1, eos_token_id=2, tie_word_embeddings=False)
+    vision = CLIPVisionConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=3, num_attention_heads=4,
+                              image_size=32, patch_size=16, projection_dim=64)
+    # Penultimate-layer patch features without CLS ("default"), as LLaVA-1.5 does.
+    return LlavaConfig(vision_config=vision, text_config=text, image_token_id=image_token_id,
+                       projector_hidden_act="gelu", vision_feature_layer=-2,
+                       vision_feature_select_strategy="default", image_seq_length=(32 // 16) ** 2,
+                       pad_token_id=pad_token_id)
+
+
+def build_demo_model(vocab_size: int, image_token_id: int, pad_token_id: int, seed: int) -> LlavaForConditionalGeneration:
+    torch.manual_seed(seed)
+    return LlavaForConditionalGeneration(demo_config(vocab_size, image_token_id, pad_token_id))
+
+
+def image_seq_length(config) -> int:
+    """Image tokens per image, from the vision config and feature strategy (never a hard-coded 576/729)."""
+    v = config.vision_config
+    n = (v.image_size // v.patch_size) ** 2
+    return n + 1 if config.vision_feature_select_strategy == "full" else n
+
+
+def make_image_processor(size: int):
+    """CLIP preprocessing at ``size``; the PIL backend, since torchvision (the default backend) has no CPU
+    build here and is optional on GPU nodes."""
+    try:
+        from transformers import CLIPImageProcessorPil as cls
+    except ImportError:  # older transformers: the PIL implementation is the default class
+        from transformers import CLIPImageProcessor as cls
+    return cls(size={"shortest_edge": size}, crop_size={"height": size, "width": size})
+
+
+def load_model(path: str, dtype: torch.dtype, attn: str = "sdpa") -> PreTrainedModel:
+    """Load a transformers-format image-text-to-text checkpoint from a local directory."""
+    if not os.path.isfile(os.path.join(path, "config.json")):
+        raise FileNotFoundError(f"--model {path}: no config.json there; give a local directory written by "
+                                "save_pretrained (e.g. a previous run's output directory)")
+    config = AutoConfig.from_pretrained(path)
+    return AutoModelForImageTextToText.from_pretrained(path, config=config, dtype=dtype, attn_implementation=attn)
+
+
+def projector_prefix(model: PreTrainedModel) -> str:
+    projector = find_parts(model).projector
+    return next(n for n, m in model.named_modules() if m is projector) + "."
+
+
+def save_projector(model: PreTrainedModel, state_dict: dict, out_dir: str) -> None:
+    """Write the projector's tensors from a full state dict to out_dir/projector.safetensors.
+
+    transformers may rename keys when it writes model.safetensors, so stage 2 reads this file instead.
+    """
+    from safetensors.torch import save_file
+
+    prefix = projector_prefix(model)
+    tensors = {k[len(prefix):]: v.contiguous() for k, v in state_dict.items() if k.startswith(prefix)}
+    save_file(tensors, os.path.join(out_dir, PROJECTOR_FILE))
+
+
+def load_projector(model: PreTrainedModel, init_dir: str) -> int:
+    """Copy the projector weights of a stage-1 output directory into ``model`` (before DeepSpeed wraps it).
+
+    Returns the number of tensors copied. Fails on missing files, missing keys or shape mismatches.
+    """
+    from safetensors.torch import load_file
+
+    file = os.path.join(init_dir, PROJECTOR_FILE)
+    if not os.path.isfile(file):
+        raise FileNotFoundError(f"--init {init_dir}: no {PROJECTOR_FILE}; give the output directory of a "
+                                "finished stage-1 run (launch/pretrain.py --output-dir ...)")
+    own = find_parts(model).projector.state_dict()
+    src = load_file(file)
+    if set(src) != set(own):
+        raise ValueError(f"--init {init_dir}: projector keys {sorted(src)} do not match the model's "
+                         f"{sorted(own)}; was it trained from the same base model?")
+    with torch.no_grad():
+        for k, t in own.items():
+            if src[k].shape != t.shape:
+                raise ValueError(f"--init {init_dir}: projector tensor {k} has shape {tuple(src[k].shape)}, "
+                                 f"the model expects {tuple(t.shape)}; was it trained from the same base model?")
+            t.copy_(src[k].to(t.dtype))
+    log.info("loaded %d projector tensors from %s", len(own), file)
+    return len(own)

@@ -1,0 +1,156 @@
+"""Region specs: which parts of an LVLM train.
+
+A spec is a string resolved against the LLM's decoder depth L into a sorted list of 0-based decoder
+layer indices plus an on/off switch for every other part of the model. Grammar::
+
+    spec      := layers ( ("+" | "-") part )*
+    layers    := "full" | "none" | "paper32"
+               | ("uniform" | "first" | "last" | "middle") P        P percent, 0 < P <= 100
+               | ("uniform" | "first" | "last" | "middle") ":" K    K layers, 1 <= K <= L
+               | "layers:" i ("," i)*                               explicit 0-based indices
+    part      := "projector" | "vision" | "embed" | "norm" | "lm_head"
+
+Defaults: the projector trains; vision tower, token embeddings, final norm and LM head are frozen.
+``+part`` switches a part on, ``-part`` off (``uniform25+lm_head``, ``none-projector``).
+
+Rounding: k = floor(P * L / 100 + 1/2) computed exactly (round half up), at least 1.
+Uniform placement: for k >= 2, layer i (i = 0..k-1) is floor(i * (L-1) / (k-1) + 1/2), so the first
+and last layers are always included and consecutive gaps are floor or ceil of (L-1)/(k-1): they differ
+by at most one. k = 1 picks the middle layer floor((L-1)/2). For L=32, k=8: 0,4,9,13,18,22,27,31.
+``paper32`` is the list of the paper's released code for 32-layer LLMs (1,5,9,13,19,23,27,31); it is
+refused for other depths.
+"""
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from fractions import Fraction
+
+PARTS = ("projector", "vision", "embed", "norm", "lm_head")
+DEFAULT_PARTS = {"projector": True, "vision": False, "embed": False, "norm": False, "lm_head": False}
+PAPER32 = (1, 5, 9, 13, 19, 23, 27, 31)
+PLACEMENTS = ("uniform", "first", "last", "middle")
+
+VALID_FORMS = (
+    "valid region specs: full | none | paper32 (the paper's list, 32-layer LLMs only) | "
+    "uniform<P> | first<P> | last<P> | middle<P> (P percent of the layers, 0 < P <= 100, e.g. uniform25) | "
+    "uniform:<K> | first:<K> | last:<K> | middle:<K> (K layers) | layers:<i>,<j>,... (0-based) ; "
+    "optionally followed by +part / -part with part in " + ", ".join(PARTS) + " (e.g. uniform25+lm_head)"
+)
+
+
+class RegionError(ValueError):
+    """A region spec that cannot be resolved; the message names the problem and the valid forms."""
+
+    def __init__(self, spec: str, problem: str):
+        super().__init__(f"invalid region spec {spec!r}: {problem}. {VALID_FORMS}")
+
+
+@dataclass(frozen=True)
+class Region:
+    """A resolved spec: the decoder layers that train and the switch of every other part."""
+
+    spec: str
+    num_layers: int
+    layers: tuple[int, ...]
+    parts: dict[str, bool] = field(default_factory=lambda: dict(DEFAULT_PARTS))
+
+    def to_dict(self) -> dict:
+        return {"spec": self.spec, "num_layers": self.num_layers, "layers": list(self.layers),
+                "parts": dict(self.parts)}
+
+
+def _count(spec: str, text: str, num_layers: int) -> int:
+    if not re.fullmatch(r"\d+", text):
+        raise RegionError(spec, f"layer count {text!r} is not a positive whole number")
+    k = int(text)
+    if not 1 <= k <= num_layers:
+        raise RegionError(spec, f"layer count {k} is outside 1..{num_layers} (the LLM has {num_layers} layers)")
+    return k
+
+
+def _percent(spec: str, text: str, num_layers: int) -> int:
+    if not re.fullmatch(r"-?\d+(\.\d+)?", text):
+        raise RegionError(spec, f"percentage {text!r} is not a number")
+    p = Fraction(text)
+    if not 0 < p <= 100:
+        raise RegionError(spec, f"percentage {text} is outside (0, 100]")
+    k = int(p * num_layers / 100 + Fraction(1, 2))  # round half up, exact
+    return max(1, k)
+
+
+def uniform_indices(k: int, num_layers: int) -> list[int]:
+    """k layers spread over num_layers: both ends included, gaps differ by at most one."""
+    if k == 1:
+        return [(num_layers - 1) // 2]
+    return [int(Fraction(i * (num_layers - 1), k - 1) + Fraction(1, 2)) for i in range(k)]
+
+
+def _place(placement: str, k: int, num_layers: int) -> list[int]:
+    if placement == "uniform":
+        return uniform_indices(k, num_layers)
+    if placement == "first":
+        return list(range(k))
+    if placement == "last":
+        return list(range(num_layers - k, num_layers))
+    start = (num_layers - k) // 2  # middle
+    return list(range(start, start + k))
+
+
+def _layers(spec: str, body: str, num_layers: int) -> list[int]:
+    if body == "full":
+        return list(range(num_layers))
+    if body == "none":
+        return []
+    if body == "paper32":
+        if num_layers != 32:
+            raise RegionError(spec, f"paper32 is defined for 32-layer LLMs only, this one has {num_layers}; "
+                                    "use uniform25 for the same idea at any depth")
+        return list(PAPER32)
+    if body.startswith("layers:"):
+        items = [s.strip() for s in body[len("layers:"):].split(",")]
+        if not items or any(not re.fullmatch(r"\d+", s) for s in items):
+            raise RegionError(spec, "layers: takes comma-separated 0-based whole numbers")
+        idx = [int(s) for s in items]
+        bad = [i for i in idx if i >= num_layers]
+        if bad:
+            raise RegionError(spec, f"layer index {bad[0]} is out of range 0..{num_layers - 1}")
+        dup = sorted({i for i in idx if idx.count(i) > 1})
+        if dup:
+            raise RegionError(spec, f"layer index {dup[0]} is listed more than once")
+        return sorted(idx)
+    for placement in PLACEMENTS:
+        if body.startswith(placement):
+            rest = body[len(placement):]
+            if rest.startswith(":"):
+                k = _count(spec, rest[1:], num_layers)
+            elif rest:
+                k = _percent(spec, rest, num_layers)
+            else:
+                raise RegionError(spec, f"{placement} needs a percentage or :count")
+            return _place(placement, k, num_layers)
+    raise RegionError(spec, f"unknown layer selection {body!r}")
+
+
+def resolve(spec: str, num_layers: int) -> Region:
+    """Resolve ``spec`` against an LLM of ``num_layers`` decoder layers.
+
+    Raises RegionError (a ValueError) on any invalid spec, and when the result trains nothing at all.
+    """
+    if not isinstance(num_layers, int) or num_layers < 1:
+        raise ValueError(f"num_layers must be a positive int, got {num_layers!r}")
+    text = spec.strip().lower()
+    if not text:
+        raise RegionError(spec, "the spec is empty")
+    tokens = re.split(r"([+-])(?=[a-z_])", text)  # a sign before a letter starts a part
+    body, mods = tokens[0].strip(), tokens[1:]
+    parts = dict(DEFAULT_PARTS)
+    for sign, name in zip(mods[::2], mods[1::2]):
+        name = name.strip()
+        if name not in PARTS:
+            raise RegionError(spec, f"unknown part {name!r}")
+        parts[name] = sign == "+"
+    layers = _layers(spec, body, num_layers)
+    if not layers and not any(parts.values()):
+        raise RegionError(spec, "it selects nothing to train")
+    return Region(spec=spec.strip(), num_layers=num_layers, layers=tuple(layers), parts=parts)

@@ -1,0 +1,24 @@
+from setuptools import find_packages, setup
+
+setup(
+    name="lvlm_region",
+    version="0.1.0",
+    description="Two-stage LLaVA-style training that tunes a sparse, uniform region of the LLM's layers",
+    packages=find_packages(include=["lvlm_region", "lvlm_region.*"]),
+    python_requires=">=3.10",
+    # torch is not pinned here: on CPU machines scripts/setup.sh installs the CPU build first; on GPU nodes
+    # use the cluster's CUDA build. deepspeed needs torch at build time (installed without build isolation).
+    install_requires=[
+        "torch>=2.4",
+        "deepspeed>=0.19.3",  # earlier versions crash non-reentrant checkpointing with frozen params (ZeRO-3)
+        "transformers>=5.0,<6",
+        "datasets>=3.0",
+        "sentencepiece>=0.2",
+        "protobuf",
+        "safetensors",
+        "pillow",
+        "tqdm",
+        "numpy",
+    ],
+    extras_require={"dev": ["pytest>=8"], "gpu": ["flash-attn>=2.6"]},
+)

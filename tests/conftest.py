@@ -1,0 +1,37 @@
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="session", autouse=True)
+def repo_cwd():
+    """Launchers and the demo directory are relative to the repository root, as in README."""
+    os.chdir(ROOT)
+
+
+@pytest.fixture(scope="session")
+def demo_dir(repo_cwd) -> Path:
+    """The embedded demo data and tiny base model (generated once, reused while complete)."""
+    from lvlm_region import demo
+    from lvlm_region.config import DEMO_DIR
+    return Path(demo.ensure(DEMO_DIR))
+
+
+def run(cmd: list[str], timeout: int = 600, env: dict | None = None) -> subprocess.CompletedProcess:
+    """Run a command from the repo root, capturing output; the caller asserts on the result."""
+    full_env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
+    return subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=timeout, env=full_env)
+
+
+def deepspeed_cmd(n: int, script: str, *args: str) -> list[str]:
+    import socket
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = str(s.getsockname()[1])
+    return [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", str(n), "--master_port", port,
+            script, *args]

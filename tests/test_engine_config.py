@@ -1,0 +1,40 @@
+"""DeepSpeed config building: shipped JSONs load, the run config fills what it owns, 'auto' is refused."""
+import json
+
+import pytest
+
+from lvlm_region.engine import DS_CONFIG_DIR, build_ds_config, lr_lambda
+
+
+@pytest.mark.parametrize("name", ["zero2.json", "zero3.json", "zero3_offload.json"])
+def test_shipped_configs(name):
+    raw = json.loads((DS_CONFIG_DIR / name).read_text())
+    assert raw["zero_optimization"]["overlap_comm"] is False  # NaN/zero-loss reports with LLaVA-style runs
+    cfg = build_ds_config(2, str(DS_CONFIG_DIR / name), micro_batch=4, grad_accum=3, grad_clip=1.0,
+                          precision="bf16")
+    assert cfg["train_micro_batch_size_per_gpu"] == 4 and cfg["gradient_accumulation_steps"] == 3
+    assert cfg["train_batch_size"] == 12 and cfg["gradient_clipping"] == 1.0 and cfg["bf16"] == {"enabled": True}
+    assert "fp16" not in cfg
+
+
+def test_zero_flag_picks_the_file():
+    assert build_ds_config(3, None, 1, 1, 1.0, "fp32")["zero_optimization"]["stage"] == 3
+    assert build_ds_config(2, None, 1, 1, 1.0, "fp32")["zero_optimization"]["stage"] == 2
+
+
+def test_conflicts_and_auto_are_refused(tmp_path):
+    p = tmp_path / "ds.json"
+    p.write_text(json.dumps({"train_micro_batch_size_per_gpu": 8, "zero_optimization": {"stage": 2}}))
+    with pytest.raises(ValueError, match="train_micro_batch_size_per_gpu=8 disagrees with the run config \\(4\\)"):
+        build_ds_config(2, str(p), 4, 1, 1.0, "fp32")
+    p.write_text(json.dumps({"train_micro_batch_size_per_gpu": "auto",
+                             "zero_optimization": {"stage": 3, "reduce_bucket_size": "auto"}}))
+    with pytest.raises(ValueError, match="'auto' is not resolved for zero_optimization.reduce_bucket_size"):
+        build_ds_config(2, str(p), 4, 1, 1.0, "fp32")
+
+
+def test_warmup_cosine_schedule():
+    f = lr_lambda(total_steps=10, warmup_steps=2)
+    # warmup (s+1)/2, then 0.5 * (1 + cos(pi * (s - 2) / 8)); reaches 0 at s = 10, after the last step
+    assert [round(f(s), 4) for s in range(11)] == [0.5, 1.0, 1.0, 0.9619, 0.8536, 0.6913, 0.5, 0.3087,
+                                                    0.1464, 0.0381, 0.0]

@@ -1,0 +1,68 @@
+"""Freezing by region on a real (tiny, random) LlavaForConditionalGeneration, and projector import."""
+import re
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from lvlm_region.model import (PROJECTOR_FILE, apply_region, build_demo_model, count_parameters, find_parts,
+                               load_projector, save_projector)
+from lvlm_region.regions import resolve
+
+
+@pytest.fixture(scope="module")
+def model():
+    return build_demo_model(vocab_size=160, image_token_id=4, pad_token_id=3, seed=0)
+
+
+def trainable_names(model):
+    return {n for n, p in model.named_parameters() if p.requires_grad}
+
+
+def expected_names(model, layers, parts):
+    """Expected trainable names from the *in-memory* naming of transformers 5 (written out, not derived)."""
+    pats = [rf"model\.language_model\.layers\.{i}\." for i in layers]
+    part_pats = {"projector": r"model\.multi_modal_projector\.", "vision": r"model\.vision_tower\.",
+                 "embed": r"model\.language_model\.embed_tokens\.", "norm": r"model\.language_model\.norm\.",
+                 "lm_head": r"lm_head\."}
+    pats += [part_pats[p] for p in parts]
+    return {n for n, _ in model.named_parameters() if any(re.match(p, n) for p in pats)}
+
+
+@pytest.mark.parametrize("spec,layers,parts", [
+    ("none", [], ["projector"]),
+    ("uniform25", [0, 7], ["projector"]),
+    ("layers:1,5", [1, 5], ["projector"]),
+    ("first:3+lm_head+norm", [0, 1, 2], ["projector", "lm_head", "norm"]),
+    ("full-projector+embed+vision", list(range(8)), ["embed", "vision"]),
+])
+def test_exactly_intended_parameters_require_grad(model, spec, layers, parts):
+    counts = apply_region(model, resolve(spec, 8))
+    got = trainable_names(model)
+    assert got == expected_names(model, layers, parts)
+    # layers.1 must never drag in layers.1x, nor vision-tower layers with the same index
+    assert not any(n.startswith("model.vision_tower.") for n in got) or "vision" in parts
+    assert counts["all"]["trainable"] == sum(p.numel() for p in model.parameters() if p.requires_grad)
+    assert counts["all"]["total"] == sum(p.numel() for p in model.parameters())
+    per_layer = sum(p.numel() for p in find_parts(model).layers[0].parameters())
+    assert counts["layers"]["trainable"] == per_layer * len(layers)
+
+
+def test_region_depth_mismatch_is_refused(model):
+    with pytest.raises(ValueError, match="resolved for 16 layers, the model has 8"):
+        apply_region(model, resolve("uniform25", 16))
+
+
+def test_projector_round_trip_and_errors(model, tmp_path):
+    src = build_demo_model(vocab_size=160, image_token_id=4, pad_token_id=3, seed=1)
+    save_projector(src, src.state_dict(), str(tmp_path))
+    load_projector(model, str(tmp_path))
+    for (k, a), b in zip(find_parts(model).projector.state_dict().items(),
+                         find_parts(src).projector.state_dict().values()):
+        assert torch.equal(a, b), k
+    bad = {k: v[..., :3].contiguous() for k, v in find_parts(src).projector.state_dict().items()}
+    save_file(bad, str(tmp_path / PROJECTOR_FILE))
+    with pytest.raises(ValueError, match=r"projector tensor linear_1.weight has shape \(128, 3\), the model expects \(128, 64\)"):
+        load_projector(model, str(tmp_path))
+    with pytest.raises(FileNotFoundError, match="no projector.safetensors"):
+        load_projector(model, str(tmp_path / "missing"))
