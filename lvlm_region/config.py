@@ -28,7 +28,7 @@ class RunConfig:
     ds_config: str | None = None  # any DeepSpeed JSON instead of ds_configs/zero{N}.json
     max_steps: int | None = None  # optimizer steps; overrides epochs when set
     epochs: float = 1.0  # passes over the training data when max_steps is None
-    lr: float | None = None  # peak LR; default 1e-3 (pretrain) / 2e-5 (sft), 1e-3 for both on the demo model
+    lr: float | None = None  # peak LR; default 1e-3 (pretrain) / 2e-5 (sft); 3e-3 / 1e-3 on the demo model
     warmup_ratio: float = 0.03  # linear warmup share of the steps, then cosine to zero
     weight_decay: float = 0.0
     micro_batch: int = 16  # samples per rank per micro-step
@@ -53,8 +53,8 @@ class RunConfig:
             self.region = "none" if self.stage == "pretrain" else "uniform25"
         if self.template is None:
             self.template = "plain" if self.stage == "pretrain" else "vicuna_v1"
-        if self.lr is None:
-            self.lr = 1e-3 if (demo or self.stage == "pretrain") else 2e-5
+        if self.lr is None:  # the tiny demo model learns from scratch-like weights: larger steps
+            self.lr = (3e-3 if demo else 1e-3) if self.stage == "pretrain" else (1e-3 if demo else 2e-5)
         if self.data is None:
             if not demo:
                 raise ValueError("--data is required with --model (the demo data only fits the demo model)")

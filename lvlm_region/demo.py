@@ -95,7 +95,7 @@ def train_tokenizer(out_dir: str, vocab_size: int = 160) -> str:
 
     from .data import VICUNA_SYSTEM
 
-    lines = [VICUNA_SYSTEM, "USER: ASSISTANT: Scene:", *QUESTIONS.values()]
+    lines = [VICUNA_SYSTEM, "USER: ASSISTANT:", *QUESTIONS.values()]
     for fname in ("pretrain.json", "sft_train.json"):
         with open(os.path.join(out_dir, fname)) as f:
             lines += [t["value"].replace("<image>\n", "") for s in json.load(f) for t in s["conversations"]]
@@ -108,21 +108,33 @@ def train_tokenizer(out_dir: str, vocab_size: int = 160) -> str:
         spm.SentencePieceTrainer.train(
             input=corpus, model_prefix=os.path.join(tok_dir, "tokenizer"), vocab_size=vocab_size,
             model_type="bpe", character_coverage=1.0, unk_id=0, bos_id=1, eos_id=2, pad_id=3,
-            user_defined_symbols=["<image>"], hard_vocab_limit=False, minloglevel=2)
+            user_defined_symbols=["<image>", *slot_tokens()], hard_vocab_limit=False, minloglevel=2)
     tok = LlamaTokenizer.from_pretrained(tok_dir)
     tok.pad_token = "<pad>"
     tok.save_pretrained(tok_dir)
     return tok_dir
 
 
-def pretrain_language(model, tok, out_dir: str, seed: int, steps: int = 300, batch: int = 32) -> float:
+def slot_tokens() -> list[str]:
+    """One token per quadrant content: <empty> or <color_shape>; the base LLM reads scenes written in them."""
+    return ["<empty>"] + [f"<{c}_{s}>" for c in COLORS for s in SHAPES]
+
+
+def scene_slots(caption: str) -> list[str]:
+    """The four quadrant tokens (row-major, as the vision tower's patches) for a caption of generate()."""
+    _, color, shape, _, _, *pos = caption.split()
+    return [f"<{color}_{shape}>" if q == " ".join(pos) else "<empty>" for q in POSITIONS]
+
+
+def pretrain_language(model, tok, out_dir: str, seed: int, steps: int = 600, batch: int = 32) -> float:
     """Make the tiny LLM a base LLM for the demo: it learns the corpus's language, and to caption and answer
-    from a scene *described in words* where the image will later be ("<image>" replaced by the caption).
+    from a *symbolic* scene (four quadrant tokens, see slot_tokens) placed where the four image tokens go.
 
     A purely random LLM cannot express confident answers through its frozen random norm and LM head (its
-    logits stay within a few nats of uniform), and one that never read a scene has nothing for a projector
-    to align to. After this step stage 1 has the same job as with a real LLM: map image features to what
-    the LLM already reads. The LLM itself has seen no image. Plain torch on one process; returns the last loss.
+    logits stay within a few nats of uniform), and a tiny one that never read a scene gives a projector
+    nothing to align to within a CPU budget. After this step stage 1 has the job it has with a real LLM:
+    map image features to inputs the LLM already understands. The LLM itself has seen no image.
+    Plain torch on one process; returns the last loss.
     """
     import torch
 
@@ -131,14 +143,15 @@ def pretrain_language(model, tok, out_dir: str, seed: int, steps: int = 300, bat
 
     with open(os.path.join(out_dir, "pretrain.json")) as f:
         captions = {s["image"]: s["conversations"][-1]["value"] for s in json.load(f)}
+    image_id = tok.convert_tokens_to_ids("<image>")
     rows = []
     for fname, template in (("pretrain.json", "plain"), ("sft_train.json", "vicuna_v1")):
         with open(os.path.join(out_dir, fname)) as f:
             for s in json.load(f):
-                scene = f"Scene: {captions[s['image']]}."
-                segs = [(text.replace("<image>", scene), trained)
-                        for text, trained in render(s["conversations"], TEMPLATES[template])]
-                rows.append(tokenize(segs, tok, -1, 0))
+                row = tokenize(render(s["conversations"], TEMPLATES[template]), tok, image_id, 4)
+                slots = iter(tok.convert_tokens_to_ids(scene_slots(captions[s["image"]])))
+                row["input_ids"] = [next(slots) if i == image_id else i for i in row["input_ids"]]
+                rows.append(row)
     lm = model.get_decoder()
     params = list(lm.parameters()) + list(model.get_output_embeddings().parameters())
     opt = torch.optim.AdamW(params, lr=3e-3)

@@ -74,3 +74,22 @@ def test_stage2_zero3_starts_from_stage1_projector(stage1, tmp_path):
                                     "--init", str(pre_out))
     check(report, r"model\.language_model\.layers\.(1|5)\.")
     assert report["summary"]["eval"]["samples"] == 6
+
+
+def test_text_only_rank_does_not_hang_zero3(demo_dir, tmp_path):
+    # 8 samples, half text-only; micro-batch 1 on 2 ranks for 4 steps uses each sample once, so 4 micro-batches
+    # carry no image. Without the zero-weighted vision pass those ranks would skip the tower's ZeRO-3 gathers.
+    samples = []
+    for i in range(8):
+        if i % 2:
+            conv = [{"from": "human", "value": "What color is the shape?"}, {"from": "gpt", "value": "red"}]
+            samples.append({"id": f"t{i}", "conversations": conv})
+        else:
+            conv = [{"from": "human", "value": "<image>\nWhat color is the shape?"}, {"from": "gpt", "value": "red"}]
+            samples.append({"id": f"i{i}", "image": f"images/{i:05d}.png", "conversations": conv})
+    data = tmp_path / "mixed.json"
+    data.write_text(json.dumps(samples))
+    _, report, _ = train_and_report(tmp_path, "sft", "mixed_z3", "--zero", "3", "--region", "uniform25",
+                                    "--data", str(data), "--image-folder", str(demo_dir), "--max-steps", "4",
+                                    "--micro-batch", "1")
+    check(report, r"model\.multi_modal_projector\.|model\.language_model\.layers\.(0|7)\.")
