@@ -170,33 +170,54 @@ def check_images(ds: datasets.Dataset, image_folder: str) -> None:
                                 f"e.g. {missing[0]}; check --image-folder")
 
 
-def collate(batch: list[dict], pad_token_id: int, left_pad: bool = False) -> dict:
-    """Pad to the longest sample. input_ids/labels/attention_mask: [B, T]; pixel_values: [n_images, 3, H, W]."""
+@dataclass(frozen=True)
+class DummyImage:
+    """What a batch without images gets appended so the vision tower still runs (see collate)."""
+
+    image_token_id: int
+    n_image_tokens: int
+    image_size: int
+
+
+def collate(batch: list[dict], pad_token_id: int, left_pad: bool = False, dummy: DummyImage | None = None) -> dict:
+    """Pad to the longest sample. input_ids/labels/attention_mask: [B, T]; pixel_values: [n_images, 3, H, W].
+
+    With ``dummy``, a batch without images gets one zero image whose tokens are appended to row 0 behind
+    everything else, masked out and unlabelled: real tokens cannot attend to them (they come last under a
+    causal mask) and the loss ignores them, so the result is unchanged, but every rank runs the vision tower
+    and projector at the same point of the forward. Under ZeRO-3 a rank that skipped them would issue
+    different parameter gathers from the others and stall or corrupt the collectives.
+    """
     T = max(len(b["input_ids"]) for b in batch)
-    ids = torch.full((len(batch), T), pad_token_id, dtype=torch.long)
-    labels = torch.full((len(batch), T), IGNORE, dtype=torch.long)
-    mask = torch.zeros((len(batch), T), dtype=torch.long)
+    images = [b["pixel_values"] for b in batch if "pixel_values" in b]
+    extra = dummy.n_image_tokens if (dummy is not None and not images and not left_pad) else 0
+    ids = torch.full((len(batch), T + extra), pad_token_id, dtype=torch.long)
+    labels = torch.full((len(batch), T + extra), IGNORE, dtype=torch.long)
+    mask = torch.zeros((len(batch), T + extra), dtype=torch.long)
     for r, b in enumerate(batch):
         n = len(b["input_ids"])
         sl = slice(T - n, T) if left_pad else slice(0, n)
         ids[r, sl], labels[r, sl], mask[r, sl] = b["input_ids"], b["labels"], 1
     out = {"input_ids": ids, "labels": labels, "attention_mask": mask}
-    images = [b["pixel_values"] for b in batch if "pixel_values" in b]
+    if extra:
+        ids[0, T:] = dummy.image_token_id
+        images = [torch.zeros(3, dummy.image_size, dummy.image_size)]
     if images:
         out["pixel_values"] = torch.stack(images)
-    for key in batch[0].keys() - out.keys():  # anything else (sample index, reference answer) as a list
+    for key in batch[0].keys() - out.keys() - {"pixel_values"}:  # anything else (index, answer) as a list
         out[key] = [b[key] for b in batch]
     return out
 
 
 def make_loader(ds: torch.utils.data.Dataset, micro_batch: int, pad_token_id: int, rank: int, world_size: int,
-                seed: int, shuffle: bool, drop_last: bool, num_workers: int, left_pad: bool = False):
+                seed: int, shuffle: bool, drop_last: bool, num_workers: int, left_pad: bool = False,
+                dummy: DummyImage | None = None):
     """A rank's DataLoader: DistributedSampler (deterministic per seed and epoch) + padding collate."""
     sampler = torch.utils.data.DistributedSampler(ds, num_replicas=world_size, rank=rank, shuffle=shuffle,
                                                   seed=seed, drop_last=drop_last)
     return torch.utils.data.DataLoader(ds, batch_size=micro_batch, sampler=sampler, num_workers=num_workers,
                                        drop_last=drop_last, collate_fn=functools.partial(
-                                           collate, pad_token_id=pad_token_id, left_pad=left_pad))
+                                           collate, pad_token_id=pad_token_id, left_pad=left_pad, dummy=dummy))
 
 
 def to_device(batch: dict, device: torch.device, dtype: torch.dtype) -> dict:

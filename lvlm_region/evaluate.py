@@ -13,7 +13,7 @@ import torch
 import torch.distributed as dist
 
 from . import engine as E
-from .data import ImageTextDataset, make_loader, render, to_device, tokenize
+from .data import ImageTextDataset, render, to_device, tokenize
 from .model import token_loss_sum, valid_tokens
 
 log = logging.getLogger(__name__)
@@ -25,6 +25,8 @@ def normalize(text: str) -> str:
 
 @torch.no_grad()
 def evaluate(engine, eval_ds, image_folder: str, s, cfg, dtype: torch.dtype, device: torch.device) -> dict:
+    from .trainer import loader  # the same loader as training (with the dummy image for text-only batches)
+
     model = engine.module
     was_training = model.training
     model.eval()
@@ -36,11 +38,7 @@ def evaluate(engine, eval_ds, image_folder: str, s, cfg, dtype: torch.dtype, dev
     # Held-out loss over valid tokens (duplicates from shard padding are counted on both ranks; the
     # DistributedSampler pads at most world_size - 1 samples).
     loss_sum, n_valid = 0.0, 0
-    def loader(ds, left_pad=False):
-        return make_loader(ds, cfg.micro_batch, pad_id, E.rank(), E.world_size(), cfg.seed, shuffle=False,
-                           drop_last=False, num_workers=cfg.num_workers, left_pad=left_pad)
-
-    for b in loader(ImageTextDataset(eval_ds, image_folder, images)):
+    for b in loader(ImageTextDataset(eval_ds, image_folder, images), s, shuffle=False, drop_last=False):
         b = to_device(b, device, dtype)
         logits = engine(input_ids=b["input_ids"], attention_mask=b["attention_mask"],
                         pixel_values=b.get("pixel_values")).logits
@@ -52,7 +50,7 @@ def evaluate(engine, eval_ds, image_folder: str, s, cfg, dtype: torch.dtype, dev
     prompts = PromptDataset(eval_ds, image_folder, images, s.tok)
     results: list[tuple[int, bool, str]] = []
     zero3 = E.is_zero3(engine)
-    for b in loader(prompts, left_pad=True):
+    for b in loader(prompts, s, shuffle=False, drop_last=False, left_pad=True):
         index, answers = b.pop("index"), b.pop("answer")
         b = to_device(b, device, dtype)
         gen = model.generate(input_ids=b["input_ids"], attention_mask=b["attention_mask"],

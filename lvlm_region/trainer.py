@@ -20,9 +20,9 @@ from transformers import AutoConfig, AutoProcessor
 
 from . import demo, engine as E, regions
 from .config import DEMO_DIR, RunConfig
-from .data import ImageTextDataset, Tokenized, build_dataset, check_images, get_template, make_loader, to_device
+from .data import DummyImage, ImageTextDataset, Tokenized, build_dataset, check_images, get_template, make_loader, to_device
 from .evaluate import evaluate
-from .model import (apply_region, find_parts, image_seq_length, load_model, load_projector, num_decoder_layers,
+from .model import (apply_region, image_seq_length, load_model, load_projector, num_decoder_layers,
                     save_projector,
                     token_loss_sum, valid_tokens)
 
@@ -53,6 +53,7 @@ class Setup:
     ds_config: dict
     processor: object
     tok: Tokenized
+    dummy: DummyImage
 
 
 def prepare(cfg: RunConfig) -> Setup:
@@ -79,19 +80,14 @@ def prepare(cfg: RunConfig) -> Setup:
     tok = Tokenized(tokenizer=tokenizer, image_token_id=model_config.image_token_id,
                     n_image_tokens=image_seq_length(model_config), template=get_template(cfg.template),
                     max_length=cfg.max_length)
-    return Setup(cfg, region, precision, ds_config, processor, tok)
+    dummy = DummyImage(tok.image_token_id, tok.n_image_tokens, model_config.vision_config.image_size)
+    return Setup(cfg, region, precision, ds_config, processor, tok, dummy)
 
 
-def loader(ds, cfg: RunConfig, pad_id: int, shuffle: bool, drop_last: bool, left_pad: bool = False):
-    return make_loader(ds, cfg.micro_batch, pad_id, E.rank(), E.world_size(), cfg.seed, shuffle, drop_last,
-                       cfg.num_workers, left_pad)
-
-
-def _vision_keepalive(parts, batch: dict, dtype: torch.dtype, device: torch.device, image_size: int):
-    """Zero-weighted pass of the vision tower and projector for a batch without images, so every rank runs
-    the same modules (a text-only rank would otherwise stall the ZeRO-3 gathers of the others)."""
-    dummy = torch.zeros(1, 3, image_size, image_size, dtype=dtype, device=device)
-    return 0.0 * parts.projector(parts.vision(dummy).last_hidden_state).sum()
+def loader(ds, s: "Setup", shuffle: bool, drop_last: bool, left_pad: bool = False):
+    """A rank's loader; batches without images get the masked dummy image (data.collate)."""
+    return make_loader(ds, s.cfg.micro_batch, s.tok.tokenizer.pad_token_id, E.rank(), E.world_size(), s.cfg.seed,
+                       shuffle, drop_last, s.cfg.num_workers, left_pad, s.dummy)
 
 
 def train(cfg: RunConfig) -> "Result":
@@ -123,10 +119,9 @@ def train(cfg: RunConfig) -> "Result":
         for part, c in counts.items():
             log.info("  %-10s trainable %12d / %12d", part, c["trainable"], c["total"])
 
-    pad_id = s.tok.tokenizer.pad_token_id
     image_processor = s.processor.image_processor
-    train_loader = loader(ImageTextDataset(train_ds, cfg.image_folder, image_processor), cfg, pad_id,
-                     shuffle=True, drop_last=True)
+    train_loader = loader(ImageTextDataset(train_ds, cfg.image_folder, image_processor), s, shuffle=True,
+                          drop_last=True)
     steps_per_epoch = len(train_loader) // cfg.grad_accum
     if steps_per_epoch < 1:
         raise ValueError(f"{len(train_ds)} samples give no full step of micro_batch {cfg.micro_batch} x grad_accum "
@@ -135,8 +130,6 @@ def train(cfg: RunConfig) -> "Result":
     warmup = int(cfg.warmup_ratio * total)
     engine, scheduler = E.initialize(model, s.ds_config, cfg.lr, cfg.weight_decay, total, warmup)
     device = E.device()
-    parts = find_parts(engine.module)
-    image_size = model.config.vision_config.image_size
 
     summary = {"status": "running", "config": cfg.to_dict(), "region": s.region.to_dict(), "parameters": counts,
                "world_size": E.world_size(), "precision": s.precision, "ds_config": s.ds_config,
@@ -169,8 +162,6 @@ def train(cfg: RunConfig) -> "Result":
             logits = engine(input_ids=b["input_ids"], attention_mask=b["attention_mask"],
                             pixel_values=b.get("pixel_values")).logits
             lsum = token_loss_sum(logits, b["labels"])
-            if "pixel_values" not in b:
-                lsum = lsum + _vision_keepalive(parts, b, dtype, device, image_size)
             engine.backward(lsum * scale)
             engine.step()
             loss_sum += float(lsum.detach())

@@ -53,3 +53,16 @@ def test_bad_samples_are_named(tmp_path, sample, problem):
     with pytest.raises(ValueError, match=problem) as e:
         read_llava_json(str(path))
     assert f"id {sample['id']!r}" in str(e.value)
+
+
+def test_text_only_batch_gets_masked_dummy_image():
+    import torch
+
+    from lvlm_region.data import DummyImage, collate
+    batch = [{"input_ids": torch.tensor([1, 5, 6]), "labels": torch.tensor([IGNORE, 6, 2])},
+             {"input_ids": torch.tensor([1, 7]), "labels": torch.tensor([IGNORE, 7])}]
+    out = collate(batch, pad_token_id=0, dummy=DummyImage(image_token_id=4, n_image_tokens=2, image_size=8))
+    assert out["input_ids"].tolist() == [[1, 5, 6, 4, 4], [1, 7, 0, 0, 0]]
+    assert out["attention_mask"].tolist() == [[1, 1, 1, 0, 0], [1, 1, 0, 0, 0]]
+    assert out["labels"].tolist() == [[IGNORE, 6, 2, IGNORE, IGNORE], [IGNORE, 7, IGNORE, IGNORE, IGNORE]]
+    assert out["pixel_values"].shape == (1, 3, 8, 8) and not out["pixel_values"].any()
