@@ -139,8 +139,12 @@ def pretrain_language(model, tok, out_dir: str, seed: int, steps: int = 600, bat
     import torch
 
     from .data import TEMPLATES, render, tokenize
-    from .model import token_loss_sum, valid_tokens
+    from .model import image_seq_length, token_loss_sum, valid_tokens
 
+    n_image = image_seq_length(model.config)
+    if n_image != len(POSITIONS):
+        raise ValueError(f"the demo scene has {len(POSITIONS)} quadrant tokens but the model gives {n_image} "
+                         "image tokens per image; keep image_size / patch_size at 2")
     with open(os.path.join(out_dir, "pretrain.json")) as f:
         captions = {s["image"]: s["conversations"][-1]["value"] for s in json.load(f)}
     image_id = tok.convert_tokens_to_ids("<image>")
@@ -148,7 +152,7 @@ def pretrain_language(model, tok, out_dir: str, seed: int, steps: int = 600, bat
     for fname, template in (("pretrain.json", "plain"), ("sft_train.json", "vicuna_v1")):
         with open(os.path.join(out_dir, fname)) as f:
             for s in json.load(f):
-                row = tokenize(render(s["conversations"], TEMPLATES[template]), tok, image_id, 4)
+                row = tokenize(render(s["conversations"], TEMPLATES[template]), tok, image_id, n_image)
                 slots = iter(tok.convert_tokens_to_ids(scene_slots(captions[s["image"]])))
                 row["input_ids"] = [next(slots) if i == image_id else i for i in row["input_ids"]]
                 rows.append(row)
