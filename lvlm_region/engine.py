@@ -143,6 +143,7 @@ def initialize(model: torch.nn.Module, ds_config: dict, lr: float, weight_decay:
         optimizer = DeepSpeedCPUAdam(groups, lr=lr, adamw_mode=True)
     else:
         optimizer = torch.optim.AdamW(groups, lr=lr)
+    log.info("optimizer %s (optimizer offload: %s)", type(optimizer).__name__, offload)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(total_steps, warmup_steps))
     engine, optimizer, _, scheduler = deepspeed.initialize(model=model, optimizer=optimizer,
                                                            lr_scheduler=scheduler, config=ds_config)

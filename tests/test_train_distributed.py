@@ -76,6 +76,15 @@ def test_stage2_zero3_starts_from_stage1_projector(stage1, tmp_path):
     assert report["summary"]["eval"]["samples"] == 6
 
 
+def test_zero3_offload_config(demo_dir, tmp_path):
+    # The shipped offload variant: optimizer state and parameters on CPU, DeepSpeed's CPU Adam (JIT-built).
+    _, report, stdout = train_and_report(tmp_path, "sft", "off_z3", "--ds-config", "ds_configs/zero3_offload.json",
+                                         "--region", "uniform25")
+    check(report, r"model\.multi_modal_projector\.|model\.language_model\.layers\.(0|7)\.")
+    assert "optimizer DeepSpeedCPUAdam (optimizer offload: cpu)" in stdout
+    assert report["summary"]["config"]["ds_config"].endswith("zero3_offload.json")
+
+
 def test_text_only_rank_does_not_hang_zero3(demo_dir, tmp_path):
     # 8 samples, half text-only; micro-batch 1 on 2 ranks for 4 steps uses each sample once, so 4 micro-batches
     # carry no image. Without the zero-weighted vision pass those ranks would skip the tower's ZeRO-3 gathers.
