@@ -39,6 +39,11 @@ def build_parser(stage: str, doc: str) -> argparse.ArgumentParser:
     p.add_argument("--log-every", type=int, default=10)
     p.add_argument("--num-workers", type=int, default=2)
     p.add_argument("--eval-max-samples", type=int, default=0)
+    p.add_argument("--save-every", type=int, default=0,
+                   help="optimizer steps between checkpoints in OUTPUT_DIR/checkpoints (0: none)")
+    p.add_argument("--keep-checkpoints", type=int, default=2, help="newest checkpoints kept (0: all)")
+    p.add_argument("--resume", help="'auto': continue from the newest checkpoint in --output-dir (fresh start if "
+                                    "there is none); or a checkpoint directory")
     p.add_argument("--local_rank", type=int, default=0, help=argparse.SUPPRESS)  # added by the deepspeed launcher
     return p
 
@@ -62,6 +67,9 @@ def main(stage: str, doc: str, argv: list[str] | None = None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     s = result.summary
+    if s["status"] == "interrupted" and os.environ.get("RANK", "0") == "0":
+        print(f"stopped at step {s['steps_done']} ({s['stop_reason']}); checkpoint {s['checkpoint']}; "
+              f"continue with the same command plus --resume auto")
     if s.get("eval") and os.environ.get("RANK", "0") == "0":
         print(f"held-out answer accuracy {s['eval']['accuracy']:.3f} ({s['eval']['correct']}/{s['eval']['samples']})")
     return 0

@@ -42,6 +42,9 @@ class RunConfig:
     num_workers: int = 2  # DataLoader workers per rank (images are decoded there)
     eval_max_samples: int = 0  # 0 = every held-out sample
     max_new_tokens: int = 8  # generation budget per held-out answer
+    save_every: int = 0  # optimizer steps between checkpoints (0: none; a stop request always saves one)
+    keep_checkpoints: int = 2  # newest checkpoints kept in output_dir/checkpoints (0: all)
+    resume: str | None = None  # "auto" (newest checkpoint in output_dir, if any) or a checkpoint directory
     dataset_size: int | None = field(default=None, repr=False)  # filled in at run time (for run.json)
 
     def resolve(self) -> "RunConfig":
@@ -78,6 +81,8 @@ class RunConfig:
             raise ValueError(f"--lr must be positive, got {self.lr}")
         if not 0 <= self.warmup_ratio < 1:
             raise ValueError(f"warmup_ratio must be in [0, 1), got {self.warmup_ratio}")
+        if self.save_every < 0 or self.keep_checkpoints < 0:
+            raise ValueError("--save-every and --keep-checkpoints must be 0 or more")
         if self.ds_config is not None and not os.path.isfile(self.ds_config):
             raise FileNotFoundError(f"--ds-config {self.ds_config} does not exist")
         if self.init is not None and not os.path.isdir(self.init):

@@ -10,6 +10,7 @@ import functools
 import json
 import logging
 import os
+import signal
 from dataclasses import dataclass
 
 import datasets
@@ -209,15 +210,77 @@ def collate(batch: list[dict], pad_token_id: int, left_pad: bool = False, dummy:
     return out
 
 
+class ResumableSampler(torch.utils.data.DistributedSampler):
+    """DistributedSampler that can start an epoch part-way: ``skip`` drops the first indices of ``skip_epoch``.
+
+    The order is DistributedSampler's (deterministic per seed and epoch), so a resumed run reads exactly the
+    samples the uninterrupted run would have read next, without loading the skipped ones.
+    """
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.skip_epoch, self.skip = 0, 0
+
+    def __iter__(self):
+        indices = list(super().__iter__())
+        start = self.skip if self.epoch == self.skip_epoch else 0
+        return iter(indices[start:])
+
+
+def _quiet_worker(_: int) -> None:
+    # Workers ignore the stop signals: the training process handles them and shuts its workers down itself.
+    # (A launcher that signals the whole process tree would otherwise kill a worker mid-save and raise.)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    signal.signal(signal.SIGUSR1, signal.SIG_IGN)
+
+
 def make_loader(ds: torch.utils.data.Dataset, micro_batch: int, pad_token_id: int, rank: int, world_size: int,
                 seed: int, shuffle: bool, drop_last: bool, num_workers: int, left_pad: bool = False,
                 dummy: DummyImage | None = None):
-    """A rank's DataLoader: DistributedSampler (deterministic per seed and epoch) + padding collate."""
-    sampler = torch.utils.data.DistributedSampler(ds, num_replicas=world_size, rank=rank, shuffle=shuffle,
-                                                  seed=seed, drop_last=drop_last)
+    """A rank's DataLoader: ResumableSampler (deterministic per seed and epoch) + padding collate.
+
+    The loader has its own generator so that creating an iterator never draws from the global torch RNG:
+    a resumed run creates its iterator at a different point than the uninterrupted one.
+    """
+    sampler = ResumableSampler(ds, num_replicas=world_size, rank=rank, shuffle=shuffle, seed=seed,
+                               drop_last=drop_last)
     return torch.utils.data.DataLoader(ds, batch_size=micro_batch, sampler=sampler, num_workers=num_workers,
-                                       drop_last=drop_last, collate_fn=functools.partial(
+                                       drop_last=drop_last, worker_init_fn=_quiet_worker,
+                                       generator=torch.Generator().manual_seed(seed),
+                                       collate_fn=functools.partial(
                                            collate, pad_token_id=pad_token_id, left_pad=left_pad, dummy=dummy))
+
+
+class BatchStream:
+    """Endless micro-batches over epochs, with an exact position: (epoch, micro-batches consumed in it).
+
+    The position counts what the training loop took, not what workers prefetched, so a checkpoint's
+    ``state_dict`` resumes at the next unseen micro-batch.
+    """
+
+    def __init__(self, loader: torch.utils.data.DataLoader):
+        self.loader, self.epoch, self.consumed, self._it = loader, 0, 0, None
+
+    def __next__(self) -> dict:
+        while True:
+            if self._it is None:
+                sampler = self.loader.sampler
+                sampler.set_epoch(self.epoch)
+                sampler.skip_epoch, sampler.skip = self.epoch, self.consumed * self.loader.batch_size
+                self._it = iter(self.loader)
+            try:
+                batch = next(self._it)
+            except StopIteration:
+                self._it, self.epoch, self.consumed = None, self.epoch + 1, 0
+                continue
+            self.consumed += 1
+            return batch
+
+    def state_dict(self) -> dict:
+        return {"epoch": self.epoch, "consumed": self.consumed}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.epoch, self.consumed, self._it = state["epoch"], state["consumed"], None
 
 
 def to_device(batch: dict, device: torch.device, dtype: torch.dtype) -> dict:

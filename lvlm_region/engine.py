@@ -193,3 +193,36 @@ def gathered(params, enabled: bool):
     """Context that materialises ZeRO-3 partitioned parameters on every rank (read-only)."""
     import contextlib
     return deepspeed.zero.GatheredParameters(list(params), modifier_rank=None) if enabled else contextlib.nullcontext()
+
+
+def save_state(engine, save_dir: str, tag: str) -> None:
+    """DeepSpeed's own checkpoint of everything that trains (weights incl. frozen ones, optimizer, scheduler).
+
+    Written to ``save_dir/tag`` by every rank; no "latest" file (the caller commits the directory itself).
+    """
+    engine.save_checkpoint(save_dir, tag=tag, save_latest=False)
+
+
+def load_state(engine, load_dir: str, tag: str) -> None:
+    """Restore ``load_dir/tag`` written by save_state: weights, optimizer and LR scheduler states."""
+    path, _ = engine.load_checkpoint(load_dir, tag=tag, load_optimizer_states=True, load_lr_scheduler_states=True,
+                                     load_module_strict=True)
+    if path is None:
+        raise RuntimeError(f"DeepSpeed could not load the checkpoint {os.path.join(load_dir, tag)}")
+
+
+def all_reduce_max(values: list[float]) -> list[float]:
+    t = torch.tensor(values, dtype=torch.float64, device=device())
+    if dist.is_initialized():
+        dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return t.tolist()
+
+
+def rng_state() -> dict:
+    """This rank's accelerator RNG state (the CPU generators are saved by the caller)."""
+    return {} if on_cpu() else {"accelerator": get_accelerator().get_rng_state()}
+
+
+def set_rng_state(state: dict) -> None:
+    if "accelerator" in state and not on_cpu():
+        get_accelerator().set_rng_state(state["accelerator"])

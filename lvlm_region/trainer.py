@@ -18,13 +18,12 @@ import torch
 from tqdm import tqdm
 from transformers import AutoConfig, AutoProcessor
 
-from . import demo, engine as E, regions
+from . import checkpoint, demo, engine as E, regions
 from .config import DEMO_DIR, RunConfig
-from .data import DummyImage, ImageTextDataset, Tokenized, build_dataset, check_images, get_template, make_loader, to_device
+from .data import BatchStream, DummyImage, ImageTextDataset, Tokenized, build_dataset, check_images, get_template, make_loader, to_device
 from .evaluate import evaluate
-from .model import (apply_region, image_seq_length, load_model, load_projector, num_decoder_layers,
-                    save_projector,
-                    token_loss_sum, valid_tokens)
+from .model import (PROJECTOR_FILE, apply_region, image_seq_length, load_model, load_projector,
+                    num_decoder_layers, save_projector, token_loss_sum, valid_tokens)
 
 log = logging.getLogger(__name__)
 
@@ -91,10 +90,14 @@ def loader(ds, s: "Setup", shuffle: bool, drop_last: bool, left_pad: bool = Fals
 
 
 def train(cfg: RunConfig) -> "Result":
-    """Run one stage end to end; returns the run.json summary and the engine."""
+    """Run one stage end to end (or continue it from a checkpoint); returns the run.json summary and the engine."""
+    session_start = time.perf_counter()
     s = prepare(cfg)
     rank0 = E.rank() == 0
     out = cfg.output_dir
+    resume_from = checkpoint.resolve_resume(cfg.resume, out)
+    if cfg.resume == "auto" and resume_from is None and rank0:
+        log.info("--resume auto: no checkpoint in %s yet; starting from step 0", out)
     os.makedirs(out, exist_ok=True)
     seed_everything(cfg.seed)
 
@@ -105,6 +108,19 @@ def train(cfg: RunConfig) -> "Result":
     eval_folder = os.path.dirname(os.path.abspath(cfg.eval_data)) if cfg.eval_data else None
     if eval_ds is not None:
         check_images(eval_ds, eval_folder)
+    image_processor = s.processor.image_processor
+    train_loader = loader(ImageTextDataset(train_ds, cfg.image_folder, image_processor), s, shuffle=True,
+                          drop_last=True)
+    steps_per_epoch = len(train_loader) // cfg.grad_accum
+    if steps_per_epoch < 1:
+        raise ValueError(f"{len(train_ds)} samples give no full step of micro_batch {cfg.micro_batch} x grad_accum "
+                         f"{cfg.grad_accum} x {E.world_size()} ranks; lower the batch or add data")
+    total = cfg.max_steps or math.ceil(cfg.epochs * steps_per_epoch)
+    identity = run_identity(cfg, s, total)
+    prior = {"step": 0, "data": {"epoch": 0, "consumed": 0}, "time": {"elapsed_s": 0.0, "gpu_seconds": 0.0}}
+    if resume_from is not None:  # before any weights load
+        prior = json.loads((resume_from / checkpoint.STATE_FILE).read_text())
+        checkpoint.check_compatible(prior["identity"], identity, resume_from)
 
     dtype = E.torch_dtype(s.precision)
     model = load_model(cfg.model_path, dtype)
@@ -119,39 +135,39 @@ def train(cfg: RunConfig) -> "Result":
         for part, c in counts.items():
             log.info("  %-10s trainable %12d / %12d", part, c["trainable"], c["total"])
 
-    image_processor = s.processor.image_processor
-    train_loader = loader(ImageTextDataset(train_ds, cfg.image_folder, image_processor), s, shuffle=True,
-                          drop_last=True)
-    steps_per_epoch = len(train_loader) // cfg.grad_accum
-    if steps_per_epoch < 1:
-        raise ValueError(f"{len(train_ds)} samples give no full step of micro_batch {cfg.micro_batch} x grad_accum "
-                         f"{cfg.grad_accum} x {E.world_size()} ranks; lower the batch or add data")
-    total = cfg.max_steps or math.ceil(cfg.epochs * steps_per_epoch)
     warmup = int(cfg.warmup_ratio * total)
     engine, scheduler = E.initialize(model, s.ds_config, cfg.lr, cfg.weight_decay, total, warmup)
     device = E.device()
+    stream = BatchStream(train_loader)
+    if resume_from is not None:
+        checkpoint.load(engine, resume_from)
+        stream.load_state_dict(prior["data"])
+        if rank0:
+            log.info("resumed from %s at step %d (epoch %d, micro-batch %d)", resume_from, prior["step"],
+                     prior["data"]["epoch"], prior["data"]["consumed"])
+    start_step = prior["step"]
 
     summary = {"status": "running", "config": cfg.to_dict(), "region": s.region.to_dict(), "parameters": counts,
                "world_size": E.world_size(), "precision": s.precision, "ds_config": s.ds_config,
                "steps": total, "steps_per_epoch": steps_per_epoch, "versions": versions(),
-               "device": str(device)}
+               "device": str(device), "resumed_from": str(resume_from) if resume_from else None}
     if rank0:
-        _write_json(os.path.join(out, "run.json"), summary)
-    metrics = open(os.path.join(out, "metrics.jsonl"), "w") if rank0 else None
+        checkpoint.write_json_atomic(os.path.join(out, "run.json"), summary)
+    metrics = open_metrics(os.path.join(out, "metrics.jsonl"), start_step) if rank0 else None
 
-    def batches():
-        epoch = 0
-        while True:
-            train_loader.sampler.set_epoch(epoch)
-            yield from train_loader
-            epoch += 1
+    def state(step: int) -> dict:
+        """What a checkpoint at `step` records besides DeepSpeed's state (accumulated across restarts)."""
+        wall = time.perf_counter() - session_start
+        return {"step": step, "data": stream.state_dict(), "identity": identity,
+                "time": {"elapsed_s": prior["time"]["elapsed_s"] + wall,
+                         "gpu_seconds": prior["time"]["gpu_seconds"] + wall * E.world_size()}}
 
-    it = batches()
+    stop = checkpoint.StopRequest(out)
     engine.train()
-    bar = tqdm(total=total, desc=cfg.stage, disable=not rank0, dynamic_ncols=True)
+    bar = tqdm(total=total, initial=start_step, desc=cfg.stage, disable=not rank0, dynamic_ncols=True)
     window_tokens, window_start, loss = 0.0, time.perf_counter(), float("nan")
-    for step in range(1, total + 1):
-        micro = [to_device(next(it), device, dtype) for _ in range(cfg.grad_accum)]
+    for step in range(start_step + 1, total + 1):
+        micro = [to_device(next(stream), device, dtype) for _ in range(cfg.grad_accum)]
         n_valid, n_tokens = E.all_reduce_sum([sum(valid_tokens(b["labels"]) for b in micro),
                                               sum(int(b["attention_mask"].sum()) for b in micro)])
         # Grads end up as (sum of token losses over all ranks and micro-steps) / n_valid: DeepSpeed divides by
@@ -165,10 +181,12 @@ def train(cfg: RunConfig) -> "Result":
             engine.backward(lsum * scale)
             engine.step()
             loss_sum += float(lsum.detach())
-        loss = E.all_reduce_sum([loss_sum])[0] / max(n_valid, 1.0)
+        # One collective for the loss and the stop request: every rank stops at the same step.
+        loss_total, stops = E.all_reduce_sum([loss_sum, float(stop.poll())])
+        loss = loss_total / max(n_valid, 1.0)
         window_tokens += n_tokens
         bar.update(1)
-        if step % cfg.log_every == 0 or step == total:
+        if step % cfg.log_every == 0 or step == total or stops:
             elapsed = time.perf_counter() - window_start
             rec = {"step": step, "loss": loss, "lr": scheduler.get_last_lr()[0],
                    "grad_norm": _float(engine.get_global_grad_norm()), "tokens_per_s": window_tokens / elapsed}
@@ -178,8 +196,24 @@ def train(cfg: RunConfig) -> "Result":
                           f"grad_norm {rec['grad_norm']:.3f} | tok/s {rec['tokens_per_s']:.0f}")
                 metrics.write(json.dumps(rec) + "\n")
                 metrics.flush()
+        if stops or (cfg.save_every and step % cfg.save_every == 0 and step < total):
+            path = checkpoint.save(engine, out, step, state(step), cfg.keep_checkpoints)
+        if stops:
+            bar.close()
+            stop.clear_file()
+            summary.update(status="interrupted", final_loss=loss, steps_done=step, checkpoint=str(path),
+                           stop_reason=stop.reason or "another rank was asked to stop", time=state(step)["time"])
+            if rank0:
+                log.info("stop requested (%s): checkpoint %s written at step %d; rerun with --resume auto",
+                         summary["stop_reason"], path, step)
+                metrics.close()
+                checkpoint.write_json_atomic(os.path.join(out, "run.json"), summary)
+            E.barrier()
+            stop.restore()
+            return Result(summary, engine)
     bar.close()
     summary["final_loss"] = loss
+    summary["steps_done"] = total
 
     save(engine, s.processor, out)
     if eval_ds is not None:
@@ -189,11 +223,41 @@ def train(cfg: RunConfig) -> "Result":
                      summary["eval"]["accuracy"], summary["eval"]["correct"], summary["eval"]["samples"])
             metrics.write(json.dumps({"step": total, "eval": summary["eval"]}) + "\n")
     summary["status"] = "complete"
+    summary["time"] = state(total)["time"]
     if rank0:
         metrics.close()
-        _write_json(os.path.join(out, "run.json"), summary)
+        checkpoint.write_json_atomic(os.path.join(out, "run.json"), summary)
     E.barrier()
+    stop.restore()
     return Result(summary, engine)
+
+
+def run_identity(cfg: RunConfig, s: Setup, total_steps: int) -> dict:
+    """What a resumed run must share with its checkpoint (see checkpoint.IDENTITY_WHY)."""
+    return {"stage": cfg.stage, "model": checkpoint.fingerprint_dir(cfg.model_path),
+            "init": checkpoint.fingerprint_dir(cfg.init, (PROJECTOR_FILE,)),
+            "region": {"layers": list(s.region.layers), "parts": dict(s.region.parts)},
+            "world_size": E.world_size(), "micro_batch": cfg.micro_batch, "grad_accum": cfg.grad_accum,
+            "data": os.path.abspath(cfg.data), "dataset_size": cfg.dataset_size, "seed": cfg.seed,
+            "total_steps": total_steps, "lr": cfg.lr,
+            "zero_stage": s.ds_config.get("zero_optimization", {}).get("stage", 0), "precision": s.precision}
+
+
+def open_metrics(path: str, start_step: int):
+    """metrics.jsonl for appending; on resume, lines after the checkpoint's step (written by the interrupted
+    session, about to be redone) are dropped so the file reads as one uninterrupted run."""
+    if start_step == 0:
+        return open(path, "w")
+    kept = []
+    if os.path.isfile(path):
+        for line in open(path).read().splitlines():
+            rec = json.loads(line)
+            if rec.get("step", 0) <= start_step and "eval" not in rec:
+                kept.append(line)
+    f = open(path, "w")
+    f.writelines(x + "\n" for x in kept)
+    f.flush()
+    return f
 
 
 @dataclass
@@ -215,10 +279,3 @@ def save(engine, processor, out: str) -> None:
 
 def _float(x) -> float:
     return float(x) if x is not None else float("nan")
-
-
-def _write_json(path: str, obj: dict) -> None:
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-        json.dump(obj, f, indent=1, default=str)
-    os.replace(tmp, path)

@@ -1,0 +1,253 @@
+"""Training checkpoints: atomic saves, resume from the newest complete one, what must match, stop requests.
+
+Layout under ``<output_dir>/checkpoints/``::
+
+    step-00000010/         a complete checkpoint; never written to after it appears under this name
+        *_model_states.pt  DeepSpeed's files (this is DeepSpeed's own layout: save_dir/tag/): weights,
+        *_optim_states.pt  frozen ones included, optimizer partitions, LR scheduler
+        trainer_state.json step, data position, accumulated time, and the identity a resume must match
+        rng/rank<R>.pt     each rank's RNG states
+    latest                 the name of the newest complete checkpoint, replaced last
+    .partial/              a save in progress (removed when the next save starts)
+
+Every rank writes into ``.partial/<tag>``; once all are done, rank 0 fsyncs the files, renames the directory
+into place and only then replaces ``latest``. A crash or kill at any point leaves ``latest`` naming a complete
+checkpoint (or, if it died between the rename and the pointer, a newer complete one is found by name).
+The output directory must be on a file system every node sees (as DeepSpeed's own checkpoints require).
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import random
+import shutil
+import signal
+import threading
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from . import engine as E
+
+log = logging.getLogger(__name__)
+
+CHECKPOINTS = "checkpoints"
+LATEST = "latest"
+PARTIAL = ".partial"
+STATE_FILE = "trainer_state.json"
+STOP_FILE = "STOP"  # `touch <output_dir>/STOP` asks a running job to checkpoint and exit (the SLURM scripts do)
+
+
+def tag_for(step: int) -> str:
+    return f"step-{step:08d}"
+
+
+def _complete(path: Path) -> bool:
+    return (path / STATE_FILE).is_file()
+
+
+def find_latest(output_dir: str) -> Path | None:
+    """The newest complete checkpoint in the output directory, or None."""
+    root = Path(output_dir) / CHECKPOINTS
+    pointer = root / LATEST
+    if pointer.is_file():
+        named = root / pointer.read_text().strip()
+        if _complete(named):
+            newer = [p for p in root.glob("step-*") if p.name > named.name and _complete(p)]
+            return max(newer) if newer else named  # newer: a save renamed its directory, then died
+    complete = [p for p in root.glob("step-*") if _complete(p)]
+    return max(complete) if complete else None
+
+
+def resolve_resume(resume: str | None, output_dir: str) -> Path | None:
+    """Which checkpoint to start from: None (fresh), the newest (`auto`), or a given directory.
+
+    A fresh start into a directory that already holds checkpoints is refused: it would overwrite them.
+    """
+    latest = find_latest(output_dir)
+    if resume in (None, "none"):
+        if latest is not None:
+            raise ValueError(f"--output-dir {output_dir} already holds checkpoint {latest.name}; pass --resume auto "
+                             f"to continue that run, or choose a new --output-dir")
+        return None
+    if resume == "auto":
+        return latest
+    path = Path(resume)
+    if not _complete(path):
+        raise FileNotFoundError(f"--resume {resume}: not a complete checkpoint (no {STATE_FILE}); give a "
+                                f"{output_dir}/{CHECKPOINTS}/step-* directory or 'auto'")
+    return path
+
+
+def fingerprint_dir(path: str | None, patterns=("config.json", "*.safetensors", "*.bin")) -> str | None:
+    """A cheap identity of a checkpoint directory: config.json's bytes plus the names and sizes of weight files."""
+    if path is None:
+        return None
+    h = hashlib.sha256()
+    for pattern in patterns:
+        for f in sorted(Path(path).glob(pattern)):
+            h.update(f.name.encode())
+            h.update(f.read_bytes() if f.name.endswith(".json") else str(f.stat().st_size).encode())
+    return h.hexdigest()[:16]
+
+
+# What a resume must match, and why it matters, for the refusal message.
+IDENTITY_WHY = {
+    "stage": "a different stage is a different run",
+    "model": "the frozen weights and architecture come from it",
+    "init": "the starting projector comes from it",
+    "region": "the trained layers and the optimizer's contents depend on it",
+    "world_size": "ZeRO partitions and the data order depend on it; resume with the same number of ranks",
+    "micro_batch": "the data order and batch size depend on it",
+    "grad_accum": "the batch size depends on it",
+    "data": "the data order depends on it",
+    "dataset_size": "the data order depends on it",
+    "seed": "the data order depends on it",
+    "total_steps": "the LR schedule depends on it",
+    "lr": "the LR schedule depends on it",
+    "zero_stage": "the optimizer partitions depend on it",
+    "precision": "the optimizer state's dtype depends on it",
+}
+
+
+def check_compatible(saved: dict, now: dict, where: Path) -> None:
+    """Refuse a resume whose run differs from the checkpoint in anything that decides the future."""
+    diffs = [f"{k}: checkpoint {saved.get(k)!r}, now {now.get(k)!r} ({IDENTITY_WHY[k]})"
+             for k in IDENTITY_WHY if saved.get(k) != now.get(k)]
+    if diffs:
+        raise ValueError(f"cannot resume from {where}: the run differs from the checkpoint in\n  "
+                         + "\n  ".join(diffs) + "\nresume with the original settings, or start a new --output-dir")
+
+
+def _rng_states() -> dict:
+    return {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state(),
+            **E.rng_state()}
+
+
+def _set_rng_states(state: dict) -> None:
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    E.set_rng_state(state)
+
+
+def _fsync_tree(path: Path) -> None:
+    for f in path.rglob("*"):
+        if f.is_file():
+            with open(f, "rb") as fh:
+                os.fsync(fh.fileno())
+    _fsync_dir(path)
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def write_json_atomic(path: str | Path, obj: dict) -> None:
+    tmp = f"{path}.tmp"
+    with open(tmp, "w") as f:
+        json.dump(obj, f, indent=1, default=str)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def save(engine, output_dir: str, step: int, state: dict, keep: int) -> Path:
+    """Write a complete checkpoint of step ``step`` atomically (call on every rank); returns its path."""
+    root = Path(output_dir) / CHECKPOINTS
+    tag, partial = tag_for(step), root / PARTIAL
+    final = root / tag
+    if E.rank() == 0:
+        shutil.rmtree(partial, ignore_errors=True)  # leftovers of a save that died
+        partial.mkdir(parents=True)
+        _check_space(root, engine)
+    E.barrier()
+    E.save_state(engine, str(partial), tag)
+    (partial / tag / "rng").mkdir(exist_ok=True)
+    torch.save(_rng_states(), partial / tag / "rng" / f"rank{E.rank()}.pt")
+    E.barrier()
+    if E.rank() == 0:
+        write_json_atomic(partial / tag / STATE_FILE, state)
+        _fsync_tree(partial / tag)
+        if final.exists():  # a re-save of the same step (stop request right after a periodic save)
+            shutil.rmtree(final)
+        os.rename(partial / tag, final)
+        _fsync_dir(root)
+        (root / f"{LATEST}.tmp").write_text(tag)
+        os.replace(root / f"{LATEST}.tmp", root / LATEST)
+        _fsync_dir(root)
+        if keep > 0:  # keep the newest `keep` checkpoints, this one included
+            older = sorted(p for p in root.glob("step-*") if p.name < tag)
+            for old in older[:max(0, len(older) - keep + 1)]:
+                shutil.rmtree(old)
+        log.info("saved checkpoint %s", final)
+    E.barrier()
+    return final
+
+
+def _check_space(root: Path, engine) -> None:
+    """Refuse to start a save that cannot fit, before touching anything (the previous checkpoint stays)."""
+    previous = find_latest(str(root.parent))
+    if previous is not None:
+        need = sum(f.stat().st_size for f in previous.rglob("*") if f.is_file())
+    else:  # weights + fp32 optimizer state (master, m, v) of the trainable part, a lower bound
+        params = list(engine.module.parameters())
+        need = sum(p.ds_numel if hasattr(p, "ds_numel") else p.numel() for p in params) * 4
+        need += sum(p.ds_numel if hasattr(p, "ds_numel") else p.numel() for p in params if p.requires_grad) * 12
+    free = shutil.disk_usage(root).free
+    if free < need:
+        raise OSError(f"not enough disk space for a checkpoint under {root}: {free / 1e9:.2f} GB free, about "
+                      f"{need / 1e9:.2f} GB needed; free space or lower --keep-checkpoints "
+                      f"(the previous checkpoint is kept)")
+
+
+def load(engine, path: Path) -> dict:
+    """Restore a checkpoint written by ``save`` into the engine and this rank's RNGs; returns its trainer state."""
+    state = json.loads((path / STATE_FILE).read_text())
+    E.load_state(engine, str(path.parent), path.name)
+    rng_file = path / "rng" / f"rank{E.rank()}.pt"
+    _set_rng_states(torch.load(rng_file, weights_only=False))  # our own file: numpy/python states are objects
+    return state
+
+
+class StopRequest:
+    """SIGTERM, SIGUSR1 or a STOP file in the output directory ask the run to checkpoint and exit cleanly.
+
+    The handler only records the request; the training loop acts on it at the next step boundary, after all
+    ranks agree. A second signal during the save changes nothing (the save is atomic in any case).
+    """
+
+    SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
+
+    def __init__(self, output_dir: str):
+        self.stop_file = Path(output_dir) / STOP_FILE
+        self.reason: str | None = None
+        if threading.current_thread() is threading.main_thread():
+            for sig in self.SIGNALS:
+                signal.signal(sig, self._handle)
+
+    def _handle(self, signum, frame) -> None:
+        if self.reason is None:
+            self.reason = signal.Signals(signum).name
+
+    def poll(self) -> bool:
+        """Whether this rank has been asked to stop (rank 0 also looks for the STOP file)."""
+        if self.reason is None and E.rank() == 0 and self.stop_file.exists():
+            self.reason = f"{self.stop_file} exists"
+        return self.reason is not None
+
+    def clear_file(self) -> None:
+        if E.rank() == 0 and self.stop_file.exists():
+            self.stop_file.unlink()
+
+    def restore(self) -> None:
+        if threading.current_thread() is threading.main_thread():
+            for sig in self.SIGNALS:
+                signal.signal(sig, signal.SIG_DFL)

@@ -1,0 +1,178 @@
+"""Checkpoints and resume on two DeepSpeed CPU ranks, through the real launcher.
+
+An interrupted run (stop signal, kill -9 of a rank, kill during a save) continued with --resume auto produces
+bit-identical per-step losses, learning rates, grad norms and final weights to the uninterrupted run.
+"""
+import json
+import os
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import psutil
+import pytest
+
+from conftest import ROOT, deepspeed_cmd, run
+from lvlm_region import checkpoint
+
+STEPS = ["--max-steps", "6", "--micro-batch", "4", "--num-workers", "1", "--log-every", "1",
+         "--eval-max-samples", "2", "--save-every", "2"]
+
+
+def launch(out: Path, *flags: str) -> subprocess.Popen:
+    """Start a 2-rank stage-2 run in its own process group (so a test can kill all of it at once)."""
+    log = open(str(out) + ".log", "a")
+    return subprocess.Popen(deepspeed_cmd(2, "launch/sft.py", "--output-dir", str(out), *STEPS, *flags), cwd=ROOT,
+                            stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+                            env={**os.environ, "PYTHONUNBUFFERED": "1"})
+
+
+def rank_pid(proc: subprocess.Popen, local_rank: int, timeout: float = 120) -> int:
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        for p in psutil.Process(proc.pid).children(recursive=True):
+            try:
+                if f"--local_rank={local_rank}" in p.cmdline():
+                    return p.pid
+            except psutil.NoSuchProcess:
+                pass
+        time.sleep(0.2)
+    raise TimeoutError("rank process not found")
+
+
+def wait_for(cond, proc: subprocess.Popen, timeout: float = 300, poll: float = 0.2) -> None:
+    deadline = time.time() + timeout
+    while not cond():
+        assert proc.poll() is None, f"run ended early with {proc.returncode}"
+        assert time.time() < deadline, "timed out"
+        time.sleep(poll)
+
+
+def steps_logged(out: Path) -> int:
+    f = out / "metrics.jsonl"
+    lines = f.read_text().splitlines() if f.exists() else []
+    return max((json.loads(x).get("step", 0) for x in lines if x.strip()), default=0)
+
+
+def history(out: Path) -> list[tuple]:
+    """Per-step (step, loss, lr, grad_norm) and the eval record: everything but timings."""
+    recs = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    return [(r["step"], r["loss"], r["lr"], r["grad_norm"]) if "loss" in r else ("eval", r["eval"]) for r in recs]
+
+
+def resume(out: Path, *flags: str) -> subprocess.CompletedProcess:
+    res = run(deepspeed_cmd(2, "launch/sft.py", "--output-dir", str(out), *STEPS, *flags, "--resume", "auto"))
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    return res
+
+
+@pytest.fixture(scope="module", params=["2", "3"])
+def reference(request, demo_dir, tmp_path_factory):
+    """The uninterrupted run, per ZeRO stage."""
+    zero = request.param
+    out = tmp_path_factory.mktemp(f"ref{zero}") / "run"
+    res = run(deepspeed_cmd(2, "launch/sft.py", "--output-dir", str(out), *STEPS, "--zero", zero))
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    return zero, out
+
+
+def test_stop_signal_checkpoints_and_resume_is_exact(reference, tmp_path):
+    zero, ref = reference
+    out = tmp_path / "run"
+    proc = launch(out, "--zero", zero)
+    wait_for(lambda: steps_logged(out) >= 3, proc)
+    os.kill(rank_pid(proc, 1), signal.SIGUSR1)  # one rank asked; both must stop at the same step
+    assert proc.wait(timeout=300) == 0
+    run_json = json.loads((out / "run.json").read_text())
+    # rank 0 writes run.json; only rank 1 got the signal, so this also shows the ranks agreed to stop together
+    assert run_json["status"] == "interrupted" and run_json["stop_reason"] == "another rank was asked to stop"
+    stopped = run_json["steps_done"]
+    assert 3 <= stopped < 6
+    assert checkpoint.find_latest(str(out)).name == checkpoint.tag_for(stopped)
+    first_session = run_json["time"]["gpu_seconds"]
+
+    resume(out, "--zero", zero)
+    assert history(out) == history(ref)
+    assert (out / "model.safetensors").read_bytes() == (ref / "model.safetensors").read_bytes()
+    final = json.loads((out / "run.json").read_text())
+    assert final["status"] == "complete" and final["resumed_from"].endswith(checkpoint.tag_for(stopped))
+    assert final["time"]["gpu_seconds"] > first_session  # accumulated across the restart
+
+
+def test_stop_file_and_sigterm(demo_dir, tmp_path):
+    # The STOP file (what the SLURM scripts touch on USR1) stops the run at the first step and is consumed;
+    # SIGTERM to a rank does the same, and a second SIGTERM during the save changes nothing.
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / checkpoint.STOP_FILE).touch()
+    proc = launch(out, "--zero", "2")
+    assert proc.wait(timeout=300) == 0
+    assert json.loads((out / "run.json").read_text())["steps_done"] == 1
+    assert not (out / checkpoint.STOP_FILE).exists()
+
+    proc = launch(out, "--zero", "2", "--resume", "auto")
+    wait_for(lambda: steps_logged(out) >= 2, proc)
+    pid = rank_pid(proc, 0)
+    os.kill(pid, signal.SIGTERM)
+    partial = out / "checkpoints" / checkpoint.PARTIAL
+    while proc.poll() is None and not partial.exists():
+        time.sleep(0.005)
+    try:
+        os.kill(pid, signal.SIGTERM)  # again, during the save
+    except ProcessLookupError:
+        pass
+    assert proc.wait(timeout=300) == 0
+    run_json = json.loads((out / "run.json").read_text())
+    assert run_json["status"] == "interrupted" and run_json["stop_reason"] == "SIGTERM"
+    latest = checkpoint.find_latest(str(out))
+    assert latest.name == checkpoint.tag_for(run_json["steps_done"])
+    assert json.loads((latest / checkpoint.STATE_FILE).read_text())["step"] == run_json["steps_done"]
+
+
+def test_kill_9_rank_exits_promptly_and_resume_is_exact(reference, tmp_path):
+    zero, ref = reference
+    if zero != "2":
+        pytest.skip("one ZeRO stage is enough for the fault path")
+    out = tmp_path / "run"
+    proc = launch(out, "--zero", zero)
+    wait_for(lambda: checkpoint.find_latest(str(out)) is not None and steps_logged(out) >= 3, proc)
+    os.kill(rank_pid(proc, 1), signal.SIGKILL)
+    t0 = time.time()
+    code = proc.wait(timeout=120)
+    assert code != 0 and time.time() - t0 < 60
+    resume(out, "--zero", zero)  # redoes the steps after the last checkpoint; metrics.jsonl drops their first try
+    assert history(out) == history(ref)
+
+
+def test_kill_during_save_keeps_previous_checkpoint(demo_dir, tmp_path):
+    out = tmp_path / "run"
+    proc = launch(out, "--zero", "2", "--save-every", "1", "--max-steps", "40")
+    partial = out / "checkpoints" / checkpoint.PARTIAL
+    wait_for(lambda: checkpoint.find_latest(str(out)) is not None and partial.exists(), proc, poll=0.005)
+    os.killpg(proc.pid, signal.SIGKILL)  # the whole job, mid-save
+    proc.wait(timeout=60)
+    latest = checkpoint.find_latest(str(out))
+    assert latest is not None and (latest / checkpoint.STATE_FILE).is_file()
+    res = resume(out, "--zero", "2", "--save-every", "1", "--max-steps", "40")
+    assert f"resumed from {latest}" in res.stdout
+    assert json.loads((out / "run.json").read_text())["status"] == "complete"
+
+
+def test_resume_refuses_a_different_run(reference, tmp_path):
+    zero, ref = reference
+    if zero != "2":
+        pytest.skip("checked once")
+    out = tmp_path / "run"
+    import shutil
+    shutil.copytree(ref / "checkpoints", out / "checkpoints")
+    res = run(deepspeed_cmd(2, "launch/sft.py", "--output-dir", str(out), *STEPS, "--zero", zero,
+                            "--region", "layers:1,5", "--resume", "auto"))
+    assert res.returncode != 0
+    assert "cannot resume from" in res.stderr and "region: checkpoint {'layers': [0, 7]" in res.stderr
+    assert "the trained layers and the optimizer's contents depend on it" in res.stderr
+    assert "Loading weights" not in res.stdout + res.stderr  # refused before any weights load
+    res = run(deepspeed_cmd(1, "launch/sft.py", "--output-dir", str(out), *STEPS, "--zero", zero, "--resume", "auto"))
+    assert res.returncode != 0 and "world_size: checkpoint 2, now 1" in res.stderr
+    res = run(deepspeed_cmd(2, "launch/sft.py", "--output-dir", str(out), *STEPS, "--zero", zero))
+    assert res.returncode != 0 and "already holds checkpoint step-00000004; pass --resume auto" in res.stderr
