@@ -166,12 +166,18 @@ def save(engine, output_dir: str, step: int, state: dict, keep: int) -> Path:
     final = root / tag
     if E.rank() == 0:
         shutil.rmtree(partial, ignore_errors=True)  # leftovers of a save that died
-        partial.mkdir(parents=True)
-        _check_space(root, engine)
+        root.mkdir(parents=True, exist_ok=True)
     E.barrier()
-    E.save_state(engine, str(partial), tag)
-    (partial / tag / "rng").mkdir(exist_ok=True)
-    torch.save(_rng_states(), partial / tag / "rng" / f"rank{E.rank()}.pt")
+    _check_space(root, engine)  # every rank sees the same file system, so all raise or none does
+    E.barrier()
+    try:
+        E.save_state(engine, str(partial), tag)
+        (partial / tag / "rng").mkdir(exist_ok=True)
+        torch.save(_rng_states(), partial / tag / "rng" / f"rank{E.rank()}.pt")
+    except OSError as e:  # e.g. the disk filled up during the save; the launcher then stops the other ranks
+        shutil.rmtree(partial / tag, ignore_errors=True)
+        raise OSError(f"checkpoint {tag} could not be written on rank {E.rank()} ({e}); the previous checkpoint "
+                      f"{find_latest(output_dir)} is kept; fix the cause and rerun with --resume auto") from e
     E.barrier()
     if E.rank() == 0:
         write_json_atomic(partial / tag / STATE_FILE, state)
@@ -197,15 +203,16 @@ def _check_space(root: Path, engine) -> None:
     previous = find_latest(str(root.parent))
     if previous is not None:
         need = sum(f.stat().st_size for f in previous.rglob("*") if f.is_file())
-    else:  # weights + fp32 optimizer state (master, m, v) of the trainable part, a lower bound
+    else:  # estimate: fp32 weights of everything + optimizer state (master, m, v) of the trainable part
         params = list(engine.module.parameters())
         need = sum(p.ds_numel if hasattr(p, "ds_numel") else p.numel() for p in params) * 4
         need += sum(p.ds_numel if hasattr(p, "ds_numel") else p.numel() for p in params if p.requires_grad) * 12
     free = shutil.disk_usage(root).free
     if free < need:
-        raise OSError(f"not enough disk space for a checkpoint under {root}: {free / 1e9:.2f} GB free, about "
-                      f"{need / 1e9:.2f} GB needed; free space or lower --keep-checkpoints "
-                      f"(the previous checkpoint is kept)")
+        raise OSError(f"not enough disk space for a checkpoint under {root}: {free / 1e6:.1f} MB free, about "
+                      f"{need / 1e6:.1f} MB needed; nothing was written and the previous checkpoint "
+                      f"({previous.name if previous else 'none'}) is kept; free space (or lower --keep-checkpoints) "
+                      f"and rerun with --resume auto")
 
 
 def load(engine, path: Path) -> dict:

@@ -66,6 +66,9 @@ def main(stage: str, doc: str, argv: list[str] | None = None) -> int:
     except (ValueError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except OSError as e:  # a checkpoint that could not be written (disk full, quota)
+        print(f"error: {e}", file=sys.stderr)
+        return 1
     s = result.summary
     if s["status"] == "interrupted" and os.environ.get("RANK", "0") == "0":
         print(f"stopped at step {s['steps_done']} ({s['stop_reason']}); checkpoint {s['checkpoint']}; "

@@ -39,6 +39,26 @@ def init_distributed() -> None:
                                    verbose=False)
     if get_accelerator().device_name() != "cpu":
         get_accelerator().set_device(int(os.environ.get("LOCAL_RANK", 0)))
+    me = placement()
+    log.info("rank %d of %d: local rank %d, node rank %d, host %s, pid %d", me["rank"], world_size(),
+             me["local_rank"], me["node_rank"], me["host"], me["pid"])
+
+
+def placement() -> dict:
+    """Where this rank runs. Node rank: GROUP_RANK (torchrun) or CROSS_RANK (deepspeed launcher)."""
+    return {"rank": rank(), "local_rank": int(os.environ.get("LOCAL_RANK", 0)),
+            "node_rank": int(os.environ.get("GROUP_RANK", os.environ.get("CROSS_RANK", 0))),
+            "host": socket.gethostname(), "pid": os.getpid()}
+
+
+def all_placements() -> list[dict]:
+    """Every rank's placement, in rank order (a collective)."""
+    out = [None] * world_size()
+    if dist.is_initialized():
+        dist.all_gather_object(out, placement())
+    else:
+        out = [placement()]
+    return out
 
 
 def rank() -> int:

@@ -150,7 +150,7 @@ def train(cfg: RunConfig) -> "Result":
     summary = {"status": "running", "config": cfg.to_dict(), "region": s.region.to_dict(), "parameters": counts,
                "world_size": E.world_size(), "precision": s.precision, "ds_config": s.ds_config,
                "steps": total, "steps_per_epoch": steps_per_epoch, "versions": versions(),
-               "device": str(device), "resumed_from": str(resume_from) if resume_from else None}
+               "device": str(device), "ranks": E.all_placements(), "resumed_from": str(resume_from) if resume_from else None}
     if rank0:
         checkpoint.write_json_atomic(os.path.join(out, "run.json"), summary)
     metrics = open_metrics(os.path.join(out, "metrics.jsonl"), start_step) if rank0 else None
@@ -223,6 +223,7 @@ def train(cfg: RunConfig) -> "Result":
                      summary["eval"]["accuracy"], summary["eval"]["correct"], summary["eval"]["samples"])
             metrics.write(json.dumps({"step": total, "eval": summary["eval"]}) + "\n")
     summary["status"] = "complete"
+    stop.clear_file()  # a request that came too late to act on must not stop the next run at once
     summary["time"] = state(total)["time"]
     if rank0:
         metrics.close()

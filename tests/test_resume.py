@@ -176,3 +176,33 @@ def test_resume_refuses_a_different_run(reference, tmp_path):
     assert res.returncode != 0 and "world_size: checkpoint 2, now 1" in res.stderr
     res = run(deepspeed_cmd(2, "launch/sft.py", "--output-dir", str(out), *STEPS, "--zero", zero))
     assert res.returncode != 0 and "already holds checkpoint step-00000004; pass --resume auto" in res.stderr
+
+
+def _can_mount_tmpfs() -> bool:
+    try:
+        return subprocess.run(["unshare", "-rm", "sh", "-c", "mount -t tmpfs -o size=1m none /mnt"],
+                              capture_output=True, timeout=30).returncode == 0
+    except (OSError, subprocess.TimeoutExpired):
+        return False
+
+
+@pytest.mark.skipif(not _can_mount_tmpfs(), reason="needs `unshare -rm` to mount a small tmpfs (a real full disk)")
+def test_full_disk_fails_the_save_clearly_and_keeps_the_previous_checkpoint(reference, tmp_path):
+    zero, ref = reference
+    if zero != "3":
+        pytest.skip("checked once")
+    # A 14 MB file system: the first ZeRO-3 checkpoint (about 8 MB) fits, the second does not.
+    mnt, after = tmp_path / "mnt", tmp_path / "after"
+    mnt.mkdir()
+    train = " ".join(deepspeed_cmd(2, "launch/sft.py", "--output-dir", f"{mnt}/run", *STEPS, "--zero", zero,
+                                   "--save-every", "1"))
+    script = f"mount -t tmpfs -o size=14m none {mnt} && {{ {train}; echo $? > {tmp_path}/rc; }}; cp -r {mnt}/run {after}"
+    res = subprocess.run(["unshare", "-rm", "bash", "-c", script], cwd=ROOT, capture_output=True, text=True,
+                         timeout=600)
+    assert int((tmp_path / "rc").read_text()) != 0, res.stdout[-3000:]
+    assert "error: not enough disk space for a checkpoint under" in res.stderr
+    assert "nothing was written and the previous checkpoint (step-00000001) is kept" in res.stderr
+    assert checkpoint.find_latest(str(after)).name == "step-00000001"
+    assert not list((after / "checkpoints").glob(f"*/{checkpoint.tag_for(2)}"))
+    resume(after, "--zero", zero)  # on a disk with room, the kept checkpoint continues the run exactly
+    assert history(after) == history(ref)
