@@ -44,6 +44,8 @@ def build_parser(stage: str, doc: str) -> argparse.ArgumentParser:
     p.add_argument("--keep-checkpoints", type=int, default=2, help="newest checkpoints kept (0: all)")
     p.add_argument("--resume", help="'auto': continue from the newest checkpoint in --output-dir (fresh start if "
                                     "there is none); or a checkpoint directory")
+    p.add_argument("--peak-tflops", type=float, help="peak TFLOP/s per GPU for MFU (default: bf16 data sheet "
+                                                       "by GPU name; on CPU a measured matmul)")
     p.add_argument("--local_rank", type=int, default=0, help=argparse.SUPPRESS)  # added by the deepspeed launcher
     return p
 

@@ -45,6 +45,7 @@ class RunConfig:
     save_every: int = 0  # optimizer steps between checkpoints (0: none; a stop request always saves one)
     keep_checkpoints: int = 2  # newest checkpoints kept in output_dir/checkpoints (0: all)
     resume: str | None = None  # "auto" (newest checkpoint in output_dir, if any) or a checkpoint directory
+    peak_tflops: float | None = None  # peak TFLOP/s per rank for MFU; default: data sheet by GPU name / measured on CPU
     dataset_size: int | None = field(default=None, repr=False)  # filled in at run time (for run.json)
 
     def resolve(self) -> "RunConfig":

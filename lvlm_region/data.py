@@ -199,7 +199,7 @@ def collate(batch: list[dict], pad_token_id: int, left_pad: bool = False, dummy:
         n = len(b["input_ids"])
         sl = slice(T - n, T) if left_pad else slice(0, n)
         ids[r, sl], labels[r, sl], mask[r, sl] = b["input_ids"], b["labels"], 1
-    out = {"input_ids": ids, "labels": labels, "attention_mask": mask}
+    out = {"input_ids": ids, "labels": labels, "attention_mask": mask, "real_images": len(images)}
     if extra:
         ids[0, T:] = dummy.image_token_id
         images = [torch.zeros(3, dummy.image_size, dummy.image_size)]

@@ -59,6 +59,18 @@ def find_parts(model: PreTrainedModel) -> Parts:
                  norm=norm, lm_head=model.get_output_embeddings())
 
 
+def enable_checkpointing(model: PreTrainedModel) -> None:
+    """Non-reentrant activation checkpointing of every decoder / encoder layer, without input-grad hooks.
+
+    transformers' ``activation_checkpointing_enable`` also makes the output of every input embedding require
+    grad (only reentrant checkpointing needs that). With frozen parts, that sends autograd back through the
+    frozen vision tower and the frozen layers below the region: work that trains nothing
+    (tests/test_flops.py counts it). Non-reentrant checkpointing works with frozen layers without it.
+    """
+    model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    model.disable_input_require_grads()
+
+
 def token_loss_sum(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     """Sum of next-token cross-entropy over positions whose label is not -100. logits [B,T,V], labels [B,T]."""
     return F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(), ignore_index=-100,

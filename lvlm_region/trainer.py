@@ -18,11 +18,12 @@ import torch
 from tqdm import tqdm
 from transformers import AutoConfig, AutoProcessor
 
-from . import checkpoint, demo, engine as E, regions
+from . import checkpoint, demo, engine as E, regions, timing
 from .config import DEMO_DIR, RunConfig
 from .data import BatchStream, DummyImage, ImageTextDataset, Tokenized, build_dataset, check_images, get_template, make_loader, to_device
 from .evaluate import evaluate
-from .model import (PROJECTOR_FILE, apply_region, image_seq_length, load_model, load_projector,
+from .flops import BatchShape, FlopModel
+from .model import (PROJECTOR_FILE, apply_region, enable_checkpointing, image_seq_length, load_model, load_projector,
                     num_decoder_layers, save_projector, token_loss_sum, valid_tokens)
 
 log = logging.getLogger(__name__)
@@ -128,13 +129,21 @@ def train(cfg: RunConfig) -> "Result":
         load_projector(model, cfg.init)  # before DeepSpeed partitions anything
     counts = apply_region(model, s.region)  # before the optimizer exists
     if cfg.grad_ckpt:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        enable_checkpointing(model)
     if rank0:
         log.info("region %s -> layers %s of %d; parts %s", s.region.spec, list(s.region.layers),
                  s.region.num_layers, {k: v for k, v in s.region.parts.items()})
         for part, c in counts.items():
             log.info("  %-10s trainable %12d / %12d", part, c["trainable"], c["total"])
 
+    offload = s.ds_config.get("zero_optimization", {}).get("offload_optimizer", {}).get("device", "none") != "none"
+    mem = timing.memory_estimate(counts["all"]["total"], counts["all"]["trainable"],
+                                 s.ds_config.get("zero_optimization", {}).get("stage", 0), E.world_size(),
+                                 s.precision, offload)
+    if rank0:
+        log.info("model state per rank (estimate, before activations): weights %.3f GB, gradients %.3f GB, "
+                 "optimizer %.3f GB%s; total on device %.3f GB", mem["weights"] / 1e9, mem["gradients"] / 1e9,
+                 mem["optimizer"] / 1e9, " (offloaded to CPU)" if offload else "", mem["total_on_device"] / 1e9)
     warmup = int(cfg.warmup_ratio * total)
     engine, scheduler = E.initialize(model, s.ds_config, cfg.lr, cfg.weight_decay, total, warmup)
     device = E.device()
@@ -150,7 +159,8 @@ def train(cfg: RunConfig) -> "Result":
     summary = {"status": "running", "config": cfg.to_dict(), "region": s.region.to_dict(), "parameters": counts,
                "world_size": E.world_size(), "precision": s.precision, "ds_config": s.ds_config,
                "steps": total, "steps_per_epoch": steps_per_epoch, "versions": versions(),
-               "device": str(device), "ranks": E.all_placements(), "resumed_from": str(resume_from) if resume_from else None}
+               "device": str(device), "device_name": timing.device_name(), "memory_estimate": mem,
+               "ranks": E.all_placements(), "resumed_from": str(resume_from) if resume_from else None}
     if rank0:
         checkpoint.write_json_atomic(os.path.join(out, "run.json"), summary)
     metrics = open_metrics(os.path.join(out, "metrics.jsonl"), start_step) if rank0 else None
@@ -158,42 +168,63 @@ def train(cfg: RunConfig) -> "Result":
     def state(step: int) -> dict:
         """What a checkpoint at `step` records besides DeepSpeed's state (accumulated across restarts)."""
         wall = time.perf_counter() - session_start
-        return {"step": step, "data": stream.state_dict(), "identity": identity,
+        return {"step": step, "data": stream.state_dict(), "identity": identity, "totals": totals.state_dict(),
                 "time": {"elapsed_s": prior["time"]["elapsed_s"] + wall,
                          "gpu_seconds": prior["time"]["gpu_seconds"] + wall * E.world_size()}}
 
     stop = checkpoint.StopRequest(out)
+    flop_model = FlopModel.from_model(engine.module)  # the trainable set and checkpointing as they now are
+    peak, peak_source = timing.peak_flops(cfg.peak_tflops) if rank0 else (0.0, "")
+    timer = timing.StepTimer()
+    totals = timing.Totals(warmup=min(5, max(1, (total - start_step) // 10)))
+    totals.restore(prior.get("totals"))
+    window = timing.Totals(warmup=0)
     engine.train()
     bar = tqdm(total=total, initial=start_step, desc=cfg.stage, disable=not rank0, dynamic_ncols=True)
-    window_tokens, window_start, loss = 0.0, time.perf_counter(), float("nan")
+    loss = float("nan")
     for step in range(start_step + 1, total + 1):
-        micro = [to_device(next(stream), device, dtype) for _ in range(cfg.grad_accum)]
-        n_valid, n_tokens = E.all_reduce_sum([sum(valid_tokens(b["labels"]) for b in micro),
-                                              sum(int(b["attention_mask"].sum()) for b in micro)])
+        timer.start()
+        with timer.phase("data"):
+            micro = [to_device(next(stream), device, dtype) for _ in range(cfg.grad_accum)]
+            n_valid = E.all_reduce_sum([sum(valid_tokens(b["labels"]) for b in micro)])[0]
         # Grads end up as (sum of token losses over all ranks and micro-steps) / n_valid: DeepSpeed divides by
         # grad_accum and averages over ranks, so each micro-step's sum is scaled by world * grad_accum / n_valid.
         scale = E.world_size() * cfg.grad_accum / max(n_valid, 1.0)
         loss_sum = 0.0
         for b in micro:
-            logits = engine(input_ids=b["input_ids"], attention_mask=b["attention_mask"],
-                            pixel_values=b.get("pixel_values")).logits
-            lsum = token_loss_sum(logits, b["labels"])
-            engine.backward(lsum * scale)
-            engine.step()
+            with timer.phase("forward"):
+                logits = engine(input_ids=b["input_ids"], attention_mask=b["attention_mask"],
+                                pixel_values=b.get("pixel_values")).logits
+                lsum = token_loss_sum(logits, b["labels"])
+            with timer.phase("backward"):
+                engine.backward(lsum * scale)
+            with timer.phase("optimizer"):
+                engine.step()
             loss_sum += float(lsum.detach())
-        # One collective for the loss and the stop request: every rank stops at the same step.
-        loss_total, stops = E.all_reduce_sum([loss_sum, float(stop.poll())])
+        work = flop_model.step([BatchShape(*b["input_ids"].shape, images=executed_images(b)) for b in micro])
+        with timer.phase("optimizer"):
+            # One collective for the loss, the stop request and the step's work: every rank stops together.
+            loss_total, stops, n_tokens, n_samples, n_images, f_model, f_hw = E.all_reduce_sum(
+                [loss_sum, float(stop.poll()), sum(float(b["attention_mask"].sum()) for b in micro),
+                 sum(len(b["input_ids"]) for b in micro), sum(b["real_images"] for b in micro), work.model,
+                 work.hardware])
+        times = timer.finish()
+        totals.add(times, n_tokens, n_samples, n_images, f_model, f_hw)
+        window.add(times, n_tokens, n_samples, n_images, f_model, f_hw)
         loss = loss_total / max(n_valid, 1.0)
-        window_tokens += n_tokens
         bar.update(1)
         if step % cfg.log_every == 0 or step == total or stops:
-            elapsed = time.perf_counter() - window_start
+            w = window.summary(E.world_size(), peak or 1.0)
             rec = {"step": step, "loss": loss, "lr": scheduler.get_last_lr()[0],
-                   "grad_norm": _float(engine.get_global_grad_norm()), "tokens_per_s": window_tokens / elapsed}
-            window_tokens, window_start = 0.0, time.perf_counter()
+                   "grad_norm": _float(engine.get_global_grad_norm()),
+                   "tokens_per_s": w["tokens_per_s_per_gpu"] * E.world_size(), "step_s": w["step_seconds"],
+                   **{f"{p}_s": v for p, v in w["phase_seconds"].items()}, "tflops_per_step": w["model_tflops_per_step"],
+                   "mfu": w["mfu"] if rank0 else None, "peak_mem_gb": timing.peak_memory_bytes() / 1e9}
+            window = timing.Totals(warmup=0)
             if rank0:
                 bar.write(f"step {step}/{total} | loss {rec['loss']:.4f} | lr {rec['lr']:.2e} | "
-                          f"grad_norm {rec['grad_norm']:.3f} | tok/s {rec['tokens_per_s']:.0f}")
+                          f"grad_norm {rec['grad_norm']:.3f} | tok/s {rec['tokens_per_s']:.0f} | "
+                          f"step {rec['step_s']:.3f}s | mfu {rec['mfu']:.3f}")
                 metrics.write(json.dumps(rec) + "\n")
                 metrics.flush()
         if stops or (cfg.save_every and step % cfg.save_every == 0 and step < total):
@@ -202,7 +233,8 @@ def train(cfg: RunConfig) -> "Result":
             bar.close()
             stop.clear_file()
             summary.update(status="interrupted", final_loss=loss, steps_done=step, checkpoint=str(path),
-                           stop_reason=stop.reason or "another rank was asked to stop", time=state(step)["time"])
+                           stop_reason=stop.reason or "another rank was asked to stop", time=state(step)["time"],
+                           timing=timing_summary(totals, peak, peak_source, summary["memory_estimate"]))
             if rank0:
                 log.info("stop requested (%s): checkpoint %s written at step %d; rerun with --resume auto",
                          summary["stop_reason"], path, step)
@@ -223,6 +255,7 @@ def train(cfg: RunConfig) -> "Result":
                      summary["eval"]["accuracy"], summary["eval"]["correct"], summary["eval"]["samples"])
             metrics.write(json.dumps({"step": total, "eval": summary["eval"]}) + "\n")
     summary["status"] = "complete"
+    summary["timing"] = timing_summary(totals, peak, peak_source, summary["memory_estimate"])
     stop.clear_file()  # a request that came too late to act on must not stop the next run at once
     summary["time"] = state(total)["time"]
     if rank0:
@@ -231,6 +264,20 @@ def train(cfg: RunConfig) -> "Result":
     E.barrier()
     stop.restore()
     return Result(summary, engine)
+
+
+def timing_summary(totals: "timing.Totals", peak: float, peak_source: str, estimate: dict) -> dict:
+    """Steady-state figures of the whole run (across restarts) for run.json; MFU on rank 0 only."""
+    out = totals.summary(E.world_size(), peak or float("nan"))
+    out.update(peak_tflops_per_rank=peak / 1e12, peak_source=peak_source,
+               peak_memory_gb_rank0=timing.peak_memory_bytes() / 1e9,
+               memory_estimate_gb=estimate["total_on_device"] / 1e9)
+    return out
+
+
+def executed_images(batch: dict) -> int:
+    """Images the vision tower runs on in this micro-batch, the masked dummy included."""
+    return int(batch["pixel_values"].shape[0]) if "pixel_values" in batch else 0
 
 
 def run_identity(cfg: RunConfig, s: Setup, total_steps: int) -> dict:

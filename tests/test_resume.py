@@ -98,6 +98,9 @@ def test_stop_signal_checkpoints_and_resume_is_exact(reference, tmp_path):
     final = json.loads((out / "run.json").read_text())
     assert final["status"] == "complete" and final["resumed_from"].endswith(checkpoint.tag_for(stopped))
     assert final["time"]["gpu_seconds"] > first_session  # accumulated across the restart
+    # steady-state sums continue across the restart; each session's first step is warm-up
+    assert final["timing"]["steady_steps"] == 4 and json.loads((ref / "run.json").read_text())["timing"][
+        "steady_steps"] == 5
 
 
 def test_stop_file_and_sigterm(demo_dir, tmp_path):

@@ -45,9 +45,15 @@ def test_stage1_zero2_trains_only_the_projector(stage1):
     assert "optimizer holds exactly the 4 intended parameter tensors" in stdout
     lines = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
     assert [x["step"] for x in lines] == [1, 2, 3] and all(x["loss"] > 0 for x in lines)
+    for x in lines:  # the harness: phases inside the step, work and MFU from the FLOP model
+        phases = x["data_s"] + x["forward_s"] + x["backward_s"] + x["optimizer_s"]
+        assert 0 < phases <= x["step_s"] and 0 < x["mfu"] < 1 and x["tflops_per_step"] > 0
     run_json = json.loads((out / "run.json").read_text())
     assert run_json["status"] == "complete" and run_json["parameters"]["projector"]["trainable"] > 0
     assert set(run_json["versions"]) >= {"torch", "deepspeed", "transformers"}
+    t = run_json["timing"]
+    assert t["steady_steps"] == 2 and t["warmup_steps_per_session"] == 1  # step 1 is warm-up
+    assert t["peak_source"] == "measured fp32 matmul on this CPU" and 0 < t["mfu"] < 1
 
 
 def test_stage1_zero3(demo_dir, tmp_path):

@@ -1,0 +1,168 @@
+"""The timing harness inside every run: per-step phases, work done, FLOPs, MFU, peak memory, run totals.
+
+Phases are measured with device events on GPU (recorded without synchronising; read once per step after the
+step's own loss all-reduce has synchronised anyway) and with the wall clock on CPU, so the harness adds no
+synchronisation of its own. MFU = model FLOPs (lvlm_region.flops: forward + activation + weight gradients of
+what actually trains, never 6N) / (step time x peak). Peaks: dense bf16 TFLOP/s per GPU from PEAK_TFLOPS by
+device name, ``--peak-tflops`` to override, and on CPU a matmul measured at start-up.
+"""
+from __future__ import annotations
+
+import contextlib
+import platform
+import resource
+import time
+from dataclasses import dataclass, field
+
+import torch
+
+# Dense bf16 tensor-core peaks (TFLOP/s per GPU) from the vendors' data sheets, matched against the device name.
+PEAK_TFLOPS = {"H200": 989.0, "H100": 989.0, "A100": 312.0, "A10G": 125.0, "L40S": 362.0, "L4": 121.0,
+               "V100": 125.0}
+PHASES = ("data", "forward", "backward", "optimizer")
+
+
+def device_name() -> str:
+    return torch.cuda.get_device_name() if torch.cuda.is_available() else f"cpu ({platform.processor() or 'x86_64'})"
+
+
+def measure_cpu_peak(n: int = 1024, repeats: int = 5) -> float:
+    """FLOP/s of the best of a few fp32 n x n matmuls on this CPU (all threads torch uses)."""
+    a, b = torch.randn(n, n), torch.randn(n, n)
+    a @ b  # warm-up
+    best = float("inf")
+    for _ in range(repeats):
+        t = time.perf_counter()
+        a @ b
+        best = min(best, time.perf_counter() - t)
+    return 2 * n ** 3 / best
+
+
+def peak_flops(override_tflops: float | None = None) -> tuple[float, str]:
+    """Peak FLOP/s per rank for MFU and where the figure comes from."""
+    if override_tflops:
+        return override_tflops * 1e12, "--peak-tflops"
+    if torch.cuda.is_available():
+        name = torch.cuda.get_device_name()
+        for key, tflops in PEAK_TFLOPS.items():
+            if key in name:
+                return tflops * 1e12, f"bf16 data sheet ({key})"
+        raise ValueError(f"no peak FLOP/s known for {name}; pass --peak-tflops")
+    return measure_cpu_peak(), "measured fp32 matmul on this CPU"
+
+
+def peak_memory_bytes() -> int:
+    """Peak device memory of this rank (GPU), or the process's peak resident memory (CPU)."""
+    if torch.cuda.is_available():
+        return int(torch.cuda.max_memory_allocated())
+    return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024
+
+
+class _Clock:
+    """One timestamp source: CUDA events on GPU (no sync when recorded), perf_counter on CPU."""
+
+    def __init__(self):
+        self.cuda = torch.cuda.is_available()
+
+    def now(self):
+        if self.cuda:
+            e = torch.cuda.Event(enable_timing=True)
+            e.record()
+            return e
+        return time.perf_counter()
+
+    def seconds(self, a, b) -> float:
+        return a.elapsed_time(b) / 1e3 if self.cuda else b - a
+
+
+class StepTimer:
+    """Phase times within one step: ``start()``, ``with timer.phase("forward"): ...``, then ``finish()``."""
+
+    def __init__(self):
+        self.clock, self._marks, self._start = _Clock(), [], None
+
+    def start(self) -> None:
+        self._marks, self._start = [], self.clock.now()
+
+    @contextlib.contextmanager
+    def phase(self, name: str):
+        t0 = self.clock.now()
+        yield
+        self._marks.append((name, t0, self.clock.now()))
+
+    def finish(self) -> dict:
+        """Seconds per phase and in total for the step just ended."""
+        end = self.clock.now()
+        if self.clock.cuda:
+            end.synchronize()
+        out = {p: 0.0 for p in PHASES}
+        for name, a, b in self._marks:
+            out[name] += self.clock.seconds(a, b)
+        out["step"] = self.clock.seconds(self._start, end)
+        return out
+
+
+@dataclass
+class Totals:
+    """Steady-state sums over the steps after each session's warm-up (all ranks' work, wall time once)."""
+
+    warmup: int  # steps skipped at the start of every session (compilation, allocator, first data)
+    steps: int = 0
+    seconds: float = 0.0
+    phases: dict = field(default_factory=lambda: {p: 0.0 for p in PHASES})
+    tokens: float = 0.0
+    samples: float = 0.0
+    images: float = 0.0
+    model_flops: float = 0.0
+    hardware_flops: float = 0.0
+    _seen: int = 0
+
+    def add(self, times: dict, tokens: float, samples: float, images: float, flops_model: float,
+            flops_hw: float) -> None:
+        self._seen += 1
+        if self._seen <= self.warmup:
+            return
+        self.steps += 1
+        self.seconds += times["step"]
+        for p in PHASES:
+            self.phases[p] += times[p]
+        self.tokens, self.samples, self.images = self.tokens + tokens, self.samples + samples, self.images + images
+        self.model_flops, self.hardware_flops = self.model_flops + flops_model, self.hardware_flops + flops_hw
+
+    def state_dict(self) -> dict:
+        return {k: v for k, v in self.__dict__.items() if not k.startswith("_")}
+
+    def restore(self, state: dict | None) -> None:
+        """Continue the sums of an earlier session (its warm-up setting stays this session's)."""
+        for k, v in (state or {}).items():
+            if k != "warmup":
+                setattr(self, k, v)
+
+    def summary(self, world: int, peak: float) -> dict:
+        if not self.steps:
+            return {"steady_steps": 0}
+        return {"steady_steps": self.steps, "warmup_steps_per_session": self.warmup,
+                "step_seconds": self.seconds / self.steps,
+                "phase_seconds": {p: v / self.steps for p, v in self.phases.items()},
+                "tokens_per_s_per_gpu": self.tokens / self.seconds / world,
+                "samples_per_s": self.samples / self.seconds,
+                "model_tflops_per_step": self.model_flops / self.steps / 1e12,
+                "mfu": self.model_flops / (self.seconds * world * peak),
+                "hfu": self.hardware_flops / (self.seconds * world * peak)}
+
+
+def memory_estimate(total_params: int, trainable_params: int, zero_stage: int, world: int, precision: str,
+                    offload_optimizer: bool) -> dict:
+    """Model-state bytes per rank before training (activations not included).
+
+    Weights in the compute dtype (partitioned under ZeRO-3); gradients of trainable weights in the compute
+    dtype (partitioned under ZeRO-2/3); Adam state: fp32 master copy (mixed precision only) + m + v,
+    partitioned, on the CPU when offloaded. Frozen weights cost only their weights.
+    """
+    w = 2 if precision in ("bf16", "fp16") else 4
+    weights = total_params * w / (world if zero_stage >= 3 else 1)
+    grads = trainable_params * w / (world if zero_stage >= 2 else 1)
+    optim = trainable_params * ((4 if w == 2 else 0) + 8) / (world if zero_stage >= 1 else 1)
+    device_optim = 0 if offload_optimizer else optim
+    return {"weights": weights, "gradients": grads, "optimizer": optim, "optimizer_on_device": device_optim,
+            "total_on_device": weights + grads + device_optim}

@@ -1,0 +1,79 @@
+"""The FLOP model against hand counts and against torch.utils.flop_counter on a real tiny Llava."""
+import pytest
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+from lvlm_region.flops import BatchShape, Block, FlopModel
+from lvlm_region.model import apply_region, build_demo_model, enable_checkpointing
+from lvlm_region.regions import resolve
+
+
+def llm_only(n_layers: int, macs: int = 1000) -> FlopModel:
+    """Decoder layers only (no attention, free head), so ratios are pure layer counts."""
+    blocks = [Block("projector", "projector", 0, 0), Block("embed", "embed", 0, 0)]
+    blocks += [Block(f"layer.{i}", "llm", macs, 0) for i in range(n_layers)]
+    blocks.append(Block("lm_head", "lm_head", 0, 0))
+    return FlopModel(blocks, image_positions=0, image_tokens=0, patches=0)
+
+
+def test_selective_ratios_by_hand():
+    fm, shape = llm_only(32), [BatchShape(rows=1, seq_len=10, images=0)]
+    full = fm.for_region(resolve("full", 32)).step(shape)
+    u25 = fm.for_region(resolve("uniform25", 32)).step(shape)
+    assert full.model == 2 * 10 * 1000 * 96  # forward + activation + weight gradient for 32 layers
+    assert u25.model / full.model == pytest.approx((32 + 32 + 8) / 96)
+    ck = lambda spec: fm.for_region(resolve(spec, 32), checkpointing=True).step(shape).hardware  # noqa: E731
+    assert ck("uniform25") / ck("full") == pytest.approx((32 + 64 + 8) / 128)
+    # contiguous top 8 with a frozen projector: the backward stops at layer 24
+    assert fm.for_region(resolve("last:8-projector", 32)).step(shape).model / full.model == pytest.approx(48 / 96)
+    # 6N per token would say 1.0 for any selection; stage 1 (projector only) still pays every activation grad
+    assert fm.for_region(resolve("none", 32)).step(shape).model / full.model == pytest.approx(64 / 96)
+
+
+@pytest.fixture()
+def model():
+    m = build_demo_model(vocab_size=160, image_token_id=4, pad_token_id=3, seed=0)
+    m.config._attn_implementation = "eager"  # explicit matmuls, which the flop counter sees on CPU
+    for cfg in (m.config.text_config, m.config.vision_config):
+        cfg._attn_implementation = "eager"
+    return m.train()
+
+
+def test_block_shapes_of_the_demo_model_by_hand(model):
+    apply_region(model, resolve("uniform25", 8))
+    fm = FlopModel.from_model(model)
+    by = {b.name: b for b in fm.blocks}
+    # text: h 128, ffn 256, 4 heads x 32, 2 kv heads: q 128x128, k/v 128x64, o 128x128, gate/up/down 128x256
+    assert by["layer.0"].macs == 16384 + 8192 + 8192 + 16384 + 3 * 32768 == 147456
+    assert by["layer.0"].trainable_macs == 147456 and by["layer.1"].trainable_macs == 0
+    assert by["vision.0"].macs == 4 * 64 * 64 + 2 * 64 * 128 == 32768  # q k v o + fc1 fc2
+    assert by["vision.embed"].macs == 3 * 16 * 16 * 64  # patch conv per patch
+    assert by["projector"].macs == 64 * 128 + 128 * 128 and by["projector"].input_macs == 64 * 128
+    assert by["lm_head"].macs == 128 * 160 and by["lm_head"].trainable_macs == 0
+    assert (fm.patches, fm.image_positions, fm.image_tokens) == (4, 5, 4)  # 32 px / 16 px patches, + CLS
+
+
+def counted(model, rows: int, seq_len: int, images: int) -> float:
+    torch.manual_seed(0)
+    ids = torch.randint(10, 160, (rows, seq_len))
+    for i in range(images):  # image i's 4 tokens go into row i
+        ids[i, 1:5] = 4
+    pixels = torch.randn(images, 3, 32, 32)
+    with FlopCounterMode(display=False) as counter:
+        logits = model(input_ids=ids, attention_mask=torch.ones_like(ids), pixel_values=pixels).logits
+        logits.float().sum().backward()
+    model.zero_grad(set_to_none=True)
+    return counter.get_total_flops()
+
+
+@pytest.mark.parametrize("spec,ckpt", [("none", False), ("uniform25", False), ("layers:2,5-projector", False),
+                                       ("full+vision+lm_head", False), ("uniform25", True),
+                                       ("layers:3-projector+norm", True)])
+def test_matches_torch_flop_counter(model, spec, ckpt):
+    apply_region(model, resolve(spec, 8))
+    if ckpt:
+        enable_checkpointing(model)
+    fm = FlopModel.from_model(model)
+    ours = fm.micro_batch(BatchShape(rows=2, seq_len=12, images=2))
+    assert ours.hardware == counted(model, 2, 12, 2)
+    assert (ours.recompute > 0) == ckpt
