@@ -19,6 +19,7 @@ setup(
         "pillow",
         "tqdm",
         "numpy",
+        "matplotlib",  # plots of the cost report
     ],
     extras_require={"dev": ["pytest>=8"], "gpu": ["flash-attn>=2.6"]},
 )

@@ -44,6 +44,9 @@ def build_parser(stage: str, doc: str) -> argparse.ArgumentParser:
     p.add_argument("--keep-checkpoints", type=int, default=2, help="newest checkpoints kept (0: all)")
     p.add_argument("--resume", help="'auto': continue from the newest checkpoint in --output-dir (fresh start if "
                                     "there is none); or a checkpoint directory")
+    p.add_argument("--compare-full", metavar="N|DIR",
+                   help="after the run, time N steps of the same job with --region full (same data, batch, ZeRO, "
+                        "checkpointing, seed) and project both arms' GPU-hours per epoch; or a finished full run's dir")
     p.add_argument("--peak-tflops", type=float, help="peak TFLOP/s per GPU for MFU (default: bf16 data sheet "
                                                        "by GPU name; on CPU a measured matmul)")
     p.add_argument("--local_rank", type=int, default=0, help=argparse.SUPPRESS)  # added by the deepspeed launcher
@@ -60,11 +63,11 @@ def parse(stage: str, doc: str, argv: list[str] | None = None) -> RunConfig:
 def main(stage: str, doc: str, argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
                         stream=sys.stdout)
-    from .trainer import train  # after logging is set up; heavy imports
+    from .trainer import train_and_compare  # after logging is set up; heavy imports
 
     cfg = parse(stage, doc, argv)
     try:
-        result = train(cfg)
+        result = train_and_compare(cfg)
     except (ValueError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

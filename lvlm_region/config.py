@@ -45,6 +45,8 @@ class RunConfig:
     save_every: int = 0  # optimizer steps between checkpoints (0: none; a stop request always saves one)
     keep_checkpoints: int = 2  # newest checkpoints kept in output_dir/checkpoints (0: all)
     resume: str | None = None  # "auto" (newest checkpoint in output_dir, if any) or a checkpoint directory
+    compare_full: str | None = None  # N: then run N steps of the same job with region full; or a full run's dir
+    export_model: bool = True  # write the transformers checkpoint at the end (off for the compare-full arm)
     peak_tflops: float | None = None  # peak TFLOP/s per rank for MFU; default: data sheet by GPU name / measured on CPU
     dataset_size: int | None = field(default=None, repr=False)  # filled in at run time (for run.json)
 
@@ -82,6 +84,13 @@ class RunConfig:
             raise ValueError(f"--lr must be positive, got {self.lr}")
         if not 0 <= self.warmup_ratio < 1:
             raise ValueError(f"warmup_ratio must be in [0, 1), got {self.warmup_ratio}")
+        if self.compare_full is not None:
+            if self.compare_full.isdigit():
+                if int(self.compare_full) < 3:
+                    raise ValueError("--compare-full N needs N >= 3 (the first steps are warm-up)")
+            elif not os.path.isfile(os.path.join(self.compare_full, "run.json")):
+                raise FileNotFoundError(f"--compare-full {self.compare_full}: neither a step count nor a run "
+                                        f"directory with run.json")
         if self.save_every < 0 or self.keep_checkpoints < 0:
             raise ValueError("--save-every and --keep-checkpoints must be 0 or more")
         if self.ds_config is not None and not os.path.isfile(self.ds_config):

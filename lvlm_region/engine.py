@@ -215,6 +215,16 @@ def gathered(params, enabled: bool):
     return deepspeed.zero.GatheredParameters(list(params), modifier_rank=None) if enabled else contextlib.nullcontext()
 
 
+def release(engine) -> None:
+    """Free an engine's memory before another one is built in the same process."""
+    engine.destroy()
+    del engine
+    import gc
+    gc.collect()
+    if not on_cpu():
+        get_accelerator().empty_cache()
+
+
 def save_state(engine, save_dir: str, tag: str) -> None:
     """DeepSpeed's own checkpoint of everything that trains (weights incl. frozen ones, optimizer, scheduler).
 

@@ -51,6 +51,12 @@ def peak_flops(override_tflops: float | None = None) -> tuple[float, str]:
     return measure_cpu_peak(), "measured fp32 matmul on this CPU"
 
 
+def reset_peak_memory() -> None:
+    """Start a new peak for this run (GPU only: a process's peak resident memory on CPU cannot be reset)."""
+    if torch.cuda.is_available():
+        torch.cuda.reset_peak_memory_stats()
+
+
 def peak_memory_bytes() -> int:
     """Peak device memory of this rank (GPU), or the process's peak resident memory (CPU)."""
     if torch.cuda.is_available():
@@ -115,11 +121,16 @@ class Totals:
     images: float = 0.0
     model_flops: float = 0.0
     hardware_flops: float = 0.0
+    all_steps: int = 0  # every step, warm-up included
+    all_tokens: float = 0.0
+    all_samples: float = 0.0
     _seen: int = 0
 
     def add(self, times: dict, tokens: float, samples: float, images: float, flops_model: float,
             flops_hw: float) -> None:
         self._seen += 1
+        self.all_steps, self.all_tokens, self.all_samples = (self.all_steps + 1, self.all_tokens + tokens,
+                                                             self.all_samples + samples)
         if self._seen <= self.warmup:
             return
         self.steps += 1
@@ -139,14 +150,16 @@ class Totals:
                 setattr(self, k, v)
 
     def summary(self, world: int, peak: float) -> dict:
+        totals = {"steps_total": self.all_steps, "tokens_total": self.all_tokens, "samples_total": self.all_samples}
         if not self.steps:
-            return {"steady_steps": 0}
-        return {"steady_steps": self.steps, "warmup_steps_per_session": self.warmup,
+            return {"steady_steps": 0, **totals}
+        return {**totals, "steady_steps": self.steps, "warmup_steps_per_session": self.warmup,
                 "step_seconds": self.seconds / self.steps,
                 "phase_seconds": {p: v / self.steps for p, v in self.phases.items()},
                 "tokens_per_s_per_gpu": self.tokens / self.seconds / world,
                 "samples_per_s": self.samples / self.seconds,
                 "model_tflops_per_step": self.model_flops / self.steps / 1e12,
+                "hardware_tflops_per_step": self.hardware_flops / self.steps / 1e12,
                 "mfu": self.model_flops / (self.seconds * world * peak),
                 "hfu": self.hardware_flops / (self.seconds * world * peak)}
 

@@ -4,6 +4,7 @@ Stage 1 and stage 2 differ only in their RunConfig (region, data, template, lear
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import math
@@ -93,6 +94,7 @@ def loader(ds, s: "Setup", shuffle: bool, drop_last: bool, left_pad: bool = Fals
 def train(cfg: RunConfig) -> "Result":
     """Run one stage end to end (or continue it from a checkpoint); returns the run.json summary and the engine."""
     session_start = time.perf_counter()
+    timing.reset_peak_memory()
     s = prepare(cfg)
     rank0 = E.rank() == 0
     out = cfg.output_dir
@@ -247,7 +249,8 @@ def train(cfg: RunConfig) -> "Result":
     summary["final_loss"] = loss
     summary["steps_done"] = total
 
-    save(engine, s.processor, out)
+    if cfg.export_model:
+        save(engine, s.processor, out)
     if eval_ds is not None:
         summary["eval"] = evaluate(engine, eval_ds, eval_folder, s, cfg, dtype, device)
         if rank0:
@@ -306,6 +309,63 @@ def open_metrics(path: str, start_step: int):
     f.writelines(x + "\n" for x in kept)
     f.flush()
     return f
+
+
+def train_and_compare(cfg: RunConfig) -> "Result":
+    """train(), then with --compare-full the full-tuning arm of the same job, timed in the same allocation.
+
+    The full arm runs after the selective one is saved (a failure there loses nothing), into
+    OUTPUT_DIR/compare-full, with every setting but the region and the step count unchanged; it exports no
+    model and skips evaluation. Both arms' steady-state step times and the GPU-hours of one epoch projected
+    from them go into run.json under "compare_full". Given a finished full run's directory instead, its
+    measured totals are used.
+    """
+    result = train(cfg)
+    if cfg.compare_full is None or result.summary["status"] != "complete":
+        return result
+    mine = result.summary
+    if cfg.compare_full.isdigit():
+        E.release(result.engine)
+        arm = dataclasses.replace(cfg, region="full", max_steps=int(cfg.compare_full), compare_full=None,
+                                  output_dir=os.path.join(cfg.output_dir, "compare-full"), save_every=0, resume=None,
+                                  eval_data=None, export_model=False)
+        try:
+            full = train(arm).summary
+            source = f"measured here: {arm.max_steps} steps of region full in {arm.output_dir}"
+        except torch.OutOfMemoryError as e:
+            mine["compare_full"] = {"error": f"full tuning did not fit at these settings: {e}"}
+            full = None
+    else:
+        full = json.loads(open(os.path.join(cfg.compare_full, "run.json")).read())
+        source = f"the finished full run {cfg.compare_full}"
+    if full is not None:
+        mine["compare_full"] = compare_arms(mine, full, source)
+    if E.rank() == 0:
+        checkpoint.write_json_atomic(os.path.join(cfg.output_dir, "run.json"), mine)
+        c = mine["compare_full"]
+        if "error" in c:
+            log.warning("compare-full: %s", c["error"])
+        else:
+            log.info("compare-full: step %.4f s (this run) vs %.4f s (full): ratio %.3f, FLOP model %.3f; one epoch "
+                     "%.4g vs %.4g GPU-hours", c["step_seconds"]["selective"], c["step_seconds"]["full"],
+                     c["step_time_ratio"], c["ideal_ratio"], c["epoch_gpu_hours"]["selective"],
+                     c["epoch_gpu_hours"]["full"])
+    return result
+
+
+def compare_arms(mine: dict, full: dict, source: str) -> dict:
+    """Steady-state step times of both arms and one epoch's GPU-hours projected from them."""
+    a, b = mine["timing"], full["timing"]
+    spe, world = mine["steps_per_epoch"], mine["world_size"]
+    return {"source": source, "full_steps": full.get("steps_done"),
+            "step_seconds": {"selective": a["step_seconds"], "full": b["step_seconds"]},
+            "step_time_ratio": a["step_seconds"] / b["step_seconds"],
+            "ideal_ratio": a["hardware_tflops_per_step"] / b["hardware_tflops_per_step"],
+            "peak_memory_gb": {"selective": a["peak_memory_gb_rank0"], "full": b["peak_memory_gb_rank0"]},
+            "steps_per_epoch": spe,
+            "epoch_gpu_hours": {"selective": a["step_seconds"] * spe * world / 3600,
+                                "full": b["step_seconds"] * spe * full["world_size"] / 3600},
+            "projection": "one epoch = steps_per_epoch x steady-state step time x ranks"}
 
 
 @dataclass

@@ -108,3 +108,17 @@ def test_kill_9_of_one_rank_ends_the_job_promptly_naming_it(uninterrupted, tmp_p
     record, log = finish(sbatch(tmp_path, out))
     assert record["exit_code"] == 0 and "resumed from" in log
     assert losses(out) == losses(ref)
+
+
+def test_report_sbatch(uninterrupted, tmp_path):
+    ref, _ = uninterrupted
+    env = {**os.environ, "PATH": f"{FAKE}:{os.environ['PATH']}", "PYTHON": sys.executable}
+    res = subprocess.run([str(FAKE / "sbatch"), "--dependency", "afterok:1", "--output", str(tmp_path / "%x-%j.log"),
+                          "launch/slurm/report.sbatch", str(ref), "--output", str(tmp_path / "report")],
+                         cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    record = json.loads(re.search(r"fake-sbatch: (\{.*\})", res.stdout).group(1))
+    log = Path(record["output"]).read_text()
+    assert record["exit_code"] == 0, log
+    assert "launch/report.py" in log.splitlines()[1] and "wrote report.json" in log
+    rows = json.loads((tmp_path / "report" / "report.json").read_text())["runs"]
+    assert rows[0]["steps"] == 4 and rows[0]["ranks"] == 2

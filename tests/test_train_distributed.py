@@ -127,3 +127,25 @@ def test_same_seed_same_losses(demo_dir, tmp_path):
         assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-2000:]
         losses.append([json.loads(x).get("loss") for x in (out / "metrics.jsonl").read_text().splitlines()])
     assert len(losses[0]) == 4 and losses[0] == losses[1]  # 3 steps + the eval line, bit-identical in fp32
+
+
+def test_compare_full_times_both_arms(demo_dir, tmp_path):
+    out = tmp_path / "u25"
+    res = run(deepspeed_cmd(2, "launch/sft.py", "--output-dir", str(out), *FAST, "--max-steps", "6", "--zero", "2",
+                            "--compare-full", "6"))
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    mine = json.loads((out / "run.json").read_text())
+    full = json.loads((out / "compare-full" / "run.json").read_text())
+    c = mine["compare_full"]
+    assert full["region"]["layers"] == list(range(8)) and full["steps_done"] == 6
+    assert full["config"]["micro_batch"] == 4 and full["config"]["zero"] == 2 and full["config"]["seed"] == 0
+    assert not (out / "compare-full" / "model.safetensors").exists() and "eval" not in full
+    assert c["step_seconds"] == {"selective": mine["timing"]["step_seconds"], "full": full["timing"]["step_seconds"]}
+    assert c["step_time_ratio"] == mine["timing"]["step_seconds"] / full["timing"]["step_seconds"]
+    # both arms read the same batches, so the FLOP model's ratio is exactly that of their per-step FLOPs; for
+    # uniform25 on 8 layers (2 trained, all 8 on the backward path) it lies between 2/3 and 1
+    assert c["ideal_ratio"] == mine["timing"]["hardware_tflops_per_step"] / full["timing"]["hardware_tflops_per_step"]
+    assert 0.67 < c["ideal_ratio"] < 1
+    spe = mine["steps_per_epoch"]
+    assert c["epoch_gpu_hours"]["full"] == full["timing"]["step_seconds"] * spe * 2 / 3600
+    assert "compare-full: step" in res.stdout
