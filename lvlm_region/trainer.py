@@ -259,6 +259,10 @@ def train(cfg: RunConfig) -> "Result":
             metrics.write(json.dumps({"step": total, "eval": summary["eval"]}) + "\n")
     summary["status"] = "complete"
     summary["timing"] = timing_summary(totals, peak, peak_source, summary["memory_estimate"])
+    if rank0:
+        log.info("peak memory measured %.3f GB (%s) vs model-state estimate %.3f GB (activations not included)",
+                 summary["timing"]["peak_memory_gb_rank0"], "GPU allocator" if not E.on_cpu() else "process RSS",
+                 summary["timing"]["memory_estimate_gb"])
     stop.clear_file()  # a request that came too late to act on must not stop the next run at once
     summary["time"] = state(total)["time"]
     if rank0:

@@ -209,3 +209,11 @@ def test_full_disk_fails_the_save_clearly_and_keeps_the_previous_checkpoint(refe
     assert not list((after / "checkpoints").glob(f"*/{checkpoint.tag_for(2)}"))
     resume(after, "--zero", zero)  # on a disk with room, the kept checkpoint continues the run exactly
     assert history(after) == history(ref)
+
+
+def test_identity_difference_in_the_model_is_named():
+    saved = {"model": "aaaa", "world_size": 2, "region": {"layers": [0, 7]}}
+    with pytest.raises(ValueError) as e:
+        checkpoint.check_compatible(saved, {**saved, "model": "bbbb"}, Path("ckpt"))
+    assert "model: checkpoint 'aaaa', now 'bbbb' (the frozen weights and architecture come from it)" in str(e.value)
+    assert "region" not in str(e.value)

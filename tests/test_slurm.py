@@ -104,6 +104,9 @@ def test_kill_9_of_one_rank_ends_the_job_promptly_naming_it(uninterrupted, tmp_p
     assert record["exit_code"] != 0 and time.time() - t0 < 60
     assert re.search(r"rank\s*:\s*1 \(local_rank: 0\)\s+exitcode\s*:\s*-9", log), log[-4000:]  # torchrun's summary
     assert "srun: error: 127.0.0.2: task 1" in log
+    time.sleep(1)
+    leftovers = [q.pid for q in psutil.process_iter(["cmdline"]) if str(out) in " ".join(q.info["cmdline"] or [])]
+    assert leftovers == [], "ranks of the failed job are still running"
     # the next start of the same job continues from the last checkpoint and ends where the uninterrupted run did
     record, log = finish(sbatch(tmp_path, out))
     assert record["exit_code"] == 0 and "resumed from" in log

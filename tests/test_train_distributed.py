@@ -149,3 +149,11 @@ def test_compare_full_times_both_arms(demo_dir, tmp_path):
     spe = mine["steps_per_epoch"]
     assert c["epoch_gpu_hours"]["full"] == full["timing"]["step_seconds"] * spe * 2 / 3600
     assert "compare-full: step" in res.stdout
+    # a finished full run's directory instead of N: its measured figures are used, nothing else is trained
+    other = tmp_path / "u25b"
+    res = run(deepspeed_cmd(2, "launch/sft.py", "--output-dir", str(other), *FAST, "--max-steps", "6", "--zero", "2",
+                            "--compare-full", str(out / "compare-full")))
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    c2 = json.loads((other / "run.json").read_text())["compare_full"]
+    assert c2["step_seconds"]["full"] == full["timing"]["step_seconds"] and not (other / "compare-full").exists()
+    assert c2["source"] == f"the finished full run {out / 'compare-full'}"
