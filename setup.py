@@ -21,5 +21,5 @@ setup(
         "numpy",
         "matplotlib",  # plots of the cost report
     ],
-    extras_require={"dev": ["pytest>=8"], "gpu": ["flash-attn>=2.6"]},
+    extras_require={"dev": ["pytest>=8", "peft>=0.13"], "gpu": ["flash-attn>=2.6"]},
 )

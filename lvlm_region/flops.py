@@ -18,6 +18,11 @@ the LM head), bottom to top:
 "Model FLOPs" (for MFU) are forward + activation + weight gradients; "hardware FLOPs" add recomputation.
 For a 32-layer LLM tuning 8 layers with the projector, the decoder part is (32 + 32 + 8) / 96 = 0.75 of
 full tuning, (32 + 64 + 8) / 128 = 0.81 with checkpointing; 6N per token would overstate it by a third.
+Known gap: inside a decoder layer the model does not follow requires_grad op by op. When the layer's input
+needs no gradient and its own norms are frozen (LoRA on the lowest layer of the path, projector frozen), torch
+skips the activation gradient of the q/k/v projections, which the model still counts (about a fifth of that
+layer's activation-gradient matmuls). Whole-layer regions, and LoRA with the projector trained (the paper's
+recipe), are exact.
 Attention is counted as the full T x T products (as the eager and math paths run it; flash-attention skips
 about half of a causal mask).
 """

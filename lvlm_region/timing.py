@@ -43,12 +43,16 @@ def peak_flops(override_tflops: float | None = None) -> tuple[float, str]:
     if override_tflops:
         return override_tflops * 1e12, "--peak-tflops"
     if torch.cuda.is_available():
-        name = torch.cuda.get_device_name()
-        for key, tflops in PEAK_TFLOPS.items():
-            if key in name:
-                return tflops * 1e12, f"bf16 data sheet ({key})"
-        raise ValueError(f"no peak FLOP/s known for {name}; pass --peak-tflops")
+        return peak_for_gpu(torch.cuda.get_device_name())
     return measure_cpu_peak(), "measured fp32 matmul on this CPU"
+
+
+def peak_for_gpu(name: str) -> tuple[float, str]:
+    """The data-sheet peak for a GPU by its device name (``torch.cuda.get_device_name()``)."""
+    for key, tflops in PEAK_TFLOPS.items():  # H200 before H100: the first key found in the name wins
+        if key in name:
+            return tflops * 1e12, f"bf16 data sheet ({key})"
+    raise ValueError(f"no peak FLOP/s known for GPU {name!r} (known: {', '.join(PEAK_TFLOPS)}); pass --peak-tflops")
 
 
 def reset_peak_memory() -> None:

@@ -73,6 +73,8 @@ def prepare(cfg: RunConfig) -> Setup:
     model_config = AutoConfig.from_pretrained(cfg.model_path)
     region = regions.resolve(cfg.region, num_decoder_layers(model_config))
     precision = E.resolve_precision(cfg.precision)
+    if torch.cuda.is_available() and not cfg.peak_tflops:
+        timing.peak_for_gpu(torch.cuda.get_device_name())  # an unknown GPU fails here, on every rank, not at step 1
     ds_config = E.build_ds_config(cfg.zero, cfg.ds_config, cfg.micro_batch, cfg.grad_accum, cfg.grad_clip, precision)
     processor = AutoProcessor.from_pretrained(cfg.model_path)
     tokenizer = processor.tokenizer

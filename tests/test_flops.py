@@ -77,3 +77,26 @@ def test_matches_torch_flop_counter(model, spec, ckpt):
     ours = fm.micro_batch(BatchShape(rows=2, seq_len=12, images=2))
     assert ours.hardware == counted(model, 2, 12, 2)
     assert (ours.recompute > 0) == ckpt
+
+
+@pytest.mark.parametrize("ckpt", [False, True])
+def test_lora_counted_as_what_it_is(model, ckpt):
+    # peft LoRA (r=4) on every linear of decoder layers 0 and 7, projector trained: adapters add their own small
+    # matmuls, the frozen base weights need activation gradients only. (With the projector frozen, the lowest
+    # LoRA layer's q/k/v would need no activation gradient; the model does not see that yet: see flops.py.)
+    from peft import LoraConfig, inject_adapter_in_model
+    apply_region(model, resolve("none", 8))  # projector only, everything else frozen
+    cfg = LoraConfig(r=4, lora_alpha=8, lora_dropout=0.05,
+                     target_modules=r".*language_model\.layers\.(0|7)\..*_proj")
+    model = inject_adapter_in_model(cfg, model)  # (peft freezes everything but the adapters)
+    for p in model.model.multi_modal_projector.parameters():  # the paper's recipe trains the projector fully
+        p.requires_grad_(True)
+    if ckpt:
+        enable_checkpointing(model)
+    by = {b.name: b for b in FlopModel.from_model(model).blocks}
+    per_token_lora = sum(4 * (i + o) for i, o in [(128, 128), (128, 64), (128, 64), (128, 128), (128, 256),
+                                                    (128, 256), (256, 128)])  # A: in x r, B: r x out
+    assert by["layer.0"].trainable_macs == per_token_lora and by["layer.1"].trainable_macs == 0
+    assert by["layer.0"].macs == 147456 + per_token_lora
+    ours = FlopModel.from_model(model).micro_batch(BatchShape(rows=2, seq_len=12, images=2))
+    assert ours.hardware == counted(model, 2, 12, 2)

@@ -43,3 +43,11 @@ def test_cpu_peak_is_measured():
     peak, source = timing.peak_flops()
     assert source == "measured fp32 matmul on this CPU" and 1e8 < peak < 1e14
     assert timing.peak_flops(312.0) == (312e12, "--peak-tflops")
+
+
+def test_gpu_peaks_by_device_name():
+    assert timing.peak_for_gpu("NVIDIA A100-SXM4-80GB") == (312e12, "bf16 data sheet (A100)")
+    assert timing.peak_for_gpu("NVIDIA H100 80GB HBM3")[0] == 989e12
+    assert timing.peak_for_gpu("NVIDIA H200")[0] == 989e12
+    with pytest.raises(ValueError, match="no peak FLOP/s known for GPU 'Tesla T4'.*pass --peak-tflops"):
+        timing.peak_for_gpu("Tesla T4")
