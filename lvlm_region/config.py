@@ -42,7 +42,7 @@ class RunConfig:
     num_workers: int = 2  # DataLoader workers per rank (images are decoded there)
     eval_max_samples: int = 0  # 0 = every held-out sample
     max_new_tokens: int = 8  # generation budget per held-out answer
-    save_every: int = 0  # optimizer steps between checkpoints (0: none; a stop request always saves one)
+    save_every: int = 0  # steps between checkpoints, and one at the end (0: none; a stop request always saves one)
     keep_checkpoints: int = 2  # newest checkpoints kept in output_dir/checkpoints (0: all)
     resume: str | None = None  # "auto" (newest checkpoint in output_dir, if any) or a checkpoint directory
     compare_full: str | None = None  # N: then run N steps of the same job with region full; or a full run's dir

@@ -231,7 +231,7 @@ def train(cfg: RunConfig) -> "Result":
                           f"step {rec['step_s']:.3f}s | mfu {rec['mfu']:.3f}")
                 metrics.write(json.dumps(rec) + "\n")
                 metrics.flush()
-        if stops or (cfg.save_every and step % cfg.save_every == 0 and step < total):
+        if stops or (cfg.save_every and (step % cfg.save_every == 0 or step == total)):
             path = checkpoint.save(engine, out, step, state(step), cfg.keep_checkpoints)
         if stops:
             bar.close()

@@ -178,7 +178,7 @@ def test_resume_refuses_a_different_run(reference, tmp_path):
     res = run(deepspeed_cmd(1, "launch/sft.py", "--output-dir", str(out), *STEPS, "--zero", zero, "--resume", "auto"))
     assert res.returncode != 0 and "world_size: checkpoint 2, now 1" in res.stderr
     res = run(deepspeed_cmd(2, "launch/sft.py", "--output-dir", str(out), *STEPS, "--zero", zero))
-    assert res.returncode != 0 and "already holds checkpoint step-00000004; pass --resume auto" in res.stderr
+    assert res.returncode != 0 and "already holds checkpoint step-00000006; pass --resume auto" in res.stderr
 
 
 def _can_mount_tmpfs() -> bool:

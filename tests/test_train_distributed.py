@@ -157,3 +157,20 @@ def test_compare_full_times_both_arms(demo_dir, tmp_path):
     c2 = json.loads((other / "run.json").read_text())["compare_full"]
     assert c2["step_seconds"]["full"] == full["timing"]["step_seconds"] and not (other / "compare-full").exists()
     assert c2["source"] == f"the finished full run {out / 'compare-full'}"
+
+
+def test_zero_to_fp32_of_our_checkpoint_equals_the_export(demo_dir, tmp_path):
+    # DeepSpeed's own consolidation of the ZeRO-3 checkpoint (frozen weights included) against the
+    # transformers export of the same step: the same tensors, bit for bit in fp32.
+    import torch
+    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+    from transformers import LlavaForConditionalGeneration
+
+    out = tmp_path / "z3"
+    res = run(deepspeed_cmd(2, "launch/sft.py", "--output-dir", str(out), *FAST, "--max-steps", "2",
+                            "--save-every", "2", "--zero", "3", "--eval-max-samples", "1"))
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    consolidated = get_fp32_state_dict_from_zero_checkpoint(str(out / "checkpoints"), tag="step-00000002")
+    exported = LlavaForConditionalGeneration.from_pretrained(out).state_dict()
+    assert set(consolidated) == set(exported)
+    assert all(torch.equal(consolidated[k], exported[k]) for k in exported)
