@@ -33,6 +33,8 @@ def build_parser(stage: str, doc: str) -> argparse.ArgumentParser:
     p.add_argument("--grad-accum", type=int, default=1)
     p.add_argument("--grad-clip", type=float, default=1.0)
     p.add_argument("--grad-ckpt", action="store_true", help="activation checkpointing of the LLM")
+    p.add_argument("--attn", default="sdpa", help="flash_attention_2 | sdpa | eager (flash needs a GPU, bf16/fp16 "
+                                                   "and the gpu extra; otherwise the run says so and uses sdpa)")
     p.add_argument("--precision", default="auto", help="auto | bf16 | fp16 | fp32")
     p.add_argument("--max-length", type=int, default=2048)
     p.add_argument("--seed", type=int, default=0)

@@ -35,6 +35,7 @@ class RunConfig:
     grad_accum: int = 1  # micro-steps per optimizer step
     grad_clip: float = 1.0  # max global grad norm; 0 disables
     grad_ckpt: bool = False  # activation checkpointing of the LLM (non-reentrant, works with frozen layers)
+    attn: str = "sdpa"  # flash_attention_2 | sdpa | eager; flash falls back to sdpa (with a message) where it can't run
     precision: str = "auto"  # auto (bf16 on GPU, fp32 on CPU) | bf16 | fp16 | fp32
     max_length: int = 2048  # longer samples are dropped and counted, never cut through image tokens
     seed: int = 0

@@ -167,6 +167,28 @@ def make_image_processor(size: int):
     return cls(size={"shortest_edge": size}, crop_size={"height": size, "width": size})
 
 
+ATTENTION = ("flash_attention_2", "sdpa", "eager")
+
+
+def resolve_attention(requested: str, on_gpu: bool, precision: str) -> tuple[str, str | None]:
+    """The attention implementation to use and, when it differs from the request, why.
+
+    flash-attn is the optional `gpu` extra; it needs a GPU and bf16/fp16. Without them the run uses sdpa.
+    """
+    if requested not in ATTENTION:
+        raise ValueError(f"--attn must be one of {', '.join(ATTENTION)}, got {requested!r}")
+    if requested != "flash_attention_2":
+        return requested, None
+    if not on_gpu:
+        return "sdpa", "flash_attention_2 needs a GPU; using sdpa on CPU"
+    if precision not in ("bf16", "fp16"):
+        return "sdpa", f"flash_attention_2 needs bf16 or fp16, not {precision}; using sdpa"
+    import importlib.util
+    if importlib.util.find_spec("flash_attn") is None:
+        return "sdpa", "flash_attention_2 asked for but flash-attn is not installed (pip install -e .[gpu]); using sdpa"
+    return requested, None
+
+
 def load_model(path: str, dtype: torch.dtype, attn: str = "sdpa") -> PreTrainedModel:
     """Load a transformers-format image-text-to-text checkpoint from a local directory."""
     if not os.path.isfile(os.path.join(path, "config.json")):

@@ -25,7 +25,7 @@ from .data import BatchStream, DummyImage, ImageTextDataset, Tokenized, build_da
 from .evaluate import evaluate
 from .flops import BatchShape, FlopModel
 from .model import (PROJECTOR_FILE, apply_region, enable_checkpointing, image_seq_length, load_model, load_projector,
-                    num_decoder_layers, save_projector, token_loss_sum, valid_tokens)
+                    num_decoder_layers, resolve_attention, save_projector, token_loss_sum, valid_tokens)
 
 log = logging.getLogger(__name__)
 
@@ -55,6 +55,7 @@ class Setup:
     processor: object
     tok: Tokenized
     dummy: DummyImage
+    attn: str  # the attention implementation actually used
 
 
 def prepare(cfg: RunConfig) -> Setup:
@@ -73,6 +74,9 @@ def prepare(cfg: RunConfig) -> Setup:
     model_config = AutoConfig.from_pretrained(cfg.model_path)
     region = regions.resolve(cfg.region, num_decoder_layers(model_config))
     precision = E.resolve_precision(cfg.precision)
+    attn, why = resolve_attention(cfg.attn, not E.on_cpu(), precision)
+    if why and E.rank() == 0:
+        log.warning("--attn: %s", why)
     if torch.cuda.is_available() and not cfg.peak_tflops:
         timing.peak_for_gpu(torch.cuda.get_device_name())  # an unknown GPU fails here, on every rank, not at step 1
     ds_config = E.build_ds_config(cfg.zero, cfg.ds_config, cfg.micro_batch, cfg.grad_accum, cfg.grad_clip, precision)
@@ -84,7 +88,7 @@ def prepare(cfg: RunConfig) -> Setup:
                     n_image_tokens=image_seq_length(model_config), template=get_template(cfg.template),
                     max_length=cfg.max_length)
     dummy = DummyImage(tok.image_token_id, tok.n_image_tokens, model_config.vision_config.image_size)
-    return Setup(cfg, region, precision, ds_config, processor, tok, dummy)
+    return Setup(cfg, region, precision, ds_config, processor, tok, dummy, attn)
 
 
 def loader(ds, s: "Setup", shuffle: bool, drop_last: bool, left_pad: bool = False):
@@ -128,7 +132,7 @@ def train(cfg: RunConfig) -> "Result":
         checkpoint.check_compatible(prior["identity"], identity, resume_from)
 
     dtype = E.torch_dtype(s.precision)
-    model = load_model(cfg.model_path, dtype)
+    model = load_model(cfg.model_path, dtype, s.attn)
     if cfg.init:
         load_projector(model, cfg.init)  # before DeepSpeed partitions anything
     counts = apply_region(model, s.region)  # before the optimizer exists
@@ -161,7 +165,7 @@ def train(cfg: RunConfig) -> "Result":
     start_step = prior["step"]
 
     summary = {"status": "running", "config": cfg.to_dict(), "region": s.region.to_dict(), "parameters": counts,
-               "world_size": E.world_size(), "precision": s.precision, "ds_config": s.ds_config,
+               "world_size": E.world_size(), "precision": s.precision, "attn": s.attn, "ds_config": s.ds_config,
                "steps": total, "steps_per_epoch": steps_per_epoch, "versions": versions(),
                "device": str(device), "device_name": timing.device_name(), "memory_estimate": mem,
                "ranks": E.all_placements(), "resumed_from": str(resume_from) if resume_from else None}

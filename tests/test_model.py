@@ -66,3 +66,14 @@ def test_projector_round_trip_and_errors(model, tmp_path):
         load_projector(model, str(tmp_path))
     with pytest.raises(FileNotFoundError, match="no projector.safetensors"):
         load_projector(model, str(tmp_path / "missing"))
+
+
+def test_attention_choice_and_fallbacks():
+    from lvlm_region.model import resolve_attention
+    assert resolve_attention("eager", False, "fp32") == ("eager", None)
+    assert resolve_attention("flash_attention_2", False, "fp32") == (
+        "sdpa", "flash_attention_2 needs a GPU; using sdpa on CPU")
+    assert resolve_attention("flash_attention_2", True, "fp32")[1] == (
+        "flash_attention_2 needs bf16 or fp16, not fp32; using sdpa")
+    with pytest.raises(ValueError, match="--attn must be one of flash_attention_2, sdpa, eager, got 'flash'"):
+        resolve_attention("flash", False, "fp32")

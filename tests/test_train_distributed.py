@@ -35,7 +35,7 @@ def check(report, trainable_pattern):
 @pytest.fixture(scope="module")
 def stage1(demo_dir, tmp_path_factory):
     tmp = tmp_path_factory.mktemp("stage1")
-    return train_and_report(tmp, "pretrain", "pre_z2", "--zero", "2")
+    return train_and_report(tmp, "pretrain", "pre_z2", "--zero", "2", "--attn", "flash_attention_2")
 
 
 def test_stage1_zero2_trains_only_the_projector(stage1):
@@ -51,6 +51,7 @@ def test_stage1_zero2_trains_only_the_projector(stage1):
     run_json = json.loads((out / "run.json").read_text())
     assert run_json["status"] == "complete" and run_json["parameters"]["projector"]["trainable"] > 0
     assert set(run_json["versions"]) >= {"torch", "deepspeed", "transformers"}
+    assert run_json["attn"] == "sdpa" and "--attn: flash_attention_2 needs a GPU; using sdpa on CPU" in stdout
     t = run_json["timing"]
     assert t["steady_steps"] == 2 and t["warmup_steps_per_session"] == 1  # step 1 is warm-up
     assert t["peak_source"] == "measured fp32 matmul on this CPU" and 0 < t["mfu"] < 1
