@@ -23,7 +23,12 @@ PROJECTOR_FILE = "projector.safetensors"  # the projector alone, keyed as its ow
 
 @dataclass
 class Parts:
-    """The model's parts as module objects; every trainable-capable parameter belongs to exactly one."""
+    """The model's parts as module objects; every parameter belongs to exactly one.
+
+    ``projector_extra``: parameters that train with the projector but live on the model itself (LLaVA-NeXT's
+    ``image_newline``). The projector may sit inside the vision module (Qwen2-VL's ``visual.merger``); it is
+    then its own part, not the vision tower's.
+    """
 
     vision: nn.Module
     projector: nn.Module
@@ -31,32 +36,61 @@ class Parts:
     layers: nn.ModuleList  # the LLM's decoder layers, in depth order
     norm: nn.Module
     lm_head: nn.Module
+    projector_extra: tuple = ()
 
     def named_parts(self) -> dict[str, nn.Module]:
+        """Outer parts before the parts nested in them (vision before a projector inside it)."""
         out = {"vision": self.vision, "projector": self.projector, "embed": self.embed,
                "norm": self.norm, "lm_head": self.lm_head}
         out.update({f"layer.{i}": layer for i, layer in enumerate(self.layers)})
         return out
 
+    def owners(self) -> dict[int, str]:
+        """id(parameter) -> part name; a parameter of a nested part belongs to the inner part."""
+        owner: dict[int, str] = {}
+        for name, module in self.named_parts().items():
+            for p in module.parameters():
+                owner[id(p)] = "layers" if name.startswith("layer.") else name  # later (inner) parts win
+        owner.update({id(p): "projector" for p in self.projector_extra})
+        return owner
+
+
+# Where image-text-to-text models of transformers keep the vision encoder and the projector, relative to the
+# inner model (`model.model`): (vision, projector, parameters that train with the projector).
+LAYOUTS = (
+    ("vision_tower", "multi_modal_projector", ("image_newline",)),  # Llava, LlavaNext, LlavaOnevision, PaliGemma, Gemma3
+    ("vision_model", "connector", ()),  # Idefics3 (SmolVLM)
+    ("visual", "visual.merger", ()),  # Qwen2-VL, Qwen2.5-VL: the merger is the projector
+)
+
+
+def _get(obj, dotted: str):
+    for attr in dotted.split("."):
+        obj = getattr(obj, attr, None)
+    return obj
+
 
 def find_parts(model: PreTrainedModel) -> Parts:
-    """Locate the parts of a Llava-style model through transformers' own accessors, not name strings."""
+    """Locate the parts through transformers' own accessors and a registry of layouts, never name matching."""
     decoder = model.get_decoder()
     inner = getattr(model, "model", None)
-    vision = getattr(inner, "vision_tower", None)
-    projector = getattr(inner, "multi_modal_projector", None)
     layers = getattr(decoder, "layers", None)
     norm = getattr(decoder, "norm", None)
-    missing = [n for n, m in (("model.vision_tower", vision), ("model.multi_modal_projector", projector),
-                              ("decoder.layers", layers), ("decoder.norm", norm)) if m is None]
-    if missing:
-        raise ValueError(f"{type(model).__name__} is not a recognised LLaVA-style model: looked for "
-                         f"{', '.join(missing)} (via get_decoder()) and did not find them")
+    layout = next(((v, p, x) for v, p, x in LAYOUTS
+                   if isinstance(_get(inner, v), nn.Module) and isinstance(_get(inner, p), nn.Module)), None)
+    if layout is None or layers is None or norm is None:
+        tried = "; ".join(f"model.{v} + model.{p}" for v, p, _ in LAYOUTS)
+        raise ValueError(f"{type(model).__name__} is not a recognised vision-language model: looked for a vision "
+                         f"encoder and projector at {tried}, and for get_decoder().layers / .norm "
+                         f"(found layers: {layers is not None}, norm: {norm is not None})")
     depth = model.config.get_text_config().num_hidden_layers
     if len(layers) != depth:
         raise ValueError(f"decoder has {len(layers)} layers but text_config.num_hidden_layers is {depth}")
-    return Parts(vision=vision, projector=projector, embed=model.get_input_embeddings(), layers=layers,
-                 norm=norm, lm_head=model.get_output_embeddings())
+    vision_attr, projector_attr, extras = layout
+    extra = tuple(p for p in (getattr(inner, x, None) for x in extras) if isinstance(p, nn.Parameter))
+    return Parts(vision=_get(inner, vision_attr), projector=_get(inner, projector_attr),
+                 embed=model.get_input_embeddings(), layers=layers, norm=norm, lm_head=model.get_output_embeddings(),
+                 projector_extra=extra)
 
 
 def enable_checkpointing(model: PreTrainedModel) -> None:
@@ -96,9 +130,11 @@ def apply_region(model: PreTrainedModel, region: Region) -> dict[str, dict[str, 
         raise ValueError(f"region was resolved for {region.num_layers} layers, the model has {len(parts.layers)}")
     model.requires_grad_(False)
     chosen = set(region.layers)
-    for name, module in parts.named_parts().items():
+    for name, module in parts.named_parts().items():  # outer before inner: a nested projector is set last
         on = (int(name.split(".")[1]) in chosen) if name.startswith("layer.") else region.parts[name]
         module.requires_grad_(on)
+    for p in parts.projector_extra:
+        p.requires_grad_(region.parts["projector"])
     return count_parameters(model)
 
 
@@ -107,11 +143,7 @@ def count_parameters(model: PreTrainedModel) -> dict[str, dict[str, int]]:
 
     Sizes come from ``ds_numel`` when ZeRO-3 has partitioned a parameter (its local shape is [0]).
     """
-    parts = find_parts(model)
-    owner: dict[int, str] = {}
-    for name, module in parts.named_parts().items():
-        for p in module.parameters():
-            owner.setdefault(id(p), "layers" if name.startswith("layer.") else name)
+    owner = find_parts(model).owners()
     counts: dict[str, dict[str, int]] = {}
     for pname, p in model.named_parameters():
         part = owner.get(id(p))

@@ -1,0 +1,79 @@
+"""One region mechanism across the image-text-to-text families transformers ships, on tiny random configs.
+
+The LLM has 6 decoder layers and the vision encoder 6 layers too, so every selected index also exists in the
+vision tower: the region must pick exactly the decoder's layers (and the projector), never the vision layers.
+"""
+import pytest
+import transformers as T
+from torch import nn
+
+from lvlm_region.model import apply_region, count_parameters, find_parts
+from lvlm_region.regions import resolve
+
+TEXT = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=6, num_attention_heads=4, num_key_value_heads=2,
+            vocab_size=300, bos_token_id=1, eos_token_id=2, pad_token_id=0)
+CLIP = dict(model_type="clip_vision_model", hidden_size=32, intermediate_size=64, num_hidden_layers=6,
+            num_attention_heads=4, image_size=28, patch_size=14)
+SIGLIP = dict(CLIP, model_type="siglip_vision_model")
+
+
+def llava_like(config_cls, model_cls, **extra):
+    return model_cls(config_cls(text_config=dict(TEXT, model_type="llama"), vision_config=CLIP, **extra))
+
+
+FAMILIES = {
+    "llava": lambda: llava_like(T.LlavaConfig, T.LlavaForConditionalGeneration),
+    "llava_next": lambda: llava_like(T.LlavaNextConfig, T.LlavaNextForConditionalGeneration,
+                                     image_grid_pinpoints=[[28, 28]]),
+    "llava_onevision": lambda: T.LlavaOnevisionForConditionalGeneration(T.LlavaOnevisionConfig(
+        text_config=dict(TEXT, model_type="qwen2"), vision_config=SIGLIP, image_grid_pinpoints=[[28, 28]])),
+    "qwen2_vl": lambda: T.Qwen2VLForConditionalGeneration(T.Qwen2VLConfig(
+        text_config=dict(TEXT, model_type="qwen2_vl_text", rope_scaling={"type": "mrope", "mrope_section": [1, 1, 2]}),
+        vision_config=dict(depth=6, embed_dim=32, hidden_size=32, num_heads=4, patch_size=14, spatial_merge_size=2))),
+    "qwen2_5_vl": lambda: T.Qwen2_5_VLForConditionalGeneration(T.Qwen2_5_VLConfig(
+        text_config=dict(TEXT, model_type="qwen2_5_vl_text", rope_scaling={"type": "mrope", "mrope_section": [1, 1, 2]}),
+        vision_config=dict(depth=6, hidden_size=32, intermediate_size=64, num_heads=4, out_hidden_size=32,
+                           patch_size=14, spatial_merge_size=2, fullatt_block_indexes=[5]))),
+    "idefics3": lambda: T.Idefics3ForConditionalGeneration(T.Idefics3Config(
+        text_config=dict(TEXT, model_type="llama"), vision_config=dict(SIGLIP, model_type="idefics3_vision"))),
+    "paligemma": lambda: T.PaliGemmaForConditionalGeneration(T.PaliGemmaConfig(
+        text_config=dict(TEXT, model_type="gemma", head_dim=8), vision_config=SIGLIP, projection_dim=32)),
+    "gemma3": lambda: T.Gemma3ForConditionalGeneration(T.Gemma3Config(
+        text_config=dict(TEXT, model_type="gemma3_text", head_dim=8, sliding_window=16), vision_config=SIGLIP,
+        mm_tokens_per_image=4)),
+}
+
+
+@pytest.mark.parametrize("family", sorted(FAMILIES))
+def test_region_selects_decoder_layers_only(family):
+    model = FAMILIES[family]()
+    parts = find_parts(model)
+    assert len(parts.layers) == 6 and parts.layers is model.get_decoder().layers
+    counts = apply_region(model, resolve("layers:1,3", 6))  # fails if any parameter belongs to no part
+    want = {id(p) for i in (1, 3) for p in parts.layers[i].parameters()}
+    want |= {id(p) for p in parts.projector.parameters()} | {id(p) for p in parts.projector_extra}
+    assert {id(p) for p in model.parameters() if p.requires_grad} == want
+    owners = parts.owners()
+    vision_params = [p for p in parts.vision.parameters() if owners[id(p)] == "vision"]
+    assert vision_params and not any(p.requires_grad for p in vision_params)
+    assert counts["projector"]["trainable"] == counts["projector"]["total"] > 0
+    assert counts["vision"]["trainable"] == 0 and counts["all"]["total"] == sum(p.numel() for p in model.parameters())
+    assert counts["layers"]["trainable"] == sum(p.numel() for i in (1, 3) for p in parts.layers[i].parameters())
+
+
+def test_unrecognised_model_names_what_was_looked_for():
+    model = T.LlamaForCausalLM(T.LlamaConfig(**TEXT))
+    with pytest.raises(ValueError) as e:
+        find_parts(model)
+    msg = str(e.value)
+    assert "LlamaForCausalLM is not a recognised vision-language model" in msg
+    assert "model.vision_tower + model.multi_modal_projector" in msg and "model.visual + model.visual.merger" in msg
+
+
+def test_llava_next_image_newline_trains_with_the_projector():
+    model = FAMILIES["llava_next"]()
+    parts = find_parts(model)
+    assert len(parts.projector_extra) == 1 and isinstance(parts.projector_extra[0], nn.Parameter)
+    apply_region(model, resolve("uniform25-projector", 6))
+    assert not parts.projector_extra[0].requires_grad
+    assert count_parameters(model)["projector"]["trainable"] == 0
