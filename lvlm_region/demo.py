@@ -174,7 +174,7 @@ def pretrain_language(model, tok, out_dir: str, seed: int, steps: int = 600, bat
         opt.zero_grad()
         lsum.backward()
         opt.step()
-        loss = float(lsum)
+        loss = float(lsum.detach())
     log.info("tiny LLM language pretraining: %d steps, final loss %.3f", steps, loss)
     return loss
 
