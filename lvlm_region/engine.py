@@ -4,6 +4,7 @@ No other module of the package imports deepspeed.
 """
 from __future__ import annotations
 
+import atexit
 import json
 import logging
 import math
@@ -39,9 +40,29 @@ def init_distributed() -> None:
                                    verbose=False)
     if get_accelerator().device_name() != "cpu":
         get_accelerator().set_device(int(os.environ.get("LOCAL_RANK", 0)))
+    else:
+        atexit.register(_unlink_shm_buffer, shm_buffer_path())
     me = placement()
     log.info("rank %d of %d: local rank %d, node rank %d, host %s, pid %d", me["rank"], world_size(),
              me["local_rank"], me["node_rank"], me["host"], me["pid"])
+
+
+def shm_buffer_path() -> str:
+    """The 69 MB shared-memory all-reduce buffer DeepSpeed's CPU backend creates for this rank.
+
+    DeepSpeed 0.19 never unlinks it, so every CPU launch on a new port would leave one per rank in /dev/shm
+    until memory runs out (seen here: 319 of them, 21 GB, then the OOM killer). The other ranks map it at
+    start-up only, so removing the name at exit is safe.
+    """
+    return (f"/dev/shm/deepspeed_allreduce_buffer_{os.getuid()}_{os.environ.get('MASTER_ADDR')}_"
+            f"{os.environ.get('MASTER_PORT')}_{rank()}")
+
+
+def _unlink_shm_buffer(path: str) -> None:
+    try:
+        os.unlink(path)
+    except FileNotFoundError:
+        pass
 
 
 def placement() -> dict:

@@ -14,6 +14,16 @@ def repo_cwd():
     os.chdir(ROOT)
 
 
+@pytest.fixture(scope="session", autouse=True)
+def no_shm_leftovers():
+    """Remove DeepSpeed's CPU all-reduce buffers left by ranks this session killed (-9 skips their atexit)."""
+    pattern = f"deepspeed_allreduce_buffer_{os.getuid()}_*"
+    before = set(Path("/dev/shm").glob(pattern))
+    yield
+    for f in set(Path("/dev/shm").glob(pattern)) - before:
+        f.unlink(missing_ok=True)
+
+
 @pytest.fixture(scope="session")
 def demo_dir(repo_cwd) -> Path:
     """The embedded demo data and tiny base model (generated once, reused while complete)."""
