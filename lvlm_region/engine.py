@@ -157,6 +157,15 @@ def _walk(d: dict, prefix: str = ""):
             yield f"{prefix}{k}", v
 
 
+def zero_stage(ds_config: dict) -> int:
+    return ds_config.get("zero_optimization", {}).get("stage", 0)
+
+
+def optimizer_offload(ds_config: dict) -> str:
+    """Where the optimizer state lives: "none", "cpu" or "nvme"."""
+    return ds_config.get("zero_optimization", {}).get("offload_optimizer", {}).get("device", "none")
+
+
 def lr_lambda(total_steps: int, warmup_steps: int):
     """Linear warmup to the peak, then cosine to zero at total_steps."""
     def f(step: int) -> float:
@@ -173,7 +182,7 @@ def initialize(model: torch.nn.Module, ds_config: dict, lr: float, weight_decay:
     trainable = [p for p in model.parameters() if p.requires_grad]
     if not trainable:
         raise ValueError("no parameter requires grad; the region selects nothing to train")
-    offload = ds_config.get("zero_optimization", {}).get("offload_optimizer", {}).get("device", "none")
+    offload = optimizer_offload(ds_config)
     # Biases and norms take no weight decay; empty groups are dropped (they break ZeRO-1/2 init).
     decay = [p for p in trainable if p.ndim >= 2]
     no_decay = [p for p in trainable if p.ndim < 2]
@@ -260,13 +269,6 @@ def load_state(engine, load_dir: str, tag: str) -> None:
                                      load_module_strict=True)
     if path is None:
         raise RuntimeError(f"DeepSpeed could not load the checkpoint {os.path.join(load_dir, tag)}")
-
-
-def all_reduce_max(values: list[float]) -> list[float]:
-    t = torch.tensor(values, dtype=torch.float64, device=device())
-    if dist.is_initialized():
-        dist.all_reduce(t, op=dist.ReduceOp.MAX)
-    return t.tolist()
 
 
 def rng_state() -> dict:

@@ -144,10 +144,9 @@ def train(cfg: RunConfig) -> "Result":
         for part, c in counts.items():
             log.info("  %-10s trainable %12d / %12d", part, c["trainable"], c["total"])
 
-    offload = s.ds_config.get("zero_optimization", {}).get("offload_optimizer", {}).get("device", "none") != "none"
-    mem = timing.memory_estimate(counts["all"]["total"], counts["all"]["trainable"],
-                                 s.ds_config.get("zero_optimization", {}).get("stage", 0), E.world_size(),
-                                 s.precision, offload)
+    offload = E.optimizer_offload(s.ds_config) != "none"
+    mem = timing.memory_estimate(counts["all"]["total"], counts["all"]["trainable"], E.zero_stage(s.ds_config),
+                                 E.world_size(), s.precision, offload)
     if rank0:
         log.info("model state per rank (estimate, before activations): weights %.3f GB, gradients %.3f GB, "
                  "optimizer %.3f GB%s; total on device %.3f GB", mem["weights"] / 1e9, mem["gradients"] / 1e9,
@@ -301,7 +300,7 @@ def run_identity(cfg: RunConfig, s: Setup, total_steps: int) -> dict:
             "world_size": E.world_size(), "micro_batch": cfg.micro_batch, "grad_accum": cfg.grad_accum,
             "data": os.path.abspath(cfg.data), "dataset_size": cfg.dataset_size, "seed": cfg.seed,
             "total_steps": total_steps, "lr": cfg.lr,
-            "zero_stage": s.ds_config.get("zero_optimization", {}).get("stage", 0), "precision": s.precision}
+            "zero_stage": E.zero_stage(s.ds_config), "precision": s.precision}
 
 
 def open_metrics(path: str, start_step: int):
