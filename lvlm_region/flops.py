@@ -159,22 +159,20 @@ class FlopModel:
 
     def for_region(self, region: Region, checkpointing: bool | None = None) -> "FlopModel":
         """The same shapes with the trainable set a region gives (whole blocks), e.g. `full` for the baseline."""
-        def set_(b: Block, on: bool) -> Block:
-            ck = b.checkpointed if checkpointing is None or b.kind not in ("llm",) else checkpointing
-            return replace(b, trainable=on, trainable_macs=b.macs if on else 0, checkpointed=ck)
         parts = region.parts
         out = []
         for b in self.blocks:
             if b.kind in ("vision", "vision_embed"):
-                out.append(set_(b, parts.get("vision", False)))
+                on = weights = parts.get("vision", False)
             elif b.kind in ("projector", "embed"):
-                out.append(set_(b, parts.get(b.kind, False)))
+                on = weights = parts.get(b.kind, False)
             elif b.kind == "llm":
-                out.append(set_(b, int(b.name.split(".")[1]) in region.layers))
-            else:
-                out.append(set_(b, parts.get("lm_head", False) or parts.get("norm", False)))
-                if not parts.get("lm_head", False):
-                    out[-1] = replace(out[-1], trainable_macs=0)
+                on = weights = int(b.name.split(".")[1]) in region.layers
+            else:  # lm_head: on the path when the final norm trains too, but then its weight has no gradient
+                weights = parts.get("lm_head", False)
+                on = weights or parts.get("norm", False)
+            ck = checkpointing if checkpointing is not None and b.kind == "llm" else b.checkpointed
+            out.append(replace(b, trainable=on, trainable_macs=b.macs if weights else 0, checkpointed=ck))
         return replace(self, blocks=out)
 
     def step(self, batches: list[BatchShape]) -> Flops:
@@ -200,16 +198,13 @@ class FlopModel:
             linear = 2.0 * tokens * b.macs
             attn = 4.0 * seqs * b.heads * seq * seq * b.head_dim
             fwd = linear + attn
+            # The projector reads the vision tower; everything above it reads the projector and the embeddings.
             input_grad = below_vision if b.kind in ("vision_embed", "vision", "projector") else below_llm
+            on_path = input_grad or b.trainable
             if b.kind in ("vision_embed", "vision"):
-                below_vision = below_vision or b.trainable
-            elif b.kind == "projector":
-                below_llm = below_llm or below_vision or b.trainable
+                below_vision = on_path
             else:
-                below_llm = below_llm or b.trainable
-            on_path = below_vision if b.kind in ("vision_embed", "vision") else below_llm
-            if b.kind == "projector":
-                on_path = below_vision or b.trainable
+                below_llm = below_llm or on_path
             f.forward += fwd
             if on_path and b.used:
                 skipped = 0 if input_grad else 2.0 * tokens * b.input_macs
