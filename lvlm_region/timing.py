@@ -161,7 +161,7 @@ class Totals:
                 "step_seconds": self.seconds / self.steps,
                 "phase_seconds": {p: v / self.steps for p, v in self.phases.items()},
                 "tokens_per_s_per_gpu": self.tokens / self.seconds / world,
-                "samples_per_s": self.samples / self.seconds,
+                "samples_per_s": self.samples / self.seconds, "images_per_s": self.images / self.seconds,
                 "model_tflops_per_step": self.model_flops / self.steps / 1e12,
                 "hardware_tflops_per_step": self.hardware_flops / self.steps / 1e12,
                 "mfu": self.model_flops / (self.seconds * world * peak),

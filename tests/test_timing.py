@@ -15,6 +15,7 @@ def test_totals_skip_warmup_and_restore_across_sessions():
     out = t.summary(world=2, peak=1e12)
     assert out["steady_steps"] == 2 and out["step_seconds"] == 1.0
     assert out["tokens_per_s_per_gpu"] == 100 * 2 / 2.0 / 2
+    assert out["samples_per_s"] == 4.0 and out["images_per_s"] == 3.0
     assert out["mfu"] == pytest.approx(4e12 / (2.0 * 2 * 1e12)) and out["hfu"] == pytest.approx(6e12 / 4e12)
     assert out["phase_seconds"]["backward"] == pytest.approx(0.3)
     resumed = timing.Totals(warmup=1)
