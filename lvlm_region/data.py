@@ -6,9 +6,12 @@ Loss is taken only on assistant replies and their end-of-sequence token.
 """
 from __future__ import annotations
 
+import atexit
 import functools
 import json
 import logging
+import multiprocessing
+import multiprocessing.util  # registers its exit hook now, so ours (below) runs before it
 import os
 import signal
 from dataclasses import dataclass
@@ -232,6 +235,25 @@ def _quiet_worker(_: int) -> None:
     # (A launcher that signals the whole process tree would otherwise kill a worker mid-save and raise.)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
     signal.signal(signal.SIGUSR1, signal.SIG_IGN)
+
+
+@atexit.register
+def _kill_workers_left_at_exit() -> None:
+    """Kill the DataLoader workers still running when the interpreter exits.
+
+    When a loader's iterator is still referenced at exit (an exception's traceback holds it), torch leaves its
+    workers to multiprocessing's exit hook, which sends them SIGTERM and joins them. Ours ignore SIGTERM
+    (_quiet_worker), so that join would wait forever and the rank would hang instead of failing. Registered
+    after multiprocessing's hook, this runs before it. Workers only read data: nothing is lost. torch's SIGCHLD
+    handler would raise on the first killed worker and end this hook early, so it is reset first.
+    """
+    workers = [p for p in multiprocessing.active_children() if p.daemon]
+    if workers:
+        signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+    for p in workers:
+        p.kill()
+    for p in workers:
+        p.join(5)
 
 
 def make_loader(ds: torch.utils.data.Dataset, micro_batch: int, pad_token_id: int, rank: int, world_size: int,
