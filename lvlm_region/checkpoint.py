@@ -31,6 +31,7 @@ import numpy as np
 import torch
 
 from . import engine as E
+from .model import count_parameters
 
 log = logging.getLogger(__name__)
 
@@ -174,21 +175,26 @@ def save(engine, output_dir: str, step: int, state: dict, keep: int) -> Path:
         E.save_state(engine, str(partial), tag)
         (partial / tag / "rng").mkdir(exist_ok=True)
         torch.save(_rng_states(), partial / tag / "rng" / f"rank{E.rank()}.pt")
-    except OSError as e:  # e.g. the disk filled up during the save; the launcher then stops the other ranks
+    except (OSError, RuntimeError) as e:  # torch.save reports a failed write (disk full, quota, file size
+        # limit) as a RuntimeError from its zip writer that does not say why; the launcher then stops the others
         shutil.rmtree(partial / tag, ignore_errors=True)
-        raise OSError(f"checkpoint {tag} could not be written on rank {E.rank()} ({e}); the previous checkpoint "
-                      f"{find_latest(output_dir)} is kept; fix the cause and rerun with --resume auto") from e
+        free = shutil.disk_usage(root).free / 1e6
+        raise OSError(f"checkpoint {tag} could not be written on rank {E.rank()} ({type(e).__name__}: {e}); "
+                      f"{free:.1f} MB free under {root}; the previous checkpoint {find_latest(output_dir)} is kept; "
+                      f"check free space, quota and file size limits (ulimit -f), then rerun with --resume auto") from e
     E.barrier()
     if E.rank() == 0:
         write_json_atomic(partial / tag / STATE_FILE, state)
         _fsync_tree(partial / tag)
-        if final.exists():  # a re-save of the same step (stop request right after a periodic save)
-            shutil.rmtree(final)
+        replaced = partial / f"{tag}.replaced"
+        if final.exists():  # the same step saved again (a run resumed from an older --resume DIR)
+            os.rename(final, replaced)  # kept until the new one is in place; find_latest falls back meanwhile
         os.rename(partial / tag, final)
         _fsync_dir(root)
         (root / f"{LATEST}.tmp").write_text(tag)
         os.replace(root / f"{LATEST}.tmp", root / LATEST)
         _fsync_dir(root)
+        shutil.rmtree(replaced, ignore_errors=True)
         if keep > 0:  # keep the newest `keep` checkpoints, this one included
             older = sorted(p for p in root.glob("step-*") if p.name < tag)
             for old in older[:max(0, len(older) - keep + 1)]:
@@ -204,9 +210,8 @@ def _check_space(root: Path, engine) -> None:
     if previous is not None:
         need = sum(f.stat().st_size for f in previous.rglob("*") if f.is_file())
     else:  # estimate: fp32 weights of everything + optimizer state (master, m, v) of the trainable part
-        params = list(engine.module.parameters())
-        need = sum(p.ds_numel if hasattr(p, "ds_numel") else p.numel() for p in params) * 4
-        need += sum(p.ds_numel if hasattr(p, "ds_numel") else p.numel() for p in params if p.requires_grad) * 12
+        n = count_parameters(engine.module)["all"]
+        need = n["total"] * 4 + n["trainable"] * 12
     free = shutil.disk_usage(root).free
     if free < need:
         raise OSError(f"not enough disk space for a checkpoint under {root}: {free / 1e6:.1f} MB free, about "

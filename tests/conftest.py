@@ -1,4 +1,5 @@
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -33,9 +34,21 @@ def demo_dir(repo_cwd) -> Path:
 
 
 def run(cmd: list[str], timeout: int = 600, env: dict | None = None) -> subprocess.CompletedProcess:
-    """Run a command from the repo root, capturing output; the caller asserts on the result."""
+    """Run a command from the repo root, capturing output; the caller asserts on the result.
+
+    On a timeout the whole process group is killed (launcher, ranks, DataLoader workers), so a hung run cannot
+    outlive its test and load the machine for the tests after it.
+    """
     full_env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
-    return subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=timeout, env=full_env)
+    with subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=full_env,
+                          start_new_session=True) as proc:
+        try:
+            out, err = proc.communicate(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            out, err = proc.communicate()
+            raise subprocess.TimeoutExpired(cmd, timeout, out, err) from None
+    return subprocess.CompletedProcess(cmd, proc.returncode, out, err)
 
 
 def deepspeed_cmd(n: int, script: str, *args: str) -> list[str]:

@@ -5,6 +5,7 @@ bit-identical per-step losses, learning rates, grad norms and final weights to t
 """
 import json
 import os
+import re
 import signal
 import subprocess
 import time
@@ -67,14 +68,38 @@ def resume(out: Path, *flags: str) -> subprocess.CompletedProcess:
     return res
 
 
-@pytest.fixture(scope="module", params=["2", "3"])
-def reference(request, demo_dir, tmp_path_factory):
-    """The uninterrupted run, per ZeRO stage."""
-    zero = request.param
+def uninterrupted(zero: str, tmp_path_factory) -> tuple[str, Path]:
     out = tmp_path_factory.mktemp(f"ref{zero}") / "run"
     res = run(deepspeed_cmd(2, "launch/sft.py", "--output-dir", str(out), *STEPS, "--zero", zero))
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
     return zero, out
+
+
+@pytest.fixture(scope="module")
+def ref2(demo_dir, tmp_path_factory):
+    """The uninterrupted ZeRO-2 run (checkpoints at steps 4 and 6 are kept)."""
+    return uninterrupted("2", tmp_path_factory)
+
+
+@pytest.fixture(scope="module")
+def ref3(demo_dir, tmp_path_factory):
+    return uninterrupted("3", tmp_path_factory)
+
+
+@pytest.fixture(params=["ref2", "ref3"])
+def reference(request):
+    """The uninterrupted run, for each ZeRO stage."""
+    return request.getfixturevalue(request.param)
+
+
+def copy_checkpoints(ref: Path, out: Path, keep: str) -> None:
+    """out/checkpoints holds ref's checkpoints up to `keep`, with `latest` naming it (a run interrupted there)."""
+    import shutil
+    shutil.copytree(ref / "checkpoints", out / "checkpoints")
+    for p in (out / "checkpoints").glob("step-*"):
+        if p.name > keep:
+            shutil.rmtree(p)
+    (out / "checkpoints" / checkpoint.LATEST).write_text(keep)
 
 
 def test_stop_signal_checkpoints_and_resume_is_exact(reference, tmp_path):
@@ -133,10 +158,8 @@ def test_stop_file_and_sigterm(demo_dir, tmp_path):
     assert json.loads((latest / checkpoint.STATE_FILE).read_text())["step"] == run_json["steps_done"]
 
 
-def test_kill_9_rank_exits_promptly_and_resume_is_exact(reference, tmp_path):
-    zero, ref = reference
-    if zero != "2":
-        pytest.skip("one ZeRO stage is enough for the fault path")
+def test_kill_9_rank_exits_promptly_and_resume_is_exact(ref2, tmp_path):
+    zero, ref = ref2  # one ZeRO stage is enough for the fault path
     out = tmp_path / "run"
     proc = launch(out, "--zero", zero)
     wait_for(lambda: checkpoint.find_latest(str(out)) is not None and steps_logged(out) >= 3, proc)
@@ -162,13 +185,10 @@ def test_kill_during_save_keeps_previous_checkpoint(demo_dir, tmp_path):
     assert json.loads((out / "run.json").read_text())["status"] == "complete"
 
 
-def test_resume_refuses_a_different_run(reference, tmp_path):
-    zero, ref = reference
-    if zero != "2":
-        pytest.skip("checked once")
+def test_resume_refuses_a_different_run(ref2, tmp_path):
+    zero, ref = ref2
     out = tmp_path / "run"
-    import shutil
-    shutil.copytree(ref / "checkpoints", out / "checkpoints")
+    copy_checkpoints(ref, out, "step-00000006")
     res = run(deepspeed_cmd(2, "launch/sft.py", "--output-dir", str(out), *STEPS, "--zero", zero,
                             "--region", "layers:1,5", "--resume", "auto"))
     assert res.returncode != 0
@@ -189,11 +209,10 @@ def _can_mount_tmpfs() -> bool:
         return False
 
 
-@pytest.mark.skipif(not _can_mount_tmpfs(), reason="needs `unshare -rm` to mount a small tmpfs (a real full disk)")
-def test_full_disk_fails_the_save_clearly_and_keeps_the_previous_checkpoint(reference, tmp_path):
-    zero, ref = reference
-    if zero != "3":
-        pytest.skip("checked once")
+@pytest.mark.skipif(not _can_mount_tmpfs(), reason="no `unshare -rm` (user + mount namespaces) to mount a small "
+                    "tmpfs as a real full disk; the failed-write path is still tested by the file-size-limit test")
+def test_full_disk_fails_the_save_clearly_and_keeps_the_previous_checkpoint(ref3, tmp_path):
+    zero, ref = ref3
     # A 14 MB file system: the first ZeRO-3 checkpoint (about 8 MB) fits, the second does not.
     mnt, after = tmp_path / "mnt", tmp_path / "after"
     mnt.mkdir()
@@ -209,6 +228,45 @@ def test_full_disk_fails_the_save_clearly_and_keeps_the_previous_checkpoint(refe
     assert not list((after / "checkpoints").glob(f"*/{checkpoint.tag_for(2)}"))
     resume(after, "--zero", zero)  # on a disk with room, the kept checkpoint continues the run exactly
     assert history(after) == history(ref)
+
+
+def test_write_error_during_a_save_names_the_rank_and_keeps_the_previous_checkpoint(ref2, tmp_path):
+    # Needs no privileges: a file-size limit (ulimit -f, SIGXFSZ ignored) makes the checkpoint's 2-5 MB files fail
+    # to write with EFBIG in the middle of DeepSpeed's save, as a disk filled by another job would.
+    zero, ref = ref2
+    out = tmp_path / "run"
+    copy_checkpoints(ref, out, "step-00000004")
+    train = " ".join(deepspeed_cmd(2, "launch/sft.py", "--output-dir", str(out), *STEPS, "--zero", zero,
+                                   "--resume", "auto"))
+    res = run(["bash", "-c", f"trap '' XFSZ; ulimit -f 1024; exec {train}"])
+    assert res.returncode != 0
+    # torch's zip writer reports the failed write as a RuntimeError that does not name EFBIG; the message says
+    # which checkpoint and rank, how much space is free and what to check.
+    assert re.search(r"error: checkpoint step-00000006 could not be written on rank [01] \(RuntimeError: .*\); "
+                     r"[0-9.]+ MB free under .*check free space, quota and file size limits", res.stderr)
+    assert "the previous checkpoint " + str(out / "checkpoints" / "step-00000004") + " is kept" in res.stderr
+    assert checkpoint.find_latest(str(out)).name == "step-00000004"
+    assert not (out / "checkpoints" / "step-00000006").exists()
+    assert not (out / "checkpoints" / checkpoint.PARTIAL / "step-00000006").exists()  # the partial save is gone
+    resume(out, "--zero", zero)  # without the limit the kept checkpoint continues the run exactly
+    assert history(out) == history(ref)[4:]  # steps 5 and 6 and the eval (the copy brought no metrics.jsonl)
+
+
+def test_saving_a_step_again_replaces_it_only_once_the_new_one_is_complete(ref2, tmp_path):
+    # --resume DIR from step 4 while step 6 exists: step 6 is written again and swapped in after it is complete.
+    zero, ref = ref2
+    out = tmp_path / "run"
+    copy_checkpoints(ref, out, "step-00000006")
+    old_state = (out / "checkpoints" / "step-00000006" / checkpoint.STATE_FILE).read_text()
+    resume_from = out / "checkpoints" / "step-00000004"
+    res = run(deepspeed_cmd(2, "launch/sft.py", "--output-dir", str(out), *STEPS, "--zero", zero,
+                            "--resume", str(resume_from)))
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    assert f"resumed from {resume_from}" in res.stdout
+    new = out / "checkpoints" / "step-00000006"
+    assert checkpoint.find_latest(str(out)) == new and new.joinpath(checkpoint.STATE_FILE).read_text() != old_state
+    assert not (out / "checkpoints" / checkpoint.PARTIAL / "step-00000006.replaced").exists()  # removed after
+    assert history(out) == history(ref)[4:]  # steps 5 and 6 and the eval, as in the uninterrupted run
 
 
 def test_identity_difference_in_the_model_is_named():
