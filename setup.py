@@ -20,6 +20,7 @@ setup(
         "tqdm",
         "numpy",
         "matplotlib",  # plots of the cost report
+        "peft>=0.13",  # --tuner lora
     ],
-    extras_require={"dev": ["pytest>=8", "peft>=0.13"], "gpu": ["flash-attn>=2.6"]},
+    extras_require={"dev": ["pytest>=8"], "gpu": ["flash-attn>=2.6"]},
 )

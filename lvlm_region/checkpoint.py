@@ -109,6 +109,8 @@ IDENTITY_WHY = {
     "seed": "the data order depends on it",
     "total_steps": "the LR schedule depends on it",
     "lr": "the LR schedule depends on it",
+    "projector_lr": "the projector's LR schedule depends on it",
+    "tuner": "the trained parameters (whole layers or LoRA adapters of this shape) depend on it",
     "zero_stage": "the optimizer partitions depend on it",
     "precision": "the optimizer state's dtype depends on it",
 }

@@ -32,6 +32,13 @@ def build_parser(stage: str, doc: str) -> argparse.ArgumentParser:
     p.add_argument("--micro-batch", type=int, default=16, help="samples per rank per micro-step")
     p.add_argument("--grad-accum", type=int, default=1)
     p.add_argument("--grad-clip", type=float, default=1.0)
+    p.add_argument("--tuner", default="full", help="full: the region's layers train whole (default) | lora: LoRA "
+                                                    "(peft) on every linear of the region's layers, projector whole")
+    p.add_argument("--lora-r", type=int, default=128)
+    p.add_argument("--lora-alpha", type=int, default=256)
+    p.add_argument("--lora-dropout", type=float, default=0.05)
+    p.add_argument("--projector-lr", type=float, help="peak LR of the projector (default: --lr; with --tuner lora "
+                                                       "2e-5, the paper's recipe)")
     p.add_argument("--grad-ckpt", action="store_true", help="activation checkpointing of the LLM")
     p.add_argument("--attn", default="sdpa", help="flash_attention_2 | sdpa | eager (flash needs a GPU, bf16/fp16 "
                                                    "and the gpu extra; otherwise the run says so and uses sdpa)")

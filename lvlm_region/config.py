@@ -34,6 +34,11 @@ class RunConfig:
     micro_batch: int = 16  # samples per rank per micro-step
     grad_accum: int = 1  # micro-steps per optimizer step
     grad_clip: float = 1.0  # max global grad norm; 0 disables
+    tuner: str = "full"  # full: the region's layers train whole | lora: LoRA adapters on their linears (peft)
+    lora_r: int = 128  # LoRA rank (the paper's released recipe: r=128, alpha=256, dropout 0.05)
+    lora_alpha: int = 256
+    lora_dropout: float = 0.05
+    projector_lr: float | None = None  # peak LR of the projector; default: lr (full) / 2e-5 (lora), demo: lr
     grad_ckpt: bool = False  # activation checkpointing of the LLM (non-reentrant, works with frozen layers)
     attn: str = "sdpa"  # flash_attention_2 | sdpa | eager; flash falls back to sdpa (with a message) where it can't run
     precision: str = "auto"  # auto (bf16 on GPU, fp32 on CPU) | bf16 | fp16 | fp32
@@ -60,8 +65,19 @@ class RunConfig:
             self.region = "none" if self.stage == "pretrain" else "uniform25"
         if self.template is None:
             self.template = "plain" if self.stage == "pretrain" else "vicuna_v1"
+        if self.tuner not in ("full", "lora"):
+            raise ValueError(f"--tuner must be full or lora, got {self.tuner!r}")
+        lora = self.tuner == "lora"
         if self.lr is None:  # the tiny demo model learns from scratch-like weights: larger steps
-            self.lr = (3e-3 if demo else 1e-3) if self.stage == "pretrain" else (1e-3 if demo else 2e-5)
+            if self.stage == "pretrain":
+                self.lr = 3e-3 if demo else 1e-3
+            else:  # LoRA adapters: 10x the full-tuning rate, as in the paper's recipe (2e-4 vs 2e-5)
+                self.lr = (1e-2 if lora else 1e-3) if demo else (2e-4 if lora else 2e-5)
+        if self.projector_lr is None:
+            self.projector_lr = 2e-5 if (lora and not demo) else (1e-3 if lora else self.lr)
+        if lora and (self.lora_r < 1 or not self.lora_alpha > 0 or not 0 <= self.lora_dropout < 1):
+            raise ValueError(f"--tuner lora needs --lora-r >= 1, --lora-alpha > 0 and 0 <= --lora-dropout < 1; got "
+                             f"{self.lora_r}, {self.lora_alpha}, {self.lora_dropout}")
         if self.data is None:
             if not demo:
                 raise ValueError("--data is required with --model (the demo data only fits the demo model)")
@@ -81,8 +97,8 @@ class RunConfig:
             raise ValueError(f"--max-steps must be at least 1, got {self.max_steps}")
         if self.max_steps is None and not self.epochs > 0:
             raise ValueError(f"--epochs must be positive, got {self.epochs}")
-        if not self.lr > 0:
-            raise ValueError(f"--lr must be positive, got {self.lr}")
+        if not self.lr > 0 or not self.projector_lr > 0:
+            raise ValueError(f"--lr and --projector-lr must be positive, got {self.lr} and {self.projector_lr}")
         if not 0 <= self.warmup_ratio < 1:
             raise ValueError(f"warmup_ratio must be in [0, 1), got {self.warmup_ratio}")
         if self.compare_full is not None:

@@ -177,17 +177,24 @@ def lr_lambda(total_steps: int, warmup_steps: int):
 
 
 def initialize(model: torch.nn.Module, ds_config: dict, lr: float, weight_decay: float, total_steps: int,
-               warmup_steps: int):
-    """Build optimizer (trainable parameters only), scheduler and engine; check what the optimizer holds."""
+               warmup_steps: int, lr_overrides: list[tuple[list[torch.nn.Parameter], float]] = ()):
+    """Build optimizer (trainable parameters only), scheduler and engine; check what the optimizer holds.
+
+    ``lr_overrides``: (parameters, peak LR) for parameters that train at their own rate (the projector under
+    LoRA); the rest use ``lr``. The schedule scales every group alike.
+    """
     trainable = [p for p in model.parameters() if p.requires_grad]
     if not trainable:
         raise ValueError("no parameter requires grad; the region selects nothing to train")
     offload = optimizer_offload(ds_config)
+    special = {id(p) for params, _ in lr_overrides for p in params}
+    by_lr = [([p for p in trainable if id(p) not in special], lr)]
+    by_lr += [([p for p in params if p.requires_grad], group_lr) for params, group_lr in lr_overrides]
     # Biases and norms take no weight decay; empty groups are dropped (they break ZeRO-1/2 init).
-    decay = [p for p in trainable if p.ndim >= 2]
-    no_decay = [p for p in trainable if p.ndim < 2]
-    groups = [g for g in ({"params": decay, "weight_decay": weight_decay},
-                          {"params": no_decay, "weight_decay": 0.0}) if g["params"]]
+    groups = [g for params, group_lr in by_lr
+              for g in ({"params": [p for p in params if p.ndim >= 2], "weight_decay": weight_decay, "lr": group_lr},
+                        {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0, "lr": group_lr})
+              if g["params"]]
     if offload in ("cpu", "nvme"):
         from deepspeed.ops.adam import DeepSpeedCPUAdam
         optimizer = DeepSpeedCPUAdam(groups, lr=lr, adamw_mode=True)

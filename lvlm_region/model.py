@@ -120,18 +120,30 @@ def num_decoder_layers(config) -> int:
     return config.get_text_config().num_hidden_layers
 
 
-def apply_region(model: PreTrainedModel, region: Region) -> dict[str, dict[str, int]]:
+def apply_region(model: PreTrainedModel, region: Region, tuner: str = "full") -> dict[str, dict[str, int]]:
     """Set requires_grad from the region and return per-part {trainable, total} parameter counts.
 
-    Must run before the optimizer or DeepSpeed engine exists: freezing later is silently ignored.
+    ``tuner="lora"``: the region's layers train only their LoRA adapters (lora.inject put them there first);
+    their base weights stay frozen. Must run before the optimizer or DeepSpeed engine exists: freezing later is
+    silently ignored.
     """
     parts = find_parts(model)
     if region.num_layers != len(parts.layers):
         raise ValueError(f"region was resolved for {region.num_layers} layers, the model has {len(parts.layers)}")
+    if tuner not in ("full", "lora"):
+        raise ValueError(f"--tuner must be full or lora, got {tuner!r}")
     model.requires_grad_(False)
     chosen = set(region.layers)
     for name, module in parts.named_parts().items():  # outer before inner: a nested projector is set last
         on = (int(name.split(".")[1]) in chosen) if name.startswith("layer.") else region.parts[name]
+        if on and tuner == "lora" and name.startswith("layer."):
+            from .lora import adapter_parameters  # lora builds on this module
+            adapters = adapter_parameters(module)
+            if not adapters:
+                raise ValueError(f"--tuner lora: decoder {name} is in the region but has no LoRA adapter")
+            for p in adapters:
+                p.requires_grad_(True)
+            continue
         module.requires_grad_(on)
     for p in parts.projector_extra:
         p.requires_grad_(region.parts["projector"])
@@ -157,6 +169,12 @@ def count_parameters(model: PreTrainedModel) -> dict[str, dict[str, int]]:
     counts["all"] = {"trainable": sum(c["trainable"] for c in counts.values()),
                      "total": sum(c["total"] for c in counts.values())}
     return counts
+
+
+def projector_parameters(model: PreTrainedModel) -> list[nn.Parameter]:
+    """The projector's parameters and those that train with it (LLaVA-NeXT's image_newline)."""
+    parts = find_parts(model)
+    return list(parts.projector.parameters()) + list(parts.projector_extra)
 
 
 def trainable_parameters(model: nn.Module) -> list[nn.Parameter]:

@@ -19,13 +19,14 @@ import torch
 from tqdm import tqdm
 from transformers import AutoConfig, AutoProcessor
 
-from . import checkpoint, demo, engine as E, regions, timing
+from . import checkpoint, demo, engine as E, lora, regions, timing
 from .config import DEMO_DIR, RunConfig
 from .data import BatchStream, DummyImage, ImageTextDataset, Tokenized, build_dataset, check_images, get_template, make_loader, to_device
 from .evaluate import evaluate
 from .flops import BatchShape, FlopModel
 from .model import (PROJECTOR_FILE, apply_region, enable_checkpointing, image_seq_length, load_model, load_projector,
-                    num_decoder_layers, resolve_attention, save_projector, token_loss_sum, valid_tokens)
+                    num_decoder_layers, projector_parameters, resolve_attention, save_projector, token_loss_sum,
+                    valid_tokens)
 
 log = logging.getLogger(__name__)
 
@@ -73,6 +74,9 @@ def prepare(cfg: RunConfig) -> Setup:
         raise FileNotFoundError(f"--model {cfg.model_path}: no config.json; give a local transformers checkpoint dir")
     model_config = AutoConfig.from_pretrained(cfg.model_path)
     region = regions.resolve(cfg.region, num_decoder_layers(model_config))
+    if cfg.tuner == "lora" and not region.layers:
+        raise ValueError(f"--tuner lora: region {region.spec!r} selects no decoder layer, so there is nothing to put "
+                         "LoRA on; give a region with layers (e.g. --region uniform25) or use --tuner full")
     precision = E.resolve_precision(cfg.precision)
     attn, why = resolve_attention(cfg.attn, not E.on_cpu(), precision)
     if why and E.rank() == 0:
@@ -135,7 +139,12 @@ def train(cfg: RunConfig) -> "Result":
     model = load_model(cfg.model_path, dtype, s.attn)
     if cfg.init:
         load_projector(model, cfg.init)  # before DeepSpeed partitions anything
-    counts = apply_region(model, s.region)  # before the optimizer exists
+    adapters = None
+    if cfg.tuner == "lora":
+        adapters = lora.peft_config(model, s.region, cfg.lora_r, cfg.lora_alpha, cfg.lora_dropout,
+                                    base_path=os.path.abspath(cfg.model_path))
+        lora.inject(model, adapters)
+    counts = apply_region(model, s.region, cfg.tuner)  # before the optimizer exists
     if cfg.grad_ckpt:
         enable_checkpointing(model)
     if rank0:
@@ -143,6 +152,11 @@ def train(cfg: RunConfig) -> "Result":
                  s.region.num_layers, {k: v for k, v in s.region.parts.items()})
         for part, c in counts.items():
             log.info("  %-10s trainable %12d / %12d", part, c["trainable"], c["total"])
+        if adapters is not None:
+            log.info("LoRA r=%d alpha=%d dropout=%g on %d linears of layers %s: %d adapter parameters (r x (in + out) "
+                     "summed over them: %d)", cfg.lora_r, cfg.lora_alpha, cfg.lora_dropout,
+                     len(adapters.target_modules), list(s.region.layers), counts["layers"]["trainable"],
+                     lora.lora_parameter_count(adapters, model))
 
     offload = E.optimizer_offload(s.ds_config) != "none"
     mem = timing.memory_estimate(counts["all"]["total"], counts["all"]["trainable"], E.zero_stage(s.ds_config),
@@ -152,7 +166,9 @@ def train(cfg: RunConfig) -> "Result":
                  "optimizer %.3f GB%s; total on device %.3f GB", mem["weights"] / 1e9, mem["gradients"] / 1e9,
                  mem["optimizer"] / 1e9, " (offloaded to CPU)" if offload else "", mem["total_on_device"] / 1e9)
     warmup = int(cfg.warmup_ratio * total)
-    engine, scheduler = E.initialize(model, s.ds_config, cfg.lr, cfg.weight_decay, total, warmup)
+    projector = projector_parameters(model) if cfg.projector_lr != cfg.lr else []
+    engine, scheduler = E.initialize(model, s.ds_config, cfg.lr, cfg.weight_decay, total, warmup,
+                                     lr_overrides=[(projector, cfg.projector_lr)] if projector else ())
     device = E.device()
     stream = BatchStream(train_loader)
     if resume_from is not None:
@@ -222,7 +238,9 @@ def train(cfg: RunConfig) -> "Result":
         bar.update(1)
         if step % cfg.log_every == 0 or step == total or stops:
             w = window.summary(E.world_size(), peak or 1.0)
-            rec = {"step": step, "loss": loss, "lr": scheduler.get_last_lr()[0],
+            factor = scheduler.lr_lambdas[0](scheduler.last_epoch)  # every group follows the same schedule
+            rec = {"step": step, "loss": loss, "lr": cfg.lr * factor,
+                   **({"projector_lr": cfg.projector_lr * factor} if cfg.projector_lr != cfg.lr else {}),
                    "grad_norm": _float(engine.get_global_grad_norm()),
                    "tokens_per_s": w["tokens_per_s_per_gpu"] * E.world_size(), "step_s": w["step_seconds"],
                    **{f"{p}_s": v for p, v in w["phase_seconds"].items()}, "tflops_per_step": w["model_tflops_per_step"],
@@ -255,7 +273,7 @@ def train(cfg: RunConfig) -> "Result":
     summary["steps_done"] = total
 
     if cfg.export_model:
-        save(engine, s.processor, out)
+        save(engine, s.processor, out, adapters)
     if eval_ds is not None:
         summary["eval"] = evaluate(engine, eval_ds, eval_folder, s, cfg, dtype, device)
         if rank0:
@@ -299,7 +317,9 @@ def run_identity(cfg: RunConfig, s: Setup, total_steps: int) -> dict:
             "region": {"layers": list(s.region.layers), "parts": dict(s.region.parts)},
             "world_size": E.world_size(), "micro_batch": cfg.micro_batch, "grad_accum": cfg.grad_accum,
             "data": os.path.abspath(cfg.data), "dataset_size": cfg.dataset_size, "seed": cfg.seed,
-            "total_steps": total_steps, "lr": cfg.lr,
+            "total_steps": total_steps, "lr": cfg.lr, "projector_lr": cfg.projector_lr,
+            "tuner": {"kind": cfg.tuner, **({"r": cfg.lora_r, "alpha": cfg.lora_alpha, "dropout": cfg.lora_dropout}
+                                            if cfg.tuner == "lora" else {})},
             "zero_stage": E.zero_stage(s.ds_config), "precision": s.precision}
 
 
@@ -383,11 +403,19 @@ class Result:
     engine: object  # the DeepSpeed engine after training (for callers that inspect the weights)
 
 
-def save(engine, processor, out: str) -> None:
-    """Write the model in transformers format (safetensors) with its processor; gathers ZeRO-3 shards."""
+def save(engine, processor, out: str, adapters=None) -> None:
+    """Write the model in transformers format (safetensors) with its processor; gathers ZeRO-3 shards.
+
+    With LoRA (``adapters``: its peft config) the model written is the merged one, and ``out/adapter`` holds
+    the adapter in peft's format with the trained projector beside it.
+    """
     state = E.full_state_dict(engine)  # every rank takes part in the gather
     if E.rank() == 0:
-        engine.module.save_pretrained(out, state_dict=state, safe_serialization=True)
+        if adapters is None:
+            engine.module.save_pretrained(out, state_dict=state, safe_serialization=True)
+        else:
+            lora.save(engine.module, adapters, state, out)
+            save_projector(engine.module, state, os.path.join(out, lora.ADAPTER_DIR))
         save_projector(engine.module, state, out)
         processor.save_pretrained(out)
         log.info("saved model and processor to %s", out)
