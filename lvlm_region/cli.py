@@ -17,6 +17,8 @@ def build_parser(stage: str, doc: str) -> argparse.ArgumentParser:
     p.add_argument("--region", help=f"region spec (default {default_region}); {VALID_FORMS}")
     p.add_argument("--model", help="local transformers checkpoint dir (default: the embedded tiny demo model)")
     p.add_argument("--init", help="stage-1 output dir whose projector starts this run")
+    p.add_argument("--init-projector", metavar="FILE", help="LLaVA / Bunny stage-1 mm_projector.bin "
+                   "(model.mm_projector.0/2.*) to start the projector from; shapes are checked before loading")
     p.add_argument("--data", help="LLaVA-format JSON (default: the generated demo data)")
     p.add_argument("--image-folder", help="root of the data's image paths (default: the data file's directory)")
     p.add_argument("--eval-data", help="held-out LLaVA JSON for loss and answer accuracy at the end")

@@ -20,6 +20,7 @@ class RunConfig:
     region: str | None = None  # region spec (lvlm_region.regions); stage default: none / uniform25
     model: str | None = None  # local transformers checkpoint dir; None = the embedded tiny demo model
     init: str | None = None  # stage-1 output dir whose projector starts this run
+    init_projector: str | None = None  # a LLaVA / Bunny mm_projector.bin to start the projector from instead
     data: str | None = None  # LLaVA JSON; None = the demo's file for this stage
     image_folder: str | None = None  # root of the data's relative image paths; default: the data file's dir
     eval_data: str | None = None  # held-out LLaVA JSON (sft); None = the demo's eval file when on demo data
@@ -114,6 +115,11 @@ class RunConfig:
             raise FileNotFoundError(f"--ds-config {self.ds_config} does not exist")
         if self.init is not None and not os.path.isdir(self.init):
             raise FileNotFoundError(f"--init {self.init} is not a directory; give a stage-1 output directory")
+        if self.init is not None and self.init_projector is not None:
+            raise ValueError("--init and --init-projector both give the starting projector; pass one of them")
+        if self.init_projector is not None and not os.path.isfile(self.init_projector):
+            raise FileNotFoundError(f"--init-projector {self.init_projector}: no such file; give the mm_projector.bin "
+                                    "of a LLaVA / Bunny stage-1 run")
         return self
 
     @property

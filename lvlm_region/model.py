@@ -248,6 +248,12 @@ def load_model(path: str, dtype: torch.dtype, attn: str = "sdpa") -> PreTrainedM
     return AutoModelForImageTextToText.from_pretrained(path, config=config, dtype=dtype, attn_implementation=attn)
 
 
+def skeleton(config) -> PreTrainedModel:
+    """The model a config describes, on the meta device: module structure and shapes, no memory, no weights."""
+    with torch.device("meta"):
+        return AutoModelForImageTextToText.from_config(config)
+
+
 def projector_prefix(model: PreTrainedModel) -> str:
     projector = find_parts(model).projector
     return next(n for n, m in model.named_modules() if m is projector) + "."
@@ -281,11 +287,58 @@ def load_projector(model: PreTrainedModel, init_dir: str) -> int:
     if set(src) != set(own):
         raise ValueError(f"--init {init_dir}: projector keys {sorted(src)} do not match the model's "
                          f"{sorted(own)}; was it trained from the same base model?")
+    for k, t in own.items():
+        if src[k].shape != t.shape:
+            raise ValueError(f"--init {init_dir}: projector tensor {k} has shape {tuple(src[k].shape)}, "
+                             f"the model expects {tuple(t.shape)}; was it trained from the same base model?")
+    n = import_projector(model, src)
+    log.info("loaded %d projector tensors from %s", n, file)
+    return n
+
+
+def read_mm_projector(file: str, projector: nn.Module) -> dict[str, torch.Tensor]:
+    """A LLaVA / Bunny stage-1 projector file, keyed for ``projector`` (whose shapes it is checked against).
+
+    LLaVA and Bunny save only ``mm_projector.bin``: an ``nn.Sequential`` (mlp2x_gelu: Linear, GELU, Linear) under
+    ``model.mm_projector.<index>.weight|bias``. Its linears, in index order, map onto the projector's nn.Linear
+    modules in order (transformers' Llava: linear_1, linear_2). ``projector`` may live on the meta device: the
+    check needs shapes only, so it can run before any weights load.
+    """
+    if not os.path.isfile(file):
+        raise FileNotFoundError(f"--init-projector {file}: no such file; give the mm_projector.bin (or .safetensors) "
+                                "of a LLaVA / Bunny stage-1 run")
+    if file.endswith(".safetensors"):
+        from safetensors.torch import load_file
+        src = load_file(file)
+    else:
+        src = torch.load(file, map_location="cpu", weights_only=True)
+    found: dict[int, dict[str, torch.Tensor]] = {}
+    for key, t in src.items():
+        head, sep, tail = key.rpartition("mm_projector.")
+        index, _, kind = tail.partition(".")
+        if sep and index.isdigit() and kind in ("weight", "bias"):
+            found.setdefault(int(index), {})[kind] = t
+    if not found:
+        raise ValueError(f"--init-projector {file}: no model.mm_projector.<i>.weight keys (found {sorted(src)[:6]}); "
+                         "give the mm_projector.bin that LLaVA's or Bunny's pretraining stage wrote")
+    names = {id(m): n for n, m in projector.named_modules()}
+    linears = [m for m in projector.modules() if isinstance(m, nn.Linear)]
+    theirs = [found[i] for i in sorted(found)]
+    ours = [{"weight": m.weight, **({"bias": m.bias} if m.bias is not None else {})} for m in linears]
+    their_shapes = [{k: tuple(t.shape) for k, t in e.items()} for e in theirs]
+    our_shapes = [{k: tuple(t.shape) for k, t in e.items()} for e in ours]
+    if their_shapes != our_shapes:
+        raise ValueError(
+            f"--init-projector {file}: its linears (mm_projector.{sorted(found)}) have shapes {their_shapes}, the "
+            f"model's projector ({', '.join(names[id(m)] for m in linears)}) needs {our_shapes} ([out, in]); it was "
+            "trained for another LLM width or vision tower, or is another projector type")
+    return {f"{names[id(m)]}.{kind}": e[kind] for m, e in zip(linears, theirs) for kind in e}
+
+
+def import_projector(model: PreTrainedModel, tensors: dict[str, torch.Tensor]) -> int:
+    """Copy projector tensors keyed as the projector's own state_dict (read_mm_projector) into ``model``."""
+    own = find_parts(model).projector.state_dict()
     with torch.no_grad():
-        for k, t in own.items():
-            if src[k].shape != t.shape:
-                raise ValueError(f"--init {init_dir}: projector tensor {k} has shape {tuple(src[k].shape)}, "
-                                 f"the model expects {tuple(t.shape)}; was it trained from the same base model?")
-            t.copy_(src[k].to(t.dtype))
-    log.info("loaded %d projector tensors from %s", len(own), file)
-    return len(own)
+        for k, t in tensors.items():
+            own[k].copy_(t.to(own[k].dtype))
+    return len(tensors)

@@ -24,9 +24,9 @@ from .config import DEMO_DIR, RunConfig
 from .data import BatchStream, DummyImage, ImageTextDataset, Tokenized, build_dataset, check_images, get_template, make_loader, to_device
 from .evaluate import evaluate
 from .flops import BatchShape, FlopModel
-from .model import (PROJECTOR_FILE, apply_region, enable_checkpointing, image_seq_length, load_model, load_projector,
-                    num_decoder_layers, projector_parameters, resolve_attention, save_projector, token_loss_sum,
-                    valid_tokens)
+from .model import (PROJECTOR_FILE, apply_region, enable_checkpointing, find_parts, image_seq_length, import_projector,
+                    load_model, load_projector, num_decoder_layers, projector_parameters, read_mm_projector,
+                    resolve_attention, save_projector, skeleton, token_loss_sum, valid_tokens)
 
 log = logging.getLogger(__name__)
 
@@ -57,6 +57,7 @@ class Setup:
     tok: Tokenized
     dummy: DummyImage
     attn: str  # the attention implementation actually used
+    projector: dict | None = None  # --init-projector's tensors, keyed as the projector's state_dict
 
 
 def prepare(cfg: RunConfig) -> Setup:
@@ -92,7 +93,10 @@ def prepare(cfg: RunConfig) -> Setup:
                     n_image_tokens=image_seq_length(model_config), template=get_template(cfg.template),
                     max_length=cfg.max_length)
     dummy = DummyImage(tok.image_token_id, tok.n_image_tokens, model_config.vision_config.image_size)
-    return Setup(cfg, region, precision, ds_config, processor, tok, dummy, attn)
+    projector = None
+    if cfg.init_projector:  # read and checked against the config's shapes before any weights load
+        projector = read_mm_projector(cfg.init_projector, find_parts(skeleton(model_config)).projector)
+    return Setup(cfg, region, precision, ds_config, processor, tok, dummy, attn, projector)
 
 
 def loader(ds, s: "Setup", shuffle: bool, drop_last: bool, left_pad: bool = False):
@@ -139,6 +143,10 @@ def train(cfg: RunConfig) -> "Result":
     model = load_model(cfg.model_path, dtype, s.attn)
     if cfg.init:
         load_projector(model, cfg.init)  # before DeepSpeed partitions anything
+    if s.projector is not None:
+        n = import_projector(model, s.projector)
+        if rank0:
+            log.info("imported %d projector tensors from %s", n, cfg.init_projector)
     adapters = None
     if cfg.tuner == "lora":
         adapters = lora.peft_config(model, s.region, cfg.lora_r, cfg.lora_alpha, cfg.lora_dropout,
@@ -313,7 +321,7 @@ def executed_images(batch: dict) -> int:
 def run_identity(cfg: RunConfig, s: Setup, total_steps: int) -> dict:
     """What a resumed run must share with its checkpoint (see checkpoint.IDENTITY_WHY)."""
     return {"stage": cfg.stage, "model": checkpoint.fingerprint_dir(cfg.model_path),
-            "init": checkpoint.fingerprint_dir(cfg.init, (PROJECTOR_FILE,)),
+            "init": init_fingerprint(cfg),
             "region": {"layers": list(s.region.layers), "parts": dict(s.region.parts)},
             "world_size": E.world_size(), "micro_batch": cfg.micro_batch, "grad_accum": cfg.grad_accum,
             "data": os.path.abspath(cfg.data), "dataset_size": cfg.dataset_size, "seed": cfg.seed,
@@ -321,6 +329,14 @@ def run_identity(cfg: RunConfig, s: Setup, total_steps: int) -> dict:
             "tuner": {"kind": cfg.tuner, **({"r": cfg.lora_r, "alpha": cfg.lora_alpha, "dropout": cfg.lora_dropout}
                                             if cfg.tuner == "lora" else {})},
             "zero_stage": E.zero_stage(s.ds_config), "precision": s.precision}
+
+
+def init_fingerprint(cfg: RunConfig) -> str | None:
+    """Identity of the starting projector: --init's projector file or --init-projector's file."""
+    if cfg.init_projector:
+        path = os.path.abspath(cfg.init_projector)
+        return checkpoint.fingerprint_dir(os.path.dirname(path), (os.path.basename(path),))
+    return checkpoint.fingerprint_dir(cfg.init, (PROJECTOR_FILE,))
 
 
 def open_metrics(path: str, start_step: int):

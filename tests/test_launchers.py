@@ -3,6 +3,8 @@ import json
 import sys
 
 import pytest
+import torch
+from safetensors.torch import load_file
 from transformers import LlavaForConditionalGeneration
 
 from conftest import deepspeed_cmd, run
@@ -15,8 +17,15 @@ from conftest import deepspeed_cmd, run
     (["--zero", "1"], "--zero must be 2 or 3"),
     (["--init", "no/such/dir"], "--init no/such/dir is not a directory"),
     (["--model", "no/such/model", "--data", "x.json"], "--model no/such/model: no config.json"),
+    (["--init-projector", "no/mm_projector.bin"], "--init-projector no/mm_projector.bin: no such file"),
+    (["--init-projector", "{7b}"], "its linears (mm_projector.[0, 2]) have shapes"),
 ])
 def test_bad_input_fails_before_weights_load(demo_dir, tmp_path, flags, message):
+    if "{7b}" in flags:  # LLaVA-1.5-7B's projector shapes (CLIP-L 1024 -> 4096) for the 128-wide demo LLM
+        flags = [str(tmp_path / "mm_projector.bin") if f == "{7b}" else f for f in flags]
+        torch.save({"model.mm_projector.0.weight": torch.zeros(4096, 1024), "model.mm_projector.0.bias": torch.zeros(4096),
+                    "model.mm_projector.2.weight": torch.zeros(4096, 4096), "model.mm_projector.2.bias": torch.zeros(4096)},
+                   flags[-1])
     res = run([sys.executable, "launch/sft.py", "--output-dir", str(tmp_path / "out"), *flags], timeout=300)
     assert res.returncode == 2
     assert message in res.stderr
@@ -39,3 +48,20 @@ def test_sft_launcher_end_to_end(demo_dir, tmp_path):
     assert run_json["config"]["region"] == "uniform25" and run_json["world_size"] == 1
     model = LlavaForConditionalGeneration.from_pretrained(out)
     assert model.config.text_config.num_hidden_layers == 8
+
+
+def test_llava_mm_projector_starts_stage_2(demo_dir, tmp_path):
+    # The projector frozen (layers:1-projector): the exported projector is exactly the imported mm_projector.bin.
+    g = torch.Generator().manual_seed(1)
+    src = {f"model.mm_projector.{i}.{k}": torch.randn(*shape, generator=g).to(torch.bfloat16)
+           for i, w in ((0, (128, 64)), (2, (128, 128))) for k, shape in (("weight", w), ("bias", w[:1]))}
+    torch.save(src, tmp_path / "mm_projector.bin")
+    out = tmp_path / "sft"
+    res = run(deepspeed_cmd(1, "launch/sft.py", "--region", "layers:1-projector", "--init-projector",
+                            str(tmp_path / "mm_projector.bin"), "--output-dir", str(out), "--max-steps", "1",
+                            "--micro-batch", "4", "--eval-max-samples", "2", "--num-workers", "0"))
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-2000:]
+    assert f"imported 4 projector tensors from {tmp_path / 'mm_projector.bin'}" in res.stdout
+    saved = load_file(out / "projector.safetensors")
+    assert torch.equal(saved["linear_1.weight"], src["model.mm_projector.0.weight"].float())
+    assert torch.equal(saved["linear_2.bias"], src["model.mm_projector.2.bias"].float())

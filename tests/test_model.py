@@ -77,3 +77,42 @@ def test_attention_choice_and_fallbacks():
         "flash_attention_2 needs bf16 or fp16, not fp32; using sdpa")
     with pytest.raises(ValueError, match="--attn must be one of flash_attention_2, sdpa, eager, got 'flash'"):
         resolve_attention("flash", False, "fp32")
+
+
+def llava_mm_projector(path, shapes, dtype=torch.bfloat16, seed=0):
+    """An mm_projector.bin as LLaVA / Bunny write it: torch.save of {model.mm_projector.<i>.weight|bias}."""
+    g = torch.Generator().manual_seed(seed)
+    tensors = {}
+    for index, (out_f, in_f) in zip((0, 2), shapes):
+        tensors[f"model.mm_projector.{index}.weight"] = torch.randn(out_f, in_f, generator=g).to(dtype)
+        tensors[f"model.mm_projector.{index}.bias"] = torch.randn(out_f, generator=g).to(dtype)
+    torch.save(tensors, path)
+    return tensors
+
+
+def test_llava_mm_projector_imports_onto_linear_1_and_2(tmp_path):
+    from lvlm_region.model import import_projector, read_mm_projector, skeleton
+    model = build_demo_model(vocab_size=160, image_token_id=4, pad_token_id=3, seed=0)
+    src = llava_mm_projector(tmp_path / "mm_projector.bin", [(128, 64), (128, 128)])  # vision 64 -> LLM 128
+    tensors = read_mm_projector(str(tmp_path / "mm_projector.bin"), find_parts(skeleton(model.config)).projector)
+    assert sorted(tensors) == ["linear_1.bias", "linear_1.weight", "linear_2.bias", "linear_2.weight"]
+    assert import_projector(model, tensors) == 4
+    proj = model.model.multi_modal_projector
+    assert torch.equal(proj.linear_1.weight, src["model.mm_projector.0.weight"].float())
+    assert torch.equal(proj.linear_2.bias, src["model.mm_projector.2.bias"].float())
+
+
+def test_mm_projector_of_another_model_is_refused_with_the_shapes(tmp_path):
+    from lvlm_region.model import read_mm_projector, skeleton
+    model = build_demo_model(vocab_size=160, image_token_id=4, pad_token_id=3, seed=0)
+    file = tmp_path / "mm_projector.bin"
+    llava_mm_projector(file, [(4096, 1024), (4096, 4096)])  # LLaVA-1.5-7B's: CLIP-L 1024 -> Vicuna 4096
+    with pytest.raises(ValueError) as e:
+        read_mm_projector(str(file), find_parts(skeleton(model.config)).projector)
+    msg = str(e.value)
+    assert f"--init-projector {file}" in msg
+    assert "(4096, 1024)" in msg and "(128, 64)" in msg and "linear_1, linear_2" in msg
+    assert "another LLM width or vision tower" in msg
+    torch.save({"model.embed_tokens.weight": torch.zeros(2, 2)}, file)
+    with pytest.raises(ValueError, match=r"no model\.mm_projector\.<i>\.weight keys \(found \['model\.embed_tokens"):
+        read_mm_projector(str(file), find_parts(skeleton(model.config)).projector)
