@@ -16,6 +16,10 @@ def build_parser(stage: str, doc: str) -> argparse.ArgumentParser:
     default_region = "none" if stage == "pretrain" else "uniform25"
     p.add_argument("--region", help=f"region spec (default {default_region}); {VALID_FORMS}")
     p.add_argument("--model", help="local transformers checkpoint dir (default: the embedded tiny demo model)")
+    p.add_argument("--llm", help="causal-LM checkpoint dir (Llama, Vicuna, Mistral, Phi-3, Qwen2) to assemble with "
+                                 "--vision into OUTPUT_DIR/base_model, instead of --model")
+    p.add_argument("--vision", help="CLIP or SigLIP checkpoint dir (with preprocessor_config.json) for --llm")
+    p.add_argument("--projector", default="mlp2x_gelu", help="projector of an assembled model (mlp2x_gelu)")
     p.add_argument("--init", help="stage-1 output dir whose projector starts this run")
     p.add_argument("--init-projector", metavar="FILE", help="LLaVA / Bunny stage-1 mm_projector.bin "
                    "(model.mm_projector.0/2.*) to start the projector from; shapes are checked before loading")

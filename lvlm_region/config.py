@@ -19,6 +19,9 @@ class RunConfig:
     output_dir: str  # where the model, run.json and metrics.jsonl go
     region: str | None = None  # region spec (lvlm_region.regions); stage default: none / uniform25
     model: str | None = None  # local transformers checkpoint dir; None = the embedded tiny demo model
+    llm: str | None = None  # with vision: assemble the model from a causal-LM checkpoint dir (instead of model)
+    vision: str | None = None  # the CLIP / SigLIP checkpoint dir to assemble with llm
+    projector: str = "mlp2x_gelu"  # the projector type of an assembled model
     init: str | None = None  # stage-1 output dir whose projector starts this run
     init_projector: str | None = None  # a LLaVA / Bunny mm_projector.bin to start the projector from instead
     data: str | None = None  # LLaVA JSON; None = the demo's file for this stage
@@ -61,7 +64,11 @@ class RunConfig:
         """Fill stage defaults and validate; raises ValueError naming the field and the fix."""
         if self.stage not in ("pretrain", "sft"):
             raise ValueError(f"stage must be 'pretrain' or 'sft', got {self.stage!r}")
-        demo = self.model is None
+        if (self.llm is None) != (self.vision is None):
+            raise ValueError("--llm and --vision go together: give both to assemble a model from its parts")
+        if self.llm is not None and self.model is not None:
+            raise ValueError("--model and --llm/--vision both give the model; pass one of them")
+        demo = self.is_demo
         if self.region is None:
             self.region = "none" if self.stage == "pretrain" else "uniform25"
         if self.template is None:
@@ -81,7 +88,8 @@ class RunConfig:
                              f"{self.lora_r}, {self.lora_alpha}, {self.lora_dropout}")
         if self.data is None:
             if not demo:
-                raise ValueError("--data is required with --model (the demo data only fits the demo model)")
+                raise ValueError("--data is required with --model or --llm/--vision (the demo data only fits the "
+                                 "demo model)")
             self.data = os.path.join(DEMO_DIR, "pretrain.json" if self.stage == "pretrain" else "sft_train.json")
             if self.stage == "sft" and self.eval_data is None:
                 self.eval_data = os.path.join(DEMO_DIR, "sft_eval.json")
@@ -124,10 +132,13 @@ class RunConfig:
 
     @property
     def is_demo(self) -> bool:
-        return self.model is None
+        return self.model is None and self.llm is None
 
     @property
     def model_path(self) -> str:
+        """The transformers checkpoint the run starts from (an assembled model lives in OUTPUT_DIR/base_model)."""
+        if self.llm is not None:
+            return os.path.join(self.output_dir, "base_model")
         return self.model or os.path.join(DEMO_DIR, "base_model")
 
     def to_dict(self) -> dict:

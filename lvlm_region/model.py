@@ -204,7 +204,8 @@ def image_seq_length(config) -> int:
     """Image tokens per image, from the vision config and feature strategy (never a hard-coded 576/729)."""
     v = config.vision_config
     n = (v.image_size // v.patch_size) ** 2
-    return n + 1 if config.vision_feature_select_strategy == "full" else n
+    class_token = v.model_type == "clip_vision_model"  # SigLIP has none
+    return n + 1 if config.vision_feature_select_strategy == "full" and class_token else n
 
 
 def make_image_processor(size: int):

@@ -19,7 +19,7 @@ import torch
 from tqdm import tqdm
 from transformers import AutoConfig, AutoProcessor
 
-from . import checkpoint, demo, engine as E, lora, regions, timing
+from . import assemble, checkpoint, demo, engine as E, lora, regions, timing
 from .config import DEMO_DIR, RunConfig
 from .data import BatchStream, DummyImage, ImageTextDataset, Tokenized, build_dataset, check_images, get_template, make_loader, to_device
 from .evaluate import evaluate
@@ -71,6 +71,11 @@ def prepare(cfg: RunConfig) -> Setup:
         if E.rank() == 0 and cfg.stage == "sft" and cfg.init is None:
             log.info("no --init given: stage 2 starts from the embedded demo model's random projector "
                      "(run launch/pretrain.py first and pass --init to start from a trained one)")
+    if cfg.llm is not None:  # every rank checks the parts' configs; rank 0 builds the model once
+        assemble.check(cfg.llm, cfg.vision, cfg.projector)
+        if E.rank() == 0 and not assemble.is_assembled(cfg.model_path, cfg.llm, cfg.vision, cfg.projector, cfg.seed):
+            assemble.assemble(cfg.llm, cfg.vision, cfg.projector, cfg.model_path, cfg.seed)
+        E.barrier()
     if not os.path.isfile(os.path.join(cfg.model_path, "config.json")):
         raise FileNotFoundError(f"--model {cfg.model_path}: no config.json; give a local transformers checkpoint dir")
     model_config = AutoConfig.from_pretrained(cfg.model_path)

@@ -1,0 +1,148 @@
+"""Stage 1 from separate parts: a causal-LM checkpoint and a CLIP / SigLIP vision checkpoint -> one Llava model.
+
+The result is a transformers-format LlavaForConditionalGeneration directory with its processor
+(``AutoModelForImageTextToText.from_pretrained`` loads it and can generate): the LLM's decoder and LM head and the
+vision checkpoint's encoder are the loaded modules themselves (placed into Llava's own attributes, no weight
+renaming), the projector is freshly initialised, the tokenizer gains ``<image>`` (and a pad token if it has
+none) with the embeddings resized, and a chat template is set when the tokenizer has none (Vicuna v1, as
+LLaVA-1.5). Vision features: the penultimate layer's patch tokens; CLIP drops its class token ("default"),
+SigLIP has none ("full"). Image size, normalisation and processor come from the vision checkpoint.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import tempfile
+
+import torch
+from transformers import (AutoConfig, AutoImageProcessor, AutoModelForCausalLM, AutoTokenizer, CLIPVisionModel,
+                          LlavaConfig, LlavaForConditionalGeneration, LlavaProcessor, SiglipVisionModel)
+from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+from .data import VICUNA_SYSTEM
+
+log = logging.getLogger(__name__)
+
+IMAGE_TOKEN = "<image>"
+PROJECTORS = ("mlp2x_gelu",)  # transformers' LlavaMultiModalProjector: Linear, GELU, Linear
+VISION_TYPES = {"clip": "clip_vision_model", "siglip": "siglip_vision_model"}  # full model -> its vision part
+TOWERS = {"clip_vision_model": CLIPVisionModel, "siglip_vision_model": SiglipVisionModel}
+DONE = "ASSEMBLED"  # marker written last: the directory is complete
+# LLaVA-1.5's conversation format (data.TEMPLATES["vicuna_v1"]) as a chat template, for LLMs without one.
+VICUNA_CHAT_TEMPLATE = (
+    VICUNA_SYSTEM + "{% for m in messages %}{% if m['role'] == 'user' %}{{ ' USER: ' }}"
+    "{% if m['content'] is string %}{{ m['content'] }}{% else %}{% for c in m['content'] %}{% if c['type'] == 'image' %}"
+    "{{ '<image>\n' }}{% elif c['type'] == 'text' %}{{ c['text'] }}{% endif %}{% endfor %}{% endif %}"
+    "{% elif m['role'] == 'assistant' %}{{ ' ASSISTANT: ' }}{% if m['content'] is string %}{{ m['content'] }}"
+    "{% else %}{% for c in m['content'] %}{% if c['type'] == 'text' %}{{ c['text'] }}{% endif %}{% endfor %}{% endif %}"
+    "{{ eos_token }}{% endif %}{% endfor %}{% if add_generation_prompt %}{{ ' ASSISTANT:' }}{% endif %}")
+
+
+def _config(flag: str, path: str):
+    if not os.path.isfile(os.path.join(path, "config.json")):
+        raise FileNotFoundError(f"{flag} {path}: no config.json there; give a local transformers checkpoint directory")
+    return AutoConfig.from_pretrained(path)
+
+
+def check(llm: str, vision: str, projector: str) -> tuple:
+    """Validate the parts from their config files alone (no weights); returns (LLM config, vision config)."""
+    if projector not in PROJECTORS:
+        raise ValueError(f"--projector {projector!r}: only {', '.join(PROJECTORS)} is supported (transformers' "
+                         "LlavaMultiModalProjector)")
+    vision_cfg = _config("--vision", vision)
+    vision_cfg = getattr(vision_cfg, "vision_config", None) if vision_cfg.model_type in VISION_TYPES else vision_cfg
+    if vision_cfg is None or vision_cfg.model_type not in VISION_TYPES.values():
+        found = json.load(open(os.path.join(vision, "config.json"))).get("model_type")
+        raise ValueError(f"--vision {vision}: config.json has model_type {found!r}, not a CLIP or SigLIP vision "
+                         "model; give e.g. a local copy of openai/clip-vit-large-patch14-336 or "
+                         "google/siglip-so400m-patch14-384")
+    if not os.path.isfile(os.path.join(vision, "preprocessor_config.json")):
+        raise FileNotFoundError(f"--vision {vision}: no preprocessor_config.json; the image size and normalisation "
+                                "come from it (copy it from the vision model's original repository)")
+    llm_cfg = _config("--llm", llm)
+    if llm_cfg.model_type not in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES:
+        raise ValueError(f"--llm {llm}: config.json has model_type {llm_cfg.model_type!r}, which is not a causal LM "
+                         "transformers knows; give a Llama / Vicuna / Mistral / Phi-3 / Qwen2 checkpoint directory")
+    if not any(os.path.isfile(os.path.join(llm, f)) for f in ("tokenizer.json", "tokenizer.model",
+                                                               "tokenizer_config.json")):
+        raise FileNotFoundError(f"--llm {llm}: no tokenizer files (tokenizer.json / tokenizer.model); the LLM's "
+                                "tokenizer is needed to add the image token")
+    return llm_cfg, vision_cfg
+
+
+def feature_strategy(vision_cfg) -> tuple[str, int]:
+    """(Llava's vision_feature_select_strategy, class tokens to drop): CLIP has one, SigLIP none."""
+    return ("default", 1) if vision_cfg.model_type == "clip_vision_model" else ("full", 0)
+
+
+def assemble(llm: str, vision: str, projector: str, out: str, seed: int = 0) -> str:
+    """Build and save the Llava model, tokenizer and processor into ``out`` (rank 0 only); returns ``out``.
+
+    Written to a temporary directory and renamed, with a marker file last, so a crash leaves nothing half-built.
+    """
+    llm_cfg, vision_cfg = check(llm, vision, projector)
+    strategy, class_tokens = feature_strategy(vision_cfg)
+    tok = AutoTokenizer.from_pretrained(llm)
+    if IMAGE_TOKEN not in tok.get_vocab():
+        tok.add_special_tokens({"additional_special_tokens": [IMAGE_TOKEN]})
+    if tok.pad_token is None:  # LLaVA pads Vicuna with unk; Llama-3 has no unk: a new pad token
+        if tok.unk_token is not None:
+            tok.pad_token = tok.unk_token
+        else:
+            tok.add_special_tokens({"pad_token": "<pad>"})
+    if not tok.chat_template:
+        tok.chat_template = VICUNA_CHAT_TEMPLATE
+        log.info("--llm %s has no chat template; set LLaVA-1.5's Vicuna v1 template", llm)
+    n = (vision_cfg.image_size // vision_cfg.patch_size) ** 2
+    config = LlavaConfig(vision_config=vision_cfg.to_dict(), text_config=llm_cfg.to_dict(),
+                         image_token_id=tok.convert_tokens_to_ids(IMAGE_TOKEN), projector_hidden_act="gelu",
+                         vision_feature_layer=-2, vision_feature_select_strategy=strategy, image_seq_length=n,
+                         tie_word_embeddings=bool(getattr(llm_cfg, "tie_word_embeddings", False)),
+                         pad_token_id=tok.pad_token_id)
+
+    causal_lm = AutoModelForCausalLM.from_pretrained(llm, dtype="auto")
+    # The class Llava builds for this vision config (CLIPVisionModel / SiglipVisionModel); from a full CLIP or
+    # SigLIP checkpoint it loads the vision half.
+    tower = TOWERS[vision_cfg.model_type].from_pretrained(vision, dtype=causal_lm.dtype)
+    torch.manual_seed(seed)
+    with torch.device("meta"):
+        model = LlavaForConditionalGeneration(config)
+    model.model.set_decoder(causal_lm.get_decoder())  # the loaded modules themselves, no key renaming
+    model.set_output_embeddings(causal_lm.get_output_embeddings())
+    model.model.vision_tower = tower  # Llava's own attribute (model.LAYOUTS)
+    model.model.multi_modal_projector = type(model.model.multi_modal_projector)(config).to(causal_lm.dtype)
+    model.resize_token_embeddings(len(tok))  # new rows (image, pad) start at the mean embedding
+    if config.tie_word_embeddings:
+        model.tie_weights()
+    meta = [n for n, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta]
+    if meta:
+        raise RuntimeError(f"assembly left tensors without data: {meta[:5]}")
+    processor = LlavaProcessor(image_processor=AutoImageProcessor.from_pretrained(vision), tokenizer=tok,
+                               patch_size=vision_cfg.patch_size, vision_feature_select_strategy=strategy,
+                               image_token=IMAGE_TOKEN, num_additional_image_tokens=class_tokens,
+                               chat_template=tok.chat_template)
+    parent = os.path.dirname(os.path.abspath(out))
+    os.makedirs(parent, exist_ok=True)
+    tmp = tempfile.mkdtemp(prefix=".assemble-", dir=parent)
+    model.save_pretrained(tmp)
+    processor.save_pretrained(tmp)
+    with open(os.path.join(tmp, DONE), "w") as f:
+        json.dump(sources(llm, vision, projector, seed), f)
+    if os.path.exists(out):
+        shutil.rmtree(out)
+    os.rename(tmp, out)
+    log.info("assembled %s + %s (%s, %s features, %d image tokens) into %s", llm, vision, projector, strategy, n, out)
+    return out
+
+
+def sources(llm: str, vision: str, projector: str, seed: int) -> dict:
+    """What an assembled directory was built from (its marker file), so changed parts are never reused."""
+    return {"llm": os.path.abspath(llm), "vision": os.path.abspath(vision), "projector": projector, "seed": seed}
+
+
+def is_assembled(out: str, llm: str, vision: str, projector: str, seed: int) -> bool:
+    """Whether ``out`` is a complete assembly of exactly these parts (a rerun or resume reuses it)."""
+    marker = os.path.join(out, DONE)
+    return os.path.isfile(marker) and json.load(open(marker)) == sources(llm, vision, projector, seed)
