@@ -116,3 +116,25 @@ def test_mm_projector_of_another_model_is_refused_with_the_shapes(tmp_path):
     torch.save({"model.embed_tokens.weight": torch.zeros(2, 2)}, file)
     with pytest.raises(ValueError, match=r"no model\.mm_projector\.<i>\.weight keys \(found \['model\.embed_tokens"):
         read_mm_projector(str(file), find_parts(skeleton(model.config)).projector)
+
+
+def test_llava_hf_checkpoint_in_the_published_key_layout_loads(tmp_path):
+    # llava-hf/llava-1.5-7b-hf was written by transformers 4.x: language_model.model.*, language_model.lm_head.*,
+    # vision_tower.*, multi_modal_projector.* at the top level. load_model must read that layout as it is.
+    from lvlm_region.model import load_model
+    model = build_demo_model(vocab_size=160, image_token_id=4, pad_token_id=3, seed=0)
+    model.config.save_pretrained(tmp_path)
+    legacy = {}
+    for k, v in model.state_dict().items():
+        if k.startswith("model.language_model."):
+            k = "language_model.model." + k[len("model.language_model."):]
+        elif k == "lm_head.weight":
+            k = "language_model.lm_head.weight"
+        else:
+            k = k[len("model."):]  # model.vision_tower.* / model.multi_modal_projector.*
+        legacy[k] = v.contiguous()
+    assert any(k.startswith("language_model.model.layers.") for k in legacy)
+    save_file(legacy, tmp_path / "model.safetensors", metadata={"format": "pt"})
+    loaded = load_model(str(tmp_path), torch.float32).state_dict()
+    want = model.state_dict()
+    assert loaded.keys() == want.keys() and all(torch.equal(loaded[k], want[k]) for k in want)
