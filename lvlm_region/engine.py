@@ -230,6 +230,35 @@ def check_optimizer(engine, intended: list[torch.nn.Parameter]) -> None:
     log.info("optimizer holds exactly the %d intended parameter tensors", len(want))
 
 
+class PartitionedLoading:
+    """Until ``close()``, under a ZeRO-3 config, transformers builds models inside ``deepspeed.zero.Init`` and
+    loads each checkpoint tensor straight into its partitions: no rank materialises the full model (transformers'
+    own mechanism: a referenced ``HfDeepSpeedConfig``). Close it once the model is loaded: while it is open,
+    transformers and peft treat every model as partitioned, so rank 0 alone building the meta-device copy that
+    lora.save merges would start collectives the other ranks never join (seen: a hang in the save).
+    Other stages: a no-op.
+    """
+
+    def __init__(self, ds_config: dict):
+        self.enabled = zero_stage(ds_config) == 3
+        if self.enabled:
+            from transformers.integrations import HfDeepSpeedConfig
+            self._keep = HfDeepSpeedConfig(ds_config)
+
+    def writable(self, params):
+        """Context in which ``params`` are whole on every rank and what rank 0 writes into them is kept."""
+        import contextlib
+        if not self.enabled:
+            return contextlib.nullcontext()
+        return deepspeed.zero.GatheredParameters(list(params), modifier_rank=0)
+
+    def close(self) -> None:
+        if self.enabled:
+            from transformers.integrations.deepspeed import unset_hf_deepspeed_config
+            unset_hf_deepspeed_config()
+            self.enabled, self._keep = False, None
+
+
 def is_zero3(engine) -> bool:
     return engine.zero_optimization_partition_weights()
 

@@ -250,7 +250,10 @@ def load_model(path: str, dtype: torch.dtype, attn: str = "sdpa") -> PreTrainedM
 
 
 def skeleton(config) -> PreTrainedModel:
-    """The model a config describes, on the meta device: module structure and shapes, no memory, no weights."""
+    """The model a config describes, on the meta device: module structure and shapes, no memory, no weights.
+
+    Call it before engine.PartitionedLoading exists: under it, transformers would build this inside zero.Init.
+    """
     with torch.device("meta"):
         return AutoModelForImageTextToText.from_config(config)
 

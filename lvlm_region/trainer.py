@@ -145,13 +145,17 @@ def train(cfg: RunConfig) -> "Result":
         checkpoint.check_compatible(prior["identity"], identity, resume_from)
 
     dtype = E.torch_dtype(s.precision)
+    loading = E.PartitionedLoading(s.ds_config)  # ZeRO-3: built and loaded in partitions
     model = load_model(cfg.model_path, dtype, s.attn)
     if cfg.init:
-        load_projector(model, cfg.init)  # before DeepSpeed partitions anything
+        with loading.writable(projector_parameters(model)):  # whole on every rank while it is written
+            load_projector(model, cfg.init)
     if s.projector is not None:
-        n = import_projector(model, s.projector)
+        with loading.writable(projector_parameters(model)):
+            n = import_projector(model, s.projector)
         if rank0:
             log.info("imported %d projector tensors from %s", n, cfg.init_projector)
+    loading.close()  # LoRA adapters made from here on are partitioned by deepspeed.initialize
     adapters = None
     if cfg.tuner == "lora":
         adapters = lora.peft_config(model, s.region, cfg.lora_r, cfg.lora_alpha, cfg.lora_dropout,
