@@ -141,6 +141,10 @@ def build_ds_config(zero: int, ds_config_path: str | None, micro_batch: int, gra
         cfg.pop(key, None)
     if precision in ("bf16", "fp16"):
         cfg[precision] = {"enabled": True}
+    if "activation_checkpointing" in cfg:  # deepspeed.checkpointing is only used by models that call it
+        raise ValueError(f"{path}: 'activation_checkpointing' configures DeepSpeed's checkpointing API, which "
+                         "transformers models never call, so the run would silently keep every activation; remove "
+                         "it and pass --grad-ckpt (non-reentrant checkpointing, which works with frozen layers)")
     autos = [k for k, v in _walk(cfg) if v == "auto"]
     if autos:
         raise ValueError(f"{path}: 'auto' is not resolved for {', '.join(autos)}; give explicit values")

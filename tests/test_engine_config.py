@@ -32,6 +32,12 @@ def test_conflicts_and_auto_are_refused(tmp_path):
     with pytest.raises(ValueError, match="'auto' is not resolved for zero_optimization.reduce_bucket_size"):
         build_ds_config(2, str(p), 4, 1, 1.0, "fp32")
 
+    p.write_text(json.dumps({"zero_optimization": {"stage": 3},
+                             "activation_checkpointing": {"partition_activations": True}}))
+    with pytest.raises(ValueError, match="'activation_checkpointing' configures DeepSpeed's checkpointing API, "
+                                         "which transformers models never call.*pass --grad-ckpt"):
+        build_ds_config(3, str(p), 4, 1, 1.0, "fp32")
+
 
 def test_warmup_cosine_schedule():
     f = lr_lambda(total_steps=10, warmup_steps=2)
