@@ -22,6 +22,7 @@ from transformers import (AutoConfig, AutoImageProcessor, AutoModelForCausalLM, 
 from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
 
 from .data import VICUNA_SYSTEM
+from .model import class_tokens, image_seq_length
 
 log = logging.getLogger(__name__)
 
@@ -51,12 +52,11 @@ def check(llm: str, vision: str, projector: str) -> tuple:
     if projector not in PROJECTORS:
         raise ValueError(f"--projector {projector!r}: only {', '.join(PROJECTORS)} is supported (transformers' "
                          "LlavaMultiModalProjector)")
-    vision_cfg = _config("--vision", vision)
-    vision_cfg = getattr(vision_cfg, "vision_config", None) if vision_cfg.model_type in VISION_TYPES else vision_cfg
+    found = _config("--vision", vision)
+    vision_cfg = getattr(found, "vision_config", None) if found.model_type in VISION_TYPES else found
     if vision_cfg is None or vision_cfg.model_type not in VISION_TYPES.values():
-        found = json.load(open(os.path.join(vision, "config.json"))).get("model_type")
-        raise ValueError(f"--vision {vision}: config.json has model_type {found!r}, not a CLIP or SigLIP vision "
-                         "model; give e.g. a local copy of openai/clip-vit-large-patch14-336 or "
+        raise ValueError(f"--vision {vision}: config.json has model_type {found.model_type!r}, not a CLIP or SigLIP "
+                         "vision model; give e.g. a local copy of openai/clip-vit-large-patch14-336 or "
                          "google/siglip-so400m-patch14-384")
     if not os.path.isfile(os.path.join(vision, "preprocessor_config.json")):
         raise FileNotFoundError(f"--vision {vision}: no preprocessor_config.json; the image size and normalisation "
@@ -72,18 +72,13 @@ def check(llm: str, vision: str, projector: str) -> tuple:
     return llm_cfg, vision_cfg
 
 
-def feature_strategy(vision_cfg) -> tuple[str, int]:
-    """(Llava's vision_feature_select_strategy, class tokens to drop): CLIP has one, SigLIP none."""
-    return ("default", 1) if vision_cfg.model_type == "clip_vision_model" else ("full", 0)
-
-
 def assemble(llm: str, vision: str, projector: str, out: str, seed: int = 0) -> str:
     """Build and save the Llava model, tokenizer and processor into ``out`` (rank 0 only); returns ``out``.
 
     Written to a temporary directory and renamed, with a marker file last, so a crash leaves nothing half-built.
     """
     llm_cfg, vision_cfg = check(llm, vision, projector)
-    strategy, class_tokens = feature_strategy(vision_cfg)
+    strategy = "default" if class_tokens(vision_cfg) else "full"  # "default" drops the class token
     tok = AutoTokenizer.from_pretrained(llm)
     if IMAGE_TOKEN not in tok.get_vocab():
         tok.add_special_tokens({"additional_special_tokens": [IMAGE_TOKEN]})
@@ -95,12 +90,12 @@ def assemble(llm: str, vision: str, projector: str, out: str, seed: int = 0) -> 
     if not tok.chat_template:
         tok.chat_template = VICUNA_CHAT_TEMPLATE
         log.info("--llm %s has no chat template; set LLaVA-1.5's Vicuna v1 template", llm)
-    n = (vision_cfg.image_size // vision_cfg.patch_size) ** 2
     config = LlavaConfig(vision_config=vision_cfg.to_dict(), text_config=llm_cfg.to_dict(),
                          image_token_id=tok.convert_tokens_to_ids(IMAGE_TOKEN), projector_hidden_act="gelu",
-                         vision_feature_layer=-2, vision_feature_select_strategy=strategy, image_seq_length=n,
+                         vision_feature_layer=-2, vision_feature_select_strategy=strategy,
                          tie_word_embeddings=bool(getattr(llm_cfg, "tie_word_embeddings", False)),
                          pad_token_id=tok.pad_token_id)
+    config.image_seq_length = n = image_seq_length(config)
 
     causal_lm = AutoModelForCausalLM.from_pretrained(llm, dtype="auto")
     # The class Llava builds for this vision config (CLIPVisionModel / SiglipVisionModel); from a full CLIP or
@@ -121,7 +116,7 @@ def assemble(llm: str, vision: str, projector: str, out: str, seed: int = 0) -> 
         raise RuntimeError(f"assembly left tensors without data: {meta[:5]}")
     processor = LlavaProcessor(image_processor=AutoImageProcessor.from_pretrained(vision), tokenizer=tok,
                                patch_size=vision_cfg.patch_size, vision_feature_select_strategy=strategy,
-                               image_token=IMAGE_TOKEN, num_additional_image_tokens=class_tokens,
+                               image_token=IMAGE_TOKEN, num_additional_image_tokens=class_tokens(vision_cfg),
                                chat_template=tok.chat_template)
     parent = os.path.dirname(os.path.abspath(out))
     os.makedirs(parent, exist_ok=True)
@@ -145,4 +140,7 @@ def sources(llm: str, vision: str, projector: str, seed: int) -> dict:
 def is_assembled(out: str, llm: str, vision: str, projector: str, seed: int) -> bool:
     """Whether ``out`` is a complete assembly of exactly these parts (a rerun or resume reuses it)."""
     marker = os.path.join(out, DONE)
-    return os.path.isfile(marker) and json.load(open(marker)) == sources(llm, vision, projector, seed)
+    if not os.path.isfile(marker):
+        return False
+    with open(marker) as f:
+        return json.load(f) == sources(llm, vision, projector, seed)

@@ -183,7 +183,7 @@ def build_base_model(out_dir: str, tok_dir: str, seed: int) -> str:
     """Randomly initialise the tiny LLaVA and save it with tokenizer and processor, like a real checkpoint."""
     from transformers import AutoTokenizer, LlavaProcessor
 
-    from .model import build_demo_model, make_image_processor
+    from .model import build_demo_model, class_tokens, make_image_processor
 
     tok = AutoTokenizer.from_pretrained(tok_dir)
     model = build_demo_model(len(tok), tok.convert_tokens_to_ids("<image>"), tok.pad_token_id, seed)
@@ -194,7 +194,7 @@ def build_base_model(out_dir: str, tok_dir: str, seed: int) -> str:
     processor = LlavaProcessor(image_processor=make_image_processor(cfg.vision_config.image_size), tokenizer=tok,
                                patch_size=cfg.vision_config.patch_size, image_token="<image>",
                                vision_feature_select_strategy=cfg.vision_feature_select_strategy,
-                               num_additional_image_tokens=1)  # CLIP's CLS token
+                               num_additional_image_tokens=class_tokens(cfg.vision_config))
     processor.save_pretrained(path)
     return path
 

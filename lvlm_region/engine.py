@@ -251,10 +251,7 @@ class PartitionedLoading:
 
     def writable(self, params):
         """Context in which ``params`` are whole on every rank and what rank 0 writes into them is kept."""
-        import contextlib
-        if not self.enabled:
-            return contextlib.nullcontext()
-        return deepspeed.zero.GatheredParameters(list(params), modifier_rank=0)
+        return gathered(params, self.enabled, modifier_rank=0)
 
     def close(self) -> None:
         if self.enabled:
@@ -279,10 +276,13 @@ def full_state_dict(engine) -> dict | None:
     return {k: v.detach().cpu() for k, v in engine.module.state_dict().items()}
 
 
-def gathered(params, enabled: bool):
-    """Context that materialises ZeRO-3 partitioned parameters on every rank (read-only)."""
+def gathered(params, enabled: bool, modifier_rank: int | None = None):
+    """Context that materialises ZeRO-3 partitioned parameters on every rank; read-only unless
+    ``modifier_rank`` is given (then what that rank writes is scattered back to the partitions)."""
     import contextlib
-    return deepspeed.zero.GatheredParameters(list(params), modifier_rank=None) if enabled else contextlib.nullcontext()
+    if not enabled:
+        return contextlib.nullcontext()
+    return deepspeed.zero.GatheredParameters(list(params), modifier_rank=modifier_rank)
 
 
 def release(engine) -> None:

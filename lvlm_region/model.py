@@ -200,12 +200,16 @@ def build_demo_model(vocab_size: int, image_token_id: int, pad_token_id: int, se
     return LlavaForConditionalGeneration(demo_config(vocab_size, image_token_id, pad_token_id))
 
 
+def class_tokens(vision_config) -> int:
+    """Tokens the vision tower adds before its patches: CLIP's class token; SigLIP has none."""
+    return 1 if vision_config.model_type == "clip_vision_model" else 0
+
+
 def image_seq_length(config) -> int:
     """Image tokens per image, from the vision config and feature strategy (never a hard-coded 576/729)."""
     v = config.vision_config
     n = (v.image_size // v.patch_size) ** 2
-    class_token = v.model_type == "clip_vision_model"  # SigLIP has none
-    return n + 1 if config.vision_feature_select_strategy == "full" and class_token else n
+    return n + class_tokens(v) if config.vision_feature_select_strategy == "full" else n
 
 
 def make_image_processor(size: int):

@@ -183,9 +183,8 @@ def train(cfg: RunConfig) -> "Result":
                  "optimizer %.3f GB%s; total on device %.3f GB", mem["weights"] / 1e9, mem["gradients"] / 1e9,
                  mem["optimizer"] / 1e9, " (offloaded to CPU)" if offload else "", mem["total_on_device"] / 1e9)
     warmup = int(cfg.warmup_ratio * total)
-    projector = projector_parameters(model) if cfg.projector_lr != cfg.lr else []
-    engine, scheduler = E.initialize(model, s.ds_config, cfg.lr, cfg.weight_decay, total, warmup,
-                                     lr_overrides=[(projector, cfg.projector_lr)] if projector else ())
+    own_lr = [(projector_parameters(model), cfg.projector_lr)] if cfg.projector_lr != cfg.lr else ()
+    engine, scheduler = E.initialize(model, s.ds_config, cfg.lr, cfg.weight_decay, total, warmup, lr_overrides=own_lr)
     device = E.device()
     stream = BatchStream(train_loader)
     if resume_from is not None:
