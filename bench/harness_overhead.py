@@ -24,9 +24,10 @@ import time
 from lvlm_region import engine as E
 from lvlm_region import timing
 from lvlm_region.config import RunConfig
-from lvlm_region.data import BatchStream, ImageTextDataset, build_dataset
+from lvlm_region.data import BatchStream, ImageTextDataset
 from lvlm_region.flops import BatchShape, FlopModel
-from lvlm_region.trainer import executed_images, loader, prepare, train
+from lvlm_region.images import ImageLoader
+from lvlm_region.trainer import executed_images, loader, obtain_data, prepare, train
 
 
 def main() -> None:
@@ -47,9 +48,9 @@ def main() -> None:
 
         # the batches of this job, as the harness sees them
         s = prepare(RunConfig(stage="sft", output_dir=out, micro_batch=args.micro_batch, num_workers=0))
-        ds = build_dataset(s.cfg.data, s.tok)
-        stream = BatchStream(loader(ImageTextDataset(ds, s.cfg.image_folder, s.processor.image_processor), s,
-                                    shuffle=True, drop_last=True))
+        ds, folder = obtain_data(s.cfg.data, s.cfg.image_folder, "train", s)
+        load_image = ImageLoader(s.processor.image_processor, s.cfg.image_aspect_ratio)
+        stream = BatchStream(loader(ImageTextDataset(ds, folder, load_image), s, shuffle=True, drop_last=True))
         micro = [next(stream) for _ in range(args.grad_accum)]
 
     timer, totals, window = timing.StepTimer(), timing.Totals(warmup=5), timing.Totals(warmup=0)

@@ -4,8 +4,8 @@ The result is a transformers-format LlavaForConditionalGeneration directory with
 (``AutoModelForImageTextToText.from_pretrained`` loads it and can generate): the LLM's decoder and LM head and the
 vision checkpoint's encoder are the loaded modules themselves (placed into Llava's own attributes, no weight
 renaming), the projector is freshly initialised, the tokenizer gains ``<image>`` (and a pad token if it has
-none) with the embeddings resized, and a chat template is set when the tokenizer has none (Vicuna v1, as
-LLaVA-1.5). Vision features: the penultimate layer's patch tokens; CLIP drops its class token ("default"),
+none) with the embeddings resized, and the run's chat template written in when it names a built-in one
+(``templates.BUILTIN``; otherwise the LLM's own is kept). Vision features: the penultimate layer's patch tokens; CLIP drops its class token ("default"),
 SigLIP has none ("full"). Image size, normalisation and processor come from the vision checkpoint.
 """
 from __future__ import annotations
@@ -21,7 +21,6 @@ from transformers import (AutoConfig, AutoImageProcessor, AutoModelForCausalLM, 
                           LlavaConfig, LlavaForConditionalGeneration, LlavaProcessor, SiglipVisionModel)
 from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
 
-from .data import VICUNA_SYSTEM
 from .model import class_tokens, image_seq_length
 
 log = logging.getLogger(__name__)
@@ -31,16 +30,6 @@ PROJECTORS = ("mlp2x_gelu",)  # transformers' LlavaMultiModalProjector: Linear, 
 VISION_TYPES = {"clip": "clip_vision_model", "siglip": "siglip_vision_model"}  # full model -> its vision part
 TOWERS = {"clip_vision_model": CLIPVisionModel, "siglip_vision_model": SiglipVisionModel}
 DONE = "ASSEMBLED"  # marker written last: the directory is complete
-# LLaVA-1.5's conversation format (data.TEMPLATES["vicuna_v1"]) as a chat template, for LLMs without one.
-VICUNA_CHAT_TEMPLATE = (
-    VICUNA_SYSTEM + "{% for m in messages %}{% if m['role'] == 'user' %}{{ ' USER: ' }}"
-    "{% if m['content'] is string %}{{ m['content'] }}{% else %}{% for c in m['content'] %}{% if c['type'] == 'image' %}"
-    "{{ '<image>\n' }}{% elif c['type'] == 'text' %}{{ c['text'] }}{% endif %}{% endfor %}{% endif %}"
-    "{% elif m['role'] == 'assistant' %}{{ ' ASSISTANT: ' }}{% if m['content'] is string %}{{ m['content'] }}"
-    "{% else %}{% for c in m['content'] %}{% if c['type'] == 'text' %}{{ c['text'] }}{% endif %}{% endfor %}{% endif %}"
-    "{{ eos_token }}{% endif %}{% endfor %}{% if add_generation_prompt %}{{ ' ASSISTANT:' }}{% endif %}")
-
-
 def _config(flag: str, path: str):
     if not os.path.isfile(os.path.join(path, "config.json")):
         raise FileNotFoundError(f"{flag} {path}: no config.json there; give a local transformers checkpoint directory")
@@ -72,8 +61,10 @@ def check(llm: str, vision: str, projector: str) -> tuple:
     return llm_cfg, vision_cfg
 
 
-def assemble(llm: str, vision: str, projector: str, out: str, seed: int = 0) -> str:
+def assemble(llm: str, vision: str, projector: str, out: str, seed: int = 0, chat_template: str | None = None) -> str:
     """Build and save the Llava model, tokenizer and processor into ``out`` (rank 0 only); returns ``out``.
+
+    ``chat_template`` (the run's built-in template), when given, replaces the LLM tokenizer's own.
 
     Written to a temporary directory and renamed, with a marker file last, so a crash leaves nothing half-built.
     """
@@ -87,9 +78,8 @@ def assemble(llm: str, vision: str, projector: str, out: str, seed: int = 0) -> 
             tok.pad_token = tok.unk_token
         else:
             tok.add_special_tokens({"pad_token": "<pad>"})
-    if not tok.chat_template:
-        tok.chat_template = VICUNA_CHAT_TEMPLATE
-        log.info("--llm %s has no chat template; set LLaVA-1.5's Vicuna v1 template", llm)
+    if chat_template is not None:
+        tok.chat_template = chat_template
     config = LlavaConfig(vision_config=vision_cfg.to_dict(), text_config=llm_cfg.to_dict(),
                          image_token_id=tok.convert_tokens_to_ids(IMAGE_TOKEN), projector_hidden_act="gelu",
                          vision_feature_layer=-2, vision_feature_select_strategy=strategy,
@@ -124,7 +114,7 @@ def assemble(llm: str, vision: str, projector: str, out: str, seed: int = 0) -> 
     model.save_pretrained(tmp)
     processor.save_pretrained(tmp)
     with open(os.path.join(tmp, DONE), "w") as f:
-        json.dump(sources(llm, vision, projector, seed), f)
+        json.dump(sources(llm, vision, projector, seed, chat_template), f)
     if os.path.exists(out):
         shutil.rmtree(out)
     os.rename(tmp, out)
@@ -132,15 +122,16 @@ def assemble(llm: str, vision: str, projector: str, out: str, seed: int = 0) -> 
     return out
 
 
-def sources(llm: str, vision: str, projector: str, seed: int) -> dict:
+def sources(llm: str, vision: str, projector: str, seed: int, chat_template: str | None = None) -> dict:
     """What an assembled directory was built from (its marker file), so changed parts are never reused."""
-    return {"llm": os.path.abspath(llm), "vision": os.path.abspath(vision), "projector": projector, "seed": seed}
+    return {"llm": os.path.abspath(llm), "vision": os.path.abspath(vision), "projector": projector, "seed": seed,
+            "chat_template": chat_template}
 
 
-def is_assembled(out: str, llm: str, vision: str, projector: str, seed: int) -> bool:
+def is_assembled(out: str, llm: str, vision: str, projector: str, seed: int, chat_template: str | None = None) -> bool:
     """Whether ``out`` is a complete assembly of exactly these parts (a rerun or resume reuses it)."""
     marker = os.path.join(out, DONE)
     if not os.path.isfile(marker):
         return False
     with open(marker) as f:
-        return json.load(f) == sources(llm, vision, projector, seed)
+        return json.load(f) == sources(llm, vision, projector, seed, chat_template)

@@ -23,10 +23,20 @@ def build_parser(stage: str, doc: str) -> argparse.ArgumentParser:
     p.add_argument("--init", help="stage-1 output dir whose projector starts this run")
     p.add_argument("--init-projector", metavar="FILE", help="LLaVA / Bunny stage-1 mm_projector.bin "
                    "(model.mm_projector.0/2.*) to start the projector from; shapes are checked before loading")
-    p.add_argument("--data", help="LLaVA-format JSON (default: the generated demo data)")
+    p.add_argument("--data", help="LLaVA JSON / JSONL, messages+images JSON(L), Parquet, Arrow, a `datasets` dir, or "
+                                  "a dir from data_prep/prepare.py (default: the generated demo data)")
     p.add_argument("--image-folder", help="root of the data's image paths (default: the data file's directory)")
-    p.add_argument("--eval-data", help="held-out LLaVA JSON for loss and answer accuracy at the end")
-    p.add_argument("--template", help="conversation template: plain | vicuna_v1")
+    p.add_argument("--eval-data", help="held-out data (as --data) for loss and answer accuracy at the end")
+    p.add_argument("--template", help="plain | auto (the tokenizer's own chat template) | vicuna_v1 | llama3 | phi3 | "
+                                      f"chatml (default: {'plain' if stage == 'pretrain' else 'auto'})")
+    p.add_argument("--image-aspect-ratio", help="pad (to a square in the mean colour, as LLaVA-1.5 SFT) | square "
+                                                f"(default: {'square' if stage == 'pretrain' else 'pad'})")
+    p.add_argument("--on-bad-sample", default="skip", help="skip (drop and count each, default) | error")
+    p.add_argument("--max-bad-fraction", type=float, default=0.05,
+                   help="stop before training when more of the samples than this are bad (default 0.05)")
+    p.add_argument("--verify-images", default="decode", help="decode (every image while preparing, default) | "
+                                                             "header (size checks only, faster)")
+    p.add_argument("--prep-workers", type=int, help="processes preparing the data (default: the CPU count)")
     p.add_argument("--output-dir", required=True, help="where the model, run.json and metrics.jsonl go")
     p.add_argument("--zero", type=int, default=2, help="ZeRO stage 2 or 3 (ds_configs/zero{N}.json)")
     p.add_argument("--ds-config", help="a DeepSpeed JSON to use instead of ds_configs/zero{N}.json")

@@ -24,10 +24,16 @@ class RunConfig:
     projector: str = "mlp2x_gelu"  # the projector type of an assembled model
     init: str | None = None  # stage-1 output dir whose projector starts this run
     init_projector: str | None = None  # a LLaVA / Bunny mm_projector.bin to start the projector from instead
-    data: str | None = None  # LLaVA JSON; None = the demo's file for this stage
-    image_folder: str | None = None  # root of the data's relative image paths; default: the data file's dir
-    eval_data: str | None = None  # held-out LLaVA JSON (sft); None = the demo's eval file when on demo data
-    template: str | None = None  # conversation template; stage default: plain / vicuna_v1
+    data: str | None = None  # JSON / JSONL / Parquet / Arrow / datasets dir, or a prepared dir; None = the demo's
+    image_folder: str | None = None  # root of relative image paths; default: the data file's dir (prepared: its own)
+    eval_data: str | None = None  # held-out data (sft), as --data; None = the demo's eval file when on demo data
+    template: str | None = None  # plain | auto (the tokenizer's own) | vicuna_v1 | llama3 | phi3 | chatml;
+    #                              stage default: plain / auto
+    image_aspect_ratio: str | None = None  # pad (to a square, mean colour) | square; stage default: square / pad
+    on_bad_sample: str = "skip"  # skip: drop and count each bad sample | error: stop at the first
+    max_bad_fraction: float = 0.05  # more bad samples than this stops the run before training, with a summary
+    verify_images: str = "decode"  # decode every image while preparing (finds truncated files) | header only
+    prep_workers: int | None = None  # processes that prepare the data (default: the CPU count)
     zero: int = 2  # ZeRO stage: 2 or 3 (picks ds_configs/zero{N}.json)
     ds_config: str | None = None  # any DeepSpeed JSON instead of ds_configs/zero{N}.json
     max_steps: int | None = None  # optimizer steps; overrides epochs when set
@@ -72,7 +78,22 @@ class RunConfig:
         if self.region is None:
             self.region = "none" if self.stage == "pretrain" else "uniform25"
         if self.template is None:
-            self.template = "plain" if self.stage == "pretrain" else "vicuna_v1"
+            self.template = "plain" if self.stage == "pretrain" else "auto"
+        if self.image_aspect_ratio is None:  # as LLaVA-1.5: square crops for stage 1, padding for SFT
+            self.image_aspect_ratio = "square" if self.stage == "pretrain" else "pad"
+        from .images import ASPECTS
+        from .templates import NAMES
+        if self.template not in NAMES:
+            raise ValueError(f"--template must be one of {', '.join(NAMES)}, got {self.template!r}")
+        if self.image_aspect_ratio not in ASPECTS:
+            raise ValueError(f"--image-aspect-ratio must be one of {', '.join(ASPECTS)}, got "
+                             f"{self.image_aspect_ratio!r}")
+        if self.on_bad_sample not in ("skip", "error"):
+            raise ValueError(f"--on-bad-sample must be skip or error, got {self.on_bad_sample!r}")
+        if not 0 <= self.max_bad_fraction <= 1:
+            raise ValueError(f"--max-bad-fraction must be in [0, 1], got {self.max_bad_fraction}")
+        if self.verify_images not in ("decode", "header"):
+            raise ValueError(f"--verify-images must be decode or header, got {self.verify_images!r}")
         if self.tuner not in ("full", "lora"):
             raise ValueError(f"--tuner must be full or lora, got {self.tuner!r}")
         lora = self.tuner == "lora"
@@ -93,8 +114,6 @@ class RunConfig:
             self.data = os.path.join(DEMO_DIR, "pretrain.json" if self.stage == "pretrain" else "sft_train.json")
             if self.stage == "sft" and self.eval_data is None:
                 self.eval_data = os.path.join(DEMO_DIR, "sft_eval.json")
-        if self.image_folder is None:
-            self.image_folder = os.path.dirname(os.path.abspath(self.data))
         if self.zero not in (2, 3):
             raise ValueError(f"--zero must be 2 or 3 (or pass --ds-config), got {self.zero}")
         if self.precision not in ("auto", "bf16", "fp16", "fp32"):

@@ -1,14 +1,12 @@
-"""LLaVA-format conversation data: read, render with a template, tokenize, mask, batch.
+"""Prepared samples -> batches: lazy image loading, padding collate, resumable sharded sampling.
 
-Input is LLaVA's JSON list: {"id", "image" (optional, relative to the image folder),
-"conversations": [{"from": "human", "value": "<image>\\nQ"}, {"from": "gpt", "value": "A"}, ...]}.
-Loss is taken only on assistant replies and their end-of-sequence token.
+Samples come from ``lvlm_region.prepare`` (token ids, labels, image paths). Images are read in DataLoader
+workers; an image that fails to decode is replaced by the next sample that loads, and counted.
 """
 from __future__ import annotations
 
 import atexit
 import functools
-import json
 import logging
 import multiprocessing
 import multiprocessing.util  # registers its exit hook now, so ours (below) runs before it
@@ -16,162 +14,49 @@ import os
 import signal
 from dataclasses import dataclass
 
-import datasets
 import torch
-from PIL import Image
+
+from .images import DECODE_ERRORS, ImageLoader
+from .templates import IGNORE
 
 log = logging.getLogger(__name__)
-
-IMAGE_PLACEHOLDER = "<image>"
-IGNORE = -100
-VICUNA_SYSTEM = ("A chat between a curious human and an artificial intelligence assistant. "
-                 "The assistant gives helpful, detailed, and polite answers to the human's questions.")
-
-
-@dataclass(frozen=True)
-class Template:
-    """How a conversation becomes text. Human text is never trained on; assistant replies are."""
-
-    name: str
-    system: str  # text before the first turn ("" for none)
-    user: str  # format of a human turn, with {text}
-    assistant_prefix: str  # text that opens an assistant turn (not trained on)
-    image_only_prompt: bool = False  # plain: the human turn is reduced to its image
-
-
-TEMPLATES = {
-    # Stage 1 (LLaVA "plain"): image tokens followed by the caption.
-    "plain": Template("plain", system="", user="{text}", assistant_prefix="", image_only_prompt=True),
-    # LLaVA-1.5 "vicuna_v1".
-    "vicuna_v1": Template("vicuna_v1", system=VICUNA_SYSTEM, user=" USER: {text}", assistant_prefix=" ASSISTANT:"),
-}
-
-
-def get_template(name: str) -> Template:
-    if name not in TEMPLATES:
-        raise ValueError(f"unknown template {name!r}; known: {', '.join(TEMPLATES)}")
-    return TEMPLATES[name]
-
-
-def read_llava_json(path: str) -> list[dict]:
-    """Read and validate a LLaVA JSON list; errors name the sample and what is wrong."""
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"data file {path} does not exist")
-    with open(path) as f:
-        try:
-            samples = json.load(f)
-        except json.JSONDecodeError as e:
-            raise ValueError(f"{path} is not valid JSON: {e}") from e
-    if not isinstance(samples, list) or not samples:
-        raise ValueError(f"{path} must hold a non-empty JSON list of LLaVA samples")
-    for i, s in enumerate(samples):
-        conv = s.get("conversations") if isinstance(s, dict) else None
-        where = f"{path} sample {i} (id {s.get('id') if isinstance(s, dict) else None!r})"
-        if not isinstance(conv, list) or len(conv) < 2:
-            raise ValueError(f"{where}: needs 'conversations' with at least a human and a gpt turn")
-        roles = [t.get("from") for t in conv]
-        if roles[0] != "human" or any(r not in ("human", "gpt") for r in roles) or roles[-1] != "gpt":
-            raise ValueError(f"{where}: turns must alternate human/gpt, start with human and end with gpt; got {roles}")
-        n_img = sum(t["value"].count(IMAGE_PLACEHOLDER) for t in conv)
-        if n_img != (1 if s.get("image") else 0):
-            raise ValueError(f"{where}: has {n_img} {IMAGE_PLACEHOLDER} placeholders but "
-                             f"{'one image' if s.get('image') else 'no image'}")
-    return samples
-
-
-def render(conversations: list[dict], template: Template) -> list[tuple[str, bool]]:
-    """Conversation -> [(text, trained)] segments, in order."""
-    segs: list[tuple[str, bool]] = [(template.system, False)] if template.system else []
-    for turn in conversations:
-        text = turn["value"]
-        if turn["from"] == "human":
-            if template.image_only_prompt:
-                text = IMAGE_PLACEHOLDER if IMAGE_PLACEHOLDER in text else ""
-            segs.append((template.user.format(text=text) + template.assistant_prefix, False))
-        else:
-            segs.append((" " + text.strip() if template.assistant_prefix else text.strip(), True))
-    return segs
-
-
-def tokenize(segments: list[tuple[str, bool]], tokenizer, image_token_id: int, n_image_tokens: int) -> dict:
-    """Token ids and labels; each <image> becomes n_image_tokens image tokens; trained segments end in EOS."""
-    ids: list[int] = [tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else []
-    labels: list[int] = [IGNORE] * len(ids)
-    for text, trained in segments:
-        seg: list[int] = []
-        for j, piece in enumerate(text.split(IMAGE_PLACEHOLDER)):
-            if j:
-                seg += [image_token_id] * n_image_tokens
-            if piece.strip():
-                seg += tokenizer(piece, add_special_tokens=False)["input_ids"]
-        if trained:
-            seg.append(tokenizer.eos_token_id)
-        ids += seg
-        labels += seg if trained else [IGNORE] * len(seg)
-    return {"input_ids": ids, "labels": labels}
-
-
-@dataclass
-class Tokenized:
-    """What the model needs to know about tokens: the image token and how many per image."""
-
-    tokenizer: object
-    image_token_id: int
-    n_image_tokens: int
-    template: Template
-    max_length: int
-
-
-def build_dataset(path: str, tok: Tokenized) -> datasets.Dataset:
-    """Read, validate, render and tokenize a LLaVA JSON file into a ``datasets.Dataset``.
-
-    Samples longer than max_length are dropped (never truncated through image tokens) and counted.
-    """
-    samples = read_llava_json(path)
-    raw = datasets.Dataset.from_list([{"id": str(s.get("id", i)), "image": s.get("image") or "",
-                                       "conversations": json.dumps(s["conversations"])}
-                                      for i, s in enumerate(samples)])
-
-    def encode(ex):
-        out = tokenize(render(json.loads(ex["conversations"]), tok.template), tok.tokenizer,
-                       tok.image_token_id, tok.n_image_tokens)
-        out["length"] = len(out["input_ids"])
-        return out
-
-    ds = raw.map(encode, keep_in_memory=True)
-    keep = ds.filter(lambda ex: ex["length"] <= tok.max_length, keep_in_memory=True)
-    if len(keep) < len(ds):
-        log.warning("%s: dropped %d of %d samples longer than max_length %d", path, len(ds) - len(keep),
-                    len(ds), tok.max_length)
-    if len(keep) == 0:
-        raise ValueError(f"{path}: every sample is longer than max_length {tok.max_length}; raise --max-length")
-    return keep
+MAX_REPLACEMENTS = 64  # consecutive undecodable samples before a worker gives up (the data is broken, not a file)
 
 
 class ImageTextDataset(torch.utils.data.Dataset):
-    """Tokenized samples; images are read and processed lazily (in DataLoader workers)."""
+    """Prepared samples; images are read and processed lazily (in DataLoader workers).
 
-    def __init__(self, ds: datasets.Dataset, image_folder: str, image_processor):
-        self.ds, self.image_folder, self.image_processor = ds, image_folder, image_processor
+    An item is {input_ids, labels[, pixel_values [n_images, 3, H, W]], replaced}. If a sample's image fails to
+    decode (a file truncated or changed after preparation), the next sample in the data that loads takes its
+    place and ``replaced`` counts the samples skipped: training never stops on one bad file.
+    """
+
+    def __init__(self, ds, image_folder: str, load_image: ImageLoader):
+        self.ds, self.image_folder, self.load_image = ds, image_folder, load_image
 
     def __len__(self) -> int:
         return len(self.ds)
 
     def __getitem__(self, i: int) -> dict:
-        ex = self.ds[i]
-        item = {"input_ids": torch.tensor(ex["input_ids"]), "labels": torch.tensor(ex["labels"])}
-        if ex["image"]:
-            with Image.open(os.path.join(self.image_folder, ex["image"])) as im:
-                item["pixel_values"] = self.image_processor(im.convert("RGB"), return_tensors="pt")["pixel_values"][0]
-        return item
-
-
-def check_images(ds: datasets.Dataset, image_folder: str) -> None:
-    """Fail before training if any referenced image file is missing."""
-    missing = [p for p in ds["image"] if p and not os.path.isfile(os.path.join(image_folder, p))]
-    if missing:
-        raise FileNotFoundError(f"{len(missing)} image files are missing under --image-folder {image_folder}, "
-                                f"e.g. {missing[0]}; check --image-folder")
+        for replaced in range(MAX_REPLACEMENTS):
+            ex = self.ds[(i + replaced) % len(self.ds)]
+            pixels = []
+            for p in ex["images"]:
+                path = os.path.join(self.image_folder, p)
+                try:
+                    pixels.append(self.load_image(path))
+                except DECODE_ERRORS as e:
+                    log.warning("sample %r: image %s failed to decode (%s: %s); using the next sample instead",
+                                ex["id"], path, type(e).__name__, e)
+                    break
+            else:
+                item = {"input_ids": torch.tensor(ex["input_ids"]), "labels": torch.tensor(ex["labels"]),
+                        "replaced": replaced}
+                if pixels:
+                    item["pixel_values"] = torch.stack(pixels)
+                return item
+        raise RuntimeError(f"{MAX_REPLACEMENTS} samples in a row from index {i} have images that fail to decode; "
+                           f"check --image-folder {self.image_folder} and the files")
 
 
 @dataclass(frozen=True)
@@ -193,7 +78,7 @@ def collate(batch: list[dict], pad_token_id: int, left_pad: bool = False, dummy:
     different parameter gathers from the others and stall or corrupt the collectives.
     """
     T = max(len(b["input_ids"]) for b in batch)
-    images = [b["pixel_values"] for b in batch if "pixel_values" in b]
+    images = [b["pixel_values"] for b in batch if "pixel_values" in b]  # each [n_images, 3, H, W]
     extra = dummy.n_image_tokens if (dummy is not None and not images and not left_pad) else 0
     ids = torch.full((len(batch), T + extra), pad_token_id, dtype=torch.long)
     labels = torch.full((len(batch), T + extra), IGNORE, dtype=torch.long)
@@ -202,12 +87,13 @@ def collate(batch: list[dict], pad_token_id: int, left_pad: bool = False, dummy:
         n = len(b["input_ids"])
         sl = slice(T - n, T) if left_pad else slice(0, n)
         ids[r, sl], labels[r, sl], mask[r, sl] = b["input_ids"], b["labels"], 1
-    out = {"input_ids": ids, "labels": labels, "attention_mask": mask, "real_images": len(images)}
+    out = {"input_ids": ids, "labels": labels, "attention_mask": mask, "real_images": sum(len(x) for x in images),
+           "replaced": sum(b.get("replaced", 0) for b in batch)}
     if extra:
         ids[0, T:] = dummy.image_token_id
-        images = [torch.zeros(3, dummy.image_size, dummy.image_size)]
+        images = [torch.zeros(1, 3, dummy.image_size, dummy.image_size)]
     if images:
-        out["pixel_values"] = torch.stack(images)
+        out["pixel_values"] = torch.cat(images)
     for key in batch[0].keys() - out.keys() - {"pixel_values"}:  # anything else (index, answer) as a list
         out[key] = [b[key] for b in batch]
     return out

@@ -28,7 +28,7 @@ POSITIONS = ("top left", "top right", "bottom left", "bottom right")
 QUESTIONS = {"color": "What color is the shape?", "shape": "Which shape is in the image?",
              "position": "Where is the shape?"}
 IMAGE_SIZE = 32  # with 16-pixel patches: one image token per quadrant
-DONE_MARKER = "COMPLETE"
+DONE_MARKER = "COMPLETE-2"  # bumped when the demo's contents change, so an older directory is rebuilt
 
 
 def chance_accuracy() -> float:
@@ -93,7 +93,7 @@ def train_tokenizer(out_dir: str, vocab_size: int = 160) -> str:
     import sentencepiece as spm
     from transformers import LlamaTokenizer
 
-    from .data import VICUNA_SYSTEM
+    from .templates import BUILTIN, VICUNA_SYSTEM
 
     lines = [VICUNA_SYSTEM, "USER: ASSISTANT:", *QUESTIONS.values()]
     for fname in ("pretrain.json", "sft_train.json"):
@@ -111,6 +111,7 @@ def train_tokenizer(out_dir: str, vocab_size: int = 160) -> str:
             user_defined_symbols=["<image>", *slot_tokens()], hard_vocab_limit=False, minloglevel=2)
     tok = LlamaTokenizer.from_pretrained(tok_dir)
     tok.pad_token = "<pad>"
+    tok.chat_template = BUILTIN["vicuna_v1"]  # as a released chat model carries its format (--template auto)
     tok.save_pretrained(tok_dir)
     return tok_dir
 
@@ -138,7 +139,8 @@ def pretrain_language(model, tok, out_dir: str, seed: int, steps: int = 600, bat
     """
     import torch
 
-    from .data import TEMPLATES, render, tokenize
+    from .formats import normalize
+    from .templates import BUILTIN, ChatFormat, tokenize
     from .model import image_seq_length, token_loss_sum, valid_tokens
 
     n_image = image_seq_length(model.config)
@@ -152,7 +154,8 @@ def pretrain_language(model, tok, out_dir: str, seed: int, steps: int = 600, bat
     for fname, template in (("pretrain.json", "plain"), ("sft_train.json", "vicuna_v1")):
         with open(os.path.join(out_dir, fname)) as f:
             for s in json.load(f):
-                row = tokenize(render(s["conversations"], TEMPLATES[template]), tok, image_id, n_image)
+                messages = normalize(json.dumps(s))["messages"]
+                row = tokenize(ChatFormat(template, BUILTIN[template]).segments(tok, messages), tok, image_id, n_image)
                 slots = iter(tok.convert_tokens_to_ids(scene_slots(captions[s["image"]])))
                 row["input_ids"] = [next(slots) if i == image_id else i for i in row["input_ids"]]
                 rows.append(row)
@@ -194,7 +197,8 @@ def build_base_model(out_dir: str, tok_dir: str, seed: int) -> str:
     processor = LlavaProcessor(image_processor=make_image_processor(cfg.vision_config.image_size), tokenizer=tok,
                                patch_size=cfg.vision_config.patch_size, image_token="<image>",
                                vision_feature_select_strategy=cfg.vision_feature_select_strategy,
-                               num_additional_image_tokens=class_tokens(cfg.vision_config))
+                               num_additional_image_tokens=class_tokens(cfg.vision_config),
+                               chat_template=tok.chat_template)
     processor.save_pretrained(path)
     return path
 

@@ -13,7 +13,9 @@ import torch
 import torch.distributed as dist
 
 from . import engine as E
-from .data import ImageTextDataset, render, to_device, tokenize
+from .data import ImageTextDataset, to_device
+from .images import ImageLoader
+from .templates import end_of_turn_id, tokenize
 from .model import token_loss_sum, valid_tokens
 
 log = logging.getLogger(__name__)
@@ -32,8 +34,10 @@ def evaluate(engine, eval_ds, image_folder: str, s, cfg, dtype: torch.dtype, dev
     model.eval()
     if cfg.eval_max_samples:
         eval_ds = eval_ds.select(range(min(cfg.eval_max_samples, len(eval_ds))))
-    pad_id = s.tok.tokenizer.pad_token_id
-    images = s.processor.image_processor
+    tokenizer = s.tokenizer
+    pad_id = tokenizer.pad_token_id
+    stop_ids = sorted({tokenizer.eos_token_id, end_of_turn_id(s.encoding.template, tokenizer)})
+    images = ImageLoader(s.processor.image_processor, cfg.image_aspect_ratio)
 
     # Held-out loss over valid tokens (duplicates from shard padding are counted on both ranks; the
     # DistributedSampler pads at most world_size - 1 samples).
@@ -47,7 +51,7 @@ def evaluate(engine, eval_ds, image_folder: str, s, cfg, dtype: torch.dtype, dev
     loss_sum, n_valid = E.all_reduce_sum([loss_sum, n_valid])
 
     # Greedy answers, compared after normalisation with the reference reply.
-    prompts = PromptDataset(eval_ds, image_folder, images, s.tok)
+    prompts = PromptDataset(eval_ds, image_folder, images, s.encoding, tokenizer)
     results: list[tuple[int, bool, str]] = []
     zero3 = E.is_zero3(engine)
     for b in loader(prompts, s, shuffle=False, drop_last=False, left_pad=True):
@@ -55,8 +59,8 @@ def evaluate(engine, eval_ds, image_folder: str, s, cfg, dtype: torch.dtype, dev
         b = to_device(b, device, dtype)
         gen = model.generate(input_ids=b["input_ids"], attention_mask=b["attention_mask"],
                              pixel_values=b.get("pixel_values"), max_new_tokens=cfg.max_new_tokens, do_sample=False,
-                             pad_token_id=pad_id, eos_token_id=s.tok.tokenizer.eos_token_id, synced_gpus=zero3)
-        texts = s.tok.tokenizer.batch_decode(gen[:, b["input_ids"].shape[1]:], skip_special_tokens=True)
+                             pad_token_id=pad_id, eos_token_id=stop_ids, synced_gpus=zero3)
+        texts = tokenizer.batch_decode(gen[:, b["input_ids"].shape[1]:], skip_special_tokens=True)
         results += [(i, normalize(t) == normalize(a), t) for i, t, a in zip(index, texts, answers)]
     gathered = [None] * E.world_size()
     if dist.is_initialized():
@@ -73,16 +77,17 @@ def evaluate(engine, eval_ds, image_folder: str, s, cfg, dtype: torch.dtype, dev
 class PromptDataset(ImageTextDataset):
     """Held-out samples cut before their last reply; yields prompt ids, image, reference answer and index."""
 
-    def __init__(self, ds, image_folder, image_processor, tok):
-        super().__init__(ds, image_folder, image_processor)
-        self.tok = tok
+    def __init__(self, ds, image_folder, load_image, encoding, tokenizer):
+        super().__init__(ds, image_folder, load_image)
+        self.encoding, self.tokenizer = encoding, tokenizer
 
     def __getitem__(self, i: int) -> dict:
         item = super().__getitem__(i)
-        ex = self.ds[i]
-        conv = json.loads(ex["conversations"])
-        ids = tokenize(render(conv[:-1], self.tok.template), self.tok.tokenizer, self.tok.image_token_id,
-                       self.tok.n_image_tokens)["input_ids"]
+        ex = self.ds[(i + item["replaced"]) % len(self.ds)]  # the sample whose images were loaded
+        messages = json.loads(ex["messages"])
+        prompt = self.encoding.template.prompt(self.tokenizer, messages[:-1])
+        ids = tokenize([(prompt, False)], self.tokenizer, self.encoding.image_token_id,
+                       self.encoding.n_image_tokens)["input_ids"]
         item["input_ids"] = item["labels"] = torch.tensor(ids)
-        item["answer"], item["index"] = conv[-1]["value"], i
+        item["answer"], item["index"] = messages[-1]["content"], i
         return item

@@ -17,14 +17,15 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 from tqdm import tqdm
-from transformers import AutoConfig, AutoProcessor
+from transformers import AutoConfig, AutoTokenizer
 
-from . import assemble, checkpoint, demo, engine as E, lora, regions, timing
+from . import assemble, checkpoint, demo, engine as E, formats, lora, prepare as P, regions, templates, timing
 from .config import DEMO_DIR, RunConfig
-from .data import BatchStream, DummyImage, ImageTextDataset, Tokenized, build_dataset, check_images, get_template, make_loader, to_device
+from .data import BatchStream, DummyImage, ImageTextDataset, make_loader, to_device
 from .evaluate import evaluate
 from .flops import BatchShape, FlopModel
-from .model import (PROJECTOR_FILE, apply_region, enable_checkpointing, find_parts, image_seq_length, import_projector,
+from .images import ImageLoader
+from .model import (PROJECTOR_FILE, apply_region, enable_checkpointing, find_parts, import_projector,
                     load_model, load_projector, num_decoder_layers, projector_parameters, read_mm_projector,
                     resolve_attention, save_projector, skeleton, token_loss_sum, valid_tokens)
 
@@ -54,7 +55,8 @@ class Setup:
     precision: str
     ds_config: dict
     processor: object
-    tok: Tokenized
+    tokenizer: object
+    encoding: P.Encoding  # template, image tokens and max length: how samples become token ids
     dummy: DummyImage
     attn: str  # the attention implementation actually used
     projector: dict | None = None  # --init-projector's tensors, keyed as the projector's state_dict
@@ -73,8 +75,13 @@ def prepare(cfg: RunConfig) -> Setup:
                      "(run launch/pretrain.py first and pass --init to start from a trained one)")
     if cfg.llm is not None:  # every rank checks the parts' configs; rank 0 builds the model once
         assemble.check(cfg.llm, cfg.vision, cfg.projector)
-        if E.rank() == 0 and not assemble.is_assembled(cfg.model_path, cfg.llm, cfg.vision, cfg.projector, cfg.seed):
-            assemble.assemble(cfg.llm, cfg.vision, cfg.projector, cfg.model_path, cfg.seed)
+        # The template must render with the LLM's own tokenizer before anything is built (auto needs one of its own);
+        # a built-in one is written into the assembled tokenizer, so the output carries what it was trained with.
+        fmt = templates.resolve(cfg.template, AutoTokenizer.from_pretrained(cfg.llm), f"--llm {cfg.llm}")
+        chat_template = fmt.source if fmt.conversational else None
+        if E.rank() == 0 and not assemble.is_assembled(cfg.model_path, cfg.llm, cfg.vision, cfg.projector, cfg.seed,
+                                                       chat_template):
+            assemble.assemble(cfg.llm, cfg.vision, cfg.projector, cfg.model_path, cfg.seed, chat_template)
         E.barrier()
     if not os.path.isfile(os.path.join(cfg.model_path, "config.json")):
         raise FileNotFoundError(f"--model {cfg.model_path}: no config.json; give a local transformers checkpoint dir")
@@ -90,24 +97,66 @@ def prepare(cfg: RunConfig) -> Setup:
     if torch.cuda.is_available() and not cfg.peak_tflops:
         timing.peak_for_gpu(torch.cuda.get_device_name())  # an unknown GPU fails here, on every rank, not at step 1
     ds_config = E.build_ds_config(cfg.zero, cfg.ds_config, cfg.micro_batch, cfg.grad_accum, cfg.grad_clip, precision)
-    processor = AutoProcessor.from_pretrained(cfg.model_path)
-    tokenizer = processor.tokenizer
+    encoding, tokenizer, processor = P.for_model(cfg.model_path, cfg.template, cfg.max_length, cfg.verify_images)
     if tokenizer.pad_token_id is None:
         raise ValueError(f"the tokenizer of {cfg.model_path} has no pad token; set one and save it")
-    tok = Tokenized(tokenizer=tokenizer, image_token_id=model_config.image_token_id,
-                    n_image_tokens=image_seq_length(model_config), template=get_template(cfg.template),
-                    max_length=cfg.max_length)
-    dummy = DummyImage(tok.image_token_id, tok.n_image_tokens, model_config.vision_config.image_size)
+    fmt = encoding.template
+    if fmt.conversational and fmt.name != "auto":  # the exported model formats prompts as it was trained
+        tokenizer.chat_template = processor.chat_template = fmt.source
+    for path in (cfg.data, cfg.eval_data):  # a prepared directory must match this model and template
+        if path and P.is_prepared(path):
+            P.check_matches(P.load_prepared(path)[1], path, encoding, tokenizer)
+        elif path:
+            formats.kind(path)
+    dummy = DummyImage(encoding.image_token_id, encoding.n_image_tokens, model_config.vision_config.image_size)
     projector = None
     if cfg.init_projector:  # read and checked against the config's shapes before any weights load
         projector = read_mm_projector(cfg.init_projector, find_parts(skeleton(model_config)).projector)
-    return Setup(cfg, region, precision, ds_config, processor, tok, dummy, attn, projector)
+    return Setup(cfg, region, precision, ds_config, processor, tokenizer, encoding, dummy, attn, projector)
 
 
 def loader(ds, s: "Setup", shuffle: bool, drop_last: bool, left_pad: bool = False):
     """A rank's loader; batches without images get the masked dummy image (data.collate)."""
-    return make_loader(ds, s.cfg.micro_batch, s.tok.tokenizer.pad_token_id, E.rank(), E.world_size(), s.cfg.seed,
+    return make_loader(ds, s.cfg.micro_batch, s.tokenizer.pad_token_id, E.rank(), E.world_size(), s.cfg.seed,
                        shuffle, drop_last, s.cfg.num_workers, left_pad, s.dummy)
+
+
+def obtain_data(path: str, image_folder: str | None, name: str, s: Setup):
+    """(prepared dataset, image folder) for --data / --eval-data.
+
+    A prepared directory is used as it is. A raw file is prepared once, by rank 0, into OUTPUT_DIR/prepared/NAME
+    (reused by a rerun or resume with the same inputs) while the other ranks wait for it on the file system: a
+    collective would time out on a data set that takes longer than the process group's timeout to prepare.
+    """
+    if P.is_prepared(path):
+        ds, meta = P.load_prepared(path)
+        return ds, image_folder or meta["identity"]["image_folder"]
+    cfg = s.cfg
+    folder = image_folder or os.path.dirname(os.path.abspath(path))
+    out = os.path.join(cfg.output_dir, "prepared", name)
+    failed = out + ".failed"
+    if E.rank() == 0 and os.path.exists(failed):
+        os.remove(failed)
+    E.barrier()
+    if E.rank() == 0:
+        try:
+            ds = P.prepare(path, folder, s.encoding, s.tokenizer, out, cfg.on_bad_sample, cfg.max_bad_fraction,
+                           cfg.prep_workers)
+        except Exception as e:
+            with open(failed, "w") as f:
+                f.write(str(e))
+            raise
+        return ds, folder
+    want = P.identity(path, folder, s.encoding, s.tokenizer)
+    waited = 0.0
+    while not (P.is_prepared(out) and P.load_prepared(out)[1]["identity"] == want):
+        if os.path.exists(failed):
+            raise P.DataError(f"rank 0 failed to prepare {path}: {open(failed).read()}")
+        time.sleep(1.0)
+        waited += 1.0
+        if waited % 120 == 0:
+            log.info("rank %d: waiting for rank 0 to prepare %s (%.0f s)", E.rank(), path, waited)
+    return P.load_prepared(out)[0], folder
 
 
 def train(cfg: RunConfig) -> "Result":
@@ -123,16 +172,11 @@ def train(cfg: RunConfig) -> "Result":
     os.makedirs(out, exist_ok=True)
     seed_everything(cfg.seed)
 
-    train_ds = build_dataset(cfg.data, s.tok)
-    check_images(train_ds, cfg.image_folder)
+    train_ds, train_folder = obtain_data(cfg.data, cfg.image_folder, "train", s)
     cfg.dataset_size = len(train_ds)
-    eval_ds = build_dataset(cfg.eval_data, s.tok) if cfg.eval_data else None
-    eval_folder = os.path.dirname(os.path.abspath(cfg.eval_data)) if cfg.eval_data else None
-    if eval_ds is not None:
-        check_images(eval_ds, eval_folder)
-    image_processor = s.processor.image_processor
-    train_loader = loader(ImageTextDataset(train_ds, cfg.image_folder, image_processor), s, shuffle=True,
-                          drop_last=True)
+    eval_ds, eval_folder = obtain_data(cfg.eval_data, None, "eval", s) if cfg.eval_data else (None, None)
+    load_image = ImageLoader(s.processor.image_processor, cfg.image_aspect_ratio)
+    train_loader = loader(ImageTextDataset(train_ds, train_folder, load_image), s, shuffle=True, drop_last=True)
     steps_per_epoch = len(train_loader) // cfg.grad_accum
     if steps_per_epoch < 1:
         raise ValueError(f"{len(train_ds)} samples give no full step of micro_batch {cfg.micro_batch} x grad_accum "
@@ -194,6 +238,7 @@ def train(cfg: RunConfig) -> "Result":
             log.info("resumed from %s at step %d (epoch %d, micro-batch %d)", resume_from, prior["step"],
                      prior["data"]["epoch"], prior["data"]["consumed"])
     start_step = prior["step"]
+    replaced = prior.get("images_replaced", 0)  # samples skipped because an image failed to decode, all ranks
 
     summary = {"status": "running", "config": cfg.to_dict(), "region": s.region.to_dict(), "parameters": counts,
                "world_size": E.world_size(), "precision": s.precision, "attn": s.attn, "ds_config": s.ds_config,
@@ -208,6 +253,7 @@ def train(cfg: RunConfig) -> "Result":
         """What a checkpoint at `step` records besides DeepSpeed's state (accumulated across restarts)."""
         wall = time.perf_counter() - session_start
         return {"step": step, "data": stream.state_dict(), "identity": identity, "totals": totals.state_dict(),
+                "images_replaced": replaced,
                 "time": {"elapsed_s": prior["time"]["elapsed_s"] + wall,
                          "gpu_seconds": prior["time"]["gpu_seconds"] + wall * E.world_size()}}
 
@@ -243,10 +289,11 @@ def train(cfg: RunConfig) -> "Result":
         work = flop_model.step([BatchShape(*b["input_ids"].shape, images=executed_images(b)) for b in micro])
         with timer.phase("optimizer"):
             # One collective for the loss, the stop request and the step's work: every rank stops together.
-            loss_total, stops, n_tokens, n_samples, n_images, f_model, f_hw = E.all_reduce_sum(
+            loss_total, stops, n_tokens, n_samples, n_images, f_model, f_hw, n_replaced = E.all_reduce_sum(
                 [loss_sum, float(stop.poll()), sum(float(b["attention_mask"].sum()) for b in micro),
                  sum(len(b["input_ids"]) for b in micro), sum(b["real_images"] for b in micro), work.model,
-                 work.hardware])
+                 work.hardware, sum(b["replaced"] for b in micro)])
+        replaced += int(n_replaced)
         times = timer.finish()
         totals.add(times, n_tokens, n_samples, n_images, f_model, f_hw)
         window.add(times, n_tokens, n_samples, n_images, f_model, f_hw)
@@ -260,7 +307,8 @@ def train(cfg: RunConfig) -> "Result":
                    "grad_norm": _float(engine.get_global_grad_norm()),
                    "tokens_per_s": w["tokens_per_s_per_gpu"] * E.world_size(), "step_s": w["step_seconds"],
                    **{f"{p}_s": v for p, v in w["phase_seconds"].items()}, "tflops_per_step": w["model_tflops_per_step"],
-                   "mfu": w["mfu"] if rank0 else None, "peak_mem_gb": timing.peak_memory_bytes() / 1e9}
+                   "mfu": w["mfu"] if rank0 else None, "peak_mem_gb": timing.peak_memory_bytes() / 1e9,
+                   **({"images_replaced": replaced} if replaced else {})}
             window = timing.Totals(warmup=0)
             if rank0:
                 bar.write(f"step {step}/{total} | loss {rec['loss']:.4f} | lr {rec['lr']:.2e} | "
@@ -287,6 +335,10 @@ def train(cfg: RunConfig) -> "Result":
     bar.close()
     summary["final_loss"] = loss
     summary["steps_done"] = total
+    summary["images_replaced"] = replaced
+    if replaced and rank0:
+        log.warning("%d samples were replaced by the next one because an image failed to decode (see the warnings "
+                    "above for the files)", replaced)
 
     if cfg.export_model:
         save(engine, s.processor, out, adapters)

@@ -13,7 +13,7 @@ import parts  # noqa: E402
 
 from conftest import deepspeed_cmd, run  # noqa: E402
 from lvlm_region.assemble import assemble  # noqa: E402
-from lvlm_region.data import VICUNA_SYSTEM  # noqa: E402
+from lvlm_region.templates import BUILTIN, VICUNA_SYSTEM  # noqa: E402
 from lvlm_region.model import find_parts  # noqa: E402
 
 TOWER = {"clip": (parts.clip, CLIPVisionModel, "default"), "siglip": (parts.siglip, SiglipVisionModel, "full")}
@@ -28,7 +28,8 @@ def same(a: dict, b: dict) -> bool:
 def test_assembled_model_loads_with_auto_class_and_generates(tmp_path, family, vision):
     make_tower, tower_cls, strategy = TOWER[vision]
     llm_dir, vis_dir = parts.llm(tmp_path / "llm", family), make_tower(tmp_path / vision)
-    out = assemble(str(llm_dir), str(vis_dir), "mlp2x_gelu", str(tmp_path / "out"))
+    out = assemble(str(llm_dir), str(vis_dir), "mlp2x_gelu", str(tmp_path / "out"),
+                   chat_template=BUILTIN["vicuna_v1"])
     model = AutoModelForImageTextToText.from_pretrained(out)
     processor = AutoProcessor.from_pretrained(out)
     assert type(model).__name__ == "LlavaForConditionalGeneration"
@@ -57,7 +58,7 @@ def test_assembled_model_loads_with_auto_class_and_generates(tmp_path, family, v
     else:
         assert torch.equal(model.get_output_embeddings().weight[:n_words], src.get_output_embeddings().weight)
 
-    # Chat template (Vicuna v1: the tiny LLM has none), image size from the vision checkpoint, 4 image tokens
+    # Chat template (the run's --template vicuna_v1 written in; the tiny LLM has none), image size from the vision checkpoint, 4 image tokens
     # (32 / 16 squared; CLIP's class token dropped), then generation.
     prompt = processor.apply_chat_template([{"role": "user", "content": [
         {"type": "image"}, {"type": "text", "text": "what is in the top left"}]}], add_generation_prompt=True)
@@ -99,6 +100,17 @@ def test_bad_parts_fail_before_loading_with_the_file_named(demo_dir, tmp_path, c
     assert res.returncode == 2
     assert message.format(llm=llm, vision=vision) in res.stderr
     assert not (out / "base_model").exists()  # nothing was built
+
+
+def test_sft_from_an_llm_without_a_chat_template_needs_a_template_flag(demo_dir, tmp_path):
+    llm, vision = parts.llm(tmp_path / "llm", "llama"), parts.clip(tmp_path / "clip")  # no chat template
+    out = tmp_path / "run"
+    res = run([sys.executable, "launch/sft.py", "--llm", str(llm), "--vision", str(vision), "--data",
+               "data/demo/sft_train.json", "--output-dir", str(out)])
+    assert res.returncode == 2
+    assert (f"the tokenizer of --llm {llm} has no chat template (tokenizer_config.json / chat_template.jinja), and "
+            "conversations need one; pass --template with the format the LLM was trained in: vicuna_v1") in res.stderr
+    assert not (out / "base_model").exists()
 
 
 def test_pretrain_from_parts_on_two_ranks_trains_only_the_projector(demo_dir, tmp_path):

@@ -19,8 +19,17 @@ from conftest import deepspeed_cmd, run
     (["--model", "no/such/model", "--data", "x.json"], "--model no/such/model: no config.json"),
     (["--init-projector", "no/mm_projector.bin"], "--init-projector no/mm_projector.bin: no such file"),
     (["--init-projector", "{7b}"], "its linears (mm_projector.[0, 2]) have shapes"),
+    (["--template", "chatml"], "--template chatml writes the special tokens ['<|im_start|>', '<|im_end|>'], which the "
+                               "tokenizer of --model data/demo/base_model does not have"),
+    (["--template", "alpaca"], "--template must be one of auto, plain, vicuna_v1, llama3, phi3, chatml"),
+    (["--data", "no/such.jsonl"], "--data no/such.jsonl does not exist"),
+    (["--data", "{csv}"], "unknown file type '.csv'; give .json (a LLaVA list), .jsonl, .parquet"),
+    (["--image-aspect-ratio", "crop"], "--image-aspect-ratio must be one of pad, square"),
 ])
 def test_bad_input_fails_before_weights_load(demo_dir, tmp_path, flags, message):
+    if "{csv}" in flags:
+        flags = [str(tmp_path / "d.csv") if f == "{csv}" else f for f in flags]
+        (tmp_path / "d.csv").write_text("id,conversations\n")
     if "{7b}" in flags:  # LLaVA-1.5-7B's projector shapes (CLIP-L 1024 -> 4096) for the 128-wide demo LLM
         flags = [str(tmp_path / "mm_projector.bin") if f == "{7b}" else f for f in flags]
         torch.save({"model.mm_projector.0.weight": torch.zeros(4096, 1024), "model.mm_projector.0.bias": torch.zeros(4096),
@@ -65,3 +74,51 @@ def test_llava_mm_projector_starts_stage_2(demo_dir, tmp_path):
     saved = load_file(out / "projector.safetensors")
     assert torch.equal(saved["linear_1.weight"], src["model.mm_projector.0.weight"].float())
     assert torch.equal(saved["linear_2.bias"], src["model.mm_projector.2.bias"].float())
+
+
+def raw_jsonl_with_problems(tmp_path, demo_dir):
+    """16 good demo samples as JSONL in the messages style, one of them with an image truncated after its header
+    (passes --verify-images header, fails to decode in training), plus a malformed line and a missing image."""
+    samples = json.loads((demo_dir / "sft_train.json").read_text())[:16]
+    images = tmp_path / "images"
+    images.mkdir()
+    lines = []
+    for i, s in enumerate(samples):
+        src = (demo_dir / s["image"]).read_bytes()
+        name = f"{i}.png"
+        (images / name).write_bytes(src[: len(src) // 2] if i == 3 else src)
+        lines.append(json.dumps({"id": s["id"], "images": [name], "messages": [
+            {"role": "user" if t["from"] == "human" else "assistant", "content": t["value"]}
+            for t in s["conversations"]]}))
+    lines.insert(5, '{"id": "broken", "messages": [')
+    lines.insert(9, json.dumps({"id": "gone", "image": "nope.png", "conversations": samples[0]["conversations"]}))
+    data = tmp_path / "train.jsonl"
+    data.write_text("\n".join(lines) + "\n")
+    return data, images
+
+
+def test_raw_data_is_prepared_once_by_rank_0_and_bad_images_are_counted(demo_dir, tmp_path):
+    data, images = raw_jsonl_with_problems(tmp_path, demo_dir)
+    out = tmp_path / "sft"
+    res = run(deepspeed_cmd(2, "launch/sft.py", "--data", str(data), "--image-folder", str(images), "--output-dir",
+                            str(out), "--verify-images", "header", "--max-bad-fraction", "0.2", "--micro-batch", "4",
+                            "--epochs", "1", "--num-workers", "1", "--log-every", "1"))
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    report = json.loads((out / "prepared" / "train" / "report.json").read_text())
+    assert (report["samples"], report["kept"]) == (18, 16)
+    assert {d["line"]: d["reason"] for d in report["dropped_samples"]} == {6: "malformed_json", 10: "missing_image"}
+    summary = json.loads((out / "run.json").read_text())
+    assert summary["steps_done"] == 2 and summary["config"]["dataset_size"] == 16
+    assert summary["images_replaced"] == 1  # the truncated file, read once in the epoch
+    assert "image failed to decode" in res.stdout + res.stderr and "3.png" in res.stdout + res.stderr
+    assert res.stdout.count("prepared " + str(data)) == 1  # rank 0 only
+
+
+def test_too_many_bad_samples_stop_before_any_weights_load(demo_dir, tmp_path):
+    data, images = raw_jsonl_with_problems(tmp_path, demo_dir)
+    res = run([sys.executable, "launch/sft.py", "--data", str(data), "--image-folder", str(images), "--output-dir",
+               str(tmp_path / "sft")])
+    assert res.returncode == 2
+    assert ("3 of 18 samples (16.7%) are bad, more than --max-bad-fraction 5.0%: malformed_json 1, missing_image 1, "
+            "unreadable_image 1; every dropped sample is listed in") in res.stderr
+    assert "Loading weights" not in res.stdout + res.stderr

@@ -1,0 +1,107 @@
+"""How long data preparation takes per 100K samples, and that it runs in bounded memory.
+
+    python bench/prepare_speed.py [--samples 100000] [--images 2000] [--workers N]
+
+Generates a LLaVA-665K-like JSON list (multi-turn conversations of 30-300 words, 90% with an image, 10%
+text-only) whose samples reference --images distinct 336x336 JPEGs (reused cyclically: each sample is still
+checked and decoded on its own), trains a 32K byte-level BPE tokenizer (the size of LLaMA's vocabulary) on the
+generated text, and prepares the file with the vicuna_v1 template and 576 image tokens per image (CLIP-L-336),
+once with --verify-images decode and once with header. Prints seconds, samples/s, seconds per 100K samples and
+the peak RSS of this process and of the worker processes.
+"""
+import argparse
+import json
+import os
+import random
+import resource
+import sys
+import tempfile
+import time
+
+from PIL import Image
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
+from lvlm_region import prepare as P  # noqa: E402
+from lvlm_region.templates import resolve  # noqa: E402
+
+WORDS = ("the a of and to in is on with for this that image shows what color shape where left right top bottom "
+         "person people car dog cat table window building street sky tree water red blue green yellow white black "
+         "small large two three many there are sitting standing holding looking near behind front next picture "
+         "describe detail answer question short word phrase using single").split()
+
+
+def sentence(rng: random.Random, n: int) -> str:
+    return " ".join(rng.choice(WORDS) for _ in range(n)).capitalize() + "."
+
+
+def make_data(root: str, n: int, n_images: int, seed: int = 0) -> str:
+    rng = random.Random(seed)
+    os.makedirs(os.path.join(root, "images"))
+    for i in range(n_images):
+        Image.effect_noise((336, 336), 40 + i % 30).convert("RGB").save(os.path.join(root, "images", f"{i}.jpg"),
+                                                                       quality=90)
+    path = os.path.join(root, "data.json")
+    with open(path, "w") as f:
+        f.write("[\n")
+        for i in range(n):
+            turns = []
+            for t in range(rng.choice((1, 1, 2, 3, 5))):
+                q = sentence(rng, rng.randint(5, 25))
+                turns += [{"from": "human", "value": q}, {"from": "gpt", "value": sentence(rng, rng.randint(3, 120))}]
+            s = {"id": str(i), "conversations": turns}
+            if rng.random() < 0.9:
+                s["image"] = f"images/{i % n_images}.jpg"
+                turns[0]["value"] = "<image>\n" + turns[0]["value"]
+            f.write(("," if i else "") + json.dumps(s) + "\n")
+        f.write("]\n")
+    return path
+
+
+def make_tokenizer(root: str, data: str):
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    corpus = [data] + [os.path.join(d, f) for d in (os.path.dirname(json.__file__),) for f in os.listdir(d)
+                       if f.endswith(".py")]
+    site = os.path.dirname(os.path.dirname(random.__file__))
+    for dirpath, _, files in os.walk(os.path.join(site, "site-packages", "transformers", "models")):
+        corpus += [os.path.join(dirpath, f) for f in files if f.endswith(".py")]
+    trainer = trainers.BpeTrainer(vocab_size=32000, special_tokens=["<unk>", "<s>", "</s>", "<pad>", "<image>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    tok.train(corpus, trainer)
+    return PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", bos_token="<s>", eos_token="</s>",
+                                   pad_token="<pad>", additional_special_tokens=["<image>"])
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--samples", type=int, default=100_000)
+    p.add_argument("--images", type=int, default=2000)
+    p.add_argument("--workers", type=int, default=os.cpu_count())
+    args = p.parse_args()
+    import datasets
+    datasets.disable_progress_bars()
+    with tempfile.TemporaryDirectory() as root:
+        t = time.perf_counter()
+        data = make_data(root, args.samples, args.images)
+        tok = make_tokenizer(root, data)
+        print(f"generated {args.samples} samples ({os.path.getsize(data) / 1e6:.0f} MB JSON), {args.images} images "
+              f"and a {len(tok)}-token BPE tokenizer in {time.perf_counter() - t:.0f} s")
+        fmt = resolve("vicuna_v1", tok, "bench tokenizer")
+        for verify in ("decode", "header"):
+            enc = P.Encoding(fmt, tok.convert_tokens_to_ids("<image>"), 576, 4096, verify)
+            t = time.perf_counter()
+            ds = P.prepare(data, root, enc, tok, os.path.join(root, f"prepared-{verify}"), workers=args.workers)
+            s = time.perf_counter() - t
+            print(f"--verify-images {verify}: {len(ds)} kept in {s:.1f} s with {args.workers} workers: "
+                  f"{len(ds) / s:.0f} samples/s, {s * 100_000 / args.samples:.0f} s per 100K samples")
+    own = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6
+    kids = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1e6
+    print(f"peak RSS: this process {own:.2f} GB, largest worker {kids:.2f} GB")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,229 @@
+"""Data preparation: validate every sample, render it with the template, tokenize, write a `datasets` directory.
+
+The output directory is a ``datasets.load_from_disk`` directory with the columns
+``id, messages (JSON), images, input_ids, labels, length, modality (image | text), line`` plus
+``report.json`` (samples kept and dropped, per reason, and every dropped sample with its line and reason) and
+``prepare.json`` (what the data was prepared from and with; written last, so its presence marks a complete
+directory). A second run with the same inputs finds ``prepare.json`` and returns at once.
+
+Samples stream from the file into an Arrow table on disk (``datasets.Dataset.from_generator``) and are encoded
+by ``Dataset.map`` over worker processes, which writes its results to disk in batches: no step holds every
+sample's token ids in Python lists.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import shutil
+import tempfile
+import time
+from dataclasses import dataclass
+
+import datasets
+
+from . import formats, images
+from .formats import BadSample
+from .templates import ChatFormat, TemplateError, tokenize
+
+log = logging.getLogger(__name__)
+
+VERSION = 1  # bump when the encoding changes, so older prepared directories are rebuilt
+MARKER = "prepare.json"
+REPORT = "report.json"
+VERIFY = ("decode", "header")
+FEATURES = datasets.Features({
+    "line": datasets.Value("int64"), "id": datasets.Value("string"), "messages": datasets.Value("string"),
+    "images": datasets.Sequence(datasets.Value("string")), "input_ids": datasets.Sequence(datasets.Value("int32")),
+    "labels": datasets.Sequence(datasets.Value("int32")), "length": datasets.Value("int32"),
+    "modality": datasets.Value("string"), "reason": datasets.Value("string"), "detail": datasets.Value("string")})
+
+
+class DataError(ValueError):
+    """The data as a whole is unusable (too many bad samples, or a bad one under --on-bad-sample error)."""
+
+
+@dataclass(frozen=True)
+class Encoding:
+    """Everything that decides how a sample is encoded (its digest names a prepared directory's contents)."""
+
+    template: ChatFormat
+    image_token_id: int
+    n_image_tokens: int
+    max_length: int
+    verify_images: str = "decode"  # decode: find truncated / corrupt files now | header: size checks only
+
+    def __post_init__(self):
+        if self.verify_images not in VERIFY:
+            raise ValueError(f"--verify-images must be one of {VERIFY}, got {self.verify_images!r}")
+
+
+def for_model(model_path: str, template: str, max_length: int, verify_images: str = "decode"):
+    """(Encoding, tokenizer, processor) of a transformers checkpoint dir: its image token, image tokens per image
+    (from the config) and the template resolved against its tokenizer (``auto``: the tokenizer's own)."""
+    from transformers import AutoConfig, AutoProcessor
+
+    from .model import image_seq_length
+    from .templates import resolve
+
+    config = AutoConfig.from_pretrained(model_path)
+    processor = AutoProcessor.from_pretrained(model_path)
+    tokenizer = processor.tokenizer
+    fmt = resolve(template, tokenizer, f"--model {model_path}", getattr(processor, "chat_template", None))
+    return Encoding(fmt, config.image_token_id, image_seq_length(config), max_length, verify_images), tokenizer, processor
+
+
+def tokenizer_digest(tokenizer) -> str:
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    text = backend.to_str() if backend is not None else json.dumps(sorted(tokenizer.get_vocab().items()))
+    extra = json.dumps([tokenizer.bos_token, tokenizer.eos_token, tokenizer.pad_token], default=str)
+    return hashlib.sha256((text + extra).encode()).hexdigest()[:16]
+
+
+def identity(data: str, image_folder: str, enc: Encoding, tokenizer) -> dict:
+    """What a prepared directory was made from and with; equal identities give identical directories."""
+    st = os.stat(data) if os.path.isfile(data) else None
+    return {"version": VERSION, "data": os.path.abspath(data), "data_size": st.st_size if st else None,
+            "data_mtime_ns": st.st_mtime_ns if st else None, "image_folder": os.path.abspath(image_folder),
+            "template": enc.template.name, "template_digest": enc.template.digest,
+            "tokenizer_digest": tokenizer_digest(tokenizer), "image_token_id": enc.image_token_id,
+            "n_image_tokens": enc.n_image_tokens, "max_length": enc.max_length, "verify_images": enc.verify_images}
+
+
+def is_prepared(path: str) -> bool:
+    return os.path.isfile(os.path.join(path, MARKER))
+
+
+def load_prepared(path: str) -> tuple[datasets.Dataset, dict]:
+    """A prepared directory's dataset and its prepare.json."""
+    with open(os.path.join(path, MARKER)) as f:
+        meta = json.load(f)
+    return datasets.load_from_disk(path), meta
+
+
+def check_matches(meta: dict, path: str, enc: Encoding, tokenizer) -> None:
+    """Refuse a prepared directory made for another tokenizer, template, image token count or max length."""
+    want = {"template_digest": enc.template.digest, "tokenizer_digest": tokenizer_digest(tokenizer),
+            "image_token_id": enc.image_token_id, "n_image_tokens": enc.n_image_tokens, "max_length": enc.max_length,
+            "version": VERSION}
+    have = meta["identity"]
+    diff = [f"{k}: prepared {have.get(k)!r}, this run {v!r}" for k, v in want.items() if have.get(k) != v]
+    if diff:
+        raise ValueError(f"--data {path} was prepared for another model or settings ({'; '.join(diff)}); prepare it "
+                         f"again with this run's --model / --template / --max-length, or pass the raw data file")
+
+
+def _rows(path: str):
+    for line, raw in formats.records(path):
+        yield {"line": line, "raw": raw}
+
+
+def encode(row: dict, image_folder: str, enc: Encoding, tokenizer) -> dict:
+    """One raw record -> its encoded row; a bad sample gets a ``reason`` (and empty ids) instead of raising."""
+    out = {"line": row["line"], "id": "", "messages": "", "images": [], "input_ids": [], "labels": [], "length": 0,
+           "modality": "", "reason": "", "detail": ""}
+    try:
+        s = formats.normalize(row["raw"])
+        out["id"] = s["id"]
+        try:
+            ids = tokenize(enc.template.segments(tokenizer, s["messages"]), tokenizer, enc.image_token_id,
+                           enc.n_image_tokens)
+        except TemplateError as e:
+            raise BadSample("template_error", str(e)) from None
+        n = len(ids["input_ids"])
+        if n > enc.max_length:
+            raise BadSample("too_long", f"{n} tokens > --max-length {enc.max_length}")
+        for p in s["images"]:
+            images.check(os.path.join(image_folder, p), decode=enc.verify_images == "decode")
+    except BadSample as e:
+        out["reason"], out["detail"] = e.reason, e.detail
+        return out
+    out.update(messages=json.dumps(s["messages"]), images=s["images"], length=n,
+               modality="image" if s["images"] else "text", **ids)
+    return out
+
+
+def prepare(data: str, image_folder: str, enc: Encoding, tokenizer, output: str, on_bad_sample: str = "skip",
+            max_bad_fraction: float = 0.05, workers: int | None = None) -> datasets.Dataset:
+    """Prepare ``data`` into ``output`` (or reuse it when it was prepared from the same inputs); returns it.
+
+    Raises DataError when more than ``max_bad_fraction`` of the samples are bad, or with ``on_bad_sample="error"``
+    when any is; report.json is written to ``output`` either way.
+    """
+    if on_bad_sample not in ("skip", "error"):
+        raise ValueError(f"--on-bad-sample must be skip or error, got {on_bad_sample!r}")
+    if not 0 <= max_bad_fraction <= 1:
+        raise ValueError(f"--max-bad-fraction must be in [0, 1], got {max_bad_fraction}")
+    ident = identity(data, image_folder, enc, tokenizer)
+    if is_prepared(output):
+        ds, meta = load_prepared(output)
+        if meta["identity"] == ident:
+            log.info("%s: already prepared from %s; reusing it", output, data)
+            return ds
+    formats.kind(data)  # a clear error for a missing / unknown input before any work
+    start = time.perf_counter()
+    parent = os.path.dirname(os.path.abspath(output))
+    os.makedirs(parent, exist_ok=True)
+    work = tempfile.mkdtemp(prefix=".prepare-", dir=parent)
+    try:
+        raw = datasets.Dataset.from_generator(_rows, gen_kwargs={"path": data}, cache_dir=os.path.join(work, "cache"),
+                                              features=datasets.Features({"line": datasets.Value("int64"),
+                                                                          "raw": datasets.Value("string")}))
+        if len(raw) == 0:
+            raise DataError(f"--data {data} holds no samples")
+        procs = max(1, min(workers or os.cpu_count() or 1, len(raw) // 2000))
+        encoded = raw.map(encode, fn_kwargs={"image_folder": image_folder, "enc": enc, "tokenizer": tokenizer},
+                          remove_columns=["raw"], features=FEATURES, num_proc=procs if procs > 1 else None,
+                          cache_file_name=os.path.join(work, "cache", "encoded.arrow"), desc="encoding samples")
+        bad = encoded.filter(lambda r: [x != "" for x in r], input_columns="reason", batched=True)
+        dropped = bad.select_columns(["line", "id", "reason", "detail"]).to_list()
+        good = encoded.filter(lambda r: [x == "" for x in r], input_columns="reason", batched=True)
+        good = good.remove_columns(["reason", "detail"])
+        report = _report(data, len(raw), good, dropped, time.perf_counter() - start)
+        stage = os.path.join(work, "out")
+        fraction = len(dropped) / len(raw)
+        problem = None
+        if on_bad_sample == "error" and dropped:
+            d = dropped[0]
+            problem = (f"--on-bad-sample error: {data} line/row {d['line']} (id {d['id']!r}) is bad: {d['reason']}: "
+                       f"{d['detail']} ({len(dropped)} bad samples in all)")
+        elif fraction > max_bad_fraction:
+            problem = (f"{data}: {len(dropped)} of {len(raw)} samples ({fraction:.1%}) are bad, more than "
+                       f"--max-bad-fraction {max_bad_fraction:.1%}: " + _summary(report))
+        if problem is None:
+            good.save_to_disk(stage)
+        else:
+            os.makedirs(stage)
+        with open(os.path.join(stage, REPORT), "w") as f:
+            json.dump(report, f, indent=1)
+        if problem is None:
+            with open(os.path.join(stage, MARKER), "w") as f:
+                json.dump({"identity": ident, "kept": len(good), "dropped": len(dropped)}, f, indent=1)
+        if os.path.exists(output):
+            shutil.rmtree(output)
+        os.rename(stage, output)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    if problem is not None:
+        raise DataError(f"{problem}; every dropped sample is listed in {os.path.join(output, REPORT)}")
+    log.info("prepared %s -> %s: kept %d of %d samples (%s) in %.1f s", data, output, len(good), len(raw),
+             _summary(report) or "none dropped", report["seconds"])
+    return datasets.load_from_disk(output)
+
+
+def _report(data: str, total: int, good: datasets.Dataset, dropped: list[dict], seconds: float) -> dict:
+    by_reason: dict[str, int] = {}
+    for d in dropped:
+        by_reason[d["reason"]] = by_reason.get(d["reason"], 0) + 1
+    modality = good["modality"] if len(good) else []
+    return {"data": os.path.abspath(data), "samples": total, "kept": len(good), "dropped": len(dropped),
+            "dropped_by_reason": dict(sorted(by_reason.items())), "reasons": {k: formats.REASONS[k] for k in by_reason},
+            "kept_with_images": sum(m == "image" for m in modality),
+            "kept_text_only": sum(m == "text" for m in modality),
+            "tokens": int(sum(good["length"])) if len(good) else 0, "seconds": round(seconds, 2),
+            "dropped_samples": dropped}
+
+
+def _summary(report: dict) -> str:
+    return ", ".join(f"{k} {v}" for k, v in report["dropped_by_reason"].items())

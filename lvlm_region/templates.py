@@ -1,0 +1,221 @@
+"""Conversation templates: render a conversation with a chat template and mark what the loss is taken on.
+
+Every template is a Jinja chat template rendered by transformers' own ``apply_chat_template``: the tokenizer's
+own one (``auto``) or a built-in one (``plain``, ``vicuna_v1``, ``llama3``, ``phi3``, ``chatml``). The trained
+spans are found from renders of the conversation's prefixes, so one rule serves every template:
+
+    assistant turn i trains on  render(m[:i+1]) minus render(m[:i], add_generation_prompt=True),
+    cut where render(m[:i+1]) stops agreeing with render(m[:i+1] + [a user turn]) (so a template's
+    end-of-conversation text, such as Phi-3's final eos, is not taken for the turn's end), then trailing
+    whitespace handed back to the untrained text.
+
+That is the reply and its end-of-turn token (``</s>``, ``<|eot_id|>``, ``<|end|>``, ``<|im_end|>``); every
+system and user turn and every generation prompt is masked. A template whose renders are not prefixes of each
+other, or that drops a reply, is refused with the turn that shows it.
+"""
+from __future__ import annotations
+
+import hashlib
+import os
+from dataclasses import dataclass
+
+IMAGE_PLACEHOLDER = "<image>"  # LLaVA's marker in the data; Llava's processors emit the same token
+IGNORE = -100
+VICUNA_SYSTEM = ("A chat between a curious human and an artificial intelligence assistant. "
+                 "The assistant gives helpful, detailed, and polite answers to the human's questions.")
+
+# Message content is a string (LLaVA data: "<image>\nQ") or a list of typed parts (processor style).
+_CONTENT = ("{% macro content(m) %}{% if m['content'] is string %}{{ m['content'] }}{% else %}"
+            "{% for c in m['content'] %}{% if c['type'] == 'image' %}{{ '<image>\\n' }}"
+            "{% elif c['type'] == 'text' %}{{ c['text'] }}{% endif %}{% endfor %}{% endif %}{% endmacro %}")
+
+# One line each, without whitespace control: every character outside the tags is output.
+BUILTIN = {
+    # Stage 1 (LLaVA "plain"): the image tokens, then the caption and eos; no roles, no instruction.
+    "plain": _CONTENT + (
+        "{% for m in messages %}{% if m['role'] == 'user' %}{{ '<image>' * (content(m).count('<image>')) }}"
+        "{% elif m['role'] == 'assistant' %}{{ content(m) | trim }}{{ eos_token }}{% endif %}{% endfor %}"),
+    # LLaVA-1.5 (conv_vicuna_v1): "SYSTEM USER: q ASSISTANT: a</s>USER: q2 ASSISTANT: a2</s>".
+    "vicuna_v1": _CONTENT + (
+        "{% if messages[0]['role'] == 'system' %}{{ content(messages[0]) }}{% set rest = messages[1:] %}"
+        "{% else %}" + VICUNA_SYSTEM + "{% set rest = messages %}{% endif %}"
+        "{% for m in rest %}{% if m['role'] == 'user' %}{{ ' ' if loop.first else '' }}USER: {{ content(m) }}{{ ' ' }}"
+        "{% elif m['role'] == 'assistant' %}ASSISTANT: {{ content(m) | trim }}{{ eos_token }}{% endif %}"
+        "{% endfor %}{% if add_generation_prompt %}ASSISTANT:{% endif %}"),
+    # Meta Llama-3 instruct.
+    "llama3": _CONTENT + (
+        "{{ bos_token }}{% for m in messages %}<|start_header_id|>{{ m['role'] }}<|end_header_id|>\n\n"
+        "{{ content(m) | trim }}<|eot_id|>{% endfor %}"
+        "{% if add_generation_prompt %}<|start_header_id|>assistant<|end_header_id|>\n\n{% endif %}"),
+    # Microsoft Phi-3 instruct.
+    "phi3": _CONTENT + (
+        "{% for m in messages %}<|{{ m['role'] }}|>\n{{ content(m) }}<|end|>\n{% endfor %}"
+        "{% if add_generation_prompt %}<|assistant|>\n{% endif %}"),
+    # ChatML (Qwen).
+    "chatml": _CONTENT + (
+        "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ content(m) }}<|im_end|>\n{% endfor %}"
+        "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"),
+}
+# Special tokens a built-in template writes; a tokenizer without them would spell them out as text.
+NEEDS_TOKENS = {"llama3": ("<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>"),
+                "phi3": ("<|user|>", "<|assistant|>", "<|end|>"), "chatml": ("<|im_start|>", "<|im_end|>")}
+NAMES = ("auto", *BUILTIN)
+
+
+class TemplateError(ValueError):
+    """A conversation the template cannot render into trained and untrained spans."""
+
+
+@dataclass(frozen=True)
+class ChatFormat:
+    """A resolved template: its name, Jinja source and how message content is passed."""
+
+    name: str  # a BUILTIN name, or "auto" (the tokenizer's own template)
+    source: str
+    typed_content: bool = False  # content as [{"type": "image"}, {"type": "text", ...}] (processor templates)
+
+    @property
+    def digest(self) -> str:
+        return hashlib.sha256(f"{self.typed_content}:{self.source}".encode()).hexdigest()[:16]
+
+    @property
+    def conversational(self) -> bool:
+        return self.name != "plain"
+
+    def _messages(self, messages: list[dict]) -> list[dict]:
+        if not self.typed_content:
+            return messages
+        out = []
+        for m in messages:
+            parts = []
+            for j, piece in enumerate(m["content"].split(IMAGE_PLACEHOLDER)):
+                if j:
+                    parts.append({"type": "image"})
+                if piece.strip():
+                    parts.append({"type": "text", "text": piece.strip() if j else piece})
+            out.append({"role": m["role"], "content": parts})
+        return out
+
+    def render(self, tokenizer, messages: list[dict], generation_prompt: bool = False) -> str:
+        return tokenizer.apply_chat_template(self._messages(messages), chat_template=self.source, tokenize=False,
+                                             add_generation_prompt=generation_prompt)
+
+    def segments(self, tokenizer, messages: list[dict]) -> list[tuple[str, bool]]:
+        """[(text, trained)] covering the rendered conversation up to its last reply's end-of-turn token."""
+        full = self.render(tokenizer, messages)
+        out, pos = [], 0
+        for i, m in enumerate(messages):
+            if m["role"] != "assistant":
+                continue
+            start = len(self.render(tokenizer, messages[:i], generation_prompt=True))
+            upto = self.render(tokenizer, messages[:i + 1])
+            more = self.render(tokenizer, messages[:i + 1] + [{"role": "user", "content": "x"}])
+            end = _token_boundary(upto, len(os.path.commonprefix([upto, more])), tokenizer)
+            if not full.startswith(upto[:end]) or start > end or not upto.startswith(full[:start]):
+                raise TemplateError(f"template {self.name!r} does not render conversations prefix by prefix (at "
+                                    f"message {i}), so the reply's tokens cannot be found; pass another --template "
+                                    f"({', '.join(BUILTIN)})")
+            while end > start and full[end - 1].isspace():
+                end -= 1
+            reply = full[start:end]
+            if m["content"].strip() and m["content"].strip() not in reply:
+                raise TemplateError(f"template {self.name!r} does not render assistant message {i}'s text where "
+                                    f"its turn is; pass another --template ({', '.join(BUILTIN)})")
+            out += [(full[pos:start], False), (reply, True)]
+            pos = end
+        return [(t, trained) for t, trained in out if t]
+
+    def prompt(self, tokenizer, messages: list[dict]) -> str:
+        """The text a model continues to answer after ``messages`` (which end with a user turn)."""
+        return self.render(tokenizer, messages, generation_prompt=True)
+
+
+def _token_boundary(text: str, end: int, tokenizer) -> int:
+    """``end`` moved back to the start of a special token it cuts through (``<|end|>\n<|endoftext|>`` and
+    ``<|end|>\n<|user|>`` agree up to ``<|``)."""
+    if end == len(text):  # the common case: nothing follows the last reply
+        return end
+    for t in tokenizer.all_special_tokens:
+        for k in range(max(0, end - len(t) + 1), end):
+            if text.startswith(t, k) and k + len(t) > end:
+                return k
+    return end
+
+
+def resolve(name: str, tokenizer, where: str, processor_template: str | None = None) -> ChatFormat:
+    """The template ``name`` for this tokenizer; ``auto`` is the tokenizer's own (else the processor's).
+
+    Raises ValueError naming the checkpoint and the fix when the tokenizer has no template or lacks a built-in
+    template's special tokens.
+    """
+    if name not in NAMES:
+        raise ValueError(f"unknown --template {name!r}; known: {', '.join(NAMES)}")
+    if name != "auto":
+        missing = [t for t in NEEDS_TOKENS.get(name, ()) if t not in tokenizer.get_vocab()]
+        if missing:
+            raise ValueError(f"--template {name} writes the special tokens {missing}, which the tokenizer of {where} "
+                             f"does not have (they would be split into text pieces); use the template the LLM was "
+                             f"trained with (e.g. --template vicuna_v1, which needs none)")
+        return ChatFormat(name, BUILTIN[name])
+    own = tokenizer.chat_template
+    if isinstance(own, dict):
+        own = own.get("default")
+    candidates = [(own, False), (own, True)] if own else []
+    if processor_template:
+        candidates += [(processor_template, True), (processor_template, False)]
+    if not candidates:
+        raise ValueError(f"the tokenizer of {where} has no chat template (tokenizer_config.json / "
+                         f"chat_template.jinja), and conversations need one; pass --template with the format the LLM "
+                         f"was trained in: vicuna_v1 (LLaVA-1.5 / Vicuna), llama3, phi3 or chatml (Qwen)")
+    probe = [{"role": "user", "content": "<image>\nprobe question"}, {"role": "assistant", "content": "probe answer"}]
+    for source, typed in candidates:
+        fmt = ChatFormat("auto", source, typed)
+        try:
+            text = fmt.render(tokenizer, probe)
+        except Exception:  # noqa: BLE001 - a template that cannot take this content form; try the next
+            continue
+        if all(s in text for s in ("probe question", "probe answer", IMAGE_PLACEHOLDER)):
+            if end_of_turn_id(fmt, tokenizer) not in tokenizer.all_special_ids:
+                raise ValueError(f"the chat template of {where} ends a reply without an end-of-turn token (eos or "
+                                 f"similar), so a model trained with it never learns to stop; pass --template "
+                                 f"({', '.join(BUILTIN)}) with the format the LLM was trained in")
+            return fmt
+    raise ValueError(f"the chat template of {where} does not render a user message's image and text and an "
+                     f"assistant reply (probed with string and typed content); pass --template "
+                     f"({', '.join(BUILTIN)})")
+
+
+def end_of_turn_id(fmt: ChatFormat, tokenizer) -> int:
+    """The last token of a trained reply (eos, <|eot_id|>, <|end|>, <|im_end|>): where generation stops."""
+    probe = [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}]
+    return tokenize(fmt.segments(tokenizer, probe), tokenizer, -1, 0)["input_ids"][-1]
+
+
+def tokenize(segments: list[tuple[str, bool]], tokenizer, image_token_id: int, n_image_tokens: int) -> dict:
+    """Token ids and labels (IGNORE where untrained); each <image> becomes n_image_tokens image tokens.
+
+    Segments are tokenized separately (so a trained span never shares a token with its prompt). BOS is
+    prepended when the tokenizer has one and the template did not write it.
+    """
+    pieces, layout = [], []  # layout: per segment, its pieces' indices with -1 for an image
+    for text, _ in segments:
+        idx = []
+        for j, piece in enumerate(text.split(IMAGE_PLACEHOLDER)):
+            if j:
+                idx.append(-1)
+            if piece.strip():
+                idx.append(len(pieces))
+                pieces.append(piece)
+        layout.append(idx)
+    encoded = tokenizer(pieces, add_special_tokens=False)["input_ids"] if pieces else []
+    bos = tokenizer.bos_token_id
+    lead = bos is not None and not (segments and segments[0][0].startswith(tokenizer.bos_token))
+    ids: list[int] = [bos] if lead else []
+    labels: list[int] = [IGNORE] * len(ids)
+    for (_, trained), idx in zip(segments, layout):
+        seg = []
+        for k in idx:
+            seg += [image_token_id] * n_image_tokens if k < 0 else encoded[k]
+        ids += seg
+        labels += seg if trained else [IGNORE] * len(seg)
+    return {"input_ids": ids, "labels": labels}

@@ -1,0 +1,149 @@
+"""Label masks of every template, pinned by hand on a word-level tokenizer (one id per word).
+
+Expected sequences are written out token by token; [brackets] mark the tokens the loss is taken on.
+"""
+import pytest
+
+from helpers.word_tokenizer import word_tokenizer
+from lvlm_region.templates import (BUILTIN, IGNORE, VICUNA_SYSTEM, ChatFormat, TemplateError, end_of_turn_id,
+                                   resolve, tokenize)
+
+WORDS = "USER: ASSISTANT: Q1 Q2 A1 A2 A3 SYS user assistant system You are a helpful assistant. " + VICUNA_SYSTEM
+IMG = 4  # "<image>" in the word tokenizer
+N_IMG = 2
+
+A = [{"role": "user", "content": "<image>\nQ1"}, {"role": "assistant", "content": "A1"},
+     {"role": "user", "content": "Q2"}, {"role": "assistant", "content": "A2 A3"}]
+B = [{"role": "system", "content": "SYS"}, {"role": "user", "content": "Q1"}, {"role": "assistant", "content": "A1"}]
+C = [{"role": "user", "content": "Q1\n<image>"}, {"role": "assistant", "content": "A1"}]
+
+# Real-world chat templates, as their tokenizers ship them (Qwen2 adds a default system turn; Phi-3 ends a
+# conversation with eos, which is not part of the last reply).
+QWEN2 = ("{% for message in messages %}{% if loop.first and messages[0]['role'] != 'system' %}"
+         "{{ '<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n' }}{% endif %}"
+         "{{'<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n'}}{% endfor %}"
+         "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}")
+PHI3 = ("{% for message in messages %}{% if message['role'] == 'system' %}{{'<|system|>\n' + message['content'] + "
+        "'<|end|>\n'}}{% elif message['role'] == 'user' %}{{'<|user|>\n' + message['content'] + '<|end|>\n'}}"
+        "{% elif message['role'] == 'assistant' %}{{'<|assistant|>\n' + message['content'] + '<|end|>\n'}}{% endif %}"
+        "{% endfor %}{% if add_generation_prompt %}{{ '<|assistant|>\n' }}{% else %}{{ eos_token }}{% endif %}")
+
+S = VICUNA_SYSTEM
+CASES = [
+    ("plain", {}, A, "<s> <image> <image> [A1 </s>] [A2 A3 </s>]"),
+    ("plain", {}, C, "<s> <image> <image> [A1 </s>]"),
+    ("vicuna_v1", {}, A, f"<s> {S} USER: <image> <image> Q1 ASSISTANT: [A1 </s>] USER: Q2 ASSISTANT: [A2 A3 </s>]"),
+    ("vicuna_v1", {}, B, "<s> SYS USER: Q1 ASSISTANT: [A1 </s>]"),
+    ("vicuna_v1", {}, C, f"<s> {S} USER: Q1 <image> <image> ASSISTANT: [A1 </s>]"),
+    ("llama3", {}, A, "<s> <|start_header_id|> user <|end_header_id|> <image> <image> Q1 <|eot_id|> "
+                      "<|start_header_id|> assistant <|end_header_id|> [A1 <|eot_id|>] <|start_header_id|> user "
+                      "<|end_header_id|> Q2 <|eot_id|> <|start_header_id|> assistant <|end_header_id|> [A2 A3 <|eot_id|>]"),
+    ("llama3", {}, B, "<s> <|start_header_id|> system <|end_header_id|> SYS <|eot_id|> <|start_header_id|> user "
+                      "<|end_header_id|> Q1 <|eot_id|> <|start_header_id|> assistant <|end_header_id|> [A1 <|eot_id|>]"),
+    ("phi3", {}, A, "<s> <|user|> <image> <image> Q1 <|end|> <|assistant|> [A1 <|end|>] <|user|> Q2 <|end|> "
+                    "<|assistant|> [A2 A3 <|end|>]"),
+    ("phi3", {}, B, "<s> <|system|> SYS <|end|> <|user|> Q1 <|end|> <|assistant|> [A1 <|end|>]"),
+    ("chatml", {"bos": None}, A, "<|im_start|> user <image> <image> Q1 <|im_end|> <|im_start|> assistant "
+                                 "[A1 <|im_end|>] <|im_start|> user Q2 <|im_end|> <|im_start|> assistant [A2 A3 <|im_end|>]"),
+    ("chatml", {"bos": None}, B, "<|im_start|> system SYS <|im_end|> <|im_start|> user Q1 <|im_end|> <|im_start|> "
+                                 "assistant [A1 <|im_end|>]"),
+    ("auto", {"bos": None, "chat_template": QWEN2}, A,
+     "<|im_start|> system You are a helpful assistant. <|im_end|> <|im_start|> user <image> <image> Q1 <|im_end|> "
+     "<|im_start|> assistant [A1 <|im_end|>] <|im_start|> user Q2 <|im_end|> <|im_start|> assistant [A2 A3 <|im_end|>]"),
+    ("auto", {"bos": None, "chat_template": QWEN2}, B,
+     "<|im_start|> system SYS <|im_end|> <|im_start|> user Q1 <|im_end|> <|im_start|> assistant [A1 <|im_end|>]"),
+    ("auto", {"chat_template": PHI3, "eos": "<|endoftext|>"}, A,
+     "<s> <|user|> <image> <image> Q1 <|end|> <|assistant|> [A1 <|end|>] <|user|> Q2 <|end|> <|assistant|> "
+     "[A2 A3 <|end|>]"),
+]
+
+
+def expected(spec: str) -> tuple[list[str], list[bool]]:
+    tokens, trained, inside = [], [], False
+    for w in spec.split():
+        if w.startswith("["):
+            inside, w = True, w[1:]
+        close = w.endswith("]")
+        tokens.append(w.rstrip("]") if close else w)
+        trained.append(inside)
+        if close:
+            inside = False
+    return tokens, trained
+
+
+@pytest.mark.parametrize("name,tok_kwargs,conv,spec", CASES)
+def test_label_mask(name, tok_kwargs, conv, spec):
+    tok = word_tokenizer(WORDS, **tok_kwargs)
+    fmt = resolve(name, tok, "the test tokenizer")
+    out = tokenize(fmt.segments(tok, conv), tok, IMG, N_IMG)
+    tokens, trained = expected(spec)
+    assert tok.convert_ids_to_tokens(out["input_ids"]) == tokens
+    assert out["labels"] == [i if t else IGNORE for i, t in zip(out["input_ids"], trained)]
+
+
+def test_vicuna_renders_llava_15_text_exactly():
+    tok = word_tokenizer(WORDS)
+    fmt = resolve("vicuna_v1", tok, "t")
+    assert fmt.render(tok, A) == f"{S} USER: <image>\nQ1 ASSISTANT: A1</s>USER: Q2 ASSISTANT: A2 A3</s>"
+    assert fmt.prompt(tok, A[:3]) == f"{S} USER: <image>\nQ1 ASSISTANT: A1</s>USER: Q2 ASSISTANT:"
+
+
+@pytest.mark.parametrize("name,stop", [("vicuna_v1", "</s>"), ("llama3", "<|eot_id|>"), ("phi3", "<|end|>"),
+                                       ("chatml", "<|im_end|>")])
+def test_generation_stops_at_the_end_of_turn_token(name, stop):
+    tok = word_tokenizer(WORDS)
+    assert tok.convert_ids_to_tokens(end_of_turn_id(resolve(name, tok, "t"), tok)) == stop
+
+
+def test_auto_without_a_chat_template_names_the_fix():
+    with pytest.raises(ValueError, match=r"the tokenizer of --llm /ckpt/vicuna has no chat template .* pass "
+                                         r"--template .*vicuna_v1"):
+        resolve("auto", word_tokenizer(WORDS), "--llm /ckpt/vicuna")
+
+
+def test_builtin_template_needs_its_special_tokens():
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+    backend = Tokenizer(models.WordLevel({"<unk>": 0, "</s>": 1, "hi": 2}, unk_token="<unk>"))
+    backend.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tok = PreTrainedTokenizerFast(tokenizer_object=backend, unk_token="<unk>", eos_token="</s>")
+    with pytest.raises(ValueError, match=r"--template chatml writes the special tokens \['<\|im_start\|>', "
+                                         r"'<\|im_end\|>'\], which the tokenizer of M does not have"):
+        resolve("chatml", tok, "M")
+
+
+def test_a_template_that_never_ends_a_reply_is_refused():
+    # llava-hf's processor template: replies end in a space, no eos; the model would never learn to stop.
+    no_eos = ("{% for m in messages %}{{ m['role'].upper() + ': ' }}{% for c in m['content'] %}{% if c['type'] == "
+              "'image' %}{{ '<image>\n' }}{% else %}{{ c['text'] + ' ' }}{% endif %}{% endfor %}{% endfor %}"
+              "{% if add_generation_prompt %}{{ 'ASSISTANT:' }}{% endif %}")
+    tok = word_tokenizer(WORDS)
+    with pytest.raises(ValueError, match=r"the chat template of M ends a reply without an end-of-turn token"):
+        resolve("auto", tok, "M", processor_template=no_eos)
+
+
+def test_typed_content_processor_template_is_used_when_the_tokenizer_has_none():
+    typed = ("{% for m in messages %}{{ m['role'].upper() + ': ' }}{% for c in m['content'] %}{% if c['type'] == "
+             "'image' %}{{ '<image>\n' }}{% else %}{{ c['text'] }}{% endif %}{% endfor %}{{ ' ' if m['role'] == "
+             "'user' else eos_token }}{% endfor %}{% if add_generation_prompt %}{{ 'ASSISTANT:' }}{% endif %}")
+    tok = word_tokenizer(WORDS)
+    fmt = resolve("auto", tok, "M", processor_template=typed)
+    assert fmt.typed_content
+    out = tokenize(fmt.segments(tok, C), tok, IMG, N_IMG)
+    tokens, trained = expected("<s> USER: Q1 <image> <image> ASSISTANT: [A1 </s>]")
+    assert tok.convert_ids_to_tokens(out["input_ids"]) == tokens
+    assert out["labels"] == [i if t else IGNORE for i, t in zip(out["input_ids"], trained)]
+
+
+def test_a_template_that_is_not_prefix_consistent_is_refused():
+    # Renders only the last user turn: earlier turns vanish from longer conversations.
+    odd = ("{% for m in messages %}{% if m['role'] == 'assistant' or loop.last %}{{ m['role'] }}: {{ m['content'] }}"
+           "</s>{% endif %}{% endfor %}{% if add_generation_prompt %}assistant:{% endif %}")
+    tok = word_tokenizer(WORDS)
+    fmt = ChatFormat("auto", odd)
+    with pytest.raises(TemplateError, match="does not render conversations prefix by prefix"):
+        fmt.segments(tok, A)
+
+
+def test_builtin_sources_are_distinct():
+    assert len({BUILTIN[n] for n in BUILTIN}) == len(BUILTIN)
