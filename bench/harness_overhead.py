@@ -25,9 +25,9 @@ from lvlm_region import engine as E
 from lvlm_region import timing
 from lvlm_region.config import RunConfig
 from lvlm_region.data import BatchStream, ImageTextDataset
-from lvlm_region.flops import BatchShape, FlopModel
+from lvlm_region.flops import FlopModel
 from lvlm_region.images import ImageLoader
-from lvlm_region.trainer import executed_images, loader, obtain_data, prepare, train
+from lvlm_region.trainer import batch_shapes, loader, obtain_data, prepare, train
 
 
 def main() -> None:
@@ -63,8 +63,8 @@ def main() -> None:
             for phase in ("forward", "backward", "optimizer"):
                 with timer.phase(phase):
                     pass
-        work = flop_model.step([BatchShape(*b["input_ids"].shape, images=executed_images(b)) for b in micro])
-        extra = [sum(float(b["attention_mask"].sum()) for b in micro), sum(len(b["input_ids"]) for b in micro),
+        work = flop_model.step([shape for b in micro for shape in batch_shapes(b)])
+        extra = [sum(b["n_tokens"] for b in micro), sum(b["n_samples"] for b in micro),
                  sum(b["real_images"] for b in micro), work.model, work.hardware]
         times = timer.finish()
         totals.add(times, *extra)

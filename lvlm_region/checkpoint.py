@@ -107,6 +107,7 @@ IDENTITY_WHY = {
     "data": "the data order depends on it",
     "dataset_size": "the data order depends on it",
     "seed": "the data order depends on it",
+    "sampling": "the data order (length grouping) and the batches' layout (packing) depend on it",
     "total_steps": "the LR schedule depends on it",
     "lr": "the LR schedule depends on it",
     "projector_lr": "the projector's LR schedule depends on it",

@@ -37,6 +37,11 @@ def build_parser(stage: str, doc: str) -> argparse.ArgumentParser:
     p.add_argument("--verify-images", default="decode", help="decode (every image while preparing, default) | "
                                                              "header (size checks only, faster)")
     p.add_argument("--prep-workers", type=int, help="processes preparing the data (default: the CPU count)")
+    p.add_argument("--group-by-length", action=argparse.BooleanOptionalAction,
+                   help="batches of similar length, images and text-only apart, as LLaVA's group_by_modality_length "
+                        f"(default: {'off' if stage == 'pretrain' else 'on'})")
+    p.add_argument("--packing", action="store_true", help="padding-free: each micro-batch's samples in one row, "
+                                                          "attention kept within each sample")
     p.add_argument("--output-dir", required=True, help="where the model, run.json and metrics.jsonl go")
     p.add_argument("--zero", type=int, default=2, help="ZeRO stage 2 or 3 (ds_configs/zero{N}.json)")
     p.add_argument("--ds-config", help="a DeepSpeed JSON to use instead of ds_configs/zero{N}.json")

@@ -34,6 +34,9 @@ class RunConfig:
     max_bad_fraction: float = 0.05  # more bad samples than this stops the run before training, with a summary
     verify_images: str = "decode"  # decode every image while preparing (finds truncated files) | header only
     prep_workers: int | None = None  # processes that prepare the data (default: the CPU count)
+    group_by_length: bool | None = None  # length-grouped batches, one modality each (LLaVA's group_by_modality_length);
+    #                                      stage default: off / on
+    packing: bool = False  # padding-free: a micro-batch's samples in one row, attention kept within each sample
     zero: int = 2  # ZeRO stage: 2 or 3 (picks ds_configs/zero{N}.json)
     ds_config: str | None = None  # any DeepSpeed JSON instead of ds_configs/zero{N}.json
     max_steps: int | None = None  # optimizer steps; overrides epochs when set
@@ -79,6 +82,8 @@ class RunConfig:
             self.region = "none" if self.stage == "pretrain" else "uniform25"
         if self.template is None:
             self.template = "plain" if self.stage == "pretrain" else "auto"
+        if self.group_by_length is None:
+            self.group_by_length = self.stage == "sft"
         if self.image_aspect_ratio is None:  # as LLaVA-1.5: square crops for stage 1, padding for SFT
             self.image_aspect_ratio = "square" if self.stage == "pretrain" else "pad"
         from .images import ASPECTS

@@ -88,7 +88,8 @@ def collate(batch: list[dict], pad_token_id: int, left_pad: bool = False, dummy:
         sl = slice(T - n, T) if left_pad else slice(0, n)
         ids[r, sl], labels[r, sl], mask[r, sl] = b["input_ids"], b["labels"], 1
     out = {"input_ids": ids, "labels": labels, "attention_mask": mask, "real_images": sum(len(x) for x in images),
-           "replaced": sum(b.get("replaced", 0) for b in batch)}
+           "replaced": sum(b.get("replaced", 0) for b in batch), "n_tokens": sum(len(b["input_ids"]) for b in batch),
+           "n_samples": len(batch), "rows": [(len(batch), T + extra)]}
     if extra:
         ids[0, T:] = dummy.image_token_id
         images = [torch.zeros(1, 3, dummy.image_size, dummy.image_size)]
@@ -97,6 +98,91 @@ def collate(batch: list[dict], pad_token_id: int, left_pad: bool = False, dummy:
     for key in batch[0].keys() - out.keys() - {"pixel_values"}:  # anything else (index, answer) as a list
         out[key] = [b[key] for b in batch]
     return out
+
+
+def collate_packed(batch: list[dict], dummy: DummyImage | None = None) -> dict:
+    """Padding-free: the micro-batch's samples back to back in one row [1, sum of lengths], positions restarting
+    at 0 for each sample and no attention mask, which transformers reads as packed sequences (each sample attends
+    only to itself: a block-diagonal causal mask for sdpa / eager, varlen kernels for flash-attention 2).
+
+    Each sample's first label is ignored, so no token is trained to predict the next sample. A text-only micro-batch
+    gets the masked dummy image as a sample of its own at the end (see collate).
+    """
+    images = [b["pixel_values"] for b in batch if "pixel_values" in b]
+    ids, labels, pos = [], [], []
+    for b in batch:
+        n = len(b["input_ids"])
+        ids.append(b["input_ids"])
+        lab = b["labels"].clone()
+        lab[0] = IGNORE
+        labels.append(lab)
+        pos.append(torch.arange(n))
+    rows = [(1, len(b["input_ids"])) for b in batch]
+    if dummy is not None and not images:
+        ids.append(torch.full((dummy.n_image_tokens,), dummy.image_token_id))
+        labels.append(torch.full((dummy.n_image_tokens,), IGNORE))
+        pos.append(torch.arange(dummy.n_image_tokens))
+        rows.append((1, dummy.n_image_tokens))
+        images = [torch.zeros(1, 3, dummy.image_size, dummy.image_size)]
+        real = 0
+    else:
+        real = sum(len(x) for x in images)
+    out = {"input_ids": torch.cat(ids)[None], "labels": torch.cat(labels)[None], "position_ids": torch.cat(pos)[None],
+           "real_images": real, "replaced": sum(b.get("replaced", 0) for b in batch),
+           "n_tokens": sum(len(b["input_ids"]) for b in batch), "n_samples": len(batch), "rows": rows}
+    if images:
+        out["pixel_values"] = torch.cat(images)
+    return out
+
+
+def grouped_order(lengths: list[int], is_image: list[bool], micro_batch: int, world_size: int,
+                  generator: torch.Generator, group: int = 16) -> list[list[int]]:
+    """Global batches (lists of world_size x micro_batch indices) of similar length and one modality.
+
+    As LLaVA's ``group_by_modality_length``: each modality is shuffled, cut into mega-batches of ``group`` global
+    batches, each mega-batch sorted by length and cut into global batches; the global batches of both modalities
+    are then shuffled together. Leftovers of the two modalities that do not fill a global batch are dropped.
+    """
+    size = micro_batch * world_size
+    batches: list[list[int]] = []
+    for flag in (True, False):
+        idx = [i for i, f in enumerate(is_image) if f == flag]
+        idx = [idx[j] for j in torch.randperm(len(idx), generator=generator).tolist()]
+        for m in range(0, len(idx) - size + 1, size * group):
+            mega = sorted(idx[m:m + size * group], key=lambda i: -lengths[i])
+            batches += [mega[k:k + size] for k in range(0, len(mega) - size + 1, size)]
+    return [batches[j] for j in torch.randperm(len(batches), generator=generator).tolist()]
+
+
+class GroupedSampler(torch.utils.data.Sampler):
+    """A rank's indices from ``grouped_order``: deterministic per seed and epoch, the same skip interface as
+    ResumableSampler (``skip`` drops the first indices of ``skip_epoch``), so a resumed run continues exactly.
+
+    Within a global batch rank r takes micro-batch r, so every rank's micro-batch has a similar length.
+    """
+
+    def __init__(self, lengths: list[int], is_image: list[bool], micro_batch: int, world_size: int, rank: int,
+                 seed: int):
+        self.lengths, self.is_image = lengths, is_image
+        self.micro_batch, self.world_size, self.rank, self.seed = micro_batch, world_size, rank, seed
+        self.epoch, self.skip_epoch, self.skip = 0, 0, 0
+        self._len = len(self._order(0))
+
+    def _order(self, epoch: int) -> list[int]:
+        g = torch.Generator().manual_seed(self.seed + epoch)
+        b, r = self.micro_batch, self.rank
+        return [i for batch in grouped_order(self.lengths, self.is_image, b, self.world_size, g)
+                for i in batch[r * b:(r + 1) * b]]
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return self._len
+
+    def __iter__(self):
+        order = self._order(self.epoch)
+        return iter(order[self.skip if self.epoch == self.skip_epoch else 0:])
 
 
 class ResumableSampler(torch.utils.data.DistributedSampler):
@@ -144,19 +230,27 @@ def _kill_workers_left_at_exit() -> None:
 
 def make_loader(ds: torch.utils.data.Dataset, micro_batch: int, pad_token_id: int, rank: int, world_size: int,
                 seed: int, shuffle: bool, drop_last: bool, num_workers: int, left_pad: bool = False,
-                dummy: DummyImage | None = None):
+                dummy: DummyImage | None = None, group_by: tuple[list[int], list[bool]] | None = None,
+                packed: bool = False):
     """A rank's DataLoader: ResumableSampler (deterministic per seed and epoch) + padding collate.
+
+    ``group_by`` (lengths, has-image flags): GroupedSampler instead (length-grouped, one modality per global
+    batch). ``packed``: collate_packed instead of padding.
 
     The loader has its own generator so that creating an iterator never draws from the global torch RNG:
     a resumed run creates its iterator at a different point than the uninterrupted one.
     """
-    sampler = ResumableSampler(ds, num_replicas=world_size, rank=rank, shuffle=shuffle, seed=seed,
-                               drop_last=drop_last)
+    if group_by is not None:
+        lengths, is_image = group_by
+        sampler = GroupedSampler(lengths, is_image, micro_batch, world_size, rank, seed)
+    else:
+        sampler = ResumableSampler(ds, num_replicas=world_size, rank=rank, shuffle=shuffle, seed=seed,
+                                   drop_last=drop_last)
+    fn = (functools.partial(collate_packed, dummy=dummy) if packed else
+          functools.partial(collate, pad_token_id=pad_token_id, left_pad=left_pad, dummy=dummy))
     return torch.utils.data.DataLoader(ds, batch_size=micro_batch, sampler=sampler, num_workers=num_workers,
                                        drop_last=drop_last, worker_init_fn=_quiet_worker,
-                                       generator=torch.Generator().manual_seed(seed),
-                                       collate_fn=functools.partial(
-                                           collate, pad_token_id=pad_token_id, left_pad=left_pad, dummy=dummy))
+                                       generator=torch.Generator().manual_seed(seed), collate_fn=fn)
 
 
 class BatchStream:

@@ -115,10 +115,15 @@ def prepare(cfg: RunConfig) -> Setup:
     return Setup(cfg, region, precision, ds_config, processor, tokenizer, encoding, dummy, attn, projector)
 
 
-def loader(ds, s: "Setup", shuffle: bool, drop_last: bool, left_pad: bool = False):
-    """A rank's loader; batches without images get the masked dummy image (data.collate)."""
+def loader(ds, s: "Setup", shuffle: bool, drop_last: bool, left_pad: bool = False, training: bool = False):
+    """A rank's loader; batches without images get the masked dummy image (data.collate). The training loader
+    groups by length and packs as the run config says; evaluation pads and keeps the data's order."""
+    group_by = None
+    if training and s.cfg.group_by_length:
+        group_by = (list(ds.ds["length"]), [m == "image" for m in ds.ds["modality"]])
     return make_loader(ds, s.cfg.micro_batch, s.tokenizer.pad_token_id, E.rank(), E.world_size(), s.cfg.seed,
-                       shuffle, drop_last, s.cfg.num_workers, left_pad, s.dummy)
+                       shuffle, drop_last, s.cfg.num_workers, left_pad, s.dummy, group_by,
+                       packed=training and s.cfg.packing)
 
 
 def obtain_data(path: str, image_folder: str | None, name: str, s: Setup):
@@ -176,7 +181,8 @@ def train(cfg: RunConfig) -> "Result":
     cfg.dataset_size = len(train_ds)
     eval_ds, eval_folder = obtain_data(cfg.eval_data, None, "eval", s) if cfg.eval_data else (None, None)
     load_image = ImageLoader(s.processor.image_processor, cfg.image_aspect_ratio)
-    train_loader = loader(ImageTextDataset(train_ds, train_folder, load_image), s, shuffle=True, drop_last=True)
+    train_loader = loader(ImageTextDataset(train_ds, train_folder, load_image), s, shuffle=True, drop_last=True,
+                          training=True)
     steps_per_epoch = len(train_loader) // cfg.grad_accum
     if steps_per_epoch < 1:
         raise ValueError(f"{len(train_ds)} samples give no full step of micro_batch {cfg.micro_batch} x grad_accum "
@@ -278,20 +284,22 @@ def train(cfg: RunConfig) -> "Result":
         loss_sum = 0.0
         for b in micro:
             with timer.phase("forward"):
-                logits = engine(input_ids=b["input_ids"], attention_mask=b["attention_mask"],
-                                pixel_values=b.get("pixel_values")).logits
+                # No KV cache in training; with one, transformers would not read restarting position ids as packing.
+                logits = engine(input_ids=b["input_ids"], attention_mask=b.get("attention_mask"),
+                                position_ids=b.get("position_ids"), pixel_values=b.get("pixel_values"),
+                                use_cache=False).logits
                 lsum = token_loss_sum(logits, b["labels"])
             with timer.phase("backward"):
                 engine.backward(lsum * scale)
             with timer.phase("optimizer"):
                 engine.step()
             loss_sum += float(lsum.detach())
-        work = flop_model.step([BatchShape(*b["input_ids"].shape, images=executed_images(b)) for b in micro])
+        work = flop_model.step([shape for b in micro for shape in batch_shapes(b)])
         with timer.phase("optimizer"):
             # One collective for the loss, the stop request and the step's work: every rank stops together.
             loss_total, stops, n_tokens, n_samples, n_images, f_model, f_hw, n_replaced = E.all_reduce_sum(
-                [loss_sum, float(stop.poll()), sum(float(b["attention_mask"].sum()) for b in micro),
-                 sum(len(b["input_ids"]) for b in micro), sum(b["real_images"] for b in micro), work.model,
+                [loss_sum, float(stop.poll()), sum(b["n_tokens"] for b in micro),
+                 sum(b["n_samples"] for b in micro), sum(b["real_images"] for b in micro), work.model,
                  work.hardware, sum(b["replaced"] for b in micro)])
         replaced += int(n_replaced)
         times = timer.finish()
@@ -378,6 +386,13 @@ def executed_images(batch: dict) -> int:
     return int(batch["pixel_values"].shape[0]) if "pixel_values" in batch else 0
 
 
+def batch_shapes(batch: dict) -> list[BatchShape]:
+    """The micro-batch as the FLOP model sees it: one padded block, or (packed) one block per sample, since
+    attention stays within each sample."""
+    return [BatchShape(rows, seq, images=executed_images(batch) if j == 0 else 0)
+            for j, (rows, seq) in enumerate(batch["rows"])]
+
+
 def run_identity(cfg: RunConfig, s: Setup, total_steps: int) -> dict:
     """What a resumed run must share with its checkpoint (see checkpoint.IDENTITY_WHY)."""
     return {"stage": cfg.stage, "model": checkpoint.fingerprint_dir(cfg.model_path),
@@ -385,6 +400,7 @@ def run_identity(cfg: RunConfig, s: Setup, total_steps: int) -> dict:
             "region": {"layers": list(s.region.layers), "parts": dict(s.region.parts)},
             "world_size": E.world_size(), "micro_batch": cfg.micro_batch, "grad_accum": cfg.grad_accum,
             "data": os.path.abspath(cfg.data), "dataset_size": cfg.dataset_size, "seed": cfg.seed,
+            "sampling": {"group_by_length": cfg.group_by_length, "packing": cfg.packing},
             "total_steps": total_steps, "lr": cfg.lr, "projector_lr": cfg.projector_lr,
             "tuner": {"kind": cfg.tuner, **({"r": cfg.lora_r, "alpha": cfg.lora_alpha, "dropout": cfg.lora_dropout}
                                             if cfg.tuner == "lora" else {})},
@@ -431,7 +447,9 @@ def train_and_compare(cfg: RunConfig) -> "Result":
     mine = result.summary
     if cfg.compare_full.isdigit():
         E.release(result.engine)
+        prepared = os.path.join(cfg.output_dir, "prepared", "train")  # the same samples, not prepared again
         arm = dataclasses.replace(cfg, region="full", max_steps=int(cfg.compare_full), compare_full=None,
+                                  data=prepared if P.is_prepared(prepared) else cfg.data,
                                   output_dir=os.path.join(cfg.output_dir, "compare-full"), save_every=0, resume=None,
                                   eval_data=None, export_model=False)
         try:

@@ -102,7 +102,7 @@ def test_raw_data_is_prepared_once_by_rank_0_and_bad_images_are_counted(demo_dir
     out = tmp_path / "sft"
     res = run(deepspeed_cmd(2, "launch/sft.py", "--data", str(data), "--image-folder", str(images), "--output-dir",
                             str(out), "--verify-images", "header", "--max-bad-fraction", "0.2", "--micro-batch", "4",
-                            "--epochs", "1", "--num-workers", "1", "--log-every", "1"))
+                            "--epochs", "1", "--num-workers", "1", "--log-every", "1", "--packing"))
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
     report = json.loads((out / "prepared" / "train" / "report.json").read_text())
     assert (report["samples"], report["kept"]) == (18, 16)

@@ -93,9 +93,11 @@ def reference(request):
 
 
 def copy_checkpoints(ref: Path, out: Path, keep: str) -> None:
-    """out/checkpoints holds ref's checkpoints up to `keep`, with `latest` naming it (a run interrupted there)."""
+    """out/checkpoints holds ref's checkpoints up to `keep`, with `latest` naming it (a run interrupted there), and
+    out/prepared ref's prepared data (as the interrupted run left it; the resumed run reuses it)."""
     import shutil
     shutil.copytree(ref / "checkpoints", out / "checkpoints")
+    shutil.copytree(ref / "prepared", out / "prepared")
     for p in (out / "checkpoints").glob("step-*"):
         if p.name > keep:
             shutil.rmtree(p)

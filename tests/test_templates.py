@@ -16,6 +16,9 @@ A = [{"role": "user", "content": "<image>\nQ1"}, {"role": "assistant", "content"
      {"role": "user", "content": "Q2"}, {"role": "assistant", "content": "A2 A3"}]
 B = [{"role": "system", "content": "SYS"}, {"role": "user", "content": "Q1"}, {"role": "assistant", "content": "A1"}]
 C = [{"role": "user", "content": "Q1\n<image>"}, {"role": "assistant", "content": "A1"}]
+D = [{"role": "user", "content": "Q1"}, {"role": "assistant", "content": "A1"},
+     {"role": "user", "content": "<image>\nQ2"}, {"role": "assistant", "content": "A2"},
+     {"role": "user", "content": "Q1"}, {"role": "assistant", "content": "A3"}]  # image in a later turn
 
 # Real-world chat templates, as their tokenizers ship them (Qwen2 adds a default system turn; Phi-3 ends a
 # conversation with eos, which is not part of the last reply).
@@ -29,7 +32,25 @@ PHI3 = ("{% for message in messages %}{% if message['role'] == 'system' %}{{'<|s
         "{% endfor %}{% if add_generation_prompt %}{{ '<|assistant|>\n' }}{% else %}{{ eos_token }}{% endif %}")
 
 S = VICUNA_SYSTEM
+CHATML_D = ("<|im_start|> user Q1 <|im_end|> <|im_start|> assistant [A1 <|im_end|>] <|im_start|> user <image> <image> "
+            "Q2 <|im_end|> <|im_start|> assistant [A2 <|im_end|>] <|im_start|> user Q1 <|im_end|> <|im_start|> "
+            "assistant [A3 <|im_end|>]")
+PHI3_D = ("<s> <|user|> Q1 <|end|> <|assistant|> [A1 <|end|>] <|user|> <image> <image> Q2 <|end|> <|assistant|> "
+          "[A2 <|end|>] <|user|> Q1 <|end|> <|assistant|> [A3 <|end|>]")
 CASES = [
+    ("plain", {}, D, "<s> [A1 </s>] <image> <image> [A2 </s>] [A3 </s>]"),
+    ("vicuna_v1", {}, D, f"<s> {S} USER: Q1 ASSISTANT: [A1 </s>] USER: <image> <image> Q2 ASSISTANT: [A2 </s>] "
+                         "USER: Q1 ASSISTANT: [A3 </s>]"),
+    ("llama3", {}, D, "<s> <|start_header_id|> user <|end_header_id|> Q1 <|eot_id|> <|start_header_id|> assistant "
+                      "<|end_header_id|> [A1 <|eot_id|>] <|start_header_id|> user <|end_header_id|> <image> <image> Q2 "
+                      "<|eot_id|> <|start_header_id|> assistant <|end_header_id|> [A2 <|eot_id|>] <|start_header_id|> "
+                      "user <|end_header_id|> Q1 <|eot_id|> <|start_header_id|> assistant <|end_header_id|> "
+                      "[A3 <|eot_id|>]"),
+    ("phi3", {}, D, PHI3_D),
+    ("chatml", {"bos": None}, D, CHATML_D),
+    ("auto", {"bos": None, "chat_template": QWEN2}, D,
+     "<|im_start|> system You are a helpful assistant. <|im_end|> " + CHATML_D),
+    ("auto", {"chat_template": PHI3, "eos": "<|endoftext|>"}, D, PHI3_D),
     ("plain", {}, A, "<s> <image> <image> [A1 </s>] [A2 A3 </s>]"),
     ("plain", {}, C, "<s> <image> <image> [A1 </s>]"),
     ("vicuna_v1", {}, A, f"<s> {S} USER: <image> <image> Q1 ASSISTANT: [A1 </s>] USER: Q2 ASSISTANT: [A2 A3 </s>]"),
