@@ -6,16 +6,20 @@ Generates a LLaVA-665K-like JSON list (multi-turn conversations of 30-300 words,
 text-only) whose samples reference --images distinct 336x336 JPEGs (reused cyclically: each sample is still
 checked and decoded on its own), trains a 32K byte-level BPE tokenizer (the size of LLaMA's vocabulary) on the
 generated text, and prepares the file with the vicuna_v1 template and 576 image tokens per image (CLIP-L-336),
-once with --verify-images decode and once with header. Prints seconds, samples/s, seconds per 100K samples and
-the peak RSS of this process and of the worker processes.
+once with --verify-images decode and once with header, each in a fresh process. Prints seconds, samples/s,
+seconds per 100K samples, the peak RSS of the preparing process and of its largest worker, and the preparing
+process's peak anonymous memory (RSS also counts the pages of the memory-mapped Arrow files it reads, which grow
+with the data but are page cache, not held objects; run with two --samples values to compare).
 """
 import argparse
 import json
 import os
 import random
 import resource
+import subprocess
 import sys
 import tempfile
+import threading
 import time
 
 from PIL import Image
@@ -76,31 +80,60 @@ def make_tokenizer(root: str, data: str):
                                    pad_token="<pad>", additional_special_tokens=["<image>"])
 
 
+def prepare_in_this_process(data: str, root: str, tok_dir: str, verify: str, workers: int) -> None:
+    """Child process: prepare and print time and peak memory (nothing else has run in this process)."""
+    from transformers import PreTrainedTokenizerFast
+    import datasets
+    datasets.disable_progress_bars()
+    tok = PreTrainedTokenizerFast.from_pretrained(tok_dir)
+    enc = P.Encoding(resolve("vicuna_v1", tok, "bench tokenizer"), tok.convert_tokens_to_ids("<image>"), 576, 4096,
+                     verify)
+    peak_anon = [0]
+    done = threading.Event()
+
+    def watch() -> None:  # anonymous memory (heap), unlike RSS without the memory-mapped Arrow files' pages
+        while not done.is_set():
+            with open("/proc/self/status") as f:
+                kb = next(int(line.split()[1]) for line in f if line.startswith("RssAnon:"))
+            peak_anon[0] = max(peak_anon[0], kb)
+            time.sleep(0.1)
+
+    watcher = threading.Thread(target=watch, daemon=True)
+    watcher.start()
+    t = time.perf_counter()
+    ds = P.prepare(data, root, enc, tok, os.path.join(root, f"prepared-{verify}"), workers=workers)
+    s = time.perf_counter() - t
+    done.set()
+    watcher.join()
+    n = json.load(open(os.path.join(root, f"prepared-{verify}", P.REPORT)))["samples"]
+    own = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6
+    kids = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1e6
+    print(f"--verify-images {verify}: {len(ds)} kept in {s:.1f} s with {workers} workers: {n / s:.0f} samples/s, "
+          f"{s * 100_000 / n:.0f} s per 100K samples; peak RSS {own:.2f} GB (largest worker {kids:.2f} GB), of which "
+          f"anonymous (heap) at most {peak_anon[0] / 1e6:.2f} GB in the preparing process")
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--samples", type=int, default=100_000)
     p.add_argument("--images", type=int, default=2000)
     p.add_argument("--workers", type=int, default=os.cpu_count())
+    p.add_argument("--child", nargs=4, metavar=("DATA", "ROOT", "TOKENIZER", "VERIFY"), help=argparse.SUPPRESS)
     args = p.parse_args()
-    import datasets
-    datasets.disable_progress_bars()
+    if args.child:
+        prepare_in_this_process(*args.child, workers=args.workers)
+        return
     with tempfile.TemporaryDirectory() as root:
         t = time.perf_counter()
         data = make_data(root, args.samples, args.images)
         tok = make_tokenizer(root, data)
+        tok_dir = os.path.join(root, "tokenizer")
+        tok.save_pretrained(tok_dir)
         print(f"generated {args.samples} samples ({os.path.getsize(data) / 1e6:.0f} MB JSON), {args.images} images "
               f"and a {len(tok)}-token BPE tokenizer in {time.perf_counter() - t:.0f} s")
-        fmt = resolve("vicuna_v1", tok, "bench tokenizer")
         for verify in ("decode", "header"):
-            enc = P.Encoding(fmt, tok.convert_tokens_to_ids("<image>"), 576, 4096, verify)
-            t = time.perf_counter()
-            ds = P.prepare(data, root, enc, tok, os.path.join(root, f"prepared-{verify}"), workers=args.workers)
-            s = time.perf_counter() - t
-            print(f"--verify-images {verify}: {len(ds)} kept in {s:.1f} s with {args.workers} workers: "
-                  f"{len(ds) / s:.0f} samples/s, {s * 100_000 / args.samples:.0f} s per 100K samples")
-    own = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6
-    kids = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1e6
-    print(f"peak RSS: this process {own:.2f} GB, largest worker {kids:.2f} GB")
+            subprocess.run([sys.executable, __file__, "--workers", str(args.workers), "--child", data, root, tok_dir,
+                            verify], check=True)
 
 
 if __name__ == "__main__":
