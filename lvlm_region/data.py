@@ -140,17 +140,23 @@ def grouped_order(lengths: list[int], is_image: list[bool], micro_batch: int, wo
     """Global batches (lists of world_size x micro_batch indices) of similar length and one modality.
 
     As LLaVA's ``group_by_modality_length``: each modality is shuffled, cut into mega-batches of ``group`` global
-    batches, each mega-batch sorted by length and cut into global batches; the global batches of both modalities
-    are then shuffled together. Leftovers of the two modalities that do not fill a global batch are dropped.
+    batches, each mega-batch sorted by length and cut into global batches; what is left of each modality (less
+    than a global batch) goes into mixed global batches, sorted by length, as LLaVA's "additional batch"; all are
+    then shuffled together. Fewer than one global batch of samples is left out per epoch.
     """
     size = micro_batch * world_size
     batches: list[list[int]] = []
+    rest: list[int] = []
     for flag in (True, False):
         idx = [i for i, f in enumerate(is_image) if f == flag]
         idx = [idx[j] for j in torch.randperm(len(idx), generator=generator).tolist()]
-        for m in range(0, len(idx) - size + 1, size * group):
+        for m in range(0, len(idx), size * group):
             mega = sorted(idx[m:m + size * group], key=lambda i: -lengths[i])
-            batches += [mega[k:k + size] for k in range(0, len(mega) - size + 1, size)]
+            full = len(mega) - len(mega) % size
+            batches += [mega[k:k + size] for k in range(0, full, size)]
+            rest += mega[full:]
+    rest.sort(key=lambda i: -lengths[i])
+    batches += [rest[k:k + size] for k in range(0, len(rest) - size + 1, size)]
     return [batches[j] for j in torch.randperm(len(batches), generator=generator).tolist()]
 
 

@@ -83,7 +83,9 @@ def tokenizer_digest(tokenizer) -> str:
 
 def identity(data: str, image_folder: str, enc: Encoding, tokenizer) -> dict:
     """What a prepared directory was made from and with; equal identities give identical directories."""
-    st = os.stat(data) if os.path.isfile(data) else None
+    marker = next((os.path.join(data, f) for f in ("state.json", "dataset_dict.json")
+                   if os.path.isfile(os.path.join(data, f))), None) if os.path.isdir(data) else data
+    st = os.stat(marker) if marker and os.path.isfile(marker) else None  # a datasets dir: its state file
     return {"version": VERSION, "data": os.path.abspath(data), "data_size": st.st_size if st else None,
             "data_mtime_ns": st.st_mtime_ns if st else None, "image_folder": os.path.abspath(image_folder),
             "template": enc.template.name, "template_digest": enc.template.digest,
