@@ -107,11 +107,12 @@ class ChatFormat:
         for i, m in enumerate(messages):
             if m["role"] != "assistant":
                 continue
-            start = len(self.render(tokenizer, messages[:i], generation_prompt=True))
+            prompt = self.render(tokenizer, messages[:i], generation_prompt=True)
+            start = len(prompt)
             upto = self.render(tokenizer, messages[:i + 1])
             more = self.render(tokenizer, messages[:i + 1] + [{"role": "user", "content": "x"}])
             end = _token_boundary(upto, len(os.path.commonprefix([upto, more])), tokenizer)
-            if not full.startswith(upto[:end]) or start > end or not upto.startswith(full[:start]):
+            if not (full.startswith(prompt) and upto.startswith(prompt) and full.startswith(upto[:end])) or start > end:
                 raise TemplateError(f"template {self.name!r} does not render conversations prefix by prefix (at "
                                     f"message {i}), so the reply's tokens cannot be found; pass another --template "
                                     f"({', '.join(BUILTIN)})")

@@ -168,3 +168,12 @@ def test_a_template_that_is_not_prefix_consistent_is_refused():
 
 def test_builtin_sources_are_distinct():
     assert len({BUILTIN[n] for n in BUILTIN}) == len(BUILTIN)
+
+
+def test_a_generation_prompt_that_the_conversation_does_not_contain_is_refused():
+    # As Qwen3 without thinking: the generation prompt adds an empty think block that rendered replies lack, so
+    # the reply's start cannot be located in the conversation.
+    odd = QWEN2.replace("{{ '<|im_start|>assistant\n' }}", "{{ '<|im_start|>assistant\n<think></think>' }}")
+    tok = word_tokenizer(WORDS, bos=None)
+    with pytest.raises(TemplateError, match="does not render conversations prefix by prefix"):
+        ChatFormat("auto", odd).segments(tok, A)
