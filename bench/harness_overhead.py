@@ -26,7 +26,6 @@ from lvlm_region import timing
 from lvlm_region.config import RunConfig
 from lvlm_region.data import BatchStream, ImageTextDataset
 from lvlm_region.flops import FlopModel
-from lvlm_region.images import ImageLoader
 from lvlm_region.trainer import batch_shapes, loader, obtain_data, prepare, train
 
 
@@ -49,8 +48,7 @@ def main() -> None:
         # the batches of this job, as the harness sees them
         s = prepare(RunConfig(stage="sft", output_dir=out, micro_batch=args.micro_batch, num_workers=0))
         ds, folder = obtain_data(s.cfg.data, s.cfg.image_folder, "train", s)
-        load_image = ImageLoader(s.processor.image_processor, s.cfg.image_aspect_ratio)
-        stream = BatchStream(loader(ImageTextDataset(ds, folder, load_image), s, shuffle=True, drop_last=True))
+        stream = BatchStream(loader(ImageTextDataset(ds, folder, s.load_image), s, shuffle=True, drop_last=True))
         micro = [next(stream) for _ in range(args.grad_accum)]
 
     timer, totals, window = timing.StepTimer(), timing.Totals(warmup=5), timing.Totals(warmup=0)

@@ -23,9 +23,8 @@ import datasets  # noqa: E402
 from lvlm_region import demo, prepare as P  # noqa: E402
 from lvlm_region.config import DEMO_DIR, RunConfig  # noqa: E402
 from lvlm_region.data import BatchStream, ImageTextDataset  # noqa: E402
-from lvlm_region.images import ImageLoader  # noqa: E402
 from lvlm_region.templates import IGNORE  # noqa: E402
-from lvlm_region.trainer import loader, prepare, train  # noqa: E402
+from lvlm_region.trainer import loader, obtain_data, prepare, train  # noqa: E402
 
 
 def make_prepared(out: str, n: int, seed: int = 0) -> str:
@@ -57,9 +56,9 @@ def make_prepared(out: str, n: int, seed: int = 0) -> str:
 
 def padding_fraction(cfg: RunConfig, steps: int) -> float:
     s = prepare(cfg)
-    ds, meta = P.load_prepared(cfg.data)
-    stream = BatchStream(loader(ImageTextDataset(ds, DEMO_DIR, ImageLoader(s.processor.image_processor, "pad")), s,
-                                shuffle=True, drop_last=True, training=True))
+    ds, folder = obtain_data(cfg.data, None, "train", s)
+    stream = BatchStream(loader(ImageTextDataset(ds, folder, s.load_image), s, shuffle=True, drop_last=True,
+                                training=True))
     real = total = 0
     for _ in range(steps):
         b = next(stream)

@@ -87,18 +87,14 @@ class RunConfig:
         if self.image_aspect_ratio is None:  # as LLaVA-1.5: square crops for stage 1, padding for SFT
             self.image_aspect_ratio = "square" if self.stage == "pretrain" else "pad"
         from .images import ASPECTS
+        from .prepare import check_options
         from .templates import NAMES
         if self.template not in NAMES:
             raise ValueError(f"--template must be one of {', '.join(NAMES)}, got {self.template!r}")
         if self.image_aspect_ratio not in ASPECTS:
             raise ValueError(f"--image-aspect-ratio must be one of {', '.join(ASPECTS)}, got "
                              f"{self.image_aspect_ratio!r}")
-        if self.on_bad_sample not in ("skip", "error"):
-            raise ValueError(f"--on-bad-sample must be skip or error, got {self.on_bad_sample!r}")
-        if not 0 <= self.max_bad_fraction <= 1:
-            raise ValueError(f"--max-bad-fraction must be in [0, 1], got {self.max_bad_fraction}")
-        if self.verify_images not in ("decode", "header"):
-            raise ValueError(f"--verify-images must be decode or header, got {self.verify_images!r}")
+        check_options(self.on_bad_sample, self.max_bad_fraction, self.verify_images)
         if self.tuner not in ("full", "lora"):
             raise ValueError(f"--tuner must be full or lora, got {self.tuner!r}")
         lora = self.tuner == "lora"

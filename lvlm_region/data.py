@@ -67,6 +67,15 @@ class DummyImage:
     n_image_tokens: int
     image_size: int
 
+    def pixels(self) -> torch.Tensor:
+        return torch.zeros(1, 3, self.image_size, self.image_size)  # [1, 3, H, W]
+
+
+def _counts(batch: list[dict]) -> dict:
+    """What the training loop counts of a micro-batch, however it is laid out."""
+    return {"replaced": sum(b.get("replaced", 0) for b in batch), "n_tokens": sum(len(b["input_ids"]) for b in batch),
+            "n_samples": len(batch)}
+
 
 def collate(batch: list[dict], pad_token_id: int, left_pad: bool = False, dummy: DummyImage | None = None) -> dict:
     """Pad to the longest sample. input_ids/labels/attention_mask: [B, T]; pixel_values: [n_images, 3, H, W].
@@ -88,11 +97,10 @@ def collate(batch: list[dict], pad_token_id: int, left_pad: bool = False, dummy:
         sl = slice(T - n, T) if left_pad else slice(0, n)
         ids[r, sl], labels[r, sl], mask[r, sl] = b["input_ids"], b["labels"], 1
     out = {"input_ids": ids, "labels": labels, "attention_mask": mask, "real_images": sum(len(x) for x in images),
-           "replaced": sum(b.get("replaced", 0) for b in batch), "n_tokens": sum(len(b["input_ids"]) for b in batch),
-           "n_samples": len(batch), "rows": [(len(batch), T + extra)]}
+           "rows": [(len(batch), T + extra)], **_counts(batch)}
     if extra:
         ids[0, T:] = dummy.image_token_id
-        images = [torch.zeros(1, 3, dummy.image_size, dummy.image_size)]
+        images = [dummy.pixels()]
     if images:
         out["pixel_values"] = torch.cat(images)
     for key in batch[0].keys() - out.keys() - {"pixel_values"}:  # anything else (index, answer) as a list
@@ -123,13 +131,12 @@ def collate_packed(batch: list[dict], dummy: DummyImage | None = None) -> dict:
         labels.append(torch.full((dummy.n_image_tokens,), IGNORE))
         pos.append(torch.arange(dummy.n_image_tokens))
         rows.append((1, dummy.n_image_tokens))
-        images = [torch.zeros(1, 3, dummy.image_size, dummy.image_size)]
+        images = [dummy.pixels()]
         real = 0
     else:
         real = sum(len(x) for x in images)
     out = {"input_ids": torch.cat(ids)[None], "labels": torch.cat(labels)[None], "position_ids": torch.cat(pos)[None],
-           "real_images": real, "replaced": sum(b.get("replaced", 0) for b in batch),
-           "n_tokens": sum(len(b["input_ids"]) for b in batch), "n_samples": len(batch), "rows": rows}
+           "real_images": real, "rows": rows, **_counts(batch)}
     if images:
         out["pixel_values"] = torch.cat(images)
     return out
@@ -160,9 +167,19 @@ def grouped_order(lengths: list[int], is_image: list[bool], micro_batch: int, wo
     return [batches[j] for j in torch.randperm(len(batches), generator=generator).tolist()]
 
 
-class GroupedSampler(torch.utils.data.Sampler):
-    """A rank's indices from ``grouped_order``: deterministic per seed and epoch, the same skip interface as
-    ResumableSampler (``skip`` drops the first indices of ``skip_epoch``), so a resumed run continues exactly.
+class Skippable:
+    """An epoch that can start part-way: ``skip`` drops the first indices of epoch ``skip_epoch`` (BatchStream
+    sets both on resume), so a resumed run reads exactly the samples the uninterrupted run would have read next,
+    without loading the skipped ones. The order itself must be deterministic per seed and epoch."""
+
+    skip_epoch, skip = 0, 0
+
+    def _resumed(self, indices: list[int]):
+        return iter(indices[self.skip if self.epoch == self.skip_epoch else 0:])
+
+
+class GroupedSampler(Skippable, torch.utils.data.Sampler):
+    """A rank's indices from ``grouped_order``, deterministic per seed and epoch, resumable (Skippable).
 
     Within a global batch rank r takes micro-batch r, so every rank's micro-batch has a similar length.
     """
@@ -171,41 +188,32 @@ class GroupedSampler(torch.utils.data.Sampler):
                  seed: int):
         self.lengths, self.is_image = lengths, is_image
         self.micro_batch, self.world_size, self.rank, self.seed = micro_batch, world_size, rank, seed
-        self.epoch, self.skip_epoch, self.skip = 0, 0, 0
-        self._len = len(self._order(0))
-
-    def _order(self, epoch: int) -> list[int]:
-        g = torch.Generator().manual_seed(self.seed + epoch)
-        b, r = self.micro_batch, self.rank
-        return [i for batch in grouped_order(self.lengths, self.is_image, b, self.world_size, g)
-                for i in batch[r * b:(r + 1) * b]]
+        self.epoch = 0
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
 
     def __len__(self) -> int:
-        return self._len
+        # grouped_order's batch count without drawing it: each modality's full global batches, then as many as
+        # the leftovers of both fill.
+        size = self.micro_batch * self.world_size
+        n_image = sum(self.is_image)
+        per_modality = [n_image, len(self.is_image) - n_image]
+        batches = sum(n // size for n in per_modality) + sum(n % size for n in per_modality) // size
+        return batches * self.micro_batch
 
     def __iter__(self):
-        order = self._order(self.epoch)
-        return iter(order[self.skip if self.epoch == self.skip_epoch else 0:])
+        g = torch.Generator().manual_seed(self.seed + self.epoch)
+        b, r = self.micro_batch, self.rank
+        return self._resumed([i for batch in grouped_order(self.lengths, self.is_image, b, self.world_size, g)
+                              for i in batch[r * b:(r + 1) * b]])
 
 
-class ResumableSampler(torch.utils.data.DistributedSampler):
-    """DistributedSampler that can start an epoch part-way: ``skip`` drops the first indices of ``skip_epoch``.
-
-    The order is DistributedSampler's (deterministic per seed and epoch), so a resumed run reads exactly the
-    samples the uninterrupted run would have read next, without loading the skipped ones.
-    """
-
-    def __init__(self, *args, **kwargs):
-        super().__init__(*args, **kwargs)
-        self.skip_epoch, self.skip = 0, 0
+class ResumableSampler(Skippable, torch.utils.data.DistributedSampler):
+    """DistributedSampler (deterministic per seed and epoch) that can start an epoch part-way (Skippable)."""
 
     def __iter__(self):
-        indices = list(super().__iter__())
-        start = self.skip if self.epoch == self.skip_epoch else 0
-        return iter(indices[start:])
+        return self._resumed(list(super().__iter__()))
 
 
 def _quiet_worker(_: int) -> None:

@@ -140,7 +140,7 @@ def pretrain_language(model, tok, out_dir: str, seed: int, steps: int = 600, bat
     import torch
 
     from .formats import normalize
-    from .templates import BUILTIN, ChatFormat, tokenize
+    from .templates import resolve, tokenize
     from .model import image_seq_length, token_loss_sum, valid_tokens
 
     n_image = image_seq_length(model.config)
@@ -152,10 +152,11 @@ def pretrain_language(model, tok, out_dir: str, seed: int, steps: int = 600, bat
     image_id = tok.convert_tokens_to_ids("<image>")
     rows = []
     for fname, template in (("pretrain.json", "plain"), ("sft_train.json", "vicuna_v1")):
+        fmt = resolve(template, tok, "the demo tokenizer")
         with open(os.path.join(out_dir, fname)) as f:
             for s in json.load(f):
                 messages = normalize(json.dumps(s))["messages"]
-                row = tokenize(ChatFormat(template, BUILTIN[template]).segments(tok, messages), tok, image_id, n_image)
+                row = tokenize(fmt.segments(tok, messages), tok, image_id, n_image)
                 slots = iter(tok.convert_tokens_to_ids(scene_slots(captions[s["image"]])))
                 row["input_ids"] = [next(slots) if i == image_id else i for i in row["input_ids"]]
                 rows.append(row)

@@ -14,7 +14,6 @@ import torch.distributed as dist
 
 from . import engine as E
 from .data import ImageTextDataset, to_device
-from .images import ImageLoader
 from .templates import end_of_turn_id, tokenize
 from .model import token_loss_sum, valid_tokens
 
@@ -37,7 +36,7 @@ def evaluate(engine, eval_ds, image_folder: str, s, cfg, dtype: torch.dtype, dev
     tokenizer = s.tokenizer
     pad_id = tokenizer.pad_token_id
     stop_ids = sorted({tokenizer.eos_token_id, end_of_turn_id(s.encoding.template, tokenizer)})
-    images = ImageLoader(s.processor.image_processor, cfg.image_aspect_ratio)
+    images = s.load_image
 
     # Held-out loss over valid tokens (duplicates from shard padding are counted on both ranks; the
     # DistributedSampler pads at most world_size - 1 samples).

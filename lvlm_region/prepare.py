@@ -54,9 +54,15 @@ class Encoding:
     max_length: int
     verify_images: str = "decode"  # decode: find truncated / corrupt files now | header: size checks only
 
-    def __post_init__(self):
-        if self.verify_images not in VERIFY:
-            raise ValueError(f"--verify-images must be one of {VERIFY}, got {self.verify_images!r}")
+
+def check_options(on_bad_sample: str, max_bad_fraction: float, verify_images: str) -> None:
+    """The bad-sample policy and image verification, checked where they are given (run config, prepare())."""
+    if on_bad_sample not in ("skip", "error"):
+        raise ValueError(f"--on-bad-sample must be skip or error, got {on_bad_sample!r}")
+    if not 0 <= max_bad_fraction <= 1:
+        raise ValueError(f"--max-bad-fraction must be in [0, 1], got {max_bad_fraction}")
+    if verify_images not in VERIFY:
+        raise ValueError(f"--verify-images must be decode or header, got {verify_images!r}")
 
 
 def for_model(model_path: str, template: str, max_length: int, verify_images: str = "decode"):
@@ -81,34 +87,41 @@ def tokenizer_digest(tokenizer) -> str:
     return hashlib.sha256((text + extra).encode()).hexdigest()[:16]
 
 
+def _token_identity(enc: Encoding, tokenizer) -> dict:
+    """The part of a preparation's identity that decides its token ids and labels (a run must match it)."""
+    return {"template_digest": enc.template.digest, "tokenizer_digest": tokenizer_digest(tokenizer),
+            "image_token_id": enc.image_token_id, "n_image_tokens": enc.n_image_tokens, "max_length": enc.max_length,
+            "version": VERSION}
+
+
 def identity(data: str, image_folder: str, enc: Encoding, tokenizer) -> dict:
     """What a prepared directory was made from and with; equal identities give identical directories."""
     marker = next((os.path.join(data, f) for f in ("state.json", "dataset_dict.json")
                    if os.path.isfile(os.path.join(data, f))), None) if os.path.isdir(data) else data
     st = os.stat(marker) if marker and os.path.isfile(marker) else None  # a datasets dir: its state file
-    return {"version": VERSION, "data": os.path.abspath(data), "data_size": st.st_size if st else None,
+    return {"data": os.path.abspath(data), "data_size": st.st_size if st else None,
             "data_mtime_ns": st.st_mtime_ns if st else None, "image_folder": os.path.abspath(image_folder),
-            "template": enc.template.name, "template_digest": enc.template.digest,
-            "tokenizer_digest": tokenizer_digest(tokenizer), "image_token_id": enc.image_token_id,
-            "n_image_tokens": enc.n_image_tokens, "max_length": enc.max_length, "verify_images": enc.verify_images}
+            "template": enc.template.name, "verify_images": enc.verify_images, **_token_identity(enc, tokenizer)}
 
 
 def is_prepared(path: str) -> bool:
     return os.path.isfile(os.path.join(path, MARKER))
 
 
+def read_meta(path: str) -> dict:
+    """A prepared directory's prepare.json (without opening the dataset)."""
+    with open(os.path.join(path, MARKER)) as f:
+        return json.load(f)
+
+
 def load_prepared(path: str) -> tuple[datasets.Dataset, dict]:
     """A prepared directory's dataset and its prepare.json."""
-    with open(os.path.join(path, MARKER)) as f:
-        meta = json.load(f)
-    return datasets.load_from_disk(path), meta
+    return datasets.load_from_disk(path), read_meta(path)
 
 
 def check_matches(meta: dict, path: str, enc: Encoding, tokenizer) -> None:
     """Refuse a prepared directory made for another tokenizer, template, image token count or max length."""
-    want = {"template_digest": enc.template.digest, "tokenizer_digest": tokenizer_digest(tokenizer),
-            "image_token_id": enc.image_token_id, "n_image_tokens": enc.n_image_tokens, "max_length": enc.max_length,
-            "version": VERSION}
+    want = _token_identity(enc, tokenizer)
     have = meta["identity"]
     diff = [f"{k}: prepared {have.get(k)!r}, this run {v!r}" for k, v in want.items() if have.get(k) != v]
     if diff:
@@ -153,16 +166,11 @@ def prepare(data: str, image_folder: str, enc: Encoding, tokenizer, output: str,
     Raises DataError when more than ``max_bad_fraction`` of the samples are bad, or with ``on_bad_sample="error"``
     when any is; report.json is written to ``output`` either way.
     """
-    if on_bad_sample not in ("skip", "error"):
-        raise ValueError(f"--on-bad-sample must be skip or error, got {on_bad_sample!r}")
-    if not 0 <= max_bad_fraction <= 1:
-        raise ValueError(f"--max-bad-fraction must be in [0, 1], got {max_bad_fraction}")
+    check_options(on_bad_sample, max_bad_fraction, enc.verify_images)
     ident = identity(data, image_folder, enc, tokenizer)
-    if is_prepared(output):
-        ds, meta = load_prepared(output)
-        if meta["identity"] == ident:
-            log.info("%s: already prepared from %s; reusing it", output, data)
-            return ds
+    if is_prepared(output) and read_meta(output)["identity"] == ident:
+        log.info("%s: already prepared from %s; reusing it", output, data)
+        return datasets.load_from_disk(output)
     formats.kind(data)  # a clear error for a missing / unknown input before any work
     start = time.perf_counter()
     parent = os.path.dirname(os.path.abspath(output))

@@ -14,6 +14,7 @@ import random
 import time
 from dataclasses import dataclass
 
+import datasets
 import numpy as np
 import torch
 from tqdm import tqdm
@@ -57,6 +58,7 @@ class Setup:
     processor: object
     tokenizer: object
     encoding: P.Encoding  # template, image tokens and max length: how samples become token ids
+    load_image: ImageLoader  # the processor with the run's aspect-ratio handling
     dummy: DummyImage
     attn: str  # the attention implementation actually used
     projector: dict | None = None  # --init-projector's tensors, keyed as the projector's state_dict
@@ -105,14 +107,15 @@ def prepare(cfg: RunConfig) -> Setup:
         tokenizer.chat_template = processor.chat_template = fmt.source
     for path in (cfg.data, cfg.eval_data):  # a prepared directory must match this model and template
         if path and P.is_prepared(path):
-            P.check_matches(P.load_prepared(path)[1], path, encoding, tokenizer)
+            P.check_matches(P.read_meta(path), path, encoding, tokenizer)
         elif path:
             formats.kind(path)
     dummy = DummyImage(encoding.image_token_id, encoding.n_image_tokens, model_config.vision_config.image_size)
     projector = None
     if cfg.init_projector:  # read and checked against the config's shapes before any weights load
         projector = read_mm_projector(cfg.init_projector, find_parts(skeleton(model_config)).projector)
-    return Setup(cfg, region, precision, ds_config, processor, tokenizer, encoding, dummy, attn, projector)
+    load_image = ImageLoader(processor.image_processor, cfg.image_aspect_ratio)
+    return Setup(cfg, region, precision, ds_config, processor, tokenizer, encoding, load_image, dummy, attn, projector)
 
 
 def loader(ds, s: "Setup", shuffle: bool, drop_last: bool, left_pad: bool = False, training: bool = False):
@@ -154,14 +157,14 @@ def obtain_data(path: str, image_folder: str | None, name: str, s: Setup):
         return ds, folder
     want = P.identity(path, folder, s.encoding, s.tokenizer)
     waited = 0.0
-    while not (P.is_prepared(out) and P.load_prepared(out)[1]["identity"] == want):
+    while not (P.is_prepared(out) and P.read_meta(out)["identity"] == want):
         if os.path.exists(failed):
             raise P.DataError(f"rank 0 failed to prepare {path}: {open(failed).read()}")
         time.sleep(1.0)
         waited += 1.0
         if waited % 120 == 0:
             log.info("rank %d: waiting for rank 0 to prepare %s (%.0f s)", E.rank(), path, waited)
-    return P.load_prepared(out)[0], folder
+    return datasets.load_from_disk(out), folder
 
 
 def train(cfg: RunConfig) -> "Result":
@@ -180,8 +183,7 @@ def train(cfg: RunConfig) -> "Result":
     train_ds, train_folder = obtain_data(cfg.data, cfg.image_folder, "train", s)
     cfg.dataset_size = len(train_ds)
     eval_ds, eval_folder = obtain_data(cfg.eval_data, None, "eval", s) if cfg.eval_data else (None, None)
-    load_image = ImageLoader(s.processor.image_processor, cfg.image_aspect_ratio)
-    train_loader = loader(ImageTextDataset(train_ds, train_folder, load_image), s, shuffle=True, drop_last=True,
+    train_loader = loader(ImageTextDataset(train_ds, train_folder, s.load_image), s, shuffle=True, drop_last=True,
                           training=True)
     steps_per_epoch = len(train_loader) // cfg.grad_accum
     if steps_per_epoch < 1:
