@@ -205,6 +205,25 @@ def class_tokens(vision_config) -> int:
     return 1 if vision_config.model_type == "clip_vision_model" else 0
 
 
+# Families whose training data this pipeline builds: each image becomes a fixed number of image tokens (from the
+# config) and a [3, H, W] pixel tensor, as transformers' Llava does (LLaVA-1.5, Bunny, llava-hf checkpoints and
+# models assembled with --llm/--vision are all Llava). Other families expand an image into a number of tokens that
+# depends on its size and take more inputs (Qwen2-VL's image_grid_thw, LLaVA-NeXT's image_sizes, Idefics3's image
+# splitting, PaliGemma's prefix attention); their regions resolve (find_parts) but their data path is not built.
+TRAINABLE_FAMILIES = ("llava",)
+
+
+def check_trainable(config, where: str) -> None:
+    """Refuse, before any weights or processor load, a model whose training data this pipeline cannot build."""
+    if config.model_type not in TRAINABLE_FAMILIES:
+        raise ValueError(
+            f"{where} is a {config.model_type} model ({type(config).__name__}); training it is not supported yet: this "
+            f"pipeline turns each image into a fixed number of image tokens and one [3, H, W] pixel tensor, as "
+            f"Llava does, while {config.model_type} needs its processor's own, size-dependent image inputs. Supported "
+            f"for training: {', '.join(TRAINABLE_FAMILIES)} (LLaVA-1.5, Bunny and llava-hf checkpoints, or a model "
+            f"assembled from an LLM and a CLIP/SigLIP tower with --llm/--vision)")
+
+
 def image_seq_length(config) -> int:
     """Image tokens per image, from the vision config and feature strategy (never a hard-coded 576/729)."""
     v = config.vision_config

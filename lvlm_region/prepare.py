@@ -70,10 +70,11 @@ def for_model(model_path: str, template: str, max_length: int, verify_images: st
     (from the config) and the template resolved against its tokenizer (``auto``: the tokenizer's own)."""
     from transformers import AutoConfig, AutoProcessor
 
-    from .model import image_seq_length
+    from .model import check_trainable, image_seq_length
     from .templates import resolve
 
     config = AutoConfig.from_pretrained(model_path)
+    check_trainable(config, f"--model {model_path}")
     processor = AutoProcessor.from_pretrained(model_path)
     tokenizer = processor.tokenizer
     fmt = resolve(template, tokenizer, f"--model {model_path}", getattr(processor, "chat_template", None))
