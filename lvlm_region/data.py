@@ -80,26 +80,28 @@ def _counts(batch: list[dict]) -> dict:
 def collate(batch: list[dict], pad_token_id: int, left_pad: bool = False, dummy: DummyImage | None = None) -> dict:
     """Pad to the longest sample. input_ids/labels/attention_mask: [B, T]; pixel_values: [n_images, 3, H, W].
 
-    With ``dummy``, a batch without images gets one zero image whose tokens are appended to row 0 behind
-    everything else, masked out and unlabelled: real tokens cannot attend to them (they come last under a
-    causal mask) and the loss ignores them, so the result is unchanged, but every rank runs the vision tower
-    and projector at the same point of the forward. Under ZeRO-3 a rank that skipped them would issue
-    different parameter gathers from the others and stall or corrupt the collectives.
+    With ``dummy``, a batch without images gets one zero image whose tokens are added to row 0 in its padding,
+    masked out and unlabelled: behind everything else (right padding; real tokens cannot attend to them under a
+    causal mask) or in front of the prompt (``left_pad``, for generation; the attention mask hides them). The
+    loss ignores them, so the result is unchanged, but every rank runs the vision tower and projector at the same
+    point of the forward. Under ZeRO-3 a rank that skipped them would issue different parameter gathers from the
+    others and stall or corrupt the collectives (and transformers' generate fails on a batch without images).
     """
     T = max(len(b["input_ids"]) for b in batch)
     images = [b["pixel_values"] for b in batch if "pixel_values" in b]  # each [n_images, 3, H, W]
-    extra = dummy.n_image_tokens if (dummy is not None and not images and not left_pad) else 0
-    ids = torch.full((len(batch), T + extra), pad_token_id, dtype=torch.long)
-    labels = torch.full((len(batch), T + extra), IGNORE, dtype=torch.long)
-    mask = torch.zeros((len(batch), T + extra), dtype=torch.long)
+    extra = dummy.n_image_tokens if (dummy is not None and not images) else 0
+    width = T + extra
+    ids = torch.full((len(batch), width), pad_token_id, dtype=torch.long)
+    labels = torch.full((len(batch), width), IGNORE, dtype=torch.long)
+    mask = torch.zeros((len(batch), width), dtype=torch.long)
     for r, b in enumerate(batch):
         n = len(b["input_ids"])
-        sl = slice(T - n, T) if left_pad else slice(0, n)
+        sl = slice(width - n, width) if left_pad else slice(0, n)
         ids[r, sl], labels[r, sl], mask[r, sl] = b["input_ids"], b["labels"], 1
     out = {"input_ids": ids, "labels": labels, "attention_mask": mask, "real_images": sum(len(x) for x in images),
-           "rows": [(len(batch), T + extra)], **_counts(batch)}
+           "rows": [(len(batch), width)], **_counts(batch)}
     if extra:
-        ids[0, T:] = dummy.image_token_id
+        ids[0, slice(0, extra) if left_pad else slice(T, width)] = dummy.image_token_id
         images = [dummy.pixels()]
     if images:
         out["pixel_values"] = torch.cat(images)

@@ -20,6 +20,13 @@ def test_text_only_batch_gets_masked_dummy_image():
     assert out["attention_mask"].tolist() == [[1, 1, 1, 0, 0], [1, 1, 0, 0, 0]]
     assert out["labels"].tolist() == [[IGNORE, 6, 2, IGNORE, IGNORE], [IGNORE, 7, IGNORE, IGNORE, IGNORE]]
     assert out["pixel_values"].shape == (1, 3, 8, 8) and not out["pixel_values"].any()
+    # Left-padded (generation prompts): the dummy's tokens go in front of row 0's prompt, masked out.
+    left = collate(batch, pad_token_id=0, left_pad=True, dummy=DummyImage(image_token_id=4, n_image_tokens=2,
+                                                                          image_size=8))
+    assert left["input_ids"].tolist() == [[4, 4, 1, 5, 6], [0, 0, 0, 1, 7]]
+    assert left["attention_mask"].tolist() == [[0, 0, 1, 1, 1], [0, 0, 0, 1, 1]]
+    assert left["labels"].tolist() == [[IGNORE, IGNORE, IGNORE, 6, 2], [IGNORE, IGNORE, IGNORE, IGNORE, 7]]
+    assert left["pixel_values"].shape == (1, 3, 8, 8)
 
 
 def test_a_run_that_fails_with_its_loader_still_open_exits_instead_of_hanging(tmp_path):
@@ -133,3 +140,31 @@ def test_packed_batch_gives_the_padded_batch_loss_and_gradients(demo_dir, attn):
     loss_c, _ = loss_and_grads(text)
     loss_d, _ = loss_and_grads(collate([samples[1]], pad_token_id=0))
     torch.testing.assert_close(loss_c, loss_d, rtol=1e-5, atol=1e-5)
+
+
+def test_generation_from_text_only_prompts_with_the_dummy_image_is_unchanged(demo_dir):
+    """The masked dummy in front of a left-padded prompt changes no generated token or score (transformers'
+    generate fails on such a batch without any image, and under ZeRO-3 the ranks must all run the tower)."""
+    import torch
+    from transformers import AutoModelForImageTextToText, AutoTokenizer
+
+    from lvlm_region.data import DummyImage, collate
+    from lvlm_region.model import image_seq_length
+
+    base = demo_dir / "base_model"
+    model = AutoModelForImageTextToText.from_pretrained(base).eval()
+    tok = AutoTokenizer.from_pretrained(base)
+    long, short = torch.tensor(tok("what color is the shape").input_ids), torch.tensor(tok("what color").input_ids)
+    batch = [{"input_ids": long, "labels": long}, {"input_ids": short, "labels": short}]
+    dummy = DummyImage(model.config.image_token_id, image_seq_length(model.config), model.config.vision_config.image_size)
+    outs = []
+    for d in (dummy, None):
+        b = collate(batch, tok.pad_token_id, left_pad=True, dummy=d)
+        assert ("pixel_values" in b) == (d is not None)
+        extra = {"pixel_values": b["pixel_values"]} if d is not None else {}
+        g = model.generate(input_ids=b["input_ids"], attention_mask=b["attention_mask"], max_new_tokens=8,
+                           min_new_tokens=8, do_sample=False, pad_token_id=tok.pad_token_id, output_scores=True,
+                           return_dict_in_generate=True, **extra)
+        outs.append((g.sequences[:, b["input_ids"].shape[1]:], torch.stack(g.scores)))
+    assert torch.equal(outs[0][0], outs[1][0])
+    torch.testing.assert_close(outs[0][1], outs[1][1], rtol=1e-5, atol=1e-5)

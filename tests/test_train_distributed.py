@@ -105,10 +105,14 @@ def test_text_only_rank_does_not_hang_zero3(demo_dir, tmp_path):
             samples.append({"id": f"i{i}", "image": f"images/{i:05d}.png", "conversations": conv})
     data = tmp_path / "mixed.json"
     data.write_text(json.dumps(samples))
+    # Evaluation shards in order (rank r takes samples r, r + 2, ...): rank 0 generates from image prompts only,
+    # rank 1 from text-only prompts, whose left-padded batches must run the vision tower too (synced_gpus).
+    (tmp_path / "images").symlink_to((demo_dir / "images").resolve())
     _, report, _ = train_and_report(tmp_path, "sft", "mixed_z3", "--zero", "3", "--region", "uniform25",
                                     "--data", str(data), "--image-folder", str(demo_dir), "--max-steps", "4",
-                                    "--micro-batch", "1")
+                                    "--micro-batch", "1", "--eval-data", str(data), "--eval-max-samples", "4")
     check(report, r"model\.multi_modal_projector\.|model\.language_model\.layers\.(0|7)\.")
+    assert report["summary"]["eval"]["samples"] == 4
 
 
 def test_grad_ckpt_and_accumulation_zero3(demo_dir, tmp_path):
