@@ -22,6 +22,7 @@ import json
 import logging
 import os
 import random
+import re
 import shutil
 import signal
 import threading
@@ -152,6 +153,47 @@ def _fsync_dir(path: Path) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+EXPORT_STAGING = ".export.partial"
+_WEIGHTS = re.compile(r"^(model|pytorch_model)(-\d+-of-\d+)?\.(safetensors|bin)(\.index\.json)?$")
+
+
+def export(out: str, write) -> None:
+    """Write a transformers export with ``write(staging_dir)`` into ``out/.export.partial``, then move it into
+    ``out`` (rank 0 only), replacing the previous export there.
+
+    The slow part, writing the weights, happens in staging: a crash or full disk there leaves the previous export
+    in ``out`` whole and loadable. The files are fsynced and renamed in, ``config.json`` last; weight shards and
+    index files of the previous export that the new one lacks are removed after the new ones are in place, so
+    transformers never loads a mix of two exports. The renames are quick but not one atomic step.
+    """
+    root = Path(out)
+    staging = root / EXPORT_STAGING
+    if staging.exists():
+        shutil.rmtree(staging)
+    staging.mkdir(parents=True)
+    write(str(staging))
+    _fsync_tree(staging)
+    new = sorted(os.listdir(staging), key=lambda n: (n == "config.json", n))
+    for name in new:
+        target = root / name
+        if (staging / name).is_dir():  # e.g. adapter/: the old one is set aside until the new one is in place
+            old = root / f".{name}.old"
+            if old.exists():
+                shutil.rmtree(old)
+            if target.exists():
+                os.rename(target, old)
+            os.rename(staging / name, target)
+            if old.exists():
+                shutil.rmtree(old)
+        else:
+            os.replace(staging / name, target)
+    stale = [n for n in os.listdir(root) if _WEIGHTS.match(n) and n not in new]
+    for name in sorted(stale, key=lambda n: not n.endswith(".index.json")):  # the index before its shards
+        os.remove(root / name)
+    staging.rmdir()
+    _fsync_dir(root)
 
 
 def write_json_atomic(path: str | Path, obj: dict) -> None:

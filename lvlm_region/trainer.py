@@ -506,14 +506,18 @@ def save(engine, processor, out: str, adapters=None) -> None:
     the adapter in peft's format with the trained projector beside it.
     """
     state = E.full_state_dict(engine)  # every rank takes part in the gather
-    if E.rank() == 0:
+
+    def write(d: str) -> None:
         if adapters is None:
-            engine.module.save_pretrained(out, state_dict=state, safe_serialization=True)
+            engine.module.save_pretrained(d, state_dict=state, safe_serialization=True)
         else:
-            lora.save(engine.module, adapters, state, out)
-            save_projector(engine.module, state, os.path.join(out, lora.ADAPTER_DIR))
-        save_projector(engine.module, state, out)
-        processor.save_pretrained(out)
+            lora.save(engine.module, adapters, state, d)
+            save_projector(engine.module, state, os.path.join(d, lora.ADAPTER_DIR))
+        save_projector(engine.module, state, d)
+        processor.save_pretrained(d)
+
+    if E.rank() == 0:
+        checkpoint.export(out, write)  # written aside, then moved in: a crash mid-write keeps the previous export
         log.info("saved model and processor to %s", out)
     E.barrier()
 

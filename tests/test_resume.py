@@ -277,3 +277,46 @@ def test_identity_difference_in_the_model_is_named():
         checkpoint.check_compatible(saved, {**saved, "model": "bbbb"}, Path("ckpt"))
     assert "model: checkpoint 'aaaa', now 'bbbb' (the frozen weights and architecture come from it)" in str(e.value)
     assert "region" not in str(e.value)
+
+
+EXPORT_SCRIPT = """
+import sys, torch
+from transformers import LlamaConfig, LlamaForCausalLM
+from lvlm_region import checkpoint
+out, width, shard = sys.argv[1], int(sys.argv[2]), sys.argv[3]
+torch.manual_seed(width)
+model = LlamaForCausalLM(LlamaConfig(vocab_size=64, hidden_size=width, intermediate_size=2 * width, num_hidden_layers=2,
+                                     num_attention_heads=2, num_key_value_heads=2))
+checkpoint.export(out, lambda d: model.save_pretrained(d, max_shard_size=shard))
+"""
+
+
+def test_final_export_is_written_aside_so_a_failed_write_keeps_the_previous_one(tmp_path):
+    import sys
+
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    def export(width: int, shard: str, limit_kb: int | None = None):
+        cmd = f"exec {sys.executable} -c '{EXPORT_SCRIPT}' {tmp_path} {width} {shard}"
+        return run(["bash", "-c", f"trap '' XFSZ; ulimit -f {limit_kb}; {cmd}" if limit_kb else cmd])
+
+    res = export(32, "20KB")  # sharded: an index and several shard files
+    assert res.returncode == 0, res.stderr[-2000:]
+    shards = sorted(p.name for p in tmp_path.glob("model-*.safetensors"))
+    assert len(shards) > 1 and (tmp_path / "model.safetensors.index.json").exists()
+    before = {p.name: p.read_bytes() for p in tmp_path.iterdir() if p.is_file()}
+    first = AutoModelForCausalLM.from_pretrained(tmp_path).state_dict()
+
+    res = export(256, "1GB", limit_kb=256)  # its weights (~1.2 MB) cannot be written: the write fails part-way
+    assert res.returncode != 0 and "File too large" in res.stderr
+    assert {p.name: p.read_bytes() for p in tmp_path.iterdir() if p.is_file()} == before
+    loaded = AutoModelForCausalLM.from_pretrained(tmp_path).state_dict()
+    assert all(torch.equal(loaded[k], v) for k, v in first.items())
+
+    res = export(48, "1GB")  # one file now: the previous shards and index go, the staging leftover too
+    assert res.returncode == 0, res.stderr[-2000:]
+    names = {p.name for p in tmp_path.iterdir()}
+    assert "model.safetensors" in names and not names & set(shards) and "model.safetensors.index.json" not in names
+    assert checkpoint.EXPORT_STAGING not in names
+    assert AutoModelForCausalLM.from_pretrained(tmp_path).config.hidden_size == 48
