@@ -138,3 +138,23 @@ def test_llava_hf_checkpoint_in_the_published_key_layout_loads(tmp_path):
     loaded = load_model(str(tmp_path), torch.float32).state_dict()
     want = model.state_dict()
     assert loaded.keys() == want.keys() and all(torch.equal(loaded[k], want[k]) for k in want)
+
+
+def test_token_loss_sum_counts_only_labelled_positions():
+    import torch
+    import torch.nn.functional as F
+
+    from lvlm_region.model import token_loss_sum, valid_tokens
+    g = torch.Generator().manual_seed(0)
+    logits = torch.randn(2, 6, 11, generator=g, dtype=torch.bfloat16, requires_grad=True)
+    labels = torch.tensor([[-100, -100, 3, 4, -100, 5], [-100, 7, -100, -100, -100, -100]])
+    want = sum(F.cross_entropy(logits[b, t - 1].float()[None], labels[b, t][None], reduction="sum")
+               for b in range(2) for t in range(1, 6) if labels[b, t] != -100)
+    got = token_loss_sum(logits, labels)
+    torch.testing.assert_close(got, want)
+    assert valid_tokens(labels) == 4
+    got.backward()
+    grad = logits.grad
+    assert grad.dtype == torch.bfloat16 and grad[:, -1].abs().sum() == 0  # the last position predicts nothing
+    assert grad[0, 0].abs().sum() == 0 and grad[0, 1].abs().sum() > 0  # labels[0, 1] ignored; labels[0, 2] = 3 counts
+    assert token_loss_sum(logits, torch.full_like(labels, -100)) == 0  # nothing trained: zero, not NaN
