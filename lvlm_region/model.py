@@ -225,7 +225,8 @@ def check_trainable(config, where: str) -> None:
         raise ValueError(
             f"{where} is a {config.model_type} model ({type(config).__name__}); training it is not supported yet: this "
             f"pipeline turns each image into a fixed number of image tokens and one [3, H, W] pixel tensor, as "
-            f"Llava does, while {config.model_type} needs its processor's own, size-dependent image inputs. Supported "
+            f"Llava does, while {config.model_type} needs its processor's own image inputs (a token count that "
+            f"depends on the image size, image_grid_thw / image_sizes, image splitting or prefix attention). Supported "
             f"for training: {', '.join(TRAINABLE_FAMILIES)} (LLaVA-1.5, Bunny and llava-hf checkpoints, or a model "
             f"assembled from an LLM and a CLIP/SigLIP tower with --llm/--vision)")
 
