@@ -48,7 +48,8 @@ def main() -> None:
         # the batches of this job, as the harness sees them
         s = prepare(RunConfig(stage="sft", output_dir=out, micro_batch=args.micro_batch, num_workers=0))
         ds, folder = obtain_data(s.cfg.data, s.cfg.image_folder, "train", s)
-        stream = BatchStream(loader(ImageTextDataset(ds, folder, s.load_image), s, shuffle=True, drop_last=True))
+        items = ImageTextDataset(ds, folder, s.load_image, s.encoding.layout)
+        stream = BatchStream(loader(items, s, shuffle=True, drop_last=True))
         micro = [next(stream) for _ in range(args.grad_accum)]
 
     timer, totals, window = timing.StepTimer(), timing.Totals(warmup=5), timing.Totals(warmup=0)

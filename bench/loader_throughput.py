@@ -38,7 +38,7 @@ def make_prepared(out: str, n: int, seed: int = 0) -> str:
         text = rng.randint(20, 400) if with_image else rng.randint(30, 800)
         ids = [tok.bos_token_id] + [rng.randint(5, len(tok) - 10) for _ in range(text)]
         if with_image:
-            ids[1:1] = [enc.image_token_id] * enc.n_image_tokens
+            ids[1:1] = enc.layout.token_ids((32, 32))
         prompt = len(ids) // 3
         rows.append({"line": i + 1, "id": str(i), "messages": "[]",
                      "images": [os.path.join("images", images[i % len(images)])] if with_image else [],
@@ -57,8 +57,8 @@ def make_prepared(out: str, n: int, seed: int = 0) -> str:
 def padding_fraction(cfg: RunConfig, steps: int) -> float:
     s = prepare(cfg)
     ds, folder = obtain_data(cfg.data, None, "train", s)
-    stream = BatchStream(loader(ImageTextDataset(ds, folder, s.load_image), s, shuffle=True, drop_last=True,
-                                training=True))
+    items = ImageTextDataset(ds, folder, s.load_image, s.encoding.layout)
+    stream = BatchStream(loader(items, s, shuffle=True, drop_last=True, training=True))
     real = total = 0
     for _ in range(steps):
         b = next(stream)

@@ -26,6 +26,7 @@ from PIL import Image
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 from lvlm_region import prepare as P  # noqa: E402
+from lvlm_region.image_inputs import ImageLayout  # noqa: E402
 from lvlm_region.templates import resolve  # noqa: E402
 
 WORDS = ("the a of and to in is on with for this that image shows what color shape where left right top bottom "
@@ -86,8 +87,8 @@ def prepare_in_this_process(data: str, root: str, tok_dir: str, verify: str, wor
     import datasets
     datasets.disable_progress_bars()
     tok = PreTrainedTokenizerFast.from_pretrained(tok_dir)
-    enc = P.Encoding(resolve("vicuna_v1", tok, "bench tokenizer"), tok.convert_tokens_to_ids("<image>"), 576, 4096,
-                     verify)
+    layout = ImageLayout("fixed", tok.convert_tokens_to_ids("<image>"), 576)
+    enc = P.Encoding(resolve("vicuna_v1", tok, "bench tokenizer"), layout, 4096, verify)
     peak_anon = [0]
     done = threading.Event()
 

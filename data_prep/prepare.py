@@ -4,6 +4,8 @@
         --model /ckpt/llava-base --output /data/prepared/mix665k [--template auto] [--max-length 2048]
     python data_prep/prepare.py --data blip_laion_cc_sbu_558k.json --image-folder /data/images \\
         --model /ckpt/llava-base --template plain --output /data/prepared/pretrain558k
+    python data_prep/prepare.py --data mix.json --image-folder /data/images --model /ckpt/Qwen2-VL-7B-Instruct \
+        --image-aspect-ratio square --output /data/prepared/mix-qwen
 
 The output is a `datasets` directory (datasets.load_from_disk) with input_ids, labels, image paths, length and
 modality, plus report.json (samples kept and dropped, per reason, every dropped sample with its line) and
@@ -31,13 +33,17 @@ def main(argv=None) -> int:
     p.add_argument("--on-bad-sample", default="skip", help="skip (default) | error")
     p.add_argument("--max-bad-fraction", type=float, default=0.05)
     p.add_argument("--verify-images", default="decode", help="decode (default) | header")
+    p.add_argument("--image-aspect-ratio", default="pad",
+                   help="pad (default, as sft) | square; decides the image token count of Qwen2-VL models, so use "
+                        "the value training will use")
     p.add_argument("--workers", type=int, help="processes (default: the CPU count)")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
                         stream=sys.stdout)
     folder = args.image_folder or os.path.dirname(os.path.abspath(args.data))
     try:
-        enc, tokenizer, _ = P.for_model(args.model, args.template, args.max_length, args.verify_images)
+        enc, tokenizer, _ = P.for_model(args.model, args.template, args.max_length, args.verify_images,
+                                        args.image_aspect_ratio)
         ds = P.prepare(args.data, folder, enc, tokenizer, args.output, args.on_bad_sample, args.max_bad_fraction,
                        args.workers)
     except (ValueError, FileNotFoundError) as e:

@@ -12,10 +12,9 @@ import multiprocessing
 import multiprocessing.util  # registers its exit hook now, so ours (below) runs before it
 import os
 import signal
-from dataclasses import dataclass
-
 import torch
 
+from .image_inputs import IMAGE_KEYS, DummyImage, ImageLayout
 from .images import DECODE_ERRORS, ImageLoader
 from .templates import IGNORE
 
@@ -26,49 +25,51 @@ MAX_REPLACEMENTS = 64  # consecutive undecodable samples before a worker gives u
 class ImageTextDataset(torch.utils.data.Dataset):
     """Prepared samples; images are read and processed lazily (in DataLoader workers).
 
-    An item is {input_ids, labels[, pixel_values [n_images, 3, H, W]], replaced}. If a sample's image fails to
-    decode (a file truncated or changed after preparation), the next sample in the data that loads takes its
-    place and ``replaced`` counts the samples skipped: training never stops on one bad file.
+    An item is {input_ids, labels, replaced} plus, for a sample with images, its images' tensors concatenated
+    along the first dimension (image_inputs.IMAGE_KEYS: pixel_values [n_images, 3, H, W] for Llava; flattened
+    patches and image_grid_thw for Qwen2-VL). If a sample's image fails to decode (a file truncated or changed
+    after preparation, or resized so that it no longer gives the image tokens prepared for it), the next sample in
+    the data that loads takes its place and ``replaced`` counts the samples skipped: training never stops on one
+    bad file.
     """
 
-    def __init__(self, ds, image_folder: str, load_image: ImageLoader):
-        self.ds, self.image_folder, self.load_image = ds, image_folder, load_image
+    def __init__(self, ds, image_folder: str, load_image: ImageLoader, layout: ImageLayout):
+        self.ds, self.image_folder, self.load_image, self.layout = ds, image_folder, load_image, layout
 
     def __len__(self) -> int:
         return len(self.ds)
 
+    def _images(self, ex: dict) -> dict | None:
+        """The sample's image tensors ({} without images), or None when one cannot be used (logged)."""
+        loaded = []
+        for p in ex["images"]:
+            path = os.path.join(self.image_folder, p)
+            try:
+                loaded.append(self.load_image(path))
+            except DECODE_ERRORS as e:
+                log.warning("sample %r: image %s failed to decode (%s: %s); using the next sample instead",
+                            ex["id"], path, type(e).__name__, e)
+                return None
+        if not loaded:
+            return {}
+        tensors = {k: torch.cat([t[k] for t in loaded]) for k in loaded[0]}
+        want = sum(i == self.layout.image_token_id for i in ex["input_ids"])
+        got = self.layout.tokens_in(tensors)
+        if got != want:
+            log.warning("sample %r: its images give %d image tokens, %d were prepared (an image changed size since "
+                        "preparation?); using the next sample instead", ex["id"], got, want)
+            return None
+        return tensors
+
     def __getitem__(self, i: int) -> dict:
         for replaced in range(MAX_REPLACEMENTS):
             ex = self.ds[(i + replaced) % len(self.ds)]
-            pixels = []
-            for p in ex["images"]:
-                path = os.path.join(self.image_folder, p)
-                try:
-                    pixels.append(self.load_image(path))
-                except DECODE_ERRORS as e:
-                    log.warning("sample %r: image %s failed to decode (%s: %s); using the next sample instead",
-                                ex["id"], path, type(e).__name__, e)
-                    break
-            else:
-                item = {"input_ids": torch.tensor(ex["input_ids"]), "labels": torch.tensor(ex["labels"]),
-                        "replaced": replaced}
-                if pixels:
-                    item["pixel_values"] = torch.stack(pixels)
-                return item
+            tensors = self._images(ex)
+            if tensors is not None:
+                return {"input_ids": torch.tensor(ex["input_ids"]), "labels": torch.tensor(ex["labels"]),
+                        "replaced": replaced, **tensors}
         raise RuntimeError(f"{MAX_REPLACEMENTS} samples in a row from index {i} have images that fail to decode; "
                            f"check --image-folder {self.image_folder} and the files")
-
-
-@dataclass(frozen=True)
-class DummyImage:
-    """What a batch without images gets appended so the vision tower still runs (see collate)."""
-
-    image_token_id: int
-    n_image_tokens: int
-    image_size: int
-
-    def pixels(self) -> torch.Tensor:
-        return torch.zeros(1, 3, self.image_size, self.image_size)  # [1, 3, H, W]
 
 
 def _counts(batch: list[dict]) -> dict:
@@ -77,8 +78,23 @@ def _counts(batch: list[dict]) -> dict:
             "n_samples": len(batch)}
 
 
+def _image_tensors(batch: list[dict]) -> list[dict]:
+    """Each sample's image tensors ({key: tensor}), for the samples that have images."""
+    return [{k: b[k] for k in IMAGE_KEYS if k in b} for b in batch if "pixel_values" in b]
+
+
+def _cat(images: list[dict]) -> dict:
+    return {k: torch.cat([x[k] for x in images]) for k in images[0]} if images else {}
+
+
+def _n_images(images: list[dict]) -> int:
+    """Images among per-sample tensors: rows of image_grid_thw (Qwen2-VL), else of pixel_values."""
+    return sum(len(x["image_grid_thw"] if "image_grid_thw" in x else x["pixel_values"]) for x in images)
+
+
 def collate(batch: list[dict], pad_token_id: int, left_pad: bool = False, dummy: DummyImage | None = None) -> dict:
-    """Pad to the longest sample. input_ids/labels/attention_mask: [B, T]; pixel_values: [n_images, 3, H, W].
+    """Pad to the longest sample. input_ids/labels/attention_mask: [B, T]; the image tensors concatenated
+    (pixel_values [n_images, 3, H, W] for Llava; see image_inputs).
 
     With ``dummy``, a batch without images gets one zero image whose tokens are added to row 0 in its padding,
     masked out and unlabelled: behind everything else (right padding; real tokens cannot attend to them under a
@@ -88,8 +104,8 @@ def collate(batch: list[dict], pad_token_id: int, left_pad: bool = False, dummy:
     others and stall or corrupt the collectives (and transformers' generate fails on a batch without images).
     """
     T = max(len(b["input_ids"]) for b in batch)
-    images = [b["pixel_values"] for b in batch if "pixel_values" in b]  # each [n_images, 3, H, W]
-    extra = dummy.n_image_tokens if (dummy is not None and not images) else 0
+    images = _image_tensors(batch)
+    extra = len(dummy.ids) if (dummy is not None and not images) else 0
     width = T + extra
     ids = torch.full((len(batch), width), pad_token_id, dtype=torch.long)
     labels = torch.full((len(batch), width), IGNORE, dtype=torch.long)
@@ -98,14 +114,13 @@ def collate(batch: list[dict], pad_token_id: int, left_pad: bool = False, dummy:
         n = len(b["input_ids"])
         sl = slice(width - n, width) if left_pad else slice(0, n)
         ids[r, sl], labels[r, sl], mask[r, sl] = b["input_ids"], b["labels"], 1
-    out = {"input_ids": ids, "labels": labels, "attention_mask": mask, "real_images": sum(len(x) for x in images),
+    out = {"input_ids": ids, "labels": labels, "attention_mask": mask, "real_images": _n_images(images),
            "rows": [(len(batch), width)], **_counts(batch)}
     if extra:
-        ids[0, slice(0, extra) if left_pad else slice(T, width)] = dummy.image_token_id
-        images = [dummy.pixels()]
-    if images:
-        out["pixel_values"] = torch.cat(images)
-    for key in batch[0].keys() - out.keys() - {"pixel_values"}:  # anything else (index, answer) as a list
+        ids[0, slice(0, extra) if left_pad else slice(T, width)] = torch.tensor(dummy.ids)
+        images = [dummy.tensors]
+    out.update(_cat(images))
+    for key in batch[0].keys() - out.keys() - set(IMAGE_KEYS):  # anything else (index, answer) as a list
         out[key] = [b[key] for b in batch]
     return out
 
@@ -118,7 +133,7 @@ def collate_packed(batch: list[dict], dummy: DummyImage | None = None) -> dict:
     Each sample's first label is ignored, so no token is trained to predict the next sample. A text-only micro-batch
     gets the masked dummy image as a sample of its own at the end (see collate).
     """
-    images = [b["pixel_values"] for b in batch if "pixel_values" in b]
+    images = _image_tensors(batch)
     ids, labels, pos = [], [], []
     for b in batch:
         n = len(b["input_ids"])
@@ -128,19 +143,17 @@ def collate_packed(batch: list[dict], dummy: DummyImage | None = None) -> dict:
         labels.append(lab)
         pos.append(torch.arange(n))
     rows = [(1, len(b["input_ids"])) for b in batch]
+    real = _n_images(images)
     if dummy is not None and not images:
-        ids.append(torch.full((dummy.n_image_tokens,), dummy.image_token_id))
-        labels.append(torch.full((dummy.n_image_tokens,), IGNORE))
-        pos.append(torch.arange(dummy.n_image_tokens))
-        rows.append((1, dummy.n_image_tokens))
-        images = [dummy.pixels()]
-        real = 0
-    else:
-        real = sum(len(x) for x in images)
+        n = len(dummy.ids)
+        ids.append(torch.tensor(dummy.ids))
+        labels.append(torch.full((n,), IGNORE))
+        pos.append(torch.arange(n))
+        rows.append((1, n))
+        images = [dummy.tensors]
     out = {"input_ids": torch.cat(ids)[None], "labels": torch.cat(labels)[None], "position_ids": torch.cat(pos)[None],
            "real_images": real, "rows": rows, **_counts(batch)}
-    if images:
-        out["pixel_values"] = torch.cat(images)
+    out.update(_cat(images))
     return out
 
 

@@ -155,8 +155,9 @@ def pretrain_language(model, tok, out_dir: str, seed: int, steps: int = 600, bat
         fmt = resolve(template, tok, "the demo tokenizer")
         with open(os.path.join(out_dir, fname)) as f:
             for s in json.load(f):
-                messages = normalize(json.dumps(s))["messages"]
-                row = tokenize(fmt.segments(tok, messages), tok, image_id, n_image)
+                sample = normalize(json.dumps(s))
+                images = [[image_id] * n_image] * len(sample["images"])
+                row = tokenize(fmt.segments(tok, sample["messages"]), tok, images)
                 slots = iter(tok.convert_tokens_to_ids(scene_slots(captions[s["image"]])))
                 row["input_ids"] = [next(slots) if i == image_id else i for i in row["input_ids"]]
                 rows.append(row)

@@ -7,12 +7,13 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import string
 
 import torch
 import torch.distributed as dist
 
-from . import engine as E
+from . import engine as E, images
 from .data import ImageTextDataset, to_device
 from .templates import end_of_turn_id, tokenize
 from .model import token_loss_sum, valid_tokens
@@ -36,28 +37,26 @@ def evaluate(engine, eval_ds, image_folder: str, s, cfg, dtype: torch.dtype, dev
     tokenizer = s.tokenizer
     pad_id = tokenizer.pad_token_id
     stop_ids = sorted({tokenizer.eos_token_id, end_of_turn_id(s.encoding.template, tokenizer)})
-    images = s.load_image
+    load, layout = s.load_image, s.encoding.layout
 
     # Held-out loss over valid tokens (duplicates from shard padding are counted on both ranks; the
     # DistributedSampler pads at most world_size - 1 samples).
     loss_sum, n_valid = 0.0, 0
-    for b in loader(ImageTextDataset(eval_ds, image_folder, images), s, shuffle=False, drop_last=False):
+    for b in loader(ImageTextDataset(eval_ds, image_folder, load, layout), s, shuffle=False, drop_last=False):
         b = to_device(b, device, dtype)
-        logits = engine(input_ids=b["input_ids"], attention_mask=b["attention_mask"],
-                        pixel_values=b.get("pixel_values")).logits
+        logits = engine(**layout.model_inputs(b)).logits
         loss_sum += float(token_loss_sum(logits, b["labels"]))
         n_valid += valid_tokens(b["labels"])
     loss_sum, n_valid = E.all_reduce_sum([loss_sum, n_valid])
 
     # Greedy answers, compared after normalisation with the reference reply.
-    prompts = PromptDataset(eval_ds, image_folder, images, s.encoding, tokenizer)
+    prompts = PromptDataset(eval_ds, image_folder, load, s.encoding, tokenizer)
     results: list[tuple[int, bool, str]] = []
     zero3 = E.is_zero3(engine)
     for b in loader(prompts, s, shuffle=False, drop_last=False, left_pad=True):
         index, answers = b.pop("index"), b.pop("answer")
         b = to_device(b, device, dtype)
-        gen = model.generate(input_ids=b["input_ids"], attention_mask=b["attention_mask"],
-                             pixel_values=b.get("pixel_values"), max_new_tokens=cfg.max_new_tokens, do_sample=False,
+        gen = model.generate(**layout.model_inputs(b), max_new_tokens=cfg.max_new_tokens, do_sample=False,
                              pad_token_id=pad_id, eos_token_id=stop_ids, synced_gpus=zero3)
         texts = tokenizer.batch_decode(gen[:, b["input_ids"].shape[1]:], skip_special_tokens=True)
         results += [(i, normalize(t) == normalize(a), t) for i, t, a in zip(index, texts, answers)]
@@ -77,7 +76,7 @@ class PromptDataset(ImageTextDataset):
     """Held-out samples cut before their last reply; yields prompt ids, image, reference answer and index."""
 
     def __init__(self, ds, image_folder, load_image, encoding, tokenizer):
-        super().__init__(ds, image_folder, load_image)
+        super().__init__(ds, image_folder, load_image, encoding.layout)
         self.encoding, self.tokenizer = encoding, tokenizer
 
     def __getitem__(self, i: int) -> dict:
@@ -85,8 +84,9 @@ class PromptDataset(ImageTextDataset):
         ex = self.ds[(i + item["replaced"]) % len(self.ds)]  # the sample whose images were loaded
         messages = json.loads(ex["messages"])
         prompt = self.encoding.template.prompt(self.tokenizer, messages[:-1])
-        ids = tokenize([(prompt, False)], self.tokenizer, self.encoding.image_token_id,
-                       self.encoding.n_image_tokens)["input_ids"]
+        layout = self.encoding.layout
+        sizes = [images.check(os.path.join(self.image_folder, p), decode=False) for p in ex["images"]]
+        ids = tokenize([(prompt, False)], self.tokenizer, [layout.token_ids(size) for size in sizes])["input_ids"]
         item["input_ids"] = item["labels"] = torch.tensor(ids)
         item["answer"], item["index"] = messages[-1]["content"], i
         return item

@@ -25,13 +25,18 @@ layer's activation-gradient matmuls). Whole-layer regions, and LoRA with the pro
 recipe), are exact.
 Attention is counted as the full T x T products (as the eager and math paths run it; flash-attention skips
 about half of a causal mask).
+Qwen2-VL / Qwen2.5-VL: the vision tower's sequence is each image's own patches (t x h x w from image_grid_thw, so
+the batch carries the grids), attention stays within an image (within each 112 px window in Qwen2.5-VL's windowed
+layers), and the merger (the projector) runs on the patches merged 2 x 2.
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field, replace
 
 from torch import nn
 
+from .image_inputs import GRID_FAMILIES
 from .model import find_parts, image_seq_length
 from .regions import Region
 
@@ -49,6 +54,7 @@ class Block:
     checkpointed: bool = False
     tail_macs: int = 0  # the block's last linear (down_proj, fc2): not recomputed (see recompute below)
     used: bool = True  # False: computed but not read downstream (vision layers above the feature layer): no backward
+    windowed: bool = False  # Qwen2.5-VL: attention within windows of the image, not the whole image
 
 
 @dataclass(frozen=True)
@@ -58,6 +64,15 @@ class BatchShape:
     rows: int
     seq_len: int
     images: int
+    grids: tuple = ()  # Qwen2-VL: each image's patch grid (t, h, w), from image_grid_thw
+
+
+@dataclass(frozen=True)
+class GridVision:
+    """A vision tower whose sequence is each image's own patch grid (Qwen2-VL / Qwen2.5-VL)."""
+
+    merge: int  # patches merged per side into one LLM token
+    window: int = 0  # Qwen2.5-VL: window side in merged units (0: no windowed layers)
 
 
 @dataclass
@@ -115,20 +130,22 @@ class FlopModel:
     patches: int  # patch-embedding outputs per image
     vision_checkpointed: bool = False
     meta: dict = field(default_factory=dict)
+    grid: GridVision | None = None  # set for Qwen2-VL-style towers: sizes come from BatchShape.grids
 
     @classmethod
     def from_model(cls, model) -> "FlopModel":
-        """Read block shapes and the current requires_grad / checkpointing of a Llava-style model."""
+        """Read block shapes and the current requires_grad / checkpointing of a Llava or Qwen2-VL model."""
         parts = find_parts(model)
-        vcfg, tcfg = model.config.vision_config, model.config.get_text_config()
+        if model.config.model_type in GRID_FAMILIES:
+            vision, grid = _grid_vision_blocks(model, parts)
+            return cls(vision + _llm_blocks(model, parts), image_positions=0, image_tokens=0, patches=0, grid=grid)
+        vcfg = model.config.vision_config
         embeddings = next(m for m in parts.vision.modules() if hasattr(m, "num_positions"))
         conv = next(m for m in parts.vision.modules() if isinstance(m, nn.Conv2d))
         patches = (vcfg.image_size // vcfg.patch_size) ** 2
         conv_macs = conv.in_channels * conv.kernel_size[0] * conv.kernel_size[1] * conv.out_channels
         encoder = next(m for m in parts.vision.modules() if isinstance(getattr(m, "layers", None), nn.ModuleList))
         v_heads = vcfg.num_attention_heads
-        t_heads = tcfg.num_attention_heads
-        t_dim = getattr(tcfg, "head_dim", None) or tcfg.hidden_size // t_heads
         blocks = [Block("vision.embed", "vision_embed", conv_macs, conv_macs if conv.weight.requires_grad else 0,
                         input_macs=conv_macs, trainable=_trainable(embeddings))]
         # LLaVA reads hidden_states[vision_feature_layer] (-2: the output of the second-to-last layer); the
@@ -139,23 +156,9 @@ class FlopModel:
                                 head_dim=vcfg.hidden_size // v_heads, trainable=_trainable(layer),
                                 checkpointed=_checkpointed(encoder) and encoder.training, used=i < n_used,
                                 tail_macs=_tail_macs(layer)))
-        first = next(m for m in parts.projector.modules() if isinstance(m, nn.Linear))
-        blocks.append(Block("projector", "projector", _macs(parts.projector), _macs(parts.projector, True),
-                            input_macs=first.in_features * first.out_features,
-                            trainable=_trainable(parts.projector)))
-        blocks.append(Block("embed", "embed", 0, 0, trainable=_trainable(parts.embed)))
-        decoder = model.get_decoder()
-        for i, layer in enumerate(parts.layers):
-            blocks.append(Block(f"layer.{i}", "llm", _macs(layer), _macs(layer, True), heads=t_heads, head_dim=t_dim,
-                                trainable=_trainable(layer),
-                                checkpointed=_checkpointed(decoder) and decoder.training,
-                                tail_macs=_tail_macs(layer)))
-        head = parts.lm_head
-        blocks.append(Block("lm_head", "lm_head", head.in_features * head.out_features,
-                            head.in_features * head.out_features if head.weight.requires_grad else 0,
-                            trainable=_trainable(head) or _trainable(parts.norm)))
-        return cls(blocks, image_positions=embeddings.num_positions, image_tokens=image_seq_length(model.config),
-                   patches=patches)
+        blocks.append(_projector_block(parts))
+        return cls(blocks + _llm_blocks(model, parts), image_positions=embeddings.num_positions,
+                   image_tokens=image_seq_length(model.config), patches=patches)
 
     def for_region(self, region: Region, checkpointing: bool | None = None) -> "FlopModel":
         """The same shapes with the trainable set a region gives (whole blocks), e.g. `full` for the baseline."""
@@ -182,21 +185,30 @@ class FlopModel:
             total += self.micro_batch(b)
         return total
 
+    def extent(self, b: Block, shape: BatchShape) -> tuple[int, int]:
+        """(tokens, sum over its attention sequences of length²) that block ``b`` runs over in ``shape``."""
+        if b.kind not in ("vision_embed", "vision", "projector"):
+            return shape.rows * shape.seq_len, shape.rows * shape.seq_len ** 2
+        if self.grid is None:
+            seq = {"vision_embed": self.patches, "vision": self.image_positions, "projector": self.image_tokens}[b.kind]
+            return shape.images * seq, shape.images * seq ** 2
+        m, win = self.grid.merge, self.grid.window
+        patches = sum(t * h * w for t, h, w in shape.grids)
+        if b.kind == "projector":
+            return patches // m ** 2, 0
+        if b.windowed:  # windows of win x win merged units per frame (smaller at the right and bottom edges)
+            sq = sum(t * m ** 4 * _windows_sq(h // m, win) * _windows_sq(w // m, win) for t, h, w in shape.grids)
+        else:  # each frame of each image attends within itself
+            sq = sum(t * (h * w) ** 2 for t, h, w in shape.grids)
+        return patches, sq
+
     def micro_batch(self, shape: BatchShape) -> Flops:
         f = Flops()
         below_vision = below_llm = False  # whether some parameter below needs a gradient
         for b in self.blocks:
-            if b.kind == "vision_embed":
-                seqs, seq = shape.images, self.patches
-            elif b.kind == "vision":
-                seqs, seq = shape.images, self.image_positions
-            elif b.kind == "projector":
-                seqs, seq = shape.images, self.image_tokens
-            else:
-                seqs, seq = shape.rows, shape.seq_len
-            tokens = seqs * seq
+            tokens, sq = self.extent(b, shape)
             linear = 2.0 * tokens * b.macs
-            attn = 4.0 * seqs * b.heads * seq * seq * b.head_dim
+            attn = 4.0 * b.heads * sq * b.head_dim
             fwd = linear + attn
             # The projector reads the vision tower; everything above it reads the projector and the embeddings.
             input_grad = below_vision if b.kind in ("vision_embed", "vision", "projector") else below_llm
@@ -213,6 +225,62 @@ class FlopModel:
                 if b.checkpointed:
                     f.recompute += fwd - 2.0 * tokens * b.tail_macs
         return f
+
+
+def _projector_block(parts) -> Block:
+    """The projector; its first linear reads the vision features, unless a trained norm comes before it (Qwen2-VL's
+    merger: ln_q), whose weights need that linear's input gradient."""
+    modules = list(parts.projector.modules())
+    k = next(i for i, m in enumerate(modules) if isinstance(m, nn.Linear))
+    first = modules[k]
+    before = any(p.requires_grad for m in modules[1:k] for p in m.parameters(recurse=False))
+    return Block("projector", "projector", _macs(parts.projector), _macs(parts.projector, True),
+                 input_macs=0 if before else first.in_features * first.out_features,
+                 trainable=_trainable(parts.projector))
+
+
+def _llm_blocks(model, parts) -> list[Block]:
+    """The input embeddings, the decoder layers and the LM head."""
+    tcfg = model.config.get_text_config()
+    heads = tcfg.num_attention_heads
+    head_dim = getattr(tcfg, "head_dim", None) or tcfg.hidden_size // heads
+    decoder = model.get_decoder()
+    blocks = [Block("embed", "embed", 0, 0, trainable=_trainable(parts.embed))]
+    for i, layer in enumerate(parts.layers):
+        blocks.append(Block(f"layer.{i}", "llm", _macs(layer), _macs(layer, True), heads=heads, head_dim=head_dim,
+                            trainable=_trainable(layer), checkpointed=_checkpointed(decoder) and decoder.training,
+                            tail_macs=_tail_macs(layer)))
+    head = parts.lm_head
+    blocks.append(Block("lm_head", "lm_head", head.in_features * head.out_features,
+                        head.in_features * head.out_features if head.weight.requires_grad else 0,
+                        trainable=_trainable(head) or _trainable(parts.norm)))
+    return blocks
+
+
+def _grid_vision_blocks(model, parts) -> tuple[list[Block], GridVision]:
+    """Qwen2-VL / Qwen2.5-VL: the 3-D patch convolution, the vision blocks (every one feeds the merger) and the
+    merger; Qwen2.5-VL's blocks outside fullatt_block_indexes attend within windows."""
+    vision, vcfg = parts.vision, model.config.vision_config
+    conv = next(m for m in vision.modules() if isinstance(m, nn.Conv3d))
+    conv_macs = conv.in_channels * math.prod(conv.kernel_size) * conv.out_channels
+    blocks = [Block("vision.embed", "vision_embed", conv_macs, conv_macs if conv.weight.requires_grad else 0,
+                    input_macs=conv_macs, trainable=_trainable(conv))]
+    window = getattr(vcfg, "window_size", 0) or 0
+    full = set(getattr(vcfg, "fullatt_block_indexes", None) or ())
+    merge = vcfg.spatial_merge_size
+    for i, layer in enumerate(vision.blocks):
+        heads = layer.attn.num_heads
+        blocks.append(Block(f"vision.{i}", "vision", _macs(layer), _macs(layer, True), heads=heads,
+                            head_dim=layer.attn.qkv.out_features // 3 // heads, trainable=_trainable(layer),
+                            checkpointed=_checkpointed(vision) and vision.training, tail_macs=_tail_macs(layer),
+                            windowed=bool(window) and i not in full))
+    blocks.append(_projector_block(parts))
+    return blocks, GridVision(merge, window // merge // vcfg.patch_size if window else 0)
+
+
+def _windows_sq(n: int, win: int) -> int:
+    """Sum of squared window lengths when n units are cut into windows of ``win`` (the last one shorter)."""
+    return (n // win) * win ** 2 + (n % win) ** 2
 
 
 def _as_list(x) -> list[int]:

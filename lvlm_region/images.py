@@ -4,7 +4,8 @@
   composited onto white (a plain ``convert("RGB")`` keeps whatever colour transparent pixels happen to store,
   often black); 16-bit grayscale scales 0..65535 to 0..255 (PIL's conversion would clip it to 255, white).
 - ``--image-aspect-ratio pad`` (LLaVA-1.5 / Bunny SFT): pad to a square with the processor's mean colour, then
-  the processor; ``square``: the processor alone (CLIP: shortest side resized, centre crop; SigLIP: resized).
+  the processor; ``square``: the processor alone (CLIP: shortest side resized, centre crop; SigLIP: resized;
+  Qwen2-VL: its own resize, which keeps the aspect ratio).
 - Limits checked from the header before any decoding: a side below MIN_SIDE or more than MAX_PIXELS pixels.
 """
 from __future__ import annotations
@@ -16,6 +17,7 @@ import torch
 from PIL import Image
 
 from .formats import BadSample
+from .image_inputs import IMAGE_KEYS
 
 MIN_SIDE = 8  # a 1x1 / 2x2 image carries nothing a vision tower can use
 MAX_PIXELS = 8192 * 8192  # decoding a 20000x20000 image takes 1.2 GB per worker; LLaVA's largest are < 20 MP
@@ -24,9 +26,14 @@ DECODE_ERRORS = (OSError, ValueError, SyntaxError, Image.DecompressionBombError)
 Image.MAX_IMAGE_PIXELS = MAX_PIXELS  # PIL's own bomb check agrees with ours
 
 
-def check(path: str, decode: bool) -> None:
-    """Raise BadSample if ``path`` is missing, not an image, too small or too large (and, with ``decode``,
-    truncated or corrupt: only a full decode finds that)."""
+def check_aspect(aspect: str) -> None:
+    if aspect not in ASPECTS:
+        raise ValueError(f"--image-aspect-ratio must be one of {ASPECTS}, got {aspect!r}")
+
+
+def check(path: str, decode: bool) -> tuple[int, int]:
+    """The image's (width, height); raises BadSample if ``path`` is missing, not an image, too small or too large
+    (and, with ``decode``, truncated or corrupt: only a full decode finds that)."""
     if not os.path.isfile(path):
         raise BadSample("missing_image", path)
     try:
@@ -38,6 +45,7 @@ def check(path: str, decode: bool) -> None:
                 raise BadSample("image_too_large", f"{path} is {w}x{h}; more than {MAX_PIXELS} pixels are dropped")
             if decode:
                 im.load()
+            return w, h
     except BadSample:
         raise
     except Image.DecompressionBombError as e:  # PIL refuses to open one more than twice MAX_PIXELS
@@ -74,19 +82,20 @@ def expand_to_square(im: Image.Image, fill: tuple[int, int, int]) -> Image.Image
 
 
 class ImageLoader:
-    """path -> pixel tensor [3, H, W] through the model's image processor."""
+    """path -> the model's image tensors through its image processor: {pixel_values: [1, 3, H, W]} (CLIP /
+    SigLIP), or Qwen2-VL's {pixel_values: [patches, 3*2*14*14], image_grid_thw: [1, 3]} (see image_inputs)."""
 
     def __init__(self, image_processor, aspect: str):
-        if aspect not in ASPECTS:
-            raise ValueError(f"--image-aspect-ratio must be one of {ASPECTS}, got {aspect!r}")
+        check_aspect(aspect)
         self.processor, self.aspect = image_processor, aspect
         mean = getattr(image_processor, "image_mean", None) or (0.5, 0.5, 0.5)
         self.fill = tuple(int(round(255 * m)) for m in mean)
 
-    def __call__(self, path: str) -> torch.Tensor:
+    def __call__(self, path: str) -> dict[str, torch.Tensor]:
         with Image.open(path) as im:
             im.load()  # decode while the file is open (to_rgb returns an RGB image as it is)
             rgb = to_rgb(im)
         if self.aspect == "pad":
             rgb = expand_to_square(rgb, self.fill)
-        return self.processor(rgb, return_tensors="pt")["pixel_values"][0]
+        out = self.processor(rgb, return_tensors="pt")
+        return {k: out[k] for k in IMAGE_KEYS if k in out}

@@ -14,6 +14,7 @@ from torch import nn
 from transformers import (AutoConfig, AutoModelForImageTextToText, CLIPVisionConfig, LlamaConfig,
                           LlavaConfig, LlavaForConditionalGeneration, PreTrainedModel)
 
+from .image_inputs import FIXED_FAMILIES, GRID_FAMILIES
 from .regions import Region
 
 log = logging.getLogger(__name__)
@@ -211,12 +212,12 @@ def class_tokens(vision_config) -> int:
     return 1 if vision_config.model_type == "clip_vision_model" else 0
 
 
-# Families whose training data this pipeline builds: each image becomes a fixed number of image tokens (from the
-# config) and a [3, H, W] pixel tensor, as transformers' Llava does (LLaVA-1.5, Bunny, llava-hf checkpoints and
-# models assembled with --llm/--vision are all Llava). Other families expand an image into a number of tokens that
-# depends on its size and take more inputs (Qwen2-VL's image_grid_thw, LLaVA-NeXT's image_sizes, Idefics3's image
-# splitting, PaliGemma's prefix attention); their regions resolve (find_parts) but their data path is not built.
-TRAINABLE_FAMILIES = ("llava",)
+# Families whose training data this pipeline builds (image_inputs): Llava (a fixed number of image tokens and one
+# [3, H, W] pixel tensor per image: LLaVA-1.5, Bunny, llava-hf checkpoints, models assembled with --llm/--vision) and
+# Qwen2-VL / Qwen2.5-VL (a token count from each image's size, flattened patches and image_grid_thw). The others
+# take more inputs (LLaVA-NeXT's image_sizes and tiling, Idefics3's image splitting, PaliGemma's prefix attention);
+# their regions resolve (find_parts) but their data path is not built.
+TRAINABLE_FAMILIES = FIXED_FAMILIES + GRID_FAMILIES
 
 
 def check_trainable(config, where: str) -> None:
@@ -224,11 +225,11 @@ def check_trainable(config, where: str) -> None:
     if config.model_type not in TRAINABLE_FAMILIES:
         raise ValueError(
             f"{where} is a {config.model_type} model ({type(config).__name__}); training it is not supported yet: this "
-            f"pipeline turns each image into a fixed number of image tokens and one [3, H, W] pixel tensor, as "
-            f"Llava does, while {config.model_type} needs its processor's own image inputs (a token count that "
-            f"depends on the image size, image_grid_thw / image_sizes, image splitting or prefix attention). Supported "
-            f"for training: {', '.join(TRAINABLE_FAMILIES)} (LLaVA-1.5, Bunny and llava-hf checkpoints, or a model "
-            f"assembled from an LLM and a CLIP/SigLIP tower with --llm/--vision)")
+            f"pipeline builds the image inputs of Llava (a fixed number of image tokens and one [3, H, W] pixel "
+            f"tensor per image) and of Qwen2-VL / Qwen2.5-VL (image_grid_thw), while {config.model_type} needs its "
+            f"processor's own ones (image_sizes and tiling, image splitting or prefix attention). Supported for "
+            f"training: {', '.join(TRAINABLE_FAMILIES)} (LLaVA-1.5, Bunny and llava-hf checkpoints, models assembled "
+            f"from an LLM and a CLIP/SigLIP tower with --llm/--vision, Qwen2-VL and Qwen2.5-VL checkpoints)")
 
 
 def image_seq_length(config) -> int:

@@ -23,8 +23,9 @@ from dataclasses import dataclass
 
 import datasets
 
-from . import formats, images
+from . import formats, image_inputs, images
 from .formats import BadSample
+from .image_inputs import ImageLayout
 from .templates import ChatFormat, TemplateError, tokenize
 
 log = logging.getLogger(__name__)
@@ -49,8 +50,7 @@ class Encoding:
     """Everything that decides how a sample is encoded (its digest names a prepared directory's contents)."""
 
     template: ChatFormat
-    image_token_id: int
-    n_image_tokens: int
+    layout: ImageLayout  # what each image becomes in the text (a fixed count, or Qwen2-VL's per-size count)
     max_length: int
     verify_images: str = "decode"  # decode: find truncated / corrupt files now | header: size checks only
 
@@ -65,20 +65,27 @@ def check_options(on_bad_sample: str, max_bad_fraction: float, verify_images: st
         raise ValueError(f"--verify-images must be decode or header, got {verify_images!r}")
 
 
-def for_model(model_path: str, template: str, max_length: int, verify_images: str = "decode"):
-    """(Encoding, tokenizer, processor) of a transformers checkpoint dir: its image token, image tokens per image
-    (from the config) and the template resolved against its tokenizer (``auto``: the tokenizer's own)."""
+def for_model(model_path: str, template: str, max_length: int, verify_images: str = "decode",
+              aspect: str = "pad"):
+    """(Encoding, tokenizer, processor) of a transformers checkpoint dir: its image layout (image_inputs; from the
+    config and image processor, with ``aspect`` = --image-aspect-ratio) and the template resolved against its
+    tokenizer (``auto``: the tokenizer's own, else the processor's)."""
     from transformers import AutoConfig, AutoProcessor
 
-    from .model import check_trainable, image_seq_length
+    from .model import check_trainable
     from .templates import resolve
 
     config = AutoConfig.from_pretrained(model_path)
     check_trainable(config, f"--model {model_path}")
-    processor = AutoProcessor.from_pretrained(model_path)
+    images.check_aspect(aspect)
+    if config.model_type in image_inputs.GRID_FAMILIES:
+        processor = image_inputs.SplitProcessor(model_path)
+    else:
+        processor = AutoProcessor.from_pretrained(model_path)
     tokenizer = processor.tokenizer
     fmt = resolve(template, tokenizer, f"--model {model_path}", getattr(processor, "chat_template", None))
-    return Encoding(fmt, config.image_token_id, image_seq_length(config), max_length, verify_images), tokenizer, processor
+    layout = image_inputs.for_config(config, processor.image_processor, aspect)
+    return Encoding(fmt, layout, max_length, verify_images), tokenizer, processor
 
 
 def tokenizer_digest(tokenizer) -> str:
@@ -91,8 +98,7 @@ def tokenizer_digest(tokenizer) -> str:
 def _token_identity(enc: Encoding, tokenizer) -> dict:
     """The part of a preparation's identity that decides its token ids and labels (a run must match it)."""
     return {"template_digest": enc.template.digest, "tokenizer_digest": tokenizer_digest(tokenizer),
-            "image_token_id": enc.image_token_id, "n_image_tokens": enc.n_image_tokens, "max_length": enc.max_length,
-            "version": VERSION}
+            **enc.layout.identity(), "max_length": enc.max_length, "version": VERSION}
 
 
 def identity(data: str, image_folder: str, enc: Encoding, tokenizer) -> dict:
@@ -142,16 +148,15 @@ def encode(row: dict, image_folder: str, enc: Encoding, tokenizer) -> dict:
     try:
         s = formats.normalize(row["raw"])
         out["id"] = s["id"]
+        sizes = [images.check(os.path.join(image_folder, p), decode=enc.verify_images == "decode") for p in s["images"]]
         try:
-            ids = tokenize(enc.template.segments(tokenizer, s["messages"]), tokenizer, enc.image_token_id,
-                           enc.n_image_tokens)
+            ids = tokenize(enc.template.segments(tokenizer, s["messages"]), tokenizer,
+                           [enc.layout.token_ids(size) for size in sizes])
         except TemplateError as e:
             raise BadSample("template_error", str(e)) from None
         n = len(ids["input_ids"])
         if n > enc.max_length:
             raise BadSample("too_long", f"{n} tokens > --max-length {enc.max_length}")
-        for p in s["images"]:
-            images.check(os.path.join(image_folder, p), decode=enc.verify_images == "decode")
     except BadSample as e:
         out["reason"], out["detail"] = e.reason, e.detail
         return out

@@ -189,11 +189,12 @@ def resolve(name: str, tokenizer, where: str, processor_template: str | None = N
 def end_of_turn_id(fmt: ChatFormat, tokenizer) -> int:
     """The last token of a trained reply (eos, <|eot_id|>, <|end|>, <|im_end|>): where generation stops."""
     probe = [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}]
-    return tokenize(fmt.segments(tokenizer, probe), tokenizer, -1, 0)["input_ids"][-1]
+    return tokenize(fmt.segments(tokenizer, probe), tokenizer, [])["input_ids"][-1]
 
 
-def tokenize(segments: list[tuple[str, bool]], tokenizer, image_token_id: int, n_image_tokens: int) -> dict:
-    """Token ids and labels (IGNORE where untrained); each <image> becomes n_image_tokens image tokens.
+def tokenize(segments: list[tuple[str, bool]], tokenizer, image_ids: list[list[int]]) -> dict:
+    """Token ids and labels (IGNORE where untrained); the k-th <image> becomes ``image_ids[k]`` (its image tokens,
+    as image_inputs.ImageLayout.token_ids gives them for the image's size).
 
     Segments are tokenized separately (so a trained span never shares a token with its prompt). BOS is
     prepended when the tokenizer has one and the template did not write it.
@@ -213,10 +214,15 @@ def tokenize(segments: list[tuple[str, bool]], tokenizer, image_token_id: int, n
     lead = bos is not None and not (segments and segments[0][0].startswith(tokenizer.bos_token))
     ids: list[int] = [bos] if lead else []
     labels: list[int] = [IGNORE] * len(ids)
+    n_placeholders = sum(k < 0 for idx in layout for k in idx)
+    if n_placeholders != len(image_ids):
+        raise TemplateError(f"the rendered conversation has {n_placeholders} {IMAGE_PLACEHOLDER} placeholders for "
+                            f"{len(image_ids)} images")
+    images = iter(image_ids)
     for (_, trained), idx in zip(segments, layout):
         seg = []
         for k in idx:
-            seg += [image_token_id] * n_image_tokens if k < 0 else encoded[k]
+            seg += next(images) if k < 0 else encoded[k]
         ids += seg
         labels += seg if trained else [IGNORE] * len(seg)
     return {"input_ids": ids, "labels": labels}

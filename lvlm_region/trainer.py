@@ -22,7 +22,7 @@ from transformers import AutoConfig, AutoTokenizer
 
 from . import assemble, checkpoint, demo, engine as E, formats, lora, prepare as P, regions, templates, timing
 from .config import DEMO_DIR, RunConfig
-from .data import BatchStream, DummyImage, ImageTextDataset, make_loader, to_device
+from .data import BatchStream, ImageTextDataset, make_loader, to_device
 from .evaluate import evaluate
 from .flops import BatchShape, FlopModel
 from .images import ImageLoader
@@ -57,9 +57,8 @@ class Setup:
     ds_config: dict
     processor: object
     tokenizer: object
-    encoding: P.Encoding  # template, image tokens and max length: how samples become token ids
+    encoding: P.Encoding  # template, image layout and max length: how samples become token ids
     load_image: ImageLoader  # the processor with the run's aspect-ratio handling
-    dummy: DummyImage
     attn: str  # the attention implementation actually used
     projector: dict | None = None  # --init-projector's tensors, keyed as the projector's state_dict
 
@@ -99,7 +98,11 @@ def prepare(cfg: RunConfig) -> Setup:
     if torch.cuda.is_available() and not cfg.peak_tflops:
         timing.peak_for_gpu(torch.cuda.get_device_name())  # an unknown GPU fails here, on every rank, not at step 1
     ds_config = E.build_ds_config(cfg.zero, cfg.ds_config, cfg.micro_batch, cfg.grad_accum, cfg.grad_clip, precision)
-    encoding, tokenizer, processor = P.for_model(cfg.model_path, cfg.template, cfg.max_length, cfg.verify_images)
+    encoding, tokenizer, processor = P.for_model(cfg.model_path, cfg.template, cfg.max_length, cfg.verify_images,
+                                                 cfg.image_aspect_ratio)
+    if cfg.packing and encoding.layout.kind == "grid":
+        raise ValueError(f"--packing: {model_config.model_type} computes its own 3-D rotary positions per sample "
+                         "(from image_grid_thw), which packed position ids would replace; train it without --packing")
     if tokenizer.pad_token_id is None:
         raise ValueError(f"the tokenizer of {cfg.model_path} has no pad token; set one and save it")
     fmt = encoding.template
@@ -110,12 +113,11 @@ def prepare(cfg: RunConfig) -> Setup:
             P.check_matches(P.read_meta(path), path, encoding, tokenizer)
         elif path:
             formats.kind(path)
-    dummy = DummyImage(encoding.image_token_id, encoding.n_image_tokens, model_config.vision_config.image_size)
     projector = None
     if cfg.init_projector:  # read and checked against the config's shapes before any weights load
         projector = read_mm_projector(cfg.init_projector, find_parts(skeleton(model_config)).projector)
     load_image = ImageLoader(processor.image_processor, cfg.image_aspect_ratio)
-    return Setup(cfg, region, precision, ds_config, processor, tokenizer, encoding, load_image, dummy, attn, projector)
+    return Setup(cfg, region, precision, ds_config, processor, tokenizer, encoding, load_image, attn, projector)
 
 
 def loader(ds, s: "Setup", shuffle: bool, drop_last: bool, left_pad: bool = False, training: bool = False):
@@ -125,7 +127,7 @@ def loader(ds, s: "Setup", shuffle: bool, drop_last: bool, left_pad: bool = Fals
     if training and s.cfg.group_by_length:
         group_by = (list(ds.ds["length"]), [m == "image" for m in ds.ds["modality"]])
     return make_loader(ds, s.cfg.micro_batch, s.tokenizer.pad_token_id, E.rank(), E.world_size(), s.cfg.seed,
-                       shuffle, drop_last, s.cfg.num_workers, left_pad, s.dummy, group_by,
+                       shuffle, drop_last, s.cfg.num_workers, left_pad, s.encoding.layout.dummy(), group_by,
                        packed=training and s.cfg.packing)
 
 
@@ -183,8 +185,8 @@ def train(cfg: RunConfig) -> "Result":
     train_ds, train_folder = obtain_data(cfg.data, cfg.image_folder, "train", s)
     cfg.dataset_size = len(train_ds)
     eval_ds, eval_folder = obtain_data(cfg.eval_data, None, "eval", s) if cfg.eval_data else (None, None)
-    train_loader = loader(ImageTextDataset(train_ds, train_folder, s.load_image), s, shuffle=True, drop_last=True,
-                          training=True)
+    train_loader = loader(ImageTextDataset(train_ds, train_folder, s.load_image, s.encoding.layout), s, shuffle=True,
+                          drop_last=True, training=True)
     steps_per_epoch = len(train_loader) // cfg.grad_accum
     if steps_per_epoch < 1:
         raise ValueError(f"{len(train_ds)} samples give no full step of micro_batch {cfg.micro_batch} x grad_accum "
@@ -287,9 +289,7 @@ def train(cfg: RunConfig) -> "Result":
         for b in micro:
             with timer.phase("forward"):
                 # No KV cache in training; with one, transformers would not read restarting position ids as packing.
-                logits = engine(input_ids=b["input_ids"], attention_mask=b.get("attention_mask"),
-                                position_ids=b.get("position_ids"), pixel_values=b.get("pixel_values"),
-                                use_cache=False).logits
+                logits = engine(**s.encoding.layout.model_inputs(b), use_cache=False).logits
                 lsum = token_loss_sum(logits, b["labels"])
             with timer.phase("backward"):
                 engine.backward(lsum * scale)
@@ -383,15 +383,20 @@ def timing_summary(totals: "timing.Totals", peak: float, peak_source: str, estim
     return out
 
 
-def executed_images(batch: dict) -> int:
-    """Images the vision tower runs on in this micro-batch, the masked dummy included."""
-    return int(batch["pixel_values"].shape[0]) if "pixel_values" in batch else 0
+def executed_images(batch: dict) -> tuple[int, tuple]:
+    """Images the vision tower runs on in this micro-batch, the masked dummy included, and (Qwen2-VL) their
+    patch grids (t, h, w)."""
+    if "image_grid_thw" in batch:
+        grids = tuple(tuple(int(x) for x in g) for g in batch["image_grid_thw"].tolist())
+        return len(grids), grids
+    return (int(batch["pixel_values"].shape[0]) if "pixel_values" in batch else 0), ()
 
 
 def batch_shapes(batch: dict) -> list[BatchShape]:
     """The micro-batch as the FLOP model sees it: one padded block, or (packed) one block per sample, since
     attention stays within each sample."""
-    return [BatchShape(rows, seq, images=executed_images(batch) if j == 0 else 0)
+    images, grids = executed_images(batch)
+    return [BatchShape(rows, seq, images=images if j == 0 else 0, grids=grids if j == 0 else ())
             for j, (rows, seq) in enumerate(batch["rows"])]
 
 

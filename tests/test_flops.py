@@ -100,3 +100,37 @@ def test_lora_counted_as_what_it_is(model, ckpt):
     assert by["layer.0"].macs == 147456 + per_token_lora
     ours = FlopModel.from_model(model).micro_batch(BatchShape(rows=2, seq_len=12, images=2))
     assert ours.hardware == counted(model, 2, 12, 2)
+
+
+@pytest.mark.parametrize("family", ["qwen2_vl", "qwen2_5_vl"])
+@pytest.mark.parametrize("spec,ckpt", [("none", False), ("layers:1,3", False), ("full+vision", True),
+                                       ("layers:3-projector", False)])
+def test_qwen_vision_per_image_grids_match_torch_flop_counter(family, spec, ckpt):
+    """Qwen2-VL: each image's own patch grid, attention within the image; Qwen2.5-VL: within 56 px windows in
+    its windowed block (the tiny tower's block 0), within the image in its full-attention block."""
+    from helpers import qwen
+    model = qwen.model(family)
+    for cfg in (model.config, model.config.text_config, model.config.vision_config):
+        cfg._attn_implementation = "eager"
+    model.train()
+    apply_region(model, resolve(spec, 4))
+    if ckpt:
+        enable_checkpointing(model)
+    grids = ((1, 4, 6), (1, 10, 12))  # 6 and 30 tokens; the second spans 3 x 3 windows of 2 x 2 merged units
+    c = model.config
+    tokens = [t * h * w // 4 for t, h, w in grids]
+    T = max(tokens) + 8
+    ids = torch.randint(0, 30, (2, T), generator=torch.Generator().manual_seed(0))
+    for r, n in enumerate(tokens):
+        ids[r, 1], ids[r, 2:2 + n], ids[r, 2 + n] = c.vision_start_token_id, c.image_token_id, c.vision_end_token_id
+    pixels = torch.randn(sum(t * h * w for t, h, w in grids), 3 * 2 * 14 * 14)
+    with FlopCounterMode(display=False) as counter:
+        logits = model(input_ids=ids, attention_mask=torch.ones_like(ids), pixel_values=pixels,
+                       image_grid_thw=torch.tensor(grids), mm_token_type_ids=(ids == c.image_token_id).long()).logits
+        logits.float().sum().backward()
+    fm = FlopModel.from_model(model)
+    if family == "qwen2_5_vl":
+        assert [b.windowed for b in fm.blocks if b.kind == "vision"] == [True, False] and fm.grid.window == 2
+    ours = fm.micro_batch(BatchShape(rows=2, seq_len=T, images=2, grids=grids))
+    assert ours.hardware == counter.get_total_flops()
+    assert (ours.recompute > 0) == ckpt

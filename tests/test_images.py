@@ -7,6 +7,7 @@ from PIL import Image
 from transformers import CLIPImageProcessor
 
 from lvlm_region.data import ImageTextDataset, collate
+from lvlm_region.image_inputs import ImageLayout
 from lvlm_region.images import ImageLoader, expand_to_square, to_rgb
 
 
@@ -53,8 +54,8 @@ def test_pad_keeps_the_whole_image_square_crops_it(tmp_path):
     im = Image.new("RGB", (64, 32), (255, 0, 0))
     im.paste((0, 0, 255), (0, 0, 8, 32))  # a blue band at the left edge
     im.save(tmp_path / "wide.png")
-    pad = ImageLoader(processor(), "pad")(str(tmp_path / "wide.png"))
-    square = ImageLoader(processor(), "square")(str(tmp_path / "wide.png"))
+    pad = ImageLoader(processor(), "pad")(str(tmp_path / "wide.png"))["pixel_values"][0]
+    square = ImageLoader(processor(), "square")(str(tmp_path / "wide.png"))["pixel_values"][0]
     assert pad.shape == square.shape == (3, 16, 16)
     # pad: the top and bottom quarters are the processor's mean colour, which normalises to about 0
     assert pad[:, :2].abs().max() < 0.02 and pad[:, 5:11, 8:].mean(dim=(1, 2))[0] > 1.5
@@ -66,12 +67,13 @@ def test_pad_keeps_the_whole_image_square_crops_it(tmp_path):
 def test_an_image_that_fails_to_decode_is_replaced_by_the_next_sample_and_counted(tmp_path):
     Image.new("RGB", (16, 16), "red").save(tmp_path / "ok.png")
     (tmp_path / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n garbage")
-    rows = [{"id": "a", "images": ["ok.png"], "input_ids": [1, 2], "labels": [-100, 2]},
-            {"id": "b", "images": ["broken.png"], "input_ids": [3, 4], "labels": [-100, 4]},
+    rows = [{"id": "a", "images": ["ok.png"], "input_ids": [1, 9, 9, 2], "labels": [-100, -100, -100, 2]},
+            {"id": "b", "images": ["broken.png"], "input_ids": [3, 9, 9, 4], "labels": [-100, -100, -100, 4]},
             {"id": "c", "images": [], "input_ids": [5, 6, 7], "labels": [-100, 6, 7]}]
-    ds = ImageTextDataset(rows, str(tmp_path), ImageLoader(processor(), "pad"))
+    layout = ImageLayout("fixed", image_token_id=9, n_image_tokens=2, image_size=16)
+    ds = ImageTextDataset(rows, str(tmp_path), ImageLoader(processor(), "pad"), layout)
     item = ds[1]
     assert item["replaced"] == 1 and item["input_ids"].tolist() == [5, 6, 7] and "pixel_values" not in item
     batch = collate([ds[0], ds[1]], pad_token_id=0)
     assert batch["replaced"] == 1 and batch["real_images"] == 1 and batch["pixel_values"].shape == (1, 3, 16, 16)
-    assert torch.equal(batch["input_ids"], torch.tensor([[1, 2, 0], [5, 6, 7]]))
+    assert torch.equal(batch["input_ids"], torch.tensor([[1, 9, 9, 2], [5, 6, 7, 0]]))

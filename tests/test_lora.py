@@ -102,3 +102,29 @@ def test_lora_trains_on_two_ranks_and_saves_adapter_and_merged_model(demo_dir, t
         torch.testing.assert_close(with_adapter(input_ids=ids).logits, merged(input_ids=ids).logits,
                                    rtol=1e-5, atol=1e-5)
     assert count_parameters(merged)["all"]["total"] == count_parameters(base)["all"]["total"]
+
+
+def test_lora_on_a_qwen2_5_vl_region_trains_on_two_ranks_and_merges(tmp_path):
+    """Qwen2.5-VL under ZeRO-3: adapters on the region's decoder linears (never the vision blocks with the same
+    index), the merger trained whole, and the merged export differs from the base exactly there."""
+    from transformers import AutoModelForImageTextToText
+
+    from helpers import qwen
+    ckpt = qwen.build(str(tmp_path / "ckpt"), "qwen2_5_vl")
+    data = qwen.write_data(str(tmp_path / "data"), n=8, text_every=4)
+    out = tmp_path / "lora"
+    res = run(deepspeed_cmd(2, "launch/sft.py", "--model", ckpt, "--data", data, "--output-dir", str(out), "--zero",
+                            "3", "--region", "layers:1", "--tuner", "lora", "--lora-r", "2", "--lora-alpha", "4",
+                            "--lr", "1e-2", "--max-steps", "2", "--micro-batch", "2", "--num-workers", "0"))
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    # Text LLM: hidden 32, MLP 64, 4 heads, 2 KV heads of 8: q 32x32, k 32x16, v 32x16, o 32x32, gate/up 32x64,
+    # down 64x32: sum of (in + out) = 64 + 48 + 48 + 64 + 96 + 96 + 96 = 512; r=2, 1 layer -> 1024.
+    assert json.loads((out / "run.json").read_text())["parameters"]["layers"]["trainable"] == 2 * 512 == 1024
+    base = AutoModelForImageTextToText.from_pretrained(ckpt).state_dict()
+    merged = AutoModelForImageTextToText.from_pretrained(out).state_dict()
+    assert base.keys() == merged.keys()
+    changed = {k for k in base if not torch.equal(base[k], merged[k])}
+    region = {f"model.language_model.layers.1.{n}.weight" for n in (
+        "self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj", "mlp.gate_proj",
+        "mlp.up_proj", "mlp.down_proj")}
+    assert changed == region | {k for k in base if k.startswith("model.visual.merger.")}

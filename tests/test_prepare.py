@@ -11,13 +11,15 @@ from PIL import Image
 from helpers.word_tokenizer import word_tokenizer
 from lvlm_region import formats
 from lvlm_region import prepare as P
+from lvlm_region.image_inputs import ImageLayout
 from lvlm_region.templates import IGNORE, resolve
 
 WORDS = "USER: ASSISTANT: SYS what is it red blue a square circle long"
 
 
 def encoding(tok, max_length=40):
-    return P.Encoding(resolve("vicuna_v1", tok, "t"), image_token_id=4, n_image_tokens=2, max_length=max_length)
+    return P.Encoding(resolve("vicuna_v1", tok, "t"), ImageLayout("fixed", image_token_id=4, n_image_tokens=2),
+                      max_length=max_length)
 
 
 def llava(id_, q, a, image=None):
@@ -98,7 +100,7 @@ def test_every_bad_sample_is_dropped_counted_and_listed(tmp_path, folder):
 
 def test_header_only_verification_keeps_the_truncated_file(tmp_path, folder):
     tok = word_tokenizer(WORDS)
-    enc = P.Encoding(resolve("vicuna_v1", tok, "t"), 4, 2, 40, verify_images="header")
+    enc = P.Encoding(resolve("vicuna_v1", tok, "t"), ImageLayout("fixed", 4, 2), 40, verify_images="header")
     ds = P.prepare(str(write_mixed(tmp_path / "m.jsonl")), str(folder), enc, tok, str(tmp_path / "p"),
                    max_bad_fraction=1.0)
     assert "tr" in ds["id"] and "ni" not in ds["id"]  # a text file is not an image even by its header

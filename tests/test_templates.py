@@ -96,7 +96,7 @@ def expected(spec: str) -> tuple[list[str], list[bool]]:
 def test_label_mask(name, tok_kwargs, conv, spec):
     tok = word_tokenizer(WORDS, **tok_kwargs)
     fmt = resolve(name, tok, "the test tokenizer")
-    out = tokenize(fmt.segments(tok, conv), tok, IMG, N_IMG)
+    out = tokenize(fmt.segments(tok, conv), tok, [[IMG] * N_IMG] * sum(m['content'].count('<image>') for m in conv))
     tokens, trained = expected(spec)
     assert tok.convert_ids_to_tokens(out["input_ids"]) == tokens
     assert out["labels"] == [i if t else IGNORE for i, t in zip(out["input_ids"], trained)]
@@ -150,7 +150,7 @@ def test_typed_content_processor_template_is_used_when_the_tokenizer_has_none():
     tok = word_tokenizer(WORDS)
     fmt = resolve("auto", tok, "M", processor_template=typed)
     assert fmt.typed_content
-    out = tokenize(fmt.segments(tok, C), tok, IMG, N_IMG)
+    out = tokenize(fmt.segments(tok, C), tok, [[IMG] * N_IMG])
     tokens, trained = expected("<s> USER: Q1 <image> <image> ASSISTANT: [A1 </s>]")
     assert tok.convert_ids_to_tokens(out["input_ids"]) == tokens
     assert out["labels"] == [i if t else IGNORE for i, t in zip(out["input_ids"], trained)]

@@ -204,3 +204,34 @@ def test_zero3_builds_and_loads_partitioned_and_imports_a_projector_into_the_par
     for rep in reports:
         assert rep["partitioned"] and rep["checkpoint_equal"] and rep["projector_imported"]
         assert total / 2 <= rep["local"] < total / 2 + 1000  # half, plus per-tensor padding to an even split
+
+
+@pytest.mark.parametrize("family,flags", [
+    # micro-batch 1 over samples where every third one is text-only: some micro-batches carry no image, so the
+    # masked dummy (a 4 x 4 patch grid) keeps the ZeRO-3 gathers of the vision tower in step on both ranks;
+    # evaluation generates on both ranks with synced_gpus.
+    ("qwen2_vl", ["--zero", "3", "--micro-batch", "1", "--max-steps", "4", "--image-aspect-ratio", "square"]),
+    # Qwen2.5-VL's windowed vision tower, padded-square images, activation checkpointing, ZeRO-2.
+    ("qwen2_5_vl", ["--zero", "2", "--micro-batch", "2", "--grad-ckpt", "--image-aspect-ratio", "pad"]),
+])
+def test_qwen_checkpoints_train_the_region_and_export(tmp_path, family, flags):
+    """A tiny Qwen2-VL / Qwen2.5-VL checkpoint in the real format: only the merger (the projector) and decoder
+    layers 1 and 3 change, the export reloads to the engine's weights, and it carries the tokenizer, chat
+    template and image processor the run used."""
+    from transformers import AutoImageProcessor, AutoTokenizer
+
+    from helpers import qwen
+    ckpt = qwen.build(str(tmp_path / "ckpt"), family)
+    data = qwen.write_data(str(tmp_path / "data"), n=12, text_every=3)
+    out, report, stdout = train_and_report(tmp_path, "sft", family, "--model", ckpt, "--data", data, "--template",
+                                           "auto", "--region", "layers:1,3", "--eval-data", data, "--lr", "1e-3",
+                                           *flags)
+    check(report, r"model\.visual\.merger\.|model\.language_model\.layers\.(1|3)\.")
+    summary = report["summary"]
+    assert summary["eval"]["samples"] == 6 and summary["region"]["layers"] == [1, 3]
+    lines = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines() if '"eval"' not in x]
+    assert all(x["loss"] > 0 and 0 < x["mfu"] < 1 and x["tflops_per_step"] > 0 for x in lines)
+    assert AutoTokenizer.from_pretrained(out).chat_template == qwen.QWEN_TEMPLATE
+    assert AutoImageProcessor.from_pretrained(out).to_dict() == AutoImageProcessor.from_pretrained(ckpt).to_dict()
+    prepared = json.loads((out / "prepared" / "train" / "prepare.json").read_text())["identity"]
+    assert prepared["pad_to_square"] == ("pad" in flags)

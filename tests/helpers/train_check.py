@@ -13,7 +13,7 @@ import sys
 
 import torch
 from safetensors.torch import load_file
-from transformers import LlavaForConditionalGeneration
+from transformers import AutoModelForImageTextToText
 
 from lvlm_region import engine as E
 from lvlm_region.cli import parse
@@ -32,13 +32,13 @@ def main() -> None:
     final = E.full_state_dict(engine)  # the engine's weights, gathered under ZeRO-3
     if E.rank() != 0:
         return
-    start = LlavaForConditionalGeneration.from_pretrained(cfg.model_path).state_dict()
+    start = AutoModelForImageTextToText.from_pretrained(cfg.model_path).state_dict()
     if cfg.init:
         proj = load_file(os.path.join(cfg.init, PROJECTOR_FILE))
-        base = LlavaForConditionalGeneration.from_pretrained(cfg.model_path)
+        base = AutoModelForImageTextToText.from_pretrained(cfg.model_path)
         prefix = next(n for n, m in base.named_modules() if m is find_parts(base).projector) + "."
         start.update({prefix + k: v for k, v in proj.items()})
-    reloaded = LlavaForConditionalGeneration.from_pretrained(cfg.output_dir).state_dict()
+    reloaded = AutoModelForImageTextToText.from_pretrained(cfg.output_dir).state_dict()
     report = {"params": {}, "summary": {k: v for k, v in result.summary.items() if k != "ds_config"}}
     for name, trainable in trained.items():
         report["params"][name] = {

@@ -1,0 +1,95 @@
+"""Tiny random Qwen2-VL / Qwen2.5-VL checkpoints in the real layout, and data with images of several sizes.
+
+The checkpoint is what save_pretrained writes for the real models: config.json (Qwen2VLConfig with its image,
+vision-start and vision-end token ids), model.safetensors, the tokenizer with Qwen's chat template (which writes
+``<|vision_start|><|image_pad|><|vision_end|>`` for an image part and passes string content through), and
+preprocessor_config.json of Qwen2VLImageProcessor (min / max pixels lowered so images give 4 to 16 tokens).
+"""
+import json
+import os
+
+import torch
+import transformers as T
+from PIL import Image
+
+from helpers.word_tokenizer import SPECIAL, word_tokenizer
+
+# Qwen2-VL-7B-Instruct's chat template (tokenizer_config.json), unchanged.
+QWEN_TEMPLATE = (
+    "{% set image_count = namespace(value=0) %}{% set video_count = namespace(value=0) %}{% for message in messages %}"
+    "{% if loop.first and message['role'] != 'system' %}<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n"
+    "{% endif %}<|im_start|>{{ message['role'] }}\n{% if message['content'] is string %}{{ message['content'] }}"
+    "<|im_end|>\n{% else %}{% for content in message['content'] %}{% if content['type'] == 'image' or 'image' in "
+    "content or 'image_url' in content %}{% set image_count.value = image_count.value + 1 %}{% if "
+    "add_vision_id %}Picture {{ image_count.value }}: {% endif %}<|vision_start|><|image_pad|><|vision_end|>{% elif "
+    "content['type'] == 'video' or 'video' in content %}{% set video_count.value = video_count.value + 1 %}{% if "
+    "add_vision_id %}Video {{ video_count.value }}: {% endif %}<|vision_start|><|video_pad|><|vision_end|>{% elif "
+    "'text' in content %}{{ content['text'] }}{% endif %}{% endfor %}<|im_end|>\n{% endif %}{% endfor %}{% if "
+    "add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+VISION_TOKENS = ["<|vision_start|>", "<|vision_end|>", "<|image_pad|>", "<|video_pad|>"]
+WORDS = ("system user assistant You are a helpful assistant. What color is the shape? red green blue yellow "
+         "square circle triangle Which shape is it? Describe")
+MIN_PIXELS, MAX_PIXELS = 56 * 56, 112 * 112  # 4 .. 16 image tokens (28 x 28 pixels per token)
+TEXT = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2,
+            rope_scaling={"type": "mrope", "mrope_section": [1, 1, 2]}, max_position_embeddings=512)
+VISION = {"qwen2_vl": dict(depth=2, embed_dim=32, hidden_size=32, num_heads=4, patch_size=14, spatial_merge_size=2),
+          "qwen2_5_vl": dict(depth=2, hidden_size=32, intermediate_size=64, num_heads=4, out_hidden_size=32,
+                             patch_size=14, spatial_merge_size=2, window_size=56, fullatt_block_indexes=[1])}
+
+
+def tokenizer():
+    tok = word_tokenizer(WORDS, bos=None, eos="<|im_end|>", chat_template=QWEN_TEMPLATE)
+    tok.add_special_tokens({"additional_special_tokens": SPECIAL[4:] + VISION_TOKENS})
+    return tok
+
+
+def model(family: str = "qwen2_vl", seed: int = 0, tok=None):
+    """A tiny random ``family`` (qwen2_vl | qwen2_5_vl) model whose special token ids are the tokenizer's."""
+    tok = tok or tokenizer()
+    ids = dict(zip(VISION_TOKENS, tok.convert_tokens_to_ids(VISION_TOKENS)))
+    config_cls, model_cls = {"qwen2_vl": (T.Qwen2VLConfig, T.Qwen2VLForConditionalGeneration),
+                             "qwen2_5_vl": (T.Qwen2_5_VLConfig, T.Qwen2_5_VLForConditionalGeneration)}[family]
+    text = dict(TEXT, model_type=f"{family}_text", vocab_size=len(tok), eos_token_id=tok.eos_token_id,
+                pad_token_id=tok.pad_token_id, bos_token_id=None, tie_word_embeddings=False)
+    config = config_cls(text_config=text, vision_config=VISION[family], image_token_id=ids["<|image_pad|>"],
+                        video_token_id=ids["<|video_pad|>"], vision_start_token_id=ids["<|vision_start|>"],
+                        vision_end_token_id=ids["<|vision_end|>"], tie_word_embeddings=False)
+    torch.manual_seed(seed)
+    return model_cls(config)
+
+
+def image_processor():
+    return T.Qwen2VLImageProcessorPil(size={"shortest_edge": MIN_PIXELS, "longest_edge": MAX_PIXELS})
+
+
+def build(out: str, family: str = "qwen2_vl", seed: int = 0) -> str:
+    """Write a tiny random checkpoint of ``family`` (qwen2_vl | qwen2_5_vl) to ``out``; returns ``out``."""
+    tok = tokenizer()
+    model(family, seed, tok).save_pretrained(out)
+    tok.save_pretrained(out)
+    image_processor().save_pretrained(out)
+    return out
+
+
+SIZES = [(60, 40), (100, 50), (30, 90), (120, 120), (56, 56), (200, 70)]
+COLORS = ["red", "green", "blue", "yellow"]
+
+
+def write_data(folder: str, n: int = 16, text_every: int = 0) -> str:
+    """``n`` LLaVA-format samples over images of SIZES (every ``text_every``-th sample text-only); returns the file."""
+    os.makedirs(os.path.join(folder, "images"), exist_ok=True)
+    samples = []
+    for i in range(n):
+        color = COLORS[i % len(COLORS)]
+        if text_every and i % text_every == text_every - 1:
+            conv = [{"from": "human", "value": "Describe red"}, {"from": "gpt", "value": "red"}]
+            samples.append({"id": f"t{i}", "conversations": conv})
+            continue
+        name = f"images/{i:03d}.png"
+        Image.new("RGB", SIZES[i % len(SIZES)], color).save(os.path.join(folder, name))
+        conv = [{"from": "human", "value": "<image>\nWhat color is the shape?"}, {"from": "gpt", "value": color}]
+        samples.append({"id": f"i{i}", "image": name, "conversations": conv})
+    path = os.path.join(folder, "data.json")
+    with open(path, "w") as f:
+        json.dump(samples, f)
+    return path
