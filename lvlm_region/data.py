@@ -12,6 +12,7 @@ import multiprocessing
 import multiprocessing.util  # registers its exit hook now, so ours (below) runs before it
 import os
 import signal
+
 import torch
 
 from .image_inputs import IMAGE_KEYS, DummyImage, ImageLayout

@@ -32,6 +32,7 @@ REASONS = {
     "unreadable_image": "an image file is not an image or is truncated / corrupt",
     "image_too_small": "an image side is below the minimum",
     "image_too_large": "an image has more pixels than the maximum",
+    "image_aspect_ratio": "the model's image processor refuses the image's shape (Qwen2-VL: sides more than 200:1)",
     "too_long": "longer than --max-length in tokens (image tokens included); never cut, dropped",
     "template_error": "the conversation cannot be rendered by the template",
 }

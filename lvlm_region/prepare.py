@@ -148,10 +148,16 @@ def encode(row: dict, image_folder: str, enc: Encoding, tokenizer) -> dict:
     try:
         s = formats.normalize(row["raw"])
         out["id"] = s["id"]
-        sizes = [images.check(os.path.join(image_folder, p), decode=enc.verify_images == "decode") for p in s["images"]]
+        image_ids = []
+        for p in s["images"]:
+            size = images.check(os.path.join(image_folder, p), decode=enc.verify_images == "decode")
+            try:
+                image_ids.append(enc.layout.token_ids(size))
+            except ValueError as e:  # Qwen2-VL's resize refuses an aspect ratio beyond 200:1
+                raise BadSample("image_aspect_ratio", f"{os.path.join(image_folder, p)} is {size[0]}x{size[1]}: "
+                                                      f"{e}") from None
         try:
-            ids = tokenize(enc.template.segments(tokenizer, s["messages"]), tokenizer,
-                           [enc.layout.token_ids(size) for size in sizes])
+            ids = tokenize(enc.template.segments(tokenizer, s["messages"]), tokenizer, image_ids)
         except TemplateError as e:
             raise BadSample("template_error", str(e)) from None
         n = len(ids["input_ids"])

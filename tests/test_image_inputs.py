@@ -171,3 +171,19 @@ def test_packing_is_refused_for_qwen_before_weights_load(ckpt, data, tmp_path):
     assert res.returncode == 2
     assert "--packing: qwen2_vl computes its own 3-D rotary positions per sample" in res.stderr
     assert "train it without --packing" in res.stderr and "Loading weights" not in res.stdout + res.stderr
+
+
+def test_an_image_qwen_cannot_resize_is_dropped_with_its_reason(ckpt, tmp_path):
+    Image.new("RGB", (2000, 8), "red").save(tmp_path / "strip.png")  # 250:1; smart_resize refuses beyond 200:1
+    Image.new("RGB", (60, 40), "red").save(tmp_path / "ok.png")
+    samples = [{"id": name, "image": f"{name}.png", "conversations": [
+        {"from": "human", "value": "<image>\nWhat color is the shape?"}, {"from": "gpt", "value": "red"}]}
+        for name in ("strip", "ok")]
+    (tmp_path / "d.json").write_text(json.dumps(samples))
+    enc, tok, _ = P.for_model(ckpt, "auto", 512, aspect="square")
+    ds = P.prepare(str(tmp_path / "d.json"), str(tmp_path), enc, tok, str(tmp_path / "p"), max_bad_fraction=1.0)
+    assert ds["id"] == ["ok"]
+    report = json.loads((tmp_path / "p" / P.REPORT).read_text())
+    assert report["dropped_by_reason"] == {"image_aspect_ratio": 1}
+    detail = report["dropped_samples"][0]["detail"]
+    assert "strip.png is 2000x8" in detail and "aspect ratio must be smaller than 200" in detail
