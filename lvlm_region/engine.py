@@ -124,10 +124,18 @@ def on_cpu() -> bool:
 
 
 def resolve_precision(precision: str) -> str:
+    """auto: bf16 on GPU, fp32 on CPU (bf16 matmuls are slow there). bf16 / fp16 are refused where DeepSpeed's
+    accelerator does not support them (its engine would refuse later, after the weights load): fp16 on a CPU
+    without AVX512-FP16, which is every CPU this project's CI runs on."""
     if precision == "auto":
         return "fp32" if on_cpu() else "bf16"
-    if precision != "fp32" and on_cpu():
-        raise ValueError(f"--precision {precision} needs a GPU; on CPU use fp32 (or auto)")
+    from deepspeed.accelerator import get_accelerator
+    acc = get_accelerator()
+    supported = {"bf16": acc.is_bf16_supported, "fp16": acc.is_fp16_supported}.get(precision, lambda: True)()
+    if not supported:
+        raise ValueError(f"--precision {precision}: DeepSpeed's {acc.device_name()} accelerator on this machine does "
+                         f"not support {precision} (fp16 needs a GPU, or a CPU with AVX512-FP16); use "
+                         f"{'bf16 or ' if acc.is_bf16_supported() else ''}fp32")
     return precision
 
 

@@ -26,9 +26,9 @@ def device_name() -> str:
     return torch.cuda.get_device_name() if torch.cuda.is_available() else f"cpu ({platform.processor() or 'x86_64'})"
 
 
-def measure_cpu_peak(n: int = 1024, repeats: int = 5) -> float:
-    """FLOP/s of the best of a few fp32 n x n matmuls on this CPU (all threads torch uses)."""
-    a, b = torch.randn(n, n), torch.randn(n, n)
+def measure_cpu_peak(n: int = 1024, repeats: int = 5, dtype: torch.dtype = torch.float32) -> float:
+    """FLOP/s of the best of a few n x n matmuls in ``dtype`` on this CPU (all threads torch uses)."""
+    a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
     a @ b  # warm-up
     best = float("inf")
     for _ in range(repeats):
@@ -38,13 +38,14 @@ def measure_cpu_peak(n: int = 1024, repeats: int = 5) -> float:
     return 2 * n ** 3 / best
 
 
-def peak_flops(override_tflops: float | None = None) -> tuple[float, str]:
-    """Peak FLOP/s per rank for MFU and where the figure comes from."""
+def peak_flops(override_tflops: float | None = None, dtype: torch.dtype = torch.float32) -> tuple[float, str]:
+    """Peak FLOP/s per rank for MFU and where the figure comes from (on CPU: measured in the run's dtype)."""
     if override_tflops:
         return override_tflops * 1e12, "--peak-tflops"
     if torch.cuda.is_available():
         return peak_for_gpu(torch.cuda.get_device_name())
-    return measure_cpu_peak(), "measured fp32 matmul on this CPU"
+    name = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}[dtype]
+    return measure_cpu_peak(dtype=dtype), f"measured {name} matmul on this CPU"
 
 
 def peak_for_gpu(name: str) -> tuple[float, str]:

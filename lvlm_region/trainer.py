@@ -269,7 +269,7 @@ def train(cfg: RunConfig) -> "Result":
 
     stop = checkpoint.StopRequest(out)
     flop_model = FlopModel.from_model(engine.module)  # the trainable set and checkpointing as they now are
-    peak, peak_source = timing.peak_flops(cfg.peak_tflops) if rank0 else (0.0, "")
+    peak, peak_source = timing.peak_flops(cfg.peak_tflops, dtype) if rank0 else (0.0, "")
     timer = timing.StepTimer()
     totals = timing.Totals(warmup=min(5, max(1, (total - start_step) // 10)))
     totals.restore(prior.get("totals"))

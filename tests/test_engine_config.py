@@ -44,3 +44,19 @@ def test_warmup_cosine_schedule():
     # warmup (s+1)/2, then 0.5 * (1 + cos(pi * (s - 2) / 8)); reaches 0 at s = 10, after the last step
     assert [round(f(s), 4) for s in range(11)] == [0.5, 1.0, 1.0, 0.9619, 0.8536, 0.6913, 0.5, 0.3087,
                                                     0.1464, 0.0381, 0.0]
+
+
+def test_precision_follows_what_deepspeeds_accelerator_supports():
+    from deepspeed.accelerator import get_accelerator
+
+    from lvlm_region.engine import resolve_precision
+    acc = get_accelerator()
+    assert resolve_precision("auto") == "fp32" and resolve_precision("fp32") == "fp32"  # CPU: fp32 unless asked
+    assert acc.is_bf16_supported() and resolve_precision("bf16") == "bf16"
+    if acc.is_fp16_supported():  # a CPU with AVX512-FP16
+        assert resolve_precision("fp16") == "fp16"
+    else:
+        with pytest.raises(ValueError, match=r"--precision fp16: DeepSpeed's cpu accelerator on this machine does not "
+                                             r"support fp16 \(fp16 needs a GPU, or a CPU with AVX512-FP16\); use bf16 "
+                                             r"or fp32"):
+            resolve_precision("fp16")

@@ -235,3 +235,39 @@ def test_qwen_checkpoints_train_the_region_and_export(tmp_path, family, flags):
     assert AutoImageProcessor.from_pretrained(out).to_dict() == AutoImageProcessor.from_pretrained(ckpt).to_dict()
     prepared = json.loads((out / "prepared" / "train" / "prepare.json").read_text())["identity"]
     assert prepared["pad_to_square"] == ("pad" in flags)
+
+
+def test_bf16_zero3_on_cpu_gathers_16bit_weights(demo_dir, tmp_path):
+    """The paper's precision, bf16, under ZeRO-3 (DeepSpeed's CPU accelerator supports it; fp16 it does not):
+    frozen weights stay bit-identical to the base model cast to bf16, the region's change, and the export is
+    the gathered bf16 weights (REFERENCE trap 5: frozen weights must survive 16-bit saves)."""
+    from safetensors import safe_open
+    out, report, stdout = train_and_report(tmp_path, "sft", "bf16_z3", "--zero", "3", "--precision", "bf16",
+                                           "--region", "uniform25", "--lr", "2e-2")
+    check(report, r"model\.multi_modal_projector\.|model\.language_model\.layers\.(0|7)\.")
+    assert {p["dtype"] for p in report["params"].values()} == {"torch.bfloat16"}
+    summary = report["summary"]
+    assert summary["precision"] == "bf16"
+    assert json.loads((out / "run.json").read_text())["ds_config"]["bf16"] == {"enabled": True}
+    assert summary["timing"]["peak_source"] == "measured bf16 matmul on this CPU"
+    with safe_open(str(out / "model.safetensors"), "pt") as f:
+        assert {str(f.get_slice(k).get_dtype()) for k in f.keys()} == {"BF16"}
+
+
+def test_qwen2_vl_stage1_merger_starts_stage2(tmp_path):
+    """Both stages on a Qwen2-VL checkpoint: stage 1 (plain template, ZeRO-2) trains only the merger; stage 2
+    (ZeRO-3, --init) starts from that merger: its frozen weights equal the base, the merger and layer 2 move on."""
+    from safetensors.torch import load_file
+
+    from helpers import qwen
+    ckpt = qwen.build(str(tmp_path / "ckpt"), "qwen2_vl")
+    data = qwen.write_data(str(tmp_path / "data"), n=8)
+    common = ["--model", ckpt, "--data", data, "--lr", "1e-3"]
+    out1, report1, _ = train_and_report(tmp_path, "pretrain", "qwen_pre", *common, "--zero", "2")
+    check(report1, r"model\.visual\.merger\.")
+    assert report1["summary"]["config"]["template"] == "plain"
+    merger = load_file(out1 / "projector.safetensors")
+    assert set(merger) == {"ln_q.weight", "ln_q.bias", "mlp.0.weight", "mlp.0.bias", "mlp.2.weight", "mlp.2.bias"}
+    _, report2, _ = train_and_report(tmp_path, "sft", "qwen_sft", *common, "--zero", "3", "--init", str(out1),
+                                     "--region", "layers:2")
+    check(report2, r"model\.visual\.merger\.|model\.language_model\.layers\.2\.")  # "changed" is against --init

@@ -41,10 +41,12 @@ def main() -> None:
     reloaded = AutoModelForImageTextToText.from_pretrained(cfg.output_dir).state_dict()
     report = {"params": {}, "summary": {k: v for k, v in result.summary.items() if k != "ds_config"}}
     for name, trainable in trained.items():
+        dtype = final[name].dtype  # the run's precision: bf16 runs compare with the base weights in bf16
         report["params"][name] = {
             "trainable": trainable,
-            "changed": not torch.equal(final[name], start[name]),
-            "reload_equal": torch.equal(reloaded[name], final[name]),
+            "changed": not torch.equal(final[name], start[name].to(dtype)),
+            "reload_equal": reloaded[name].dtype == dtype and torch.equal(reloaded[name], final[name]),
+            "dtype": str(dtype),
         }
     with open(report_path, "w") as f:
         json.dump(report, f, default=str)
