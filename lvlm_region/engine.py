@@ -157,10 +157,11 @@ def build_ds_config(zero: int, ds_config_path: str | None, micro_batch: int, gra
             raise ValueError(f"{path}: {key}={cfg[key]} disagrees with the run config ({ours[key]}); "
                              f"remove it from the JSON or set the matching flag")
         cfg[key] = ours[key]
-    for key in ("bf16", "fp16"):
-        cfg.pop(key, None)
+    # --precision decides which section is on; the JSON's own settings of that section (fp16's loss scaling:
+    # initial_scale_power, loss_scale_window, hysteresis, min_loss_scale) are kept.
+    sections = {key: cfg.pop(key) for key in ("bf16", "fp16") if key in cfg}
     if precision in ("bf16", "fp16"):
-        cfg[precision] = {"enabled": True}
+        cfg[precision] = {**sections.get(precision, {}), "enabled": True}
     if "activation_checkpointing" in cfg:  # deepspeed.checkpointing is only used by models that call it
         raise ValueError(f"{path}: 'activation_checkpointing' configures DeepSpeed's checkpointing API, which "
                          "transformers models never call, so the run would silently keep every activation; remove "

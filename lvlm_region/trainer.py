@@ -318,7 +318,7 @@ def train(cfg: RunConfig) -> "Result":
                    "tokens_per_s": w["tokens_per_s_per_gpu"] * E.world_size(), "step_s": w["step_seconds"],
                    **{f"{p}_s": v for p, v in w["phase_seconds"].items()}, "tflops_per_step": w["model_tflops_per_step"],
                    "mfu": w["mfu"] if rank0 else None, "peak_mem_gb": timing.peak_memory_bytes() / 1e9,
-                   **({"images_replaced": replaced} if replaced else {})}
+                   **({"images_replaced": replaced} if replaced else {}), **fp16_state(engine, s.precision)}
             window = timing.Totals(warmup=0)
             if rank0:
                 bar.write(f"step {step}/{total} | loss {rec['loss']:.4f} | lr {rec['lr']:.2e} | "
@@ -345,6 +345,7 @@ def train(cfg: RunConfig) -> "Result":
     bar.close()
     summary["final_loss"] = loss
     summary["steps_done"] = total
+    summary.update(fp16_state(engine, s.precision))
     summary["images_replaced"] = replaced
     if replaced and rank0:
         log.warning("%d samples were replaced by the next one because an image failed to decode (see the warnings "
@@ -372,6 +373,14 @@ def train(cfg: RunConfig) -> "Result":
     E.barrier()
     stop.restore()
     return Result(summary, engine)
+
+
+def fp16_state(engine, precision: str) -> dict:
+    """fp16's dynamic loss scale and the optimizer steps DeepSpeed skipped on overflow (they move neither the weights
+    nor the LR schedule; the loop still counts them as steps)."""
+    if precision != "fp16":
+        return {}
+    return {"loss_scale": float(engine.optimizer.loss_scale), "skipped_steps": int(engine.skipped_steps)}
 
 
 def timing_summary(totals: "timing.Totals", peak: float, peak_source: str, estimate: dict) -> dict:

@@ -60,3 +60,18 @@ def test_precision_follows_what_deepspeeds_accelerator_supports():
                                              r"support fp16 \(fp16 needs a GPU, or a CPU with AVX512-FP16\); use bf16 "
                                              r"or fp32"):
             resolve_precision("fp16")
+
+
+def test_the_precision_sections_own_settings_are_kept(tmp_path):
+    """--precision decides which section is on; fp16's loss-scaling settings in the JSON survive (they were
+    dropped before, silently)."""
+    p = tmp_path / "ds.json"
+    p.write_text(json.dumps({"zero_optimization": {"stage": 3}, "bf16": {"enabled": False},
+                             "fp16": {"enabled": False, "initial_scale_power": 12, "loss_scale_window": 500}}))
+    fp16 = build_ds_config(3, str(p), 1, 1, 1.0, "fp16")
+    assert fp16["fp16"] == {"enabled": True, "initial_scale_power": 12, "loss_scale_window": 500}
+    assert "bf16" not in fp16
+    bf16 = build_ds_config(3, str(p), 1, 1, 1.0, "bf16")
+    assert bf16["bf16"] == {"enabled": True} and "fp16" not in bf16
+    fp32 = build_ds_config(3, str(p), 1, 1, 1.0, "fp32")
+    assert "bf16" not in fp32 and "fp16" not in fp32

@@ -5,6 +5,7 @@ changed, and the saved checkpoint reloads with plain transformers to exactly the
 """
 import json
 import re
+from pathlib import Path
 
 import pytest
 
@@ -271,3 +272,32 @@ def test_qwen2_vl_stage1_merger_starts_stage2(tmp_path):
     _, report2, _ = train_and_report(tmp_path, "sft", "qwen_sft", *common, "--zero", "3", "--init", str(out1),
                                      "--region", "layers:2")
     check(report2, r"model\.visual\.merger\.|model\.language_model\.layers\.2\.")  # "changed" is against --init
+
+
+def test_fp16_loss_scaling_with_frozen_layers_zero3(demo_dir, tmp_path):
+    """fp16 under ZeRO-3 through DeepSpeed's dynamic loss scaler (CPU ranks; see helpers/fp16_on_cpu.py for why
+    that needs DeepSpeed's fp16 capability answer overridden here). A first loss scale of 2^20 overflows: those
+    steps are skipped (the weights and the LR schedule stay), the scale halves each time, then steps apply. The
+    frozen weights stay bit-identical in fp16, the region changes, the export reloads to the engine's weights."""
+    ds = json.loads((Path("ds_configs") / "zero3.json").read_text())
+    ds["fp16"] = {"initial_scale_power": 20, "hysteresis": 1}  # kept by build_ds_config; --precision turns it on
+    (tmp_path / "fp16.json").write_text(json.dumps(ds))
+    out, report = tmp_path / "fp16", tmp_path / "fp16_report.json"
+    res = run(deepspeed_cmd(2, "tests/helpers/fp16_on_cpu.py", "sft", str(report), "--", "--output-dir", str(out),
+                            *FAST, "--max-steps", "8", "--ds-config", str(tmp_path / "fp16.json"), "--precision",
+                            "fp16", "--region", "uniform25", "--lr", "1e-3"))
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    report = json.loads(report.read_text())
+    check(report, r"model\.multi_modal_projector\.|model\.language_model\.layers\.(0|7)\.")
+    assert {p["dtype"] for p in report["params"].values()} == {"torch.float16"}
+    steps = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines() if '"eval"' not in x]
+    skipped = [s["skipped_steps"] for s in steps]
+    assert 1 <= skipped[-1] < 8 and report["summary"]["skipped_steps"] == skipped[-1]
+    lr_before = 1e-3
+    for s, prev in zip(steps, [0] + skipped):
+        assert s["loss_scale"] == 2.0 ** (20 - s["skipped_steps"])  # halved on every overflow, never raised here
+        if s["skipped_steps"] > prev:  # an overflow: no update, the schedule does not move
+            assert s["grad_norm"] == float("inf") and s["lr"] == lr_before
+        else:
+            assert s["grad_norm"] < float("inf") and s["lr"] < lr_before
+        lr_before = s["lr"]
