@@ -187,3 +187,26 @@ def test_an_image_qwen_cannot_resize_is_dropped_with_its_reason(ckpt, tmp_path):
     assert report["dropped_by_reason"] == {"image_aspect_ratio": 1}
     detail = report["dropped_samples"][0]["detail"]
     assert "strip.png is 2000x8" in detail and "aspect ratio must be smaller than 200" in detail
+
+
+def test_a_hub_style_preprocessor_config_counts_the_same(ckpt, tmp_path):
+    """Qwen2-VL checkpoints on the hub keep min_pixels / max_pixels at the top level of preprocessor_config.json
+    (users lower max_pixels there); the count from the header must follow them as the processor does."""
+    import shutil
+
+    from transformers import AutoImageProcessor
+    src = tmp_path / "hub"
+    shutil.copytree(ckpt, src)
+    (src / "preprocessor_config.json").write_text(json.dumps({
+        "min_pixels": 3136, "max_pixels": 28 * 28 * 30, "patch_size": 14, "temporal_patch_size": 2, "merge_size": 2,
+        "image_mean": [0.48145466, 0.4578275, 0.40821073], "image_std": [0.26862954, 0.26130258, 0.27577711],
+        "image_processor_type": "Qwen2VLImageProcessor", "processor_class": "Qwen2VLProcessor"}))
+    enc, _, _ = P.for_model(str(src), "auto", 512, aspect="square")
+    load = ImageLoader(AutoImageProcessor.from_pretrained(src), "square")
+    counts = []
+    for w, h in [(60, 40), (300, 200), (1000, 700), (90, 1400)]:
+        Image.new("RGB", (w, h), "blue").save(tmp_path / "x.png")
+        tensors = load(str(tmp_path / "x.png"))
+        counts.append(enc.layout.tokens_in(tensors))
+        assert len(enc.layout.token_ids((w, h))) - 2 == counts[-1]
+    assert max(counts) <= 30 and counts[0] < counts[-1]  # max_pixels (30 tokens) caps the large ones
