@@ -16,7 +16,7 @@ import torch.distributed as dist
 from . import engine as E, images
 from .data import ImageTextDataset, to_device
 from .templates import end_of_turn_id, tokenize
-from .model import token_loss_sum, valid_tokens
+from .model import loss_positions, token_loss_sum, valid_tokens
 
 log = logging.getLogger(__name__)
 
@@ -44,7 +44,7 @@ def evaluate(engine, eval_ds, image_folder: str, s, cfg, dtype: torch.dtype, dev
     loss_sum, n_valid = 0.0, 0
     for b in loader(ImageTextDataset(eval_ds, image_folder, load, layout), s, shuffle=False, drop_last=False):
         b = to_device(b, device, dtype)
-        logits = engine(**layout.model_inputs(b)).logits
+        logits = engine(**layout.model_inputs(b), logits_to_keep=loss_positions(b["labels"])).logits
         loss_sum += float(token_loss_sum(logits, b["labels"]))
         n_valid += valid_tokens(b["labels"])
     loss_sum, n_valid = E.all_reduce_sum([loss_sum, n_valid])

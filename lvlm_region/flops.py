@@ -25,6 +25,7 @@ layer's activation-gradient matmuls). Whole-layer regions, and LoRA with the pro
 recipe), are exact.
 Attention is counted as the full T x T products (as the eager and math paths run it; flash-attention skips
 about half of a causal mask).
+The LM head runs on the trained positions only (BatchShape.head_tokens; the trainer passes logits_to_keep).
 Qwen2-VL / Qwen2.5-VL: the vision tower's sequence is each image's own patches (t x h x w from image_grid_thw, so
 the batch carries the grids), attention stays within an image (within each 112 px window in Qwen2.5-VL's windowed
 layers), and the merger (the projector) runs on the patches merged 2 x 2.
@@ -65,6 +66,7 @@ class BatchShape:
     seq_len: int
     images: int
     grids: tuple = ()  # Qwen2-VL: each image's patch grid (t, h, w), from image_grid_thw
+    head_tokens: int | None = None  # positions the LM head runs on (the trained ones); None: every position
 
 
 @dataclass(frozen=True)
@@ -187,6 +189,8 @@ class FlopModel:
 
     def extent(self, b: Block, shape: BatchShape) -> tuple[int, int]:
         """(tokens, sum over its attention sequences of length²) that block ``b`` runs over in ``shape``."""
+        if b.kind == "lm_head" and shape.head_tokens is not None:
+            return shape.head_tokens, 0
         if b.kind not in ("vision_embed", "vision", "projector"):
             return shape.rows * shape.seq_len, shape.rows * shape.seq_len ** 2
         if self.grid is None:

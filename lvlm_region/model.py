@@ -106,15 +106,30 @@ def enable_checkpointing(model: PreTrainedModel) -> None:
     model.disable_input_require_grads()
 
 
-def token_loss_sum(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """Sum of next-token cross-entropy over positions whose label is not -100. logits [B,T,V], labels [B,T].
+def loss_positions(labels: torch.Tensor) -> torch.Tensor:
+    """[B, T] bool: the positions whose logits the loss reads (the next label is trained).
 
-    The trained positions are picked out before the fp32 cast: only they get an fp32 copy of their logits (and of
-    its gradient). Casting all of [B, T, V] would cost 4 bytes per position and vocabulary entry (16 GB for 16 x
-    2048 tokens of Llama-3's 128K vocabulary), most of it for image and prompt positions the loss ignores.
+    Passed to the model as ``logits_to_keep`` (transformers' own mechanism: a boolean [B, T] mask keeps exactly
+    those positions and flattens them), so the LM head runs and logits exist only there, [N, V] instead of
+    [B, T, V]: image tokens, prompts and padding (most positions of an LVLM batch) never reach the vocabulary.
+    At Llama-3's 128K vocabulary, [B, T, V] in bf16 is 8.4 GB for 16 x 2048 tokens (arithmetic).
+    """
+    keep = torch.zeros_like(labels, dtype=torch.bool)
+    keep[:, :-1] = labels[:, 1:] != -100
+    return keep
+
+
+def token_loss_sum(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Sum of next-token cross-entropy over positions whose label is not -100. labels [B, T]; logits [B, T, V],
+    or [N, V] for the positions loss_positions(labels) kept (in its row-major order).
+
+    Only the trained positions' logits get an fp32 copy (and fp32 gradient): casting all of [B, T, V] would cost
+    4 bytes per position and vocabulary entry, most of it for image and prompt positions the loss ignores.
     """
     target = labels[:, 1:]
     keep = target != -100  # [B, T-1]
+    if logits.dim() == 2:  # already only the kept positions
+        return F.cross_entropy(logits.float(), target[keep], reduction="sum")
     return F.cross_entropy(logits[:, :-1][keep].float(), target[keep], reduction="sum")  # [N, V] -> scalar
 
 

@@ -28,7 +28,8 @@ from .flops import BatchShape, FlopModel
 from .images import ImageLoader
 from .model import (PROJECTOR_FILE, apply_region, enable_checkpointing, find_parts, import_projector,
                     load_model, load_projector, num_decoder_layers, projector_parameters, read_mm_projector,
-                    resolve_attention, save_projector, skeleton, token_loss_sum, valid_tokens)
+                    loss_positions, resolve_attention, save_projector, skeleton, token_loss_sum,
+                    valid_tokens)
 
 log = logging.getLogger(__name__)
 
@@ -289,7 +290,8 @@ def train(cfg: RunConfig) -> "Result":
         for b in micro:
             with timer.phase("forward"):
                 # No KV cache in training; with one, transformers would not read restarting position ids as packing.
-                logits = engine(**s.encoding.layout.model_inputs(b), use_cache=False).logits
+                logits = engine(**s.encoding.layout.model_inputs(b), logits_to_keep=loss_positions(b["labels"]),
+                                use_cache=False).logits  # [N, V]: the trained positions only
                 lsum = token_loss_sum(logits, b["labels"])
             with timer.phase("backward"):
                 engine.backward(lsum * scale)
@@ -405,8 +407,9 @@ def batch_shapes(batch: dict) -> list[BatchShape]:
     """The micro-batch as the FLOP model sees it: one padded block, or (packed) one block per sample, since
     attention stays within each sample."""
     images, grids = executed_images(batch)
-    return [BatchShape(rows, seq, images=images if j == 0 else 0, grids=grids if j == 0 else ())
-            for j, (rows, seq) in enumerate(batch["rows"])]
+    head = valid_tokens(batch["labels"])  # the LM head runs on the trained positions only (loss_positions)
+    return [BatchShape(rows, seq, images=images if j == 0 else 0, grids=grids if j == 0 else (),
+                       head_tokens=head if j == 0 else 0) for j, (rows, seq) in enumerate(batch["rows"])]
 
 
 def run_identity(cfg: RunConfig, s: Setup, total_steps: int) -> dict:

@@ -134,3 +134,25 @@ def test_qwen_vision_per_image_grids_match_torch_flop_counter(family, spec, ckpt
     ours = fm.micro_batch(BatchShape(rows=2, seq_len=T, images=2, grids=grids))
     assert ours.hardware == counter.get_total_flops()
     assert (ours.recompute > 0) == ckpt
+
+
+@pytest.mark.parametrize("spec", ["uniform25", "full+lm_head"])
+def test_lm_head_on_the_trained_positions_only_matches_torch_flop_counter(model, spec):
+    from lvlm_region.model import loss_positions, token_loss_sum
+    apply_region(model, resolve(spec, 8))
+    torch.manual_seed(0)
+    ids = torch.randint(10, 160, (2, 12))
+    ids[:, 1:5] = 4
+    labels = torch.full_like(ids, -100)
+    labels[0, 8:], labels[1, 10:] = ids[0, 8:], ids[1, 10:]  # 6 trained positions
+    with FlopCounterMode(display=False) as counter:
+        logits = model(input_ids=ids, attention_mask=torch.ones_like(ids), pixel_values=torch.randn(2, 3, 32, 32),
+                       logits_to_keep=loss_positions(labels)).logits
+        token_loss_sum(logits, labels).backward()
+    model.zero_grad(set_to_none=True)
+    fm = FlopModel.from_model(model)
+    ours = fm.micro_batch(BatchShape(rows=2, seq_len=12, images=2, head_tokens=6))
+    assert ours.hardware == counter.get_total_flops()
+    head = next(b for b in fm.blocks if b.kind == "lm_head")
+    full = fm.micro_batch(BatchShape(rows=2, seq_len=12, images=2))
+    assert full.forward - ours.forward == 2.0 * (24 - 6) * head.macs  # the head's forward on 18 untrained positions

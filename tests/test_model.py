@@ -5,7 +5,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from lvlm_region.model import (PROJECTOR_FILE, apply_region, build_demo_model, count_parameters, find_parts,
+from lvlm_region.model import (PROJECTOR_FILE, apply_region, build_demo_model, find_parts,
                                load_projector, save_projector)
 from lvlm_region.regions import resolve
 
@@ -158,3 +158,40 @@ def test_token_loss_sum_counts_only_labelled_positions():
     assert grad.dtype == torch.bfloat16 and grad[:, -1].abs().sum() == 0  # the last position predicts nothing
     assert grad[0, 0].abs().sum() == 0 and grad[0, 1].abs().sum() > 0  # labels[0, 1] ignored; labels[0, 2] = 3 counts
     assert token_loss_sum(logits, torch.full_like(labels, -100)) == 0  # nothing trained: zero, not NaN
+
+
+def test_logits_only_at_trained_positions_give_the_same_loss_and_gradients():
+    """logits_to_keep=loss_positions(labels): the LM head runs on the N trained positions ([N, V] logits) and the
+    loss and every gradient equal those of full [B, T, V] logits; a batch with nothing trained gives 0."""
+    import torch
+
+    from lvlm_region.model import loss_positions, token_loss_sum, valid_tokens
+    model = build_demo_model(vocab_size=160, image_token_id=4, pad_token_id=3, seed=0)
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(10, 150, (3, 14), generator=g)
+    ids[:, 1:5] = 4  # each row's image
+    pixels = torch.randn(3, 3, 32, 32, generator=g)
+    labels = torch.full_like(ids, -100)
+    labels[0, 9:14], labels[1, 6:8], labels[2, 12:14] = ids[0, 9:14], ids[1, 6:8], ids[2, 12:14]
+    mask = torch.ones_like(ids)
+    mask[1, 8:] = 0  # row 1 right-padded
+
+    def run(keep):
+        model.zero_grad()
+        extra = {"logits_to_keep": loss_positions(labels)} if keep else {}
+        logits = model(input_ids=ids, attention_mask=mask, pixel_values=pixels, **extra).logits
+        loss = token_loss_sum(logits, labels)
+        loss.backward()
+        grads = {k: p.grad.clone() for k, p in model.named_parameters() if p.grad is not None}
+        return logits.shape, loss.detach(), grads
+
+    full_shape, full_loss, full_grads = run(False)
+    kept_shape, kept_loss, kept_grads = run(True)
+    assert full_shape == (3, 14, 160) and kept_shape == (valid_tokens(labels), 160) == (5 + 2 + 2, 160)
+    torch.testing.assert_close(kept_loss, full_loss, rtol=1e-6, atol=1e-6)
+    assert kept_grads.keys() == full_grads.keys()
+    for k in full_grads:
+        torch.testing.assert_close(kept_grads[k], full_grads[k], rtol=1e-5, atol=1e-6)
+    none = torch.full_like(labels, -100)
+    logits = model(input_ids=ids, attention_mask=mask, pixel_values=pixels, logits_to_keep=loss_positions(none)).logits
+    assert logits.shape == (0, 160) and token_loss_sum(logits, none) == 0
