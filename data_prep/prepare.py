@@ -5,7 +5,7 @@
     python data_prep/prepare.py --data blip_laion_cc_sbu_558k.json --image-folder /data/images \\
         --model /ckpt/llava-base --template plain --output /data/prepared/pretrain558k
     python data_prep/prepare.py --data mix.json --image-folder /data/images --model /ckpt/Qwen2-VL-7B-Instruct \
-        --image-aspect-ratio square --output /data/prepared/mix-qwen
+        --output /data/prepared/mix-qwen
 
 The output is a `datasets` directory (datasets.load_from_disk) with input_ids, labels, image paths, length and
 modality, plus report.json (samples kept and dropped, per reason, every dropped sample with its line) and
@@ -33,9 +33,9 @@ def main(argv=None) -> int:
     p.add_argument("--on-bad-sample", default="skip", help="skip (default) | error")
     p.add_argument("--max-bad-fraction", type=float, default=0.05)
     p.add_argument("--verify-images", default="decode", help="decode (default) | header")
-    p.add_argument("--image-aspect-ratio", default="pad",
-                   help="pad (default, as sft) | square; decides the image token count of Qwen2-VL models, so use "
-                        "the value training will use")
+    p.add_argument("--image-aspect-ratio",
+                   help="pad | square (default: as sft: square for Qwen2-VL / Qwen2.5-VL, pad otherwise); decides the "
+                        "image token count of Qwen2-VL models, so use the value training will use")
     p.add_argument("--workers", type=int, help="processes (default: the CPU count)")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s",

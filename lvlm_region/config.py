@@ -29,7 +29,8 @@ class RunConfig:
     eval_data: str | None = None  # held-out data (sft), as --data; None = the demo's eval file when on demo data
     template: str | None = None  # plain | auto (the tokenizer's own) | vicuna_v1 | llama3 | phi3 | chatml;
     #                              stage default: plain / auto
-    image_aspect_ratio: str | None = None  # pad (to a square, mean colour) | square; stage default: square / pad
+    image_aspect_ratio: str | None = None  # pad (to a square, mean colour) | square; default: square for stage 1
+    #                                        and for Qwen2-VL / Qwen2.5-VL, pad for stage 2 otherwise
     on_bad_sample: str = "skip"  # skip: drop and count each bad sample | error: stop at the first
     max_bad_fraction: float = 0.05  # more bad samples than this stops the run before training, with a summary
     verify_images: str = "decode"  # decode every image while preparing (finds truncated files) | header only
@@ -84,8 +85,10 @@ class RunConfig:
             self.template = "plain" if self.stage == "pretrain" else "auto"
         if self.group_by_length is None:
             self.group_by_length = self.stage == "sft"
-        if self.image_aspect_ratio is None:  # as LLaVA-1.5: square crops for stage 1, padding for SFT
-            self.image_aspect_ratio = "square" if self.stage == "pretrain" else "pad"
+        if self.image_aspect_ratio is None:
+            from .image_inputs import default_aspect
+            family = None if self.llm is not None else _model_type(self.model_path)  # --llm assembles a Llava
+            self.image_aspect_ratio = default_aspect(self.stage, family)
         from .images import ASPECTS
         from .prepare import check_options
         from .templates import NAMES
@@ -168,3 +171,12 @@ class RunConfig:
     def from_json(cls, path: str) -> "RunConfig":
         with open(path) as f:
             return cls(**json.load(f)["config"])
+
+
+def _model_type(model_path: str) -> str | None:
+    """The model_type in a checkpoint's config.json, if there is one to read (a missing one fails later, clearly)."""
+    try:
+        with open(os.path.join(model_path, "config.json")) as f:
+            return json.load(f).get("model_type")
+    except (OSError, ValueError):
+        return None

@@ -109,6 +109,14 @@ class ImageLayout:
         return out
 
 
+def default_aspect(stage: str, model_type: str | None) -> str:
+    """--image-aspect-ratio when not given: Qwen2-VL keeps each image's aspect ratio (its own resize; padding would
+    only add tokens); otherwise as LLaVA-1.5, square crops for stage 1 and padding to a square for SFT."""
+    if model_type in GRID_FAMILIES or stage == "pretrain":
+        return "square"
+    return "pad"
+
+
 def for_config(config, image_processor, aspect: str) -> ImageLayout:
     """The layout of a model config (its family) with its image processor and --image-aspect-ratio."""
     family = config.model_type

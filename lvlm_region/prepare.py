@@ -66,10 +66,10 @@ def check_options(on_bad_sample: str, max_bad_fraction: float, verify_images: st
 
 
 def for_model(model_path: str, template: str, max_length: int, verify_images: str = "decode",
-              aspect: str = "pad"):
+              aspect: str | None = None):
     """(Encoding, tokenizer, processor) of a transformers checkpoint dir: its image layout (image_inputs; from the
-    config and image processor, with ``aspect`` = --image-aspect-ratio) and the template resolved against its
-    tokenizer (``auto``: the tokenizer's own, else the processor's)."""
+    config and image processor, with ``aspect`` = --image-aspect-ratio, by default SFT's for the family) and the
+    template resolved against its tokenizer (``auto``: the tokenizer's own, else the processor's)."""
     from transformers import AutoConfig, AutoProcessor
 
     from .model import check_trainable
@@ -77,6 +77,7 @@ def for_model(model_path: str, template: str, max_length: int, verify_images: st
 
     config = AutoConfig.from_pretrained(model_path)
     check_trainable(config, f"--model {model_path}")
+    aspect = aspect or image_inputs.default_aspect("sft", config.model_type)
     images.check_aspect(aspect)
     if config.model_type in image_inputs.GRID_FAMILIES:
         processor = image_inputs.SplitProcessor(model_path)

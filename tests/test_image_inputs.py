@@ -210,3 +210,16 @@ def test_a_hub_style_preprocessor_config_counts_the_same(ckpt, tmp_path):
         counts.append(enc.layout.tokens_in(tensors))
         assert len(enc.layout.token_ids((w, h))) - 2 == counts[-1]
     assert max(counts) <= 30 and counts[0] < counts[-1]  # max_pixels (30 tokens) caps the large ones
+
+
+def test_qwen_keeps_the_aspect_ratio_by_default(ckpt, tmp_path):
+    """Padding a Qwen2-VL image to a square only adds tokens, so its default is square in both stages (Llava keeps
+    LLaVA-1.5's: square for stage 1, pad for SFT); data_prep's default follows the same rule."""
+    from lvlm_region.cli import parse
+    for stage in ("pretrain", "sft"):
+        flags = ["--model", ckpt, "--data", "d.json", "--output-dir", str(tmp_path)]
+        assert parse(stage, "", flags).resolve().image_aspect_ratio == "square"
+    assert parse("sft", "", ["--output-dir", str(tmp_path)]).resolve().image_aspect_ratio == "pad"  # the demo Llava
+    assert parse("pretrain", "", ["--output-dir", str(tmp_path)]).resolve().image_aspect_ratio == "square"
+    enc, _, _ = P.for_model(ckpt, "auto", 512)
+    assert enc.layout.pad is False
