@@ -124,18 +124,19 @@ def on_cpu() -> bool:
 
 
 def resolve_precision(precision: str) -> str:
-    """auto: bf16 on GPU, fp32 on CPU (bf16 matmuls are slow there). bf16 / fp16 are refused where DeepSpeed's
-    accelerator does not support them (its engine would refuse later, after the weights load): fp16 on a CPU
-    without AVX512-FP16, which is every CPU this project's CI runs on."""
+    """auto: bf16 on GPU, fp32 on CPU (bf16 matmuls are slow there). bf16 / fp16 are refused here, before any
+    weights load, where DeepSpeed's accelerator does not support them (its engine would refuse them later): fp16 on
+    a CPU without AVX512-FP16, bf16 on a GPU older than Ampere."""
     if precision == "auto":
         return "fp32" if on_cpu() else "bf16"
     from deepspeed.accelerator import get_accelerator
     acc = get_accelerator()
-    supported = {"bf16": acc.is_bf16_supported, "fp16": acc.is_fp16_supported}.get(precision, lambda: True)()
-    if not supported:
+    supported = {"bf16": bool(acc.is_bf16_supported()), "fp16": bool(acc.is_fp16_supported()), "fp32": True}
+    if not supported[precision]:
+        needs = {"fp16": "a GPU, or a CPU with AVX512-FP16", "bf16": "an Ampere or newer GPU, or a CPU"}[precision]
+        instead = " or ".join(p for p in ("bf16", "fp16", "fp32") if supported[p])
         raise ValueError(f"--precision {precision}: DeepSpeed's {acc.device_name()} accelerator on this machine does "
-                         f"not support {precision} (fp16 needs a GPU, or a CPU with AVX512-FP16); use "
-                         f"{'bf16 or ' if acc.is_bf16_supported() else ''}fp32")
+                         f"not support {precision} ({precision} needs {needs}); use {instead}")
     return precision
 
 

@@ -14,7 +14,8 @@ from PIL import Image
 
 from helpers.word_tokenizer import SPECIAL, word_tokenizer
 
-# Qwen2-VL-7B-Instruct's chat template (tokenizer_config.json), unchanged.
+# Qwen2-VL-Instruct's chat template as its tokenizer_config.json has it (written out here from its structure: the
+# default system prompt, <|vision_start|><|image_pad|><|vision_end|> for an image part, string content as is).
 QWEN_TEMPLATE = (
     "{% set image_count = namespace(value=0) %}{% set video_count = namespace(value=0) %}{% for message in messages %}"
     "{% if loop.first and message['role'] != 'system' %}<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n"
