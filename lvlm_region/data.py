@@ -15,7 +15,7 @@ import signal
 
 import torch
 
-from .image_inputs import IMAGE_KEYS, DummyImage, ImageLayout
+from .image_inputs import IMAGE_KEYS, DummyImage, ImageLayout, count_images
 from .images import DECODE_ERRORS, ImageLoader
 from .templates import IGNORE
 
@@ -88,11 +88,6 @@ def _cat(images: list[dict]) -> dict:
     return {k: torch.cat([x[k] for x in images]) for k in images[0]} if images else {}
 
 
-def _n_images(images: list[dict]) -> int:
-    """Images among per-sample tensors: rows of image_grid_thw (Qwen2-VL), else of pixel_values."""
-    return sum(len(x["image_grid_thw"] if "image_grid_thw" in x else x["pixel_values"]) for x in images)
-
-
 def collate(batch: list[dict], pad_token_id: int, left_pad: bool = False, dummy: DummyImage | None = None) -> dict:
     """Pad to the longest sample. input_ids/labels/attention_mask: [B, T]; the image tensors concatenated
     (pixel_values [n_images, 3, H, W] for Llava; see image_inputs).
@@ -115,7 +110,7 @@ def collate(batch: list[dict], pad_token_id: int, left_pad: bool = False, dummy:
         n = len(b["input_ids"])
         sl = slice(width - n, width) if left_pad else slice(0, n)
         ids[r, sl], labels[r, sl], mask[r, sl] = b["input_ids"], b["labels"], 1
-    out = {"input_ids": ids, "labels": labels, "attention_mask": mask, "real_images": _n_images(images),
+    out = {"input_ids": ids, "labels": labels, "attention_mask": mask, "real_images": sum(map(count_images, images)),
            "rows": [(len(batch), width)], **_counts(batch)}
     if extra:
         ids[0, slice(0, extra) if left_pad else slice(T, width)] = torch.tensor(dummy.ids)
@@ -144,7 +139,7 @@ def collate_packed(batch: list[dict], dummy: DummyImage | None = None) -> dict:
         labels.append(lab)
         pos.append(torch.arange(n))
     rows = [(1, len(b["input_ids"])) for b in batch]
-    real = _n_images(images)
+    real = sum(map(count_images, images))
     if dummy is not None and not images:
         n = len(dummy.ids)
         ids.append(torch.tensor(dummy.ids))

@@ -7,14 +7,14 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import string
 
 import torch
 import torch.distributed as dist
 
-from . import engine as E, images
+from . import engine as E
 from .data import ImageTextDataset, to_device
+from .prepare import image_token_ids
 from .templates import end_of_turn_id, tokenize
 from .model import loss_positions, token_loss_sum, valid_tokens
 
@@ -84,9 +84,8 @@ class PromptDataset(ImageTextDataset):
         ex = self.ds[(i + item["replaced"]) % len(self.ds)]  # the sample whose images were loaded
         messages = json.loads(ex["messages"])
         prompt = self.encoding.template.prompt(self.tokenizer, messages[:-1])
-        layout = self.encoding.layout
-        sizes = [images.check(os.path.join(self.image_folder, p), decode=False) for p in ex["images"]]
-        ids = tokenize([(prompt, False)], self.tokenizer, [layout.token_ids(size) for size in sizes])["input_ids"]
+        image_ids = image_token_ids(ex["images"], self.image_folder, self.encoding.layout, decode=False)
+        ids = tokenize([(prompt, False)], self.tokenizer, image_ids)["input_ids"]
         item["input_ids"] = item["labels"] = torch.tensor(ids)
         item["answer"], item["index"] = messages[-1]["content"], i
         return item

@@ -30,6 +30,13 @@ FIXED_FAMILIES = ("llava",)
 IMAGE_KEYS = ("pixel_values", "image_grid_thw")  # per-image tensors, concatenated along dim 0 in a batch
 
 
+def count_images(tensors: dict) -> int:
+    """Images in a sample's or a batch's image tensors: rows of image_grid_thw (Qwen2-VL), else of pixel_values."""
+    if "image_grid_thw" in tensors:
+        return len(tensors["image_grid_thw"])
+    return len(tensors["pixel_values"]) if "pixel_values" in tensors else 0
+
+
 @dataclass(frozen=True)
 class DummyImage:
     """What a batch without images gets so the vision tower still runs (see data.collate): its token ids and

@@ -127,7 +127,7 @@ def token_loss_sum(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     4 bytes per position and vocabulary entry, most of it for image and prompt positions the loss ignores.
     """
     target = labels[:, 1:]
-    keep = target != -100  # [B, T-1]
+    keep = loss_positions(labels)[:, :-1]  # [B, T-1]
     if logits.dim() == 2:  # already only the kept positions
         return F.cross_entropy(logits.float(), target[keep], reduction="sum")
     return F.cross_entropy(logits[:, :-1][keep].float(), target[keep], reduction="sum")  # [N, V] -> scalar
@@ -135,7 +135,7 @@ def token_loss_sum(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
 
 def valid_tokens(labels: torch.Tensor) -> int:
     """How many positions token_loss_sum counts."""
-    return int((labels[:, 1:] != -100).sum())
+    return int(loss_positions(labels).sum())
 
 
 def num_decoder_layers(config) -> int:

@@ -142,6 +142,20 @@ def _rows(path: str):
         yield {"line": line, "raw": raw}
 
 
+def image_token_ids(paths: list[str], image_folder: str, layout: ImageLayout, decode: bool) -> list[list[int]]:
+    """Each image's token ids, from its header size (images.check; ``decode``: a full decode too). Raises BadSample
+    for an image that is missing, unreadable, out of bounds or of a shape the model's resize refuses."""
+    out = []
+    for p in paths:
+        path = os.path.join(image_folder, p)
+        size = images.check(path, decode=decode)
+        try:
+            out.append(layout.token_ids(size))
+        except ValueError as e:  # Qwen2-VL's resize refuses an aspect ratio beyond 200:1
+            raise BadSample("image_aspect_ratio", f"{path} is {size[0]}x{size[1]}: {e}") from None
+    return out
+
+
 def encode(row: dict, image_folder: str, enc: Encoding, tokenizer) -> dict:
     """One raw record -> its encoded row; a bad sample gets a ``reason`` (and empty ids) instead of raising."""
     out = {"line": row["line"], "id": "", "messages": "", "images": [], "input_ids": [], "labels": [], "length": 0,
@@ -149,14 +163,7 @@ def encode(row: dict, image_folder: str, enc: Encoding, tokenizer) -> dict:
     try:
         s = formats.normalize(row["raw"])
         out["id"] = s["id"]
-        image_ids = []
-        for p in s["images"]:
-            size = images.check(os.path.join(image_folder, p), decode=enc.verify_images == "decode")
-            try:
-                image_ids.append(enc.layout.token_ids(size))
-            except ValueError as e:  # Qwen2-VL's resize refuses an aspect ratio beyond 200:1
-                raise BadSample("image_aspect_ratio", f"{os.path.join(image_folder, p)} is {size[0]}x{size[1]}: "
-                                                      f"{e}") from None
+        image_ids = image_token_ids(s["images"], image_folder, enc.layout, decode=enc.verify_images == "decode")
         try:
             ids = tokenize(enc.template.segments(tokenizer, s["messages"]), tokenizer, image_ids)
         except TemplateError as e:

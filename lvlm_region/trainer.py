@@ -25,6 +25,7 @@ from .config import DEMO_DIR, RunConfig
 from .data import BatchStream, ImageTextDataset, make_loader, to_device
 from .evaluate import evaluate
 from .flops import BatchShape, FlopModel
+from .image_inputs import count_images
 from .images import ImageLoader
 from .model import (PROJECTOR_FILE, apply_region, enable_checkpointing, find_parts, import_projector,
                     load_model, load_projector, num_decoder_layers, projector_parameters, read_mm_projector,
@@ -397,10 +398,8 @@ def timing_summary(totals: "timing.Totals", peak: float, peak_source: str, estim
 def executed_images(batch: dict) -> tuple[int, tuple]:
     """Images the vision tower runs on in this micro-batch, the masked dummy included, and (Qwen2-VL) their
     patch grids (t, h, w)."""
-    if "image_grid_thw" in batch:
-        grids = tuple(tuple(int(x) for x in g) for g in batch["image_grid_thw"].tolist())
-        return len(grids), grids
-    return (int(batch["pixel_values"].shape[0]) if "pixel_values" in batch else 0), ()
+    grids = tuple(tuple(g) for g in batch["image_grid_thw"].tolist()) if "image_grid_thw" in batch else ()
+    return count_images(batch), grids
 
 
 def batch_shapes(batch: dict) -> list[BatchShape]:
