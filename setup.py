@@ -22,5 +22,5 @@ setup(
         "matplotlib",  # plots of the cost report
         "peft>=0.13",  # --tuner lora
     ],
-    extras_require={"dev": ["pytest>=8"], "gpu": ["flash-attn>=2.6"]},
+    extras_require={"dev": ["pytest>=8", "hypothesis>=6", "ruff>=0.6", "psutil"], "gpu": ["flash-attn>=2.6"]},
 )

@@ -4,7 +4,8 @@
     python bench/selective_vs_full.py --grad-ckpt          # both arms with activation checkpointing
 
 A CPU-sized LLaVA whose decoder layers dominate the cost (hidden 512, 8 layers, 16 x 256 tokens per step; a tiny
-vision tower and LM head). Both arms are real DeepSpeed engines (ZeRO-2, fp32, world of one) built from the same weights,
+vision tower and LM head). Both arms are real DeepSpeed engines (ZeRO-2, fp32, world of one) built from the same
+weights,
 stepped alternately so that machine noise hits both alike; the first steps of each are warm-up. Prints the
 per-arm median step time, the measured ratio, the FLOP model's ideal ratio (model FLOPs; hardware FLOPs with
 checkpointing) and whether the measured ratio is within 10% of it (the target of issue 5).

@@ -58,8 +58,8 @@ def test_assembled_model_loads_with_auto_class_and_generates(tmp_path, family, v
     else:
         assert torch.equal(model.get_output_embeddings().weight[:n_words], src.get_output_embeddings().weight)
 
-    # Chat template (the run's --template vicuna_v1 written in; the tiny LLM has none), image size from the vision checkpoint, 4 image tokens
-    # (32 / 16 squared; CLIP's class token dropped), then generation.
+    # Chat template (the run's --template vicuna_v1 written in; the tiny LLM has none), image size from the vision
+    # checkpoint, 4 image tokens (32 / 16 squared; CLIP's class token dropped), then generation.
     prompt = processor.apply_chat_template([{"role": "user", "content": [
         {"type": "image"}, {"type": "text", "text": "what is in the top left"}]}], add_generation_prompt=True)
     assert prompt == VICUNA_SYSTEM + " USER: <image>\nwhat is in the top left ASSISTANT:"

@@ -31,7 +31,8 @@ FAMILIES = {
         text_config=dict(TEXT, model_type="qwen2_vl_text", rope_scaling={"type": "mrope", "mrope_section": [1, 1, 2]}),
         vision_config=dict(depth=6, embed_dim=32, hidden_size=32, num_heads=4, patch_size=14, spatial_merge_size=2))),
     "qwen2_5_vl": lambda: T.Qwen2_5_VLForConditionalGeneration(T.Qwen2_5_VLConfig(
-        text_config=dict(TEXT, model_type="qwen2_5_vl_text", rope_scaling={"type": "mrope", "mrope_section": [1, 1, 2]}),
+        text_config=dict(TEXT, model_type="qwen2_5_vl_text",
+                         rope_scaling={"type": "mrope", "mrope_section": [1, 1, 2]}),
         vision_config=dict(depth=6, hidden_size=32, intermediate_size=64, num_heads=4, out_hidden_size=32,
                            patch_size=14, spatial_merge_size=2, fullatt_block_indexes=[5]))),
     "idefics3": lambda: T.Idefics3ForConditionalGeneration(T.Idefics3Config(

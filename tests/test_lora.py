@@ -38,7 +38,8 @@ def test_adapters_only_on_the_region_linears_and_the_count_is_analytical():
         f"model.language_model.layers.{i}.{m}" for i in (1, 5) for m in (
             "self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj", "mlp.gate_proj",
             "mlp.up_proj", "mlp.down_proj")}  # never vision_tower.encoder.layers.1 / .5
-    assert trainable - adapters == {n for n, _ in model.named_parameters() if n.startswith("model.multi_modal_projector.")}
+    assert trainable - adapters == {n for n, _ in model.named_parameters()
+                                    if n.startswith("model.multi_modal_projector.")}
 
 
 def test_paper_recipe_on_llama3_8b_shapes_is_83_9m():

@@ -62,7 +62,8 @@ def test_projector_round_trip_and_errors(model, tmp_path):
         assert torch.equal(a, b), k
     bad = {k: v[..., :3].contiguous() for k, v in find_parts(src).projector.state_dict().items()}
     save_file(bad, str(tmp_path / PROJECTOR_FILE))
-    with pytest.raises(ValueError, match=r"projector tensor linear_1.weight has shape \(128, 3\), the model expects \(128, 64\)"):
+    with pytest.raises(ValueError, match=r"projector tensor linear_1.weight has shape \(128, 3\), the model expects "
+                                         r"\(128, 64\)"):
         load_projector(model, str(tmp_path))
     with pytest.raises(FileNotFoundError, match="no projector.safetensors"):
         load_projector(model, str(tmp_path / "missing"))

@@ -9,7 +9,8 @@ from transformers import (CLIPConfig, CLIPImageProcessorPil, CLIPModel, LlamaCon
                           MistralForCausalLM, Phi3Config, Phi3ForCausalLM, PreTrainedTokenizerFast, Qwen2Config,
                           Qwen2ForCausalLM, SiglipImageProcessorPil, SiglipVisionConfig, SiglipVisionModel)
 
-WORDS = "<unk> <s> </s> a red blue green circle square triangle in the top bottom left right what is USER: ASSISTANT:".split()
+WORDS = ("<unk> <s> </s> a red blue green circle square triangle in the top bottom left right what is USER: "
+         "ASSISTANT:").split()
 LLMS = {"llama": (LlamaConfig, LlamaForCausalLM), "mistral": (MistralConfig, MistralForCausalLM),
         "phi3": (Phi3Config, Phi3ForCausalLM), "qwen2": (Qwen2Config, Qwen2ForCausalLM)}
 
