@@ -18,6 +18,7 @@ import os
 import sys
 
 from lvlm_region import prepare as P
+from lvlm_region.cli import ALLOW_OUTSIDE_HELP, number
 
 
 def main(argv=None) -> int:
@@ -26,24 +27,29 @@ def main(argv=None) -> int:
                                                  "`datasets` directory")
     p.add_argument("--image-folder", help="root of the image paths (default: the data file's directory)")
     p.add_argument("--model", required=True, help="the checkpoint dir to train (its tokenizer, image token, config)")
-    p.add_argument("--output", required=True, help="directory to write (replaced when it holds another preparation)")
+    p.add_argument("--output", required=True,
+                   help="directory to write: a new or empty one, or an earlier preparation (replaced); anything "
+                        "else is refused")
     p.add_argument("--template", default="auto", help="auto (the tokenizer's own, default) | plain | vicuna_v1 | "
                                                       "llama3 | phi3 | chatml")
-    p.add_argument("--max-length", type=int, default=2048, help="longer samples are dropped and counted")
+    p.add_argument("--max-length", type=number("max_length"), default=2048,
+                   help="longer samples are dropped and counted")
     p.add_argument("--on-bad-sample", default="skip", help="skip (default) | error")
-    p.add_argument("--max-bad-fraction", type=float, default=0.05)
+    p.add_argument("--max-bad-fraction", type=number("max_bad_fraction"), default=0.05)
     p.add_argument("--verify-images", default="decode", help="decode (default) | header")
     p.add_argument("--image-aspect-ratio",
                    help="pad | square (default: as sft: square for Qwen2-VL / Qwen2.5-VL, pad otherwise); decides the "
                         "image token count of Qwen2-VL models, so use the value training will use")
-    p.add_argument("--workers", type=int, help="processes (default: the CPU count)")
+    p.add_argument("--workers", type=number("prep_workers"), help="processes (default: the CPU count)")
+    p.add_argument("--allow-outside-images", action="store_true", help=ALLOW_OUTSIDE_HELP)
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
                         stream=sys.stdout)
     folder = args.image_folder or os.path.dirname(os.path.abspath(args.data))
     try:
+        P.check_output(args.output)  # before the model's tokenizer loads
         enc, tokenizer, _ = P.for_model(args.model, args.template, args.max_length, args.verify_images,
-                                        args.image_aspect_ratio)
+                                        args.image_aspect_ratio, args.allow_outside_images)
         ds = P.prepare(args.data, folder, enc, tokenizer, args.output, args.on_bad_sample, args.max_bad_fraction,
                        args.workers)
     except (ValueError, FileNotFoundError) as e:

@@ -8,8 +8,11 @@ Writes report.md (+ PNG plots), a self-contained report.html, report.json and re
 The baseline is --baseline, else the run whose region is `full`.
 """
 import argparse
+import logging
 import sys
 
+from lvlm_region.cli import number
+from lvlm_region.config import AT_LEAST_1, Range
 from lvlm_region.report import Projection, ReportError, build, write
 from lvlm_region.timing import PEAK_TFLOPS
 
@@ -19,14 +22,17 @@ def main() -> int:
     p.add_argument("runs", nargs="+", help="run directories (each with run.json and metrics.jsonl)")
     p.add_argument("--output", required=True, help="directory for the report files")
     p.add_argument("--baseline", help="the full-tuning run directory (default: the run with region 'full')")
-    p.add_argument("--price-per-gpu-hour", type=float, default=2.0, help="for the cost column (default 2.0)")
-    p.add_argument("--project-samples", type=int, help="project GPU-hours for a data set of this many samples")
-    p.add_argument("--project-nodes", type=int, default=1)
-    p.add_argument("--gpus-per-node", type=int, default=8)
+    p.add_argument("--price-per-gpu-hour", type=number("price_per_gpu_hour", Range(float, 0)), default=2.0,
+                   help="for the cost column (default 2.0)")
+    p.add_argument("--project-samples", type=number("project_samples", AT_LEAST_1),
+                   help="project GPU-hours for a data set of this many samples")
+    p.add_argument("--project-nodes", type=number("project_nodes", AT_LEAST_1), default=1)
+    p.add_argument("--gpus-per-node", type=number("gpus_per_node", AT_LEAST_1), default=8)
     p.add_argument("--project-gpu", default="A100", choices=sorted(PEAK_TFLOPS))
-    p.add_argument("--assumed-mfu", type=float, default=0.4,
+    p.add_argument("--assumed-mfu", type=number("assumed_mfu", Range(float, 0, 1, low_open=True)), default=0.4,
                    help="MFU assumed when the runs were measured on other hardware than --project-gpu")
     args = p.parse_args()
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s: %(message)s", stream=sys.stderr)
     projection = (Projection(args.project_samples, args.project_nodes, args.gpus_per_node, args.project_gpu,
                              args.assumed_mfu) if args.project_samples else None)
     try:

@@ -5,15 +5,15 @@ The result is a transformers-format LlavaForConditionalGeneration directory with
 vision checkpoint's encoder are the loaded modules themselves (placed into Llava's own attributes, no weight
 renaming), the projector is freshly initialised, the tokenizer gains ``<image>`` (and a pad token if it has
 none) with the embeddings resized, and the run's chat template written in when it names a built-in one
-(``templates.BUILTIN``; otherwise the LLM's own is kept). Vision features: the penultimate layer's patch tokens; CLIP drops its class token ("default"),
-SigLIP has none ("full"). Image size, normalisation and processor come from the vision checkpoint.
+(``templates.BUILTIN``; otherwise the LLM's own is kept). Vision features: the penultimate layer's patch tokens;
+CLIP drops its class token ("default"), SigLIP has none ("full"). Image size, normalisation and processor come from
+the vision checkpoint.
 """
 from __future__ import annotations
 
 import json
 import logging
 import os
-import shutil
 import tempfile
 
 import torch
@@ -21,6 +21,7 @@ from transformers import (AutoConfig, AutoImageProcessor, AutoModelForCausalLM, 
                           LlavaConfig, LlavaForConditionalGeneration, LlavaProcessor, SiglipVisionModel)
 from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
 
+from . import outputs
 from .model import class_tokens, image_seq_length
 
 log = logging.getLogger(__name__)
@@ -69,6 +70,7 @@ def assemble(llm: str, vision: str, projector: str, out: str, seed: int = 0, cha
     Written to a temporary directory and renamed, with a marker file last, so a crash leaves nothing half-built.
     """
     llm_cfg, vision_cfg = check(llm, vision, projector)
+    outputs.check_replaceable(out, DONE, "assembled model", "OUTPUT_DIR/base_model")
     strategy = "default" if class_tokens(vision_cfg) else "full"  # "default" drops the class token
     tok = AutoTokenizer.from_pretrained(llm)
     if IMAGE_TOKEN not in tok.get_vocab():
@@ -115,9 +117,7 @@ def assemble(llm: str, vision: str, projector: str, out: str, seed: int = 0, cha
     processor.save_pretrained(tmp)
     with open(os.path.join(tmp, DONE), "w") as f:
         json.dump(sources(llm, vision, projector, seed, chat_template), f)
-    if os.path.exists(out):
-        shutil.rmtree(out)
-    os.rename(tmp, out)
+    outputs.replace_dir(tmp, out, DONE, "assembled model", "OUTPUT_DIR/base_model")
     log.info("assembled %s + %s (%s, %s features, %d image tokens) into %s", llm, vision, projector, strategy, n, out)
     return out
 

@@ -5,14 +5,18 @@ Layout under ``<output_dir>/checkpoints/``::
     step-00000010/         a complete checkpoint; never written to after it appears under this name
         *_model_states.pt  DeepSpeed's files (this is DeepSpeed's own layout: save_dir/tag/): weights,
         *_optim_states.pt  frozen ones included, optimizer partitions, LR scheduler
-        trainer_state.json step, data position, accumulated time, and the identity a resume must match
+        trainer_state.json step, data position, accumulated time, the identity a resume must match, and
+                           ``previous``: the checkpoint this run continued from (saved or resumed before it)
         rng/rank<R>.pt     each rank's RNG states
-    latest                 the name of the newest complete checkpoint, replaced last
+    latest                 the name of the newest complete checkpoint of this run's history, replaced last
+    abandoned/             checkpoints set aside, never deleted: those of an attempt abandoned by a resume from an
+                           older step (moved by the resumed run's first save), or of a run replaced by --overwrite
     .partial/              a save in progress (removed when the next save starts)
 
 Every rank writes into ``.partial/<tag>``; once all are done, rank 0 fsyncs the files, renames the directory
 into place and only then replaces ``latest``. A crash or kill at any point leaves ``latest`` naming a complete
-checkpoint (or, if it died between the rename and the pointer, a newer complete one is found by name).
+checkpoint (or, if it died between the rename and the pointer, the new one names the pointer's as ``previous``
+and is found that way).
 The output directory must be on a file system every node sees (as DeepSpeed's own checkpoints require).
 """
 from __future__ import annotations
@@ -32,7 +36,6 @@ import numpy as np
 import torch
 
 from . import engine as E
-from .model import count_parameters
 
 log = logging.getLogger(__name__)
 
@@ -40,6 +43,7 @@ CHECKPOINTS = "checkpoints"
 LATEST = "latest"
 PARTIAL = ".partial"
 STATE_FILE = "trainer_state.json"
+ABANDONED = "abandoned"  # checkpoints of an abandoned future (after a resume from an older step), set aside
 STOP_FILE = "STOP"  # `touch <output_dir>/STOP` asks a running job to checkpoint and exit (the SLURM scripts do)
 
 
@@ -51,29 +55,70 @@ def _complete(path: Path) -> bool:
     return (path / STATE_FILE).is_file()
 
 
+def _previous(path: Path) -> str | None:
+    """The checkpoint a checkpoint's run continued from (the one saved or resumed before it)."""
+    try:
+        return json.loads((path / STATE_FILE).read_text()).get("previous")
+    except (OSError, ValueError):
+        return None
+
+
 def find_latest(output_dir: str) -> Path | None:
-    """The newest complete checkpoint in the output directory, or None."""
+    """The newest complete checkpoint of the run's own history, or None.
+
+    That is the one ``latest`` names, or its direct successor when a save renamed its directory in and died before
+    moving the pointer. A checkpoint whose name sorts later but that continues another history (left by an
+    abandoned later attempt, after a resume from an older step) is not taken. Without a pointer (the first save
+    died before writing it), the newest complete one by name.
+    """
     root = Path(output_dir) / CHECKPOINTS
     pointer = root / LATEST
     if pointer.is_file():
         named = root / pointer.read_text().strip()
         if _complete(named):
-            newer = [p for p in root.glob("step-*") if p.name > named.name and _complete(p)]
-            return max(newer) if newer else named  # newer: a save renamed its directory, then died
+            after = [p for p in root.glob("step-*") if p.name > named.name and _complete(p)
+                     and _previous(p) == named.name]
+            return max(after) if after else named
     complete = [p for p in root.glob("step-*") if _complete(p)]
     return max(complete) if complete else None
 
 
-def resolve_resume(resume: str | None, output_dir: str) -> Path | None:
-    """Which checkpoint to start from: None (fresh), the newest (`auto`), or a given directory.
+def set_aside(root: Path, paths: list[Path], why: str) -> None:
+    """Move checkpoints into ``root/abandoned/`` (never deleted: they may be what the user wanted), saying so."""
+    if not paths:
+        return
+    dest = root / ABANDONED
+    dest.mkdir(exist_ok=True)
+    moved = []
+    for p in sorted(paths):
+        target, i = dest / p.name, 1
+        while target.exists():
+            target, i = dest / f"{p.name}.{i}", i + 1
+        os.rename(p, target)
+        moved.append(target.name)
+    log.warning("moved %s to %s (%s); nothing was deleted", ", ".join(moved), dest, why)
 
-    A fresh start into a directory that already holds checkpoints is refused: it would overwrite them.
+
+def set_aside_all(output_dir: str) -> None:
+    """--overwrite: the earlier run's checkpoints go to abandoned/ and its ``latest`` pointer is removed, so a later
+    --resume auto cannot continue the replaced run."""
+    root = Path(output_dir) / CHECKPOINTS
+    set_aside(root, list(root.glob("step-*")), "--overwrite: checkpoints of the run this one replaces")
+    (root / LATEST).unlink(missing_ok=True)
+
+
+def resolve_resume(resume: str | None, output_dir: str, overwrite: bool = False) -> Path | None:
+    """Which checkpoint to start from: None (fresh), the newest of the run's history (`auto`), or a given directory.
+
+    A fresh start into a directory that already holds checkpoints is refused (it would mix two runs' checkpoints)
+    unless ``overwrite``, where the trainer sets them aside first.
     """
     latest = find_latest(output_dir)
     if resume in (None, "none"):
-        if latest is not None:
+        if latest is not None and not overwrite:
             raise ValueError(f"--output-dir {output_dir} already holds checkpoint {latest.name}; pass --resume auto "
-                             f"to continue that run, or choose a new --output-dir")
+                             f"to continue that run, --overwrite to start a new one there (its checkpoints are moved "
+                             f"to {CHECKPOINTS}/{ABANDONED}/), or choose a new --output-dir")
         return None
     if resume == "auto":
         return latest
@@ -132,6 +177,17 @@ def _rng_states() -> dict:
             **E.rng_state()}
 
 
+# What the RNG files hold besides tensors and plain Python values: numpy's state array. torch.load with
+# weights_only=True unpickles nothing else, so a crafted file cannot run code (DeepSpeed's own *_states.pt files
+# are loaded by DeepSpeed without that guard: --resume directories must come from a trusted source).
+_RNG_GLOBALS = [np._core.multiarray._reconstruct, np.ndarray, np.dtype, type(np.dtype(np.uint32))]
+
+
+def load_rng_file(path: Path) -> dict:
+    with torch.serialization.safe_globals(_RNG_GLOBALS):
+        return torch.load(path, weights_only=True)
+
+
 def _set_rng_states(state: dict) -> None:
     random.setstate(state["python"])
     np.random.set_state(state["numpy"])
@@ -155,8 +211,9 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-EXPORT_STAGING = ".export.partial"
 _WEIGHTS = re.compile(r"^(model|pytorch_model)(-\d+-of-\d+)?\.(safetensors|bin)(\.index\.json)?$")
+EXPORT_STAGING = ".export.partial"
+EXPORT_LIST = ".export.json"  # the names the last export wrote into the output directory (what the next may remove)
 
 
 def export(out: str, write) -> None:
@@ -164,9 +221,11 @@ def export(out: str, write) -> None:
     ``out`` (rank 0 only), replacing the previous export there.
 
     The slow part, writing the weights, happens in staging: a crash or full disk there leaves the previous export
-    in ``out`` whole and loadable. The files are fsynced and renamed in, ``config.json`` last; weight shards and
-    index files of the previous export that the new one lacks are removed after the new ones are in place, so
-    transformers never loads a mix of two exports. The renames are quick but not one atomic step.
+    in ``out`` whole and loadable. The files are fsynced and renamed in, ``config.json`` last. Then the files and
+    directories that the previous export of this directory wrote (its list, ``.export.json``) and this one did not
+    are removed (stale weight shards, a LoRA export's ``adapter/`` under a full-tuning export), so transformers never
+    loads a mix of two exports. Nothing else is ever removed, whatever its name. The renames are quick but not one
+    atomic step.
     """
     root = Path(out)
     staging = root / EXPORT_STAGING
@@ -176,6 +235,8 @@ def export(out: str, write) -> None:
     write(str(staging))
     _fsync_tree(staging)
     new = sorted(os.listdir(staging), key=lambda n: (n == "config.json", n))
+    listed = root / EXPORT_LIST
+    earlier = json.loads(listed.read_text())["files"] if listed.is_file() else None
     for name in new:
         target = root / name
         if (staging / name).is_dir():  # e.g. adapter/: the old one is set aside until the new one is in place
@@ -189,10 +250,19 @@ def export(out: str, write) -> None:
                 shutil.rmtree(old)
         else:
             os.replace(staging / name, target)
-    stale = [n for n in os.listdir(root) if _WEIGHTS.match(n) and n not in new]
-    for name in sorted(stale, key=lambda n: not n.endswith(".index.json")):  # the index before its shards
-        os.remove(root / name)
     staging.rmdir()
+    if earlier is None:  # an export by a version without the list: report, never guess
+        unknown = [n for n in os.listdir(root) if _WEIGHTS.match(n) and n not in new]
+        if unknown:
+            log.warning("%s holds weight files this export did not write (%s); they were left in place: remove them "
+                        "if they belong to an older export", out, ", ".join(sorted(unknown)))
+    stale = [n for n in earlier or () if n not in new and os.path.lexists(root / n)]
+    for name in sorted(stale, key=lambda n: not n.endswith(".index.json")):  # the index before its shards
+        if (root / name).is_dir() and not (root / name).is_symlink():
+            shutil.rmtree(root / name)
+        else:
+            os.remove(root / name)
+    write_json_atomic(listed, {"files": new})
     _fsync_dir(root)
 
 
@@ -231,15 +301,17 @@ def save(engine, output_dir: str, step: int, state: dict, keep: int) -> Path:
     if E.rank() == 0:
         write_json_atomic(partial / tag / STATE_FILE, state)
         _fsync_tree(partial / tag)
-        replaced = partial / f"{tag}.replaced"
-        if final.exists():  # the same step saved again (a run resumed from an older --resume DIR)
-            os.rename(final, replaced)  # kept until the new one is in place; find_latest falls back meanwhile
+        # Checkpoints after the one this run continued from belong to an abandoned attempt (a run resumed from an
+        # older step): set aside, so `latest` and rotation only ever see this history.
+        previous = state.get("previous") or ""
+        set_aside(root, [p for p in root.glob("step-*") if p.name > previous],
+                  f"written by an abandoned attempt after {previous or 'the start'}; this run continued from "
+                  f"{previous or 'the start'}")
         os.rename(partial / tag, final)
         _fsync_dir(root)
         (root / f"{LATEST}.tmp").write_text(tag)
         os.replace(root / f"{LATEST}.tmp", root / LATEST)
         _fsync_dir(root)
-        shutil.rmtree(replaced, ignore_errors=True)
         if keep > 0:  # keep the newest `keep` checkpoints, this one included
             older = sorted(p for p in root.glob("step-*") if p.name < tag)
             for old in older[:max(0, len(older) - keep + 1)]:
@@ -249,14 +321,24 @@ def save(engine, output_dir: str, step: int, state: dict, keep: int) -> Path:
     return final
 
 
+def checkpoint_bytes(engine) -> int:
+    """About what one checkpoint writes, all ranks together: every weight once in its own dtype (DeepSpeed's
+    module states, frozen ones included) and, per trainable parameter, the optimizer's fp32 master copy and Adam's
+    two fp32 moments (12 bytes; partitioned over the ranks by ZeRO, so the sum does not depend on the stage)."""
+    total = 0
+    for p in engine.module.parameters():
+        n = getattr(p, "ds_numel", p.numel())  # ZeRO-3: the local shape is [0]
+        total += n * p.element_size() + (12 * n if p.requires_grad else 0)
+    return total
+
+
 def _check_space(root: Path, engine) -> None:
     """Refuse to start a save that cannot fit, before touching anything (the previous checkpoint stays)."""
     previous = find_latest(str(root.parent))
     if previous is not None:
         need = sum(f.stat().st_size for f in previous.rglob("*") if f.is_file())
-    else:  # estimate: fp32 weights of everything + optimizer state (master, m, v) of the trainable part
-        n = count_parameters(engine.module)["all"]
-        need = n["total"] * 4 + n["trainable"] * 12
+    else:
+        need = checkpoint_bytes(engine)
     free = shutil.disk_usage(root).free
     if free < need:
         raise OSError(f"not enough disk space for a checkpoint under {root}: {free / 1e6:.1f} MB free, about "
@@ -270,7 +352,7 @@ def load(engine, path: Path) -> dict:
     state = json.loads((path / STATE_FILE).read_text())
     E.load_state(engine, str(path.parent), path.name)
     rng_file = path / "rng" / f"rank{E.rank()}.pt"
-    _set_rng_states(torch.load(rng_file, weights_only=False))  # our own file: numpy/python states are objects
+    _set_rng_states(load_rng_file(rng_file))
     return state
 
 

@@ -7,8 +7,26 @@ import logging
 import os
 import sys
 
-from .config import RunConfig
+from .config import RANGES, Range, RunConfig, flag
 from .regions import VALID_FORMS
+
+
+ALLOW_OUTSIDE_HELP = ("accept image paths outside --image-folder (absolute, '..', links leaving it); without it such "
+                      "samples are dropped as image_outside_folder, unopened")
+
+
+def number(name: str, valid: Range | None = None):
+    """argparse type of the flag of field ``name``: its Range (``valid``, default config.RANGES[name]) refuses a value
+    outside it at parse time, naming the flag and the valid range."""
+    valid = valid or RANGES[name]
+
+    def parse(text: str):
+        try:
+            return valid.parse(flag(name), text)
+        except ValueError as e:
+            raise argparse.ArgumentTypeError(str(e)) from None
+    parse.__name__ = valid.kind.__name__  # what argparse names in its own messages
+    return parse
 
 
 def build_parser(stage: str, doc: str) -> argparse.ArgumentParser:
@@ -32,52 +50,66 @@ def build_parser(stage: str, doc: str) -> argparse.ArgumentParser:
     p.add_argument("--image-aspect-ratio", help="pad (to a square in the mean colour, as LLaVA-1.5 SFT) | square "
                                                 f"(default: {'square' if stage == 'pretrain' else 'pad'})")
     p.add_argument("--on-bad-sample", default="skip", help="skip (drop and count each, default) | error")
-    p.add_argument("--max-bad-fraction", type=float, default=0.05,
+    p.add_argument("--max-bad-fraction", type=number("max_bad_fraction"), default=0.05,
                    help="stop before training when more of the samples than this are bad (default 0.05)")
     p.add_argument("--verify-images", default="decode", help="decode (every image while preparing, default) | "
                                                              "header (size checks only, faster)")
-    p.add_argument("--prep-workers", type=int, help="processes preparing the data (default: the CPU count)")
+    p.add_argument("--allow-outside-images", action="store_true", help=ALLOW_OUTSIDE_HELP)
+    p.add_argument("--prep-timeout", type=number("prep_timeout"), default=300.0,
+                   help="seconds the other ranks wait without a heartbeat from rank 0 while it prepares raw data, "
+                        "then stop with an error (default 300)")
+    p.add_argument("--prep-workers", type=number("prep_workers"),
+                   help="processes preparing the data (default: the CPU count)")
     p.add_argument("--group-by-length", action=argparse.BooleanOptionalAction,
                    help="batches of similar length, images and text-only apart, as LLaVA's group_by_modality_length "
                         f"(default: {'off' if stage == 'pretrain' else 'on'})")
     p.add_argument("--packing", action="store_true", help="padding-free: each micro-batch's samples in one row, "
                                                           "attention kept within each sample")
     p.add_argument("--output-dir", required=True, help="where the model, run.json and metrics.jsonl go")
-    p.add_argument("--zero", type=int, default=2, help="ZeRO stage 2 or 3 (ds_configs/zero{N}.json)")
+    p.add_argument("--overwrite", action="store_true",
+                   help="let a fresh run replace an earlier run in --output-dir (its checkpoints are moved to "
+                        "checkpoints/abandoned/, never deleted)")
+    p.add_argument("--zero", type=number("zero"), default=2, help="ZeRO stage 2 or 3 (ds_configs/zero{N}.json)")
     p.add_argument("--ds-config", help="a DeepSpeed JSON to use instead of ds_configs/zero{N}.json")
-    p.add_argument("--max-steps", type=int, help="optimizer steps (overrides --epochs)")
-    p.add_argument("--epochs", type=float, default=1.0)
-    p.add_argument("--lr", type=float, help="peak learning rate (warmup then cosine)")
-    p.add_argument("--warmup-ratio", type=float, default=0.03)
-    p.add_argument("--weight-decay", type=float, default=0.0)
-    p.add_argument("--micro-batch", type=int, default=16, help="samples per rank per micro-step")
-    p.add_argument("--grad-accum", type=int, default=1)
-    p.add_argument("--grad-clip", type=float, default=1.0)
+    p.add_argument("--max-steps", type=number("max_steps"), help="optimizer steps (overrides --epochs)")
+    p.add_argument("--epochs", type=number("epochs"), default=1.0)
+    p.add_argument("--lr", type=number("lr"), help="peak learning rate (warmup then cosine)")
+    p.add_argument("--warmup-ratio", type=number("warmup_ratio"), default=0.03)
+    p.add_argument("--weight-decay", type=number("weight_decay"), default=0.0)
+    p.add_argument("--micro-batch", type=number("micro_batch"), default=16, help="samples per rank per micro-step")
+    p.add_argument("--grad-accum", type=number("grad_accum"), default=1)
+    p.add_argument("--grad-clip", type=number("grad_clip"), default=1.0)
     p.add_argument("--tuner", default="full", help="full: the region's layers train whole (default) | lora: LoRA "
                                                     "(peft) on every linear of the region's layers, projector whole")
-    p.add_argument("--lora-r", type=int, default=128)
-    p.add_argument("--lora-alpha", type=int, default=256)
-    p.add_argument("--lora-dropout", type=float, default=0.05)
-    p.add_argument("--projector-lr", type=float, help="peak LR of the projector (default: --lr; with --tuner lora "
+    p.add_argument("--lora-r", type=number("lora_r"), default=128)
+    p.add_argument("--lora-alpha", type=number("lora_alpha"), default=256)
+    p.add_argument("--lora-dropout", type=number("lora_dropout"), default=0.05)
+    p.add_argument("--projector-lr", type=number("projector_lr"),
+                   help="peak LR of the projector (default: --lr; with --tuner lora "
                                                        "2e-5, the paper's recipe)")
     p.add_argument("--grad-ckpt", action="store_true", help="activation checkpointing of the LLM")
     p.add_argument("--attn", default="sdpa", help="flash_attention_2 | sdpa | eager (flash needs a GPU, bf16/fp16 "
                                                    "and the gpu extra; otherwise the run says so and uses sdpa)")
     p.add_argument("--precision", default="auto", help="auto | bf16 | fp16 | fp32")
-    p.add_argument("--max-length", type=int, default=2048)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--log-every", type=int, default=10)
-    p.add_argument("--num-workers", type=int, default=2)
-    p.add_argument("--eval-max-samples", type=int, default=0)
-    p.add_argument("--save-every", type=int, default=0,
+    p.add_argument("--max-length", type=number("max_length"), default=2048)
+    p.add_argument("--seed", type=number("seed"), default=0)
+    p.add_argument("--log-every", type=number("log_every"), default=10)
+    p.add_argument("--num-workers", type=number("num_workers"), default=2)
+    p.add_argument("--eval-max-samples", type=number("eval_max_samples"), default=0)
+    p.add_argument("--save-every", type=number("save_every"), default=0,
                    help="optimizer steps between checkpoints in OUTPUT_DIR/checkpoints (0: none)")
-    p.add_argument("--keep-checkpoints", type=int, default=2, help="newest checkpoints kept (0: all)")
+    p.add_argument("--keep-checkpoints", type=number("keep_checkpoints"), default=2,
+                   help="newest checkpoints kept (0: all)")
     p.add_argument("--resume", help="'auto': continue from the newest checkpoint in --output-dir (fresh start if "
                                     "there is none); or a checkpoint directory")
     p.add_argument("--compare-full", metavar="N|DIR",
                    help="after the run, time N steps of the same job with --region full (same data, batch, ZeRO, "
                         "checkpointing, seed) and project both arms' GPU-hours per epoch; or a finished full run's dir")
-    p.add_argument("--peak-tflops", type=float, help="peak TFLOP/s per GPU for MFU (default: bf16 data sheet "
+    p.add_argument("--dist-timeout", type=number("dist_timeout"), default=30.0,
+                   help="minutes a collective may wait for the other ranks before the run fails (process-group "
+                        "timeout; default 30, DeepSpeed's)")
+    p.add_argument("--peak-tflops", type=number("peak_tflops"),
+                   help="peak TFLOP/s per GPU for MFU (default: bf16 data sheet "
                                                        "by GPU name; on CPU a measured matmul)")
     p.add_argument("--local_rank", type=int, default=0, help=argparse.SUPPRESS)  # added by the deepspeed launcher
     return p
@@ -93,7 +125,7 @@ def parse(stage: str, doc: str, argv: list[str] | None = None) -> RunConfig:
 def main(stage: str, doc: str, argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
                         stream=sys.stdout)
-    from .trainer import train_and_compare  # after logging is set up; heavy imports
+    from .trainer import TrainingDiverged, train_and_compare  # after logging is set up; heavy imports
 
     cfg = parse(stage, doc, argv)
     try:
@@ -104,6 +136,9 @@ def main(stage: str, doc: str, argv: list[str] | None = None) -> int:
     except OSError as e:  # a checkpoint that could not be written (disk full, quota)
         print(f"error: {e}", file=sys.stderr)
         return 1
+    except TrainingDiverged as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 3
     s = result.summary
     if s["status"] == "interrupted" and os.environ.get("RANK", "0") == "0":
         print(f"stopped at step {s['steps_done']} ({s['stop_reason']}); checkpoint {s['checkpoint']}; "

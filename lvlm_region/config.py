@@ -7,16 +7,76 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
 from dataclasses import dataclass, field
 
 DEMO_DIR = "data/demo"  # relative to the working directory; created on first use
 
 
+@dataclass(frozen=True)
+class Range:
+    """The valid values of a numeric field: finite, of ``kind``, between ``low`` and ``high`` (open ends where
+    said). The launchers' flags parse through it and ``RunConfig.resolve`` checks with it: one rule per field."""
+
+    kind: type  # int or float
+    low: float = -math.inf
+    high: float = math.inf
+    low_open: bool = False
+    high_open: bool = False
+
+    def describe(self) -> str:
+        what = "a whole number" if self.kind is int else "a finite number"
+        if self.high == math.inf:
+            return f"{what} {'>' if self.low_open else '>='} {self.low:g}"
+        return f"{what} in {'(' if self.low_open else '['}{self.low:g}, {self.high:g}{')' if self.high_open else ']'}"
+
+    def contains(self, v) -> bool:
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or (self.kind is int and not isinstance(v, int)):
+            return False
+        return (math.isfinite(v) and (v > self.low if self.low_open else v >= self.low)
+                and (v < self.high if self.high_open else v <= self.high))
+
+    def check(self, flag: str, v) -> None:
+        if v is not None and not self.contains(v):
+            raise ValueError(f"{flag} must be {self.describe()}, got {v!r}")
+
+    def parse(self, flag: str, text: str):
+        """A flag's string -> value, or ValueError naming the flag and the valid range (argparse shows it)."""
+        try:
+            v = self.kind(text)
+        except ValueError:
+            raise ValueError(f"{flag} must be {self.describe()}, got {text!r}") from None
+        self.check(flag, v)
+        return v
+
+
+POSITIVE = Range(float, 0, low_open=True)
+AT_LEAST_1 = Range(int, 1)
+AT_LEAST_0 = Range(int, 0)
+FRACTION = Range(float, 0, 1)
+# Every numeric field of RunConfig and its valid values.
+RANGES = {
+    "max_bad_fraction": FRACTION, "prep_workers": AT_LEAST_1, "max_steps": AT_LEAST_1, "epochs": POSITIVE,
+    "lr": POSITIVE, "warmup_ratio": Range(float, 0, 1, high_open=True), "weight_decay": Range(float, 0),
+    "micro_batch": AT_LEAST_1, "grad_accum": AT_LEAST_1, "grad_clip": Range(float, 0), "lora_r": AT_LEAST_1,
+    "lora_alpha": Range(int, 0, low_open=True), "lora_dropout": Range(float, 0, 1, high_open=True),
+    "projector_lr": POSITIVE, "max_length": AT_LEAST_1, "seed": Range(int, 0, 2 ** 32 - 1), "log_every": AT_LEAST_1,
+    "num_workers": AT_LEAST_0, "eval_max_samples": AT_LEAST_0, "max_new_tokens": AT_LEAST_1,
+    "save_every": AT_LEAST_0, "keep_checkpoints": AT_LEAST_0, "peak_tflops": POSITIVE,
+    "dist_timeout": POSITIVE, "prep_timeout": POSITIVE, "zero": Range(int, 2, 3),
+}
+
+
+def flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
 @dataclass
 class RunConfig:
     stage: str  # "pretrain" (stage 1, projector only) or "sft" (stage 2, projector + region)
     output_dir: str  # where the model, run.json and metrics.jsonl go
+    overwrite: bool = False  # a fresh run may replace an earlier run in output_dir (its checkpoints are set aside)
     region: str | None = None  # region spec (lvlm_region.regions); stage default: none / uniform25
     model: str | None = None  # local transformers checkpoint dir; None = the embedded tiny demo model
     llm: str | None = None  # with vision: assemble the model from a causal-LM checkpoint dir (instead of model)
@@ -34,7 +94,10 @@ class RunConfig:
     on_bad_sample: str = "skip"  # skip: drop and count each bad sample | error: stop at the first
     max_bad_fraction: float = 0.05  # more bad samples than this stops the run before training, with a summary
     verify_images: str = "decode"  # decode every image while preparing (finds truncated files) | header only
+    allow_outside_images: bool = False  # accept absolute image paths (and paths leaving image_folder)
     prep_workers: int | None = None  # processes that prepare the data (default: the CPU count)
+    prep_timeout: float = 300.0  # seconds: ranks waiting for rank 0's preparation stop after this long without its
+    #                              heartbeat
     group_by_length: bool | None = None  # length-grouped batches, one modality each (LLaVA's group_by_modality_length);
     #                                      stage default: off / on
     packing: bool = False  # padding-free: a micro-batch's samples in one row, attention kept within each sample
@@ -67,6 +130,7 @@ class RunConfig:
     resume: str | None = None  # "auto" (newest checkpoint in output_dir, if any) or a checkpoint directory
     compare_full: str | None = None  # N: then run N steps of the same job with region full; or a full run's dir
     export_model: bool = True  # write the transformers checkpoint at the end (off for the compare-full arm)
+    dist_timeout: float = 30.0  # minutes; process-group timeout: a collective waiting longer than this fails the run
     peak_tflops: float | None = None  # peak TFLOP/s per rank for MFU; default: data sheet by GPU name / measured on CPU
     dataset_size: int | None = field(default=None, repr=False)  # filled in at run time (for run.json)
 
@@ -108,9 +172,8 @@ class RunConfig:
                 self.lr = (1e-2 if lora else 1e-3) if demo else (2e-4 if lora else 2e-5)
         if self.projector_lr is None:
             self.projector_lr = 2e-5 if (lora and not demo) else (1e-3 if lora else self.lr)
-        if lora and (self.lora_r < 1 or not self.lora_alpha > 0 or not 0 <= self.lora_dropout < 1):
-            raise ValueError(f"--tuner lora needs --lora-r >= 1, --lora-alpha > 0 and 0 <= --lora-dropout < 1; got "
-                             f"{self.lora_r}, {self.lora_alpha}, {self.lora_dropout}")
+        for name, valid in RANGES.items():  # the flags parse through the same ranges (cli)
+            valid.check(flag(name), getattr(self, name))
         if self.data is None:
             if not demo:
                 raise ValueError("--data is required with --model or --llm/--vision (the demo data only fits the "
@@ -118,21 +181,8 @@ class RunConfig:
             self.data = os.path.join(DEMO_DIR, "pretrain.json" if self.stage == "pretrain" else "sft_train.json")
             if self.stage == "sft" and self.eval_data is None:
                 self.eval_data = os.path.join(DEMO_DIR, "sft_eval.json")
-        if self.zero not in (2, 3):
-            raise ValueError(f"--zero must be 2 or 3 (or pass --ds-config), got {self.zero}")
         if self.precision not in ("auto", "bf16", "fp16", "fp32"):
             raise ValueError(f"--precision must be auto, bf16, fp16 or fp32, got {self.precision!r}")
-        for name in ("micro_batch", "grad_accum", "log_every", "max_length"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}")
-        if self.max_steps is not None and self.max_steps < 1:
-            raise ValueError(f"--max-steps must be at least 1, got {self.max_steps}")
-        if self.max_steps is None and not self.epochs > 0:
-            raise ValueError(f"--epochs must be positive, got {self.epochs}")
-        if not self.lr > 0 or not self.projector_lr > 0:
-            raise ValueError(f"--lr and --projector-lr must be positive, got {self.lr} and {self.projector_lr}")
-        if not 0 <= self.warmup_ratio < 1:
-            raise ValueError(f"warmup_ratio must be in [0, 1), got {self.warmup_ratio}")
         if self.compare_full is not None:
             if self.compare_full.isdigit():
                 if int(self.compare_full) < 3:
@@ -140,8 +190,6 @@ class RunConfig:
             elif not os.path.isfile(os.path.join(self.compare_full, "run.json")):
                 raise FileNotFoundError(f"--compare-full {self.compare_full}: neither a step count nor a run "
                                         f"directory with run.json")
-        if self.save_every < 0 or self.keep_checkpoints < 0:
-            raise ValueError("--save-every and --keep-checkpoints must be 0 or more")
         if self.ds_config is not None and not os.path.isfile(self.ds_config):
             raise FileNotFoundError(f"--ds-config {self.ds_config} does not exist")
         if self.init is not None and not os.path.isdir(self.init):

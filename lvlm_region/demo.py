@@ -18,6 +18,9 @@ import random
 import tempfile
 
 from PIL import Image, ImageDraw
+from tqdm import tqdm
+
+from . import outputs
 
 log = logging.getLogger(__name__)
 
@@ -28,7 +31,9 @@ POSITIONS = ("top left", "top right", "bottom left", "bottom right")
 QUESTIONS = {"color": "What color is the shape?", "shape": "Which shape is in the image?",
              "position": "Where is the shape?"}
 IMAGE_SIZE = 32  # with 16-pixel patches: one image token per quadrant
-DONE_MARKER = "COMPLETE-2"  # bumped when the demo's contents change, so an older directory is rebuilt
+DONE_MARKER = "COMPLETE-4"  # bumped when the demo's contents change, so an older directory is rebuilt
+# Every marker the demo has written: a directory with one of them is the demo's own (outputs.check_replaceable).
+MARKERS = ("COMPLETE", "COMPLETE-2", "COMPLETE-3", DONE_MARKER)
 
 
 def chance_accuracy() -> float:
@@ -68,7 +73,7 @@ def generate(out_dir: str, n_train: int = 2400, n_eval: int = 240, seed: int = 0
     os.makedirs(os.path.join(out_dir, "images"), exist_ok=True)
     pretrain, train, evals = [], [], []
     kinds = list(QUESTIONS)
-    for i in range(n_train + n_eval):
+    for i in tqdm(range(n_train + n_eval), desc="demo 1/3: drawing images", mininterval=2):
         attrs = {"color": rng.choice(list(COLORS)), "shape": rng.choice(SHAPES), "position": rng.choice(POSITIONS)}
         name = f"images/{i:05d}.png"
         draw(attrs["color"], attrs["shape"], attrs["position"], rng).save(os.path.join(out_dir, name))
@@ -88,14 +93,17 @@ def generate(out_dir: str, n_train: int = 2400, n_eval: int = 240, seed: int = 0
             json.dump(rows, f, indent=1)
 
 
-def train_tokenizer(out_dir: str, vocab_size: int = 160) -> str:
+def train_tokenizer(out_dir: str, vocab_size: int = 512) -> str:  # 256 byte pieces, the rest learnt
     """Train a sentencepiece BPE model on the generated corpus; returns a transformers tokenizer dir."""
     import sentencepiece as spm
     from transformers import LlamaTokenizer
 
     from .templates import BUILTIN, VICUNA_SYSTEM
 
-    lines = [VICUNA_SYSTEM, "USER: ASSISTANT:", *QUESTIONS.values()]
+    log.info("demo 2/3: training its tokenizer")
+    # The template's fixed text as often as a conversation carries it, so it becomes a few pieces (sequences of
+    # about 80 tokens instead of 160 with it spelled letter by letter).
+    lines = [f"{VICUNA_SYSTEM} USER: ASSISTANT:"] * 100 + list(QUESTIONS.values())
     for fname in ("pretrain.json", "sft_train.json"):
         with open(os.path.join(out_dir, fname)) as f:
             lines += [t["value"].replace("<image>\n", "") for s in json.load(f) for t in s["conversations"]]
@@ -108,7 +116,8 @@ def train_tokenizer(out_dir: str, vocab_size: int = 160) -> str:
         spm.SentencePieceTrainer.train(
             input=corpus, model_prefix=os.path.join(tok_dir, "tokenizer"), vocab_size=vocab_size,
             model_type="bpe", character_coverage=1.0, unk_id=0, bos_id=1, eos_id=2, pad_id=3,
-            user_defined_symbols=["<image>", *slot_tokens()], hard_vocab_limit=False, minloglevel=2)
+            user_defined_symbols=["<image>", *slot_tokens()], hard_vocab_limit=False, minloglevel=2,
+            byte_fallback=True)  # with its 256 byte pieces, no character outside the vocabulary is lost
     tok = LlamaTokenizer.from_pretrained(tok_dir)
     tok.pad_token = "<pad>"
     tok.chat_template = BUILTIN["vicuna_v1"]  # as a released chat model carries its format (--template auto)
@@ -166,7 +175,7 @@ def pretrain_language(model, tok, out_dir: str, seed: int, steps: int = 600, bat
     opt = torch.optim.AdamW(params, lr=3e-3)
     gen = torch.Generator().manual_seed(seed)
     loss = float("nan")
-    for _ in range(steps):
+    for _ in tqdm(range(steps), desc="demo 3/3: pretraining the tiny LLM on text", mininterval=2):
         picked = [rows[i] for i in torch.randint(len(rows), (batch,), generator=gen).tolist()]
         T = max(len(r["input_ids"]) for r in picked)
         ids = torch.full((batch, T), tok.pad_token_id)
@@ -174,7 +183,8 @@ def pretrain_language(model, tok, out_dir: str, seed: int, steps: int = 600, bat
         for j, r in enumerate(picked):
             ids[j, :len(r["input_ids"])] = torch.tensor(r["input_ids"])
             labels[j, :len(r["labels"])] = torch.tensor(r["labels"])
-        logits = model.lm_head(lm(input_ids=ids, attention_mask=(labels != -100) | (ids != tok.pad_token_id)).last_hidden_state)
+        mask = (labels != -100) | (ids != tok.pad_token_id)
+        logits = model.lm_head(lm(input_ids=ids, attention_mask=mask).last_hidden_state)
         lsum = token_loss_sum(logits, labels) / valid_tokens(labels)
         opt.zero_grad()
         lsum.backward()
@@ -210,6 +220,7 @@ def ensure(out_dir: str, seed: int = 0) -> str:
     directory and renamed, so an interrupted run never leaves a half-written default behind."""
     if os.path.isfile(os.path.join(out_dir, DONE_MARKER)):
         return out_dir
+    outputs.check_replaceable(out_dir, MARKERS, "demo directory", "the demo directory")  # before 5 minutes of work
     parent = os.path.dirname(os.path.abspath(out_dir))
     os.makedirs(parent, exist_ok=True)
     tmp = tempfile.mkdtemp(prefix=".demo-", dir=parent)
@@ -217,8 +228,5 @@ def ensure(out_dir: str, seed: int = 0) -> str:
     generate(tmp, seed=seed)
     build_base_model(tmp, train_tokenizer(tmp), seed)
     open(os.path.join(tmp, DONE_MARKER), "w").close()
-    if os.path.exists(out_dir):
-        import shutil
-        shutil.rmtree(out_dir)
-    os.rename(tmp, out_dir)
+    outputs.replace_dir(tmp, out_dir, MARKERS, "demo directory", "the demo directory")
     return out_dir

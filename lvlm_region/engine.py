@@ -5,6 +5,7 @@ No other module of the package imports deepspeed.
 from __future__ import annotations
 
 import atexit
+import datetime
 import json
 import logging
 import math
@@ -30,14 +31,19 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def init_distributed() -> None:
-    """Join the process group the `deepspeed` launcher set up; a plain `python` run becomes a world of one."""
+def init_distributed(timeout_min: float = 30.0) -> None:
+    """Join the process group the `deepspeed` launcher set up; a plain `python` run becomes a world of one.
+
+    ``timeout_min`` (--dist-timeout): how long a collective waits for the other ranks before it fails the run
+    (DeepSpeed's default is 30 minutes). Long single-rank work between collectives (rank 0 preparing data) waits on
+    the file system instead, with its own heartbeat timeout.
+    """
     if "RANK" not in os.environ:
         os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1",
                           MASTER_PORT=str(_free_port()))
     if not dist.is_initialized():
         deepspeed.init_distributed(dist_backend=get_accelerator().communication_backend_name(),
-                                   verbose=False)
+                                   timeout=datetime.timedelta(minutes=timeout_min), verbose=False)
         atexit.register(_leave_process_group)
     if get_accelerator().device_name() != "cpu":
         get_accelerator().set_device(int(os.environ.get("LOCAL_RANK", 0)))
@@ -150,7 +156,14 @@ def build_ds_config(zero: int, ds_config_path: str | None, micro_batch: int, gra
     path = Path(ds_config_path) if ds_config_path else DS_CONFIG_DIR / f"zero{zero}.json"
     if not path.is_file():
         raise FileNotFoundError(f"DeepSpeed config {path} not found; ship ds_configs/ or pass --ds-config")
-    cfg = json.loads(path.read_text())
+    try:
+        cfg = json.loads(path.read_text())
+    except ValueError as e:
+        raise ValueError(f"DeepSpeed config {path} is not valid JSON ({e}); fix the file or pass another "
+                         "--ds-config") from None
+    if not isinstance(cfg, dict):
+        raise ValueError(f"DeepSpeed config {path} holds a JSON {type(cfg).__name__}, not an object of settings; "
+                         "start from ds_configs/zero2.json or zero3.json")
     ours = {"train_micro_batch_size_per_gpu": micro_batch, "gradient_accumulation_steps": grad_accum,
             "gradient_clipping": grad_clip, "train_batch_size": micro_batch * grad_accum * world_size()}
     for key in OWNED:
@@ -172,6 +185,11 @@ def build_ds_config(zero: int, ds_config_path: str | None, micro_batch: int, gra
         raise ValueError(f"{path}: 'auto' is not resolved for {', '.join(autos)}; give explicit values")
     cfg.setdefault("steps_per_print", 10 ** 9)  # we log ourselves
     cfg.setdefault("wall_clock_breakdown", False)
+    try:  # DeepSpeed's own validation (unknown or mistyped keys), now rather than after the weights load
+        from deepspeed.runtime.config import DeepSpeedConfig
+        DeepSpeedConfig(dict(cfg))
+    except Exception as e:  # noqa: BLE001 - pydantic's ValidationError, DeepSpeed's own asserts and errors
+        raise ValueError(f"DeepSpeed rejects the config {path}: {type(e).__name__}: {e}") from None
     return cfg
 
 

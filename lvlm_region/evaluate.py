@@ -84,7 +84,8 @@ class PromptDataset(ImageTextDataset):
         ex = self.ds[(i + item["replaced"]) % len(self.ds)]  # the sample whose images were loaded
         messages = json.loads(ex["messages"])
         prompt = self.encoding.template.prompt(self.tokenizer, messages[:-1])
-        image_ids = image_token_ids(ex["images"], self.image_folder, self.encoding.layout, decode=False)
+        image_ids = image_token_ids(ex["images"], self.image_folder, self.encoding.layout, decode=False,
+                                    allow_outside=self.encoding.allow_outside_images)
         ids = tokenize([(prompt, False)], self.tokenizer, image_ids)["input_ids"]
         item["input_ids"] = item["labels"] = torch.tensor(ids)
         item["answer"], item["index"] = messages[-1]["content"], i

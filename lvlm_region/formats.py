@@ -28,6 +28,8 @@ REASONS = {
     "no_assistant_reply": "no assistant turn",
     "empty_reply": "an assistant turn with empty text",
     "image_count_mismatch": "the number of <image> placeholders differs from the number of images",
+    "image_outside_folder": "an image path leaves --image-folder (absolute, '..', or a link pointing out); not opened "
+                            "(--allow-outside-images accepts them)",
     "missing_image": "an image file does not exist",
     "unreadable_image": "an image file is not an image or is truncated / corrupt",
     "image_too_small": "an image side is below the minimum",
@@ -124,6 +126,8 @@ def _json_list(path: str) -> Iterator[tuple[int, str]]:
                 try:
                     _, end = dec.raw_decode(buf, pos)
                     break
+                except RecursionError:
+                    fail("a sample nested too deeply to decode")
                 except json.JSONDecodeError as e:
                     if eof:
                         line += buf.count("\n", pos, e.pos)
@@ -175,6 +179,8 @@ def normalize(text: str) -> dict:
         rec = json.loads(text)
     except json.JSONDecodeError as e:
         raise BadSample("malformed_json", f"{e.msg} (column {e.colno})") from None
+    except RecursionError:
+        raise BadSample("malformed_json", "nested too deeply to decode") from None
     if not isinstance(rec, dict):
         raise BadSample("missing_conversations", f"the record is a {type(rec).__name__}, not an object")
     turns = rec.get("conversations", rec.get("messages"))
@@ -182,7 +188,8 @@ def normalize(text: str) -> dict:
         raise BadSample("missing_conversations", "no non-empty 'conversations' or 'messages' list")
     messages = []
     for j, t in enumerate(turns):
-        role = ROLES.get(t.get("from", t.get("role"))) if isinstance(t, dict) else None
+        name = t.get("from", t.get("role")) if isinstance(t, dict) else None
+        role = ROLES.get(name) if isinstance(name, str) else None
         content = t.get("value", t.get("content")) if isinstance(t, dict) else None
         if role is None or not isinstance(content, str):
             raise BadSample("bad_turns", f"turn {j} has no known role (from/role: human, gpt, user, assistant, "

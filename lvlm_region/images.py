@@ -31,6 +31,21 @@ def check_aspect(aspect: str) -> None:
         raise ValueError(f"--image-aspect-ratio must be one of {ASPECTS}, got {aspect!r}")
 
 
+def inside_folder(folder: str, path: str, allow_outside: bool) -> str:
+    """``path`` (as the data gives it) joined to ``folder``; BadSample ``image_outside_folder`` when it leaves the
+    folder (absolute, ``..``, a link pointing out) and ``allow_outside`` is off. Nothing is opened: data from an
+    untrusted source cannot make preparation read (and report the size of) files elsewhere on the machine."""
+    joined = os.path.join(folder, path)
+    if allow_outside:
+        return joined
+    root = os.path.realpath(folder)
+    real = os.path.realpath(joined)
+    if os.path.isabs(path) or not (real == root or real.startswith(root.rstrip(os.sep) + os.sep)):
+        raise BadSample("image_outside_folder", f"{path!r} leaves the image folder {folder} (resolves to {real}); "
+                                                "pass --allow-outside-images if the data set uses such paths")
+    return joined
+
+
 def check(path: str, decode: bool) -> tuple[int, int]:
     """The image's (width, height); raises BadSample if ``path`` is missing, not an image, too small or too large
     (and, with ``decode``, truncated or corrupt: only a full decode finds that)."""

@@ -19,6 +19,7 @@ from .regions import Region
 
 log = logging.getLogger(__name__)
 
+TIED = "embed=lm_head (tied)"  # the part name of a tied input-embedding / LM-head tensor
 PROJECTOR_FILE = "projector.safetensors"  # the projector alone, keyed as its own state_dict (linear_1.weight ...)
 
 
@@ -53,13 +54,21 @@ class Parts:
             for p in module.parameters():
                 owner[id(p)] = "layers" if name.startswith("layer.") else name  # later (inner) parts win
         owner.update({id(p): "projector" for p in self.projector_extra})
+        if self.tied:  # one tensor, counted and logged once, under a name that says so
+            owner[id(self.embed.weight)] = TIED
         return owner
+
+    @property
+    def tied(self) -> bool:
+        """Whether the input embeddings and the LM head are one tensor (tie_word_embeddings)."""
+        return self.lm_head is not None and getattr(self.embed, "weight", None) is getattr(self.lm_head, "weight", 1)
 
 
 # Where image-text-to-text models of transformers keep the vision encoder and the projector, relative to the
 # inner model (`model.model`): (vision, projector, parameters that train with the projector).
 LAYOUTS = (
-    ("vision_tower", "multi_modal_projector", ("image_newline",)),  # Llava, LlavaNext, LlavaOnevision, PaliGemma, Gemma3
+    # Llava, LlavaNext, LlavaOnevision, PaliGemma, Gemma3
+    ("vision_tower", "multi_modal_projector", ("image_newline",)),
     ("vision_model", "connector", ()),  # Idefics3 (SmolVLM)
     ("visual", "visual.merger", ()),  # Qwen2-VL, Qwen2.5-VL: the merger is the projector
 )
@@ -154,6 +163,9 @@ def apply_region(model: PreTrainedModel, region: Region, tuner: str = "full") ->
         raise ValueError(f"region was resolved for {region.num_layers} layers, the model has {len(parts.layers)}")
     if tuner not in ("full", "lora"):
         raise ValueError(f"--tuner must be full or lora, got {tuner!r}")
+    if parts.tied and region.parts["embed"] != region.parts["lm_head"]:
+        raise ValueError(f"region {region.spec!r} switches embed and lm_head differently, but this model ties them "
+                         "(one tensor); resolve the spec with tied=True (regions.resolve)")
     model.requires_grad_(False)
     chosen = set(region.layers)
     for name, module in parts.named_parts().items():  # outer before inner: a nested projector is set last
@@ -199,10 +211,6 @@ def projector_parameters(model: PreTrainedModel) -> list[nn.Parameter]:
     return list(parts.projector.parameters()) + list(parts.projector_extra)
 
 
-def trainable_parameters(model: nn.Module) -> list[nn.Parameter]:
-    return [p for p in model.parameters() if p.requires_grad]
-
-
 def demo_config(vocab_size: int, image_token_id: int, pad_token_id: int) -> LlavaConfig:
     """The embedded default: an 8-layer Llama LLM, a 2-layer CLIP tower, an mlp2x_gelu projector."""
     text = LlamaConfig(vocab_size=vocab_size, hidden_size=128, intermediate_size=256, num_hidden_layers=8,
@@ -217,7 +225,8 @@ def demo_config(vocab_size: int, image_token_id: int, pad_token_id: int) -> Llav
                        pad_token_id=pad_token_id)
 
 
-def build_demo_model(vocab_size: int, image_token_id: int, pad_token_id: int, seed: int) -> LlavaForConditionalGeneration:
+def build_demo_model(vocab_size: int, image_token_id: int, pad_token_id: int,
+                     seed: int) -> LlavaForConditionalGeneration:
     torch.manual_seed(seed)
     return LlavaForConditionalGeneration(demo_config(vocab_size, image_token_id, pad_token_id))
 

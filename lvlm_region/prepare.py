@@ -23,14 +23,15 @@ from dataclasses import dataclass
 
 import datasets
 
-from . import formats, image_inputs, images
+from . import formats, image_inputs, images, outputs
+from .config import FRACTION
 from .formats import BadSample
 from .image_inputs import ImageLayout
-from .templates import ChatFormat, TemplateError, tokenize
+from .templates import IMAGE_PLACEHOLDER, ChatFormat, TemplateError, tokenize
 
 log = logging.getLogger(__name__)
 
-VERSION = 1  # bump when the encoding changes, so older prepared directories are rebuilt
+VERSION = 2  # bump when the encoding changes, so older prepared directories are rebuilt (2: one-string tokenization)
 MARKER = "prepare.json"
 REPORT = "report.json"
 VERIFY = ("decode", "header")
@@ -38,7 +39,8 @@ FEATURES = datasets.Features({
     "line": datasets.Value("int64"), "id": datasets.Value("string"), "messages": datasets.Value("string"),
     "images": datasets.Sequence(datasets.Value("string")), "input_ids": datasets.Sequence(datasets.Value("int32")),
     "labels": datasets.Sequence(datasets.Value("int32")), "length": datasets.Value("int32"),
-    "modality": datasets.Value("string"), "reason": datasets.Value("string"), "detail": datasets.Value("string")})
+    "modality": datasets.Value("string"), "reason": datasets.Value("string"), "detail": datasets.Value("string"),
+    "lossy": datasets.Value("string")})
 
 
 class DataError(ValueError):
@@ -53,20 +55,20 @@ class Encoding:
     layout: ImageLayout  # what each image becomes in the text (a fixed count, or Qwen2-VL's per-size count)
     max_length: int
     verify_images: str = "decode"  # decode: find truncated / corrupt files now | header: size checks only
+    allow_outside_images: bool = False  # accept image paths that leave the image folder (absolute, '..', links)
 
 
 def check_options(on_bad_sample: str, max_bad_fraction: float, verify_images: str) -> None:
     """The bad-sample policy and image verification, checked where they are given (run config, prepare())."""
     if on_bad_sample not in ("skip", "error"):
         raise ValueError(f"--on-bad-sample must be skip or error, got {on_bad_sample!r}")
-    if not 0 <= max_bad_fraction <= 1:
-        raise ValueError(f"--max-bad-fraction must be in [0, 1], got {max_bad_fraction}")
+    FRACTION.check("--max-bad-fraction", max_bad_fraction)
     if verify_images not in VERIFY:
         raise ValueError(f"--verify-images must be decode or header, got {verify_images!r}")
 
 
 def for_model(model_path: str, template: str, max_length: int, verify_images: str = "decode",
-              aspect: str | None = None):
+              aspect: str | None = None, allow_outside_images: bool = False):
     """(Encoding, tokenizer, processor) of a transformers checkpoint dir: its image layout (image_inputs; from the
     config and image processor, with ``aspect`` = --image-aspect-ratio, by default SFT's for the family) and the
     template resolved against its tokenizer (``auto``: the tokenizer's own, else the processor's)."""
@@ -86,7 +88,7 @@ def for_model(model_path: str, template: str, max_length: int, verify_images: st
     tokenizer = processor.tokenizer
     fmt = resolve(template, tokenizer, f"--model {model_path}", getattr(processor, "chat_template", None))
     layout = image_inputs.for_config(config, processor.image_processor, aspect)
-    return Encoding(fmt, layout, max_length, verify_images), tokenizer, processor
+    return Encoding(fmt, layout, max_length, verify_images, allow_outside_images), tokenizer, processor
 
 
 def tokenizer_digest(tokenizer) -> str:
@@ -109,7 +111,8 @@ def identity(data: str, image_folder: str, enc: Encoding, tokenizer) -> dict:
     st = os.stat(marker) if marker and os.path.isfile(marker) else None  # a datasets dir: its state file
     return {"data": os.path.abspath(data), "data_size": st.st_size if st else None,
             "data_mtime_ns": st.st_mtime_ns if st else None, "image_folder": os.path.abspath(image_folder),
-            "template": enc.template.name, "verify_images": enc.verify_images, **_token_identity(enc, tokenizer)}
+            "template": enc.template.name, "verify_images": enc.verify_images,
+            "allow_outside_images": enc.allow_outside_images, **_token_identity(enc, tokenizer)}
 
 
 def is_prepared(path: str) -> bool:
@@ -137,17 +140,25 @@ def check_matches(meta: dict, path: str, enc: Encoding, tokenizer) -> None:
                          f"again with this run's --model / --template / --max-length, or pass the raw data file")
 
 
+def check_output(output: str) -> None:
+    """Refuse an output that is not an earlier preparation (its prepare.json, or only the report.json of a failed
+    one): preparing replaces the directory whole, so ``--output /data/images`` would delete the images."""
+    outputs.check_replaceable(output, MARKER, "preparation", "--output", also_ours=(REPORT,))
+
+
 def _rows(path: str):
     for line, raw in formats.records(path):
         yield {"line": line, "raw": raw}
 
 
-def image_token_ids(paths: list[str], image_folder: str, layout: ImageLayout, decode: bool) -> list[list[int]]:
+def image_token_ids(paths: list[str], image_folder: str, layout: ImageLayout, decode: bool,
+                    allow_outside: bool = False) -> list[list[int]]:
     """Each image's token ids, from its header size (images.check; ``decode``: a full decode too). Raises BadSample
-    for an image that is missing, unreadable, out of bounds or of a shape the model's resize refuses."""
+    for an image that is missing, unreadable, out of bounds or of a shape the model's resize refuses, and (unless
+    ``allow_outside``) for a path that leaves ``image_folder``, before opening it."""
     out = []
     for p in paths:
-        path = os.path.join(image_folder, p)
+        path = images.inside_folder(image_folder, p, allow_outside)
         size = images.check(path, decode=decode)
         try:
             out.append(layout.token_ids(size))
@@ -159,11 +170,12 @@ def image_token_ids(paths: list[str], image_folder: str, layout: ImageLayout, de
 def encode(row: dict, image_folder: str, enc: Encoding, tokenizer) -> dict:
     """One raw record -> its encoded row; a bad sample gets a ``reason`` (and empty ids) instead of raising."""
     out = {"line": row["line"], "id": "", "messages": "", "images": [], "input_ids": [], "labels": [], "length": 0,
-           "modality": "", "reason": "", "detail": ""}
+           "modality": "", "reason": "", "detail": "", "lossy": ""}
     try:
         s = formats.normalize(row["raw"])
         out["id"] = s["id"]
-        image_ids = image_token_ids(s["images"], image_folder, enc.layout, decode=enc.verify_images == "decode")
+        image_ids = image_token_ids(s["images"], image_folder, enc.layout, decode=enc.verify_images == "decode",
+                                    allow_outside=enc.allow_outside_images)
         try:
             ids = tokenize(enc.template.segments(tokenizer, s["messages"]), tokenizer, image_ids)
         except TemplateError as e:
@@ -175,8 +187,22 @@ def encode(row: dict, image_folder: str, enc: Encoding, tokenizer) -> dict:
         out["reason"], out["detail"] = e.reason, e.detail
         return out
     out.update(messages=json.dumps(s["messages"]), images=s["images"], length=n,
-               modality="image" if s["images"] else "text", **ids)
+               modality="image" if s["images"] else "text", lossy=lossy_text(s["messages"], tokenizer), **ids)
     return out
+
+
+def lossy_text(messages: list[dict], tokenizer) -> str:
+    """The first message text that does not come back from a tokenize / decode round trip ("" if all do): characters
+    the tokenizer has no piece for (and no byte fallback) are lost or become <unk>, silently, in training."""
+    for m in messages:
+        for piece in m["content"].split(IMAGE_PLACEHOLDER):
+            if not piece.strip():
+                continue
+            ids = tokenizer(piece, add_special_tokens=False)["input_ids"]
+            back = tokenizer.decode(ids, skip_special_tokens=False, clean_up_tokenization_spaces=False)
+            if back.strip() != piece.strip():
+                return piece.strip()
+    return ""
 
 
 def prepare(data: str, image_folder: str, enc: Encoding, tokenizer, output: str, on_bad_sample: str = "skip",
@@ -187,6 +213,7 @@ def prepare(data: str, image_folder: str, enc: Encoding, tokenizer, output: str,
     when any is; report.json is written to ``output`` either way.
     """
     check_options(on_bad_sample, max_bad_fraction, enc.verify_images)
+    check_output(output)
     ident = identity(data, image_folder, enc, tokenizer)
     if is_prepared(output) and read_meta(output)["identity"] == ident:
         log.info("%s: already prepared from %s; reusing it", output, data)
@@ -209,8 +236,16 @@ def prepare(data: str, image_folder: str, enc: Encoding, tokenizer, output: str,
         bad = encoded.filter(lambda r: [x != "" for x in r], input_columns="reason", batched=True)
         dropped = bad.select_columns(["line", "id", "reason", "detail"]).to_list()
         good = encoded.filter(lambda r: [x == "" for x in r], input_columns="reason", batched=True)
-        good = good.remove_columns(["reason", "detail"])
+        lossy = good.filter(lambda r: [x != "" for x in r], input_columns="lossy", batched=True)
+        good = good.remove_columns(["reason", "detail", "lossy"])
         report = _report(data, len(raw), good, dropped, time.perf_counter() - start)
+        report["lossy_text"] = len(lossy)
+        if len(lossy):
+            ex = lossy[0]
+            report["lossy_text_example"] = {"line": ex["line"], "id": ex["id"], "text": ex["lossy"][:200]}
+            log.warning("%s: %d of %d kept samples have text the tokenizer does not reproduce (characters it has no "
+                        "piece for are dropped or become <unk>); e.g. line %d (id %r): %.80r", data, len(lossy),
+                        len(good), ex["line"], ex["id"], ex["lossy"])
         stage = os.path.join(work, "out")
         fraction = len(dropped) / len(raw)
         problem = None
@@ -230,9 +265,7 @@ def prepare(data: str, image_folder: str, enc: Encoding, tokenizer, output: str,
         if problem is None:
             with open(os.path.join(stage, MARKER), "w") as f:
                 json.dump({"identity": ident, "kept": len(good), "dropped": len(dropped)}, f, indent=1)
-        if os.path.exists(output):
-            shutil.rmtree(output)
-        os.rename(stage, output)
+        outputs.replace_dir(stage, output, MARKER, "preparation", "--output", also_ours=(REPORT,))
     finally:
         shutil.rmtree(work, ignore_errors=True)
     if problem is not None:

@@ -132,24 +132,40 @@ def _layers(spec: str, body: str, num_layers: int) -> list[int]:
     raise RegionError(spec, f"unknown layer selection {body!r}")
 
 
-def resolve(spec: str, num_layers: int) -> Region:
+def resolve(spec: str, num_layers: int, tied: bool = False) -> Region:
     """Resolve ``spec`` against an LLM of ``num_layers`` decoder layers.
 
+    ``tied``: the model's input embeddings and LM head are one tensor (tie_word_embeddings). Then ``+embed`` and
+    ``+lm_head`` both train it (both parts are switched together), and a spec that switches one on and the other
+    off is refused: it cannot mean anything.
+
+    Spaces around ``+`` / ``-`` and after the commas of ``layers:`` are allowed; anywhere else they are refused.
     Raises RegionError (a ValueError) on any invalid spec, and when the result trains nothing at all.
     """
     if not isinstance(num_layers, int) or num_layers < 1:
         raise ValueError(f"num_layers must be a positive int, got {num_layers!r}")
-    text = spec.strip().lower()
+    if not isinstance(spec, str):
+        raise RegionError(repr(spec), "a region spec is a string")
+    text = re.sub(r"\s*([+,:-])\s*", r"\1", spec.strip().lower())  # "uniform25 + lm_head" reads as written
     if not text:
         raise RegionError(spec, "the spec is empty")
+    if re.search(r"\s", text):
+        raise RegionError(spec, "it contains spaces inside a name or number (spaces may only stand around + / - and "
+                                "after the commas of layers:)")
     tokens = re.split(r"([+-])(?=[a-z_])", text)  # a sign before a letter starts a part
-    body, mods = tokens[0].strip(), tokens[1:]
+    body, mods = tokens[0], tokens[1:]
     parts = dict(DEFAULT_PARTS)
+    given: dict[str, bool] = {}
     for sign, name in zip(mods[::2], mods[1::2]):
-        name = name.strip()
         if name not in PARTS:
             raise RegionError(spec, f"unknown part {name!r}")
-        parts[name] = sign == "+"
+        parts[name] = given[name] = sign == "+"
+    if tied:
+        if "embed" in given and "lm_head" in given and given["embed"] != given["lm_head"]:
+            raise RegionError(spec, "this model ties its input embeddings and LM head (one tensor), so one cannot "
+                                    "train while the other stays frozen; use +embed (or +lm_head) to train the tied "
+                                    "tensor, or neither")
+        parts["embed"] = parts["lm_head"] = parts["embed"] or parts["lm_head"]
     layers = _layers(spec, body, num_layers)
     if not layers and not any(parts.values()):
         raise RegionError(spec, "it selects nothing to train")

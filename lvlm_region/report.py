@@ -15,6 +15,7 @@ import json
 import os
 from dataclasses import dataclass
 
+from . import outputs
 from .timing import PEAK_TFLOPS
 
 
@@ -46,10 +47,11 @@ def load_run(path: str) -> dict:
     curve = []
     mj = os.path.join(path, "metrics.jsonl")
     if os.path.isfile(mj):
-        for line in open(mj):
-            rec = json.loads(line) if line.strip() else {}
-            if "loss" in rec:
-                curve.append((rec["step"], rec["loss"]))
+        try:
+            records = outputs.read_jsonl(mj)  # a torn last line (a run killed mid-write) is dropped with a warning
+        except ValueError as e:
+            raise ReportError(str(e)) from e
+        curve = [(rec["step"], rec["loss"]) for rec in records if "loss" in rec]
     t, time_ = run.get("timing", {}), run.get("time", {})
     cfg, params = run.get("config", {}), run.get("parameters", {}).get("all", {})
     status = run.get("status", "unknown")
@@ -100,9 +102,9 @@ def compare(row: dict, base: dict, price: float) -> dict:
         "ideal_ratio": _ratio(row["hardware_tflops_per_step"], base["hardware_tflops_per_step"]),
         "peak_memory_saved_gb": (base["peak_memory_gb"] - row["peak_memory_gb"]
                                  if base["peak_memory_gb"] is not None and row["peak_memory_gb"] is not None else None),
-        "estimated_memory_saved_gb": (base["memory_estimate_gb"] - row["memory_estimate_gb"]
-                                      if base["memory_estimate_gb"] is not None and row["memory_estimate_gb"] is not None
-                                      else None),
+        "estimated_memory_saved_gb": (
+            base["memory_estimate_gb"] - row["memory_estimate_gb"]
+            if base["memory_estimate_gb"] is not None and row["memory_estimate_gb"] is not None else None),
         "accuracy_delta": (row["accuracy"] - base["accuracy"]
                            if row["accuracy"] is not None and base["accuracy"] is not None else None),
         "notes": notes,

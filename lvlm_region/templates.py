@@ -21,8 +21,10 @@ from dataclasses import dataclass
 
 IMAGE_PLACEHOLDER = "<image>"  # LLaVA's marker in the data; Llava's processors emit the same token
 IGNORE = -100
-VICUNA_SYSTEM = ("A chat between a curious human and an artificial intelligence assistant. "
-                 "The assistant gives helpful, detailed, and polite answers to the human's questions.")
+# LLaVA-1.5's system prompt: conv_vicuna_v1 in LLaVA's llava/conversation.py, which it trains with (--version v1)
+# and evaluates with (--conv-mode vicuna_v1). (conv_llava_v1's "curious human" text is another template's.)
+VICUNA_SYSTEM = ("A chat between a curious user and an artificial intelligence assistant. "
+                 "The assistant gives helpful, detailed, and polite answers to the user's questions.")
 
 # Message content is a string (LLaVA data: "<image>\nQ") or a list of typed parts (processor style).
 _CONTENT = ("{% macro content(m) %}{% if m['content'] is string %}{{ m['content'] }}{% else %}"
@@ -196,33 +198,53 @@ def tokenize(segments: list[tuple[str, bool]], tokenizer, image_ids: list[list[i
     """Token ids and labels (IGNORE where untrained); the k-th <image> becomes ``image_ids[k]`` (its image tokens,
     as image_inputs.ImageLayout.token_ids gives them for the image's size).
 
-    Segments are tokenized separately (so a trained span never shares a token with its prompt). BOS is
-    prepended when the tokenizer has one and the template did not write it.
+    The segments' text is tokenized as one string, as a processor tokenizes the same rendered conversation at
+    inference: each <image> is first written as its own image tokens' text (``<image>`` x N for Llava,
+    ``<|vision_start|><|image_pad|>...<|vision_end|>`` for Qwen2-VL; special tokens, so they split the text exactly
+    where the processor's expansion does). Tokenizing segments separately would give every later turn the
+    tokenizer's leading-space piece (sentencepiece's "▁"), which inference never sees. A token is trained when
+    its last character lies in a trained segment. BOS is prepended when the tokenizer has one and the template did
+    not write it.
     """
-    pieces, layout = [], []  # layout: per segment, its pieces' indices with -1 for an image
-    for text, _ in segments:
-        idx = []
-        for j, piece in enumerate(text.split(IMAGE_PLACEHOLDER)):
-            if j:
-                idx.append(-1)
-            if piece.strip():
-                idx.append(len(pieces))
-                pieces.append(piece)
-        layout.append(idx)
-    encoded = tokenizer(pieces, add_special_tokens=False)["input_ids"] if pieces else []
-    bos = tokenizer.bos_token_id
-    lead = bos is not None and not (segments and segments[0][0].startswith(tokenizer.bos_token))
-    ids: list[int] = [bos] if lead else []
-    labels: list[int] = [IGNORE] * len(ids)
-    n_placeholders = sum(k < 0 for idx in layout for k in idx)
-    if n_placeholders != len(image_ids):
-        raise TemplateError(f"the rendered conversation has {n_placeholders} {IMAGE_PLACEHOLDER} placeholders for "
+    text, trained_spans, pos = [], [], 0
+    for seg, trained in segments:
+        if trained:
+            trained_spans.append((pos, pos + len(seg)))
+        text.append(seg)
+        pos += len(seg)
+    pieces = "".join(text).split(IMAGE_PLACEHOLDER)
+    if len(pieces) - 1 != len(image_ids):
+        raise TemplateError(f"the rendered conversation has {len(pieces) - 1} {IMAGE_PLACEHOLDER} placeholders for "
                             f"{len(image_ids)} images")
-    images = iter(image_ids)
-    for (_, trained), idx in zip(segments, layout):
-        seg = []
-        for k in idx:
-            seg += next(images) if k < 0 else encoded[k]
-        ids += seg
-        labels += seg if trained else [IGNORE] * len(seg)
+    # The string to tokenize, with each image's span in it, and a map back to positions in the rendered text.
+    full, image_spans, shift, shifts = pieces[0], [], 0, []  # shifts: (start in full, offset to subtract)
+    for k, piece in enumerate(pieces[1:]):
+        written = "".join(tokenizer.convert_ids_to_tokens(image_ids[k]))
+        image_spans.append((len(full), len(full) + len(written)))
+        shifts.append((len(full) + len(written), shift + len(written) - len(IMAGE_PLACEHOLDER)))
+        shift += len(written) - len(IMAGE_PLACEHOLDER)
+        full += written + piece
+    try:
+        enc = tokenizer(full, add_special_tokens=False, return_offsets_mapping=True)
+    except NotImplementedError:
+        raise TemplateError("the tokenizer gives no character offsets (a slow tokenizer); use the checkpoint's "
+                            "fast tokenizer (tokenizer.json)") from None
+    ids: list[int] = list(enc["input_ids"])
+    for k, (a, b) in enumerate(image_spans):  # the image's tokens must come out as themselves
+        got = [t for t, (s, e) in zip(ids, enc["offset_mapping"]) if a <= s and e <= b and e > s]
+        if got != list(image_ids[k]):
+            raise TemplateError(f"image {k}'s tokens do not survive tokenization as text (is the image token a "
+                                "special token of the tokenizer?)")
+
+    def original(e: int) -> int:  # a position in ``full`` -> the same position in the rendered text
+        return e - next((d for start, d in reversed(shifts) if e >= start), 0)
+
+    labels = []
+    for t, (s, e) in zip(ids, enc["offset_mapping"]):
+        in_image = any(a <= s and e <= b for a, b in image_spans)  # image tokens never train
+        o = original(e)
+        labels.append(t if not in_image and any(a < o <= b for a, b in trained_spans) else IGNORE)
+    bos = tokenizer.bos_token_id
+    if bos is not None and not (ids and ids[0] == bos):
+        ids, labels = [bos] + ids, [IGNORE] + labels
     return {"input_ids": ids, "labels": labels}

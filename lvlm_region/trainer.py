@@ -13,6 +13,7 @@ import platform
 import random
 import time
 from dataclasses import dataclass
+from pathlib import Path
 
 import datasets
 import numpy as np
@@ -20,7 +21,8 @@ import torch
 from tqdm import tqdm
 from transformers import AutoConfig, AutoTokenizer
 
-from . import assemble, checkpoint, demo, engine as E, formats, lora, prepare as P, regions, templates, timing
+from . import (assemble, checkpoint, demo, engine as E, formats, lora, outputs, prepare as P, regions, templates,
+               timing)
 from .config import DEMO_DIR, RunConfig
 from .data import BatchStream, ImageTextDataset, make_loader, to_device
 from .evaluate import evaluate
@@ -63,12 +65,23 @@ class Setup:
     load_image: ImageLoader  # the processor with the run's aspect-ratio handling
     attn: str  # the attention implementation actually used
     projector: dict | None = None  # --init-projector's tensors, keyed as the projector's state_dict
+    resume_from: Path | None = None  # the checkpoint to continue from (None: a fresh start)
 
 
 def prepare(cfg: RunConfig) -> Setup:
     """Validate everything that can be checked without loading weights: config, region, DeepSpeed JSON, data."""
     cfg.resolve()
-    E.init_distributed()
+    # The output directory, the inputs and the DeepSpeed JSON are checked before the demo or an assembly is built
+    # and before any weights load.
+    outputs.check_run_dir(cfg.output_dir, {"--model": cfg.model, "--init": cfg.init, "--init-projector":
+                                           cfg.init_projector, "--llm": cfg.llm, "--vision": cfg.vision,
+                                           "--data": cfg.data, "--eval-data": cfg.eval_data,
+                                           "--image-folder": cfg.image_folder},
+                          fresh=cfg.resume in (None, "none"), overwrite=cfg.overwrite)
+    resume_from = checkpoint.resolve_resume(cfg.resume, cfg.output_dir, cfg.overwrite)
+    E.init_distributed(cfg.dist_timeout)
+    precision = E.resolve_precision(cfg.precision)
+    ds_config = E.build_ds_config(cfg.zero, cfg.ds_config, cfg.micro_batch, cfg.grad_accum, cfg.grad_clip, precision)
     if cfg.is_demo:
         if E.rank() == 0:
             demo.ensure(DEMO_DIR)
@@ -89,19 +102,18 @@ def prepare(cfg: RunConfig) -> Setup:
     if not os.path.isfile(os.path.join(cfg.model_path, "config.json")):
         raise FileNotFoundError(f"--model {cfg.model_path}: no config.json; give a local transformers checkpoint dir")
     model_config = AutoConfig.from_pretrained(cfg.model_path)
-    region = regions.resolve(cfg.region, num_decoder_layers(model_config))
+    shape = skeleton(model_config)  # on the meta device: no weights
+    region = regions.resolve(cfg.region, num_decoder_layers(model_config), tied=find_parts(shape).tied)
     if cfg.tuner == "lora" and not region.layers:
         raise ValueError(f"--tuner lora: region {region.spec!r} selects no decoder layer, so there is nothing to put "
                          "LoRA on; give a region with layers (e.g. --region uniform25) or use --tuner full")
-    precision = E.resolve_precision(cfg.precision)
     attn, why = resolve_attention(cfg.attn, not E.on_cpu(), precision)
     if why and E.rank() == 0:
         log.warning("--attn: %s", why)
     if torch.cuda.is_available() and not cfg.peak_tflops:
         timing.peak_for_gpu(torch.cuda.get_device_name())  # an unknown GPU fails here, on every rank, not at step 1
-    ds_config = E.build_ds_config(cfg.zero, cfg.ds_config, cfg.micro_batch, cfg.grad_accum, cfg.grad_clip, precision)
     encoding, tokenizer, processor = P.for_model(cfg.model_path, cfg.template, cfg.max_length, cfg.verify_images,
-                                                 cfg.image_aspect_ratio)
+                                                 cfg.image_aspect_ratio, cfg.allow_outside_images)
     if cfg.packing and encoding.layout.kind == "grid":
         raise ValueError(f"--packing: {model_config.model_type} computes its own 3-D rotary positions per sample "
                          "(from image_grid_thw), which packed position ids would replace; train it without --packing")
@@ -117,9 +129,10 @@ def prepare(cfg: RunConfig) -> Setup:
             formats.kind(path)
     projector = None
     if cfg.init_projector:  # read and checked against the config's shapes before any weights load
-        projector = read_mm_projector(cfg.init_projector, find_parts(skeleton(model_config)).projector)
+        projector = read_mm_projector(cfg.init_projector, find_parts(shape).projector)
     load_image = ImageLoader(processor.image_processor, cfg.image_aspect_ratio)
-    return Setup(cfg, region, precision, ds_config, processor, tokenizer, encoding, load_image, attn, projector)
+    return Setup(cfg, region, precision, ds_config, processor, tokenizer, encoding, load_image, attn, projector,
+                 resume_from)
 
 
 def loader(ds, s: "Setup", shuffle: bool, drop_last: bool, left_pad: bool = False, training: bool = False):
@@ -146,29 +159,45 @@ def obtain_data(path: str, image_folder: str | None, name: str, s: Setup):
     cfg = s.cfg
     folder = image_folder or os.path.dirname(os.path.abspath(path))
     out = os.path.join(cfg.output_dir, "prepared", name)
-    failed = out + ".failed"
-    if E.rank() == 0 and os.path.exists(failed):
-        os.remove(failed)
+    failed, beat = out + ".failed", out + ".heartbeat"
+    if E.rank() == 0:
+        os.makedirs(os.path.dirname(out), exist_ok=True)
+        if os.path.exists(failed):
+            os.remove(failed)
+        open(beat, "w").close()  # fresh before anyone waits on it
     E.barrier()
     if E.rank() == 0:
         try:
-            ds = P.prepare(path, folder, s.encoding, s.tokenizer, out, cfg.on_bad_sample, cfg.max_bad_fraction,
-                           cfg.prep_workers)
+            with outputs.Heartbeat(beat):
+                ds = P.prepare(path, folder, s.encoding, s.tokenizer, out, cfg.on_bad_sample, cfg.max_bad_fraction,
+                               cfg.prep_workers)
         except Exception as e:
             with open(failed, "w") as f:
                 f.write(str(e))
             raise
         return ds, folder
-    want = P.identity(path, folder, s.encoding, s.tokenizer)
-    waited = 0.0
+    wait_for_preparation(path, out, P.identity(path, folder, s.encoding, s.tokenizer), cfg.prep_timeout)
+    return datasets.load_from_disk(out), folder
+
+
+def wait_for_preparation(path: str, out: str, want: dict, timeout: float) -> None:
+    """Wait (on the file system, see obtain_data) until rank 0 has prepared ``path`` into ``out``. Raises DataError
+    when rank 0 reports a failure, or when its heartbeat file has not changed for ``timeout`` seconds (rank 0 was
+    killed, e.g. by the OOM killer, and can report nothing)."""
+    failed, beat = out + ".failed", out + ".heartbeat"
+    start = last_log = time.time()
     while not (P.is_prepared(out) and P.read_meta(out)["identity"] == want):
         if os.path.exists(failed):
             raise P.DataError(f"rank 0 failed to prepare {path}: {open(failed).read()}")
+        silent = outputs.silence(beat, start)
+        if silent > timeout:
+            raise P.DataError(f"rank {E.rank()}: rank 0 has given no sign of life for {silent:.0f} s while preparing "
+                              f"{path} (its heartbeat {beat} stopped changing): it probably died (killed, out of "
+                              f"memory); see its log, then rerun (--prep-timeout, now {timeout:g} s, sets this wait)")
         time.sleep(1.0)
-        waited += 1.0
-        if waited % 120 == 0:
-            log.info("rank %d: waiting for rank 0 to prepare %s (%.0f s)", E.rank(), path, waited)
-    return datasets.load_from_disk(out), folder
+        if time.time() - last_log > 120:
+            last_log = time.time()
+            log.info("rank %d: waiting for rank 0 to prepare %s (%.0f s)", E.rank(), path, last_log - start)
 
 
 def train(cfg: RunConfig) -> "Result":
@@ -178,10 +207,13 @@ def train(cfg: RunConfig) -> "Result":
     s = prepare(cfg)
     rank0 = E.rank() == 0
     out = cfg.output_dir
-    resume_from = checkpoint.resolve_resume(cfg.resume, out)
+    resume_from = s.resume_from
     if cfg.resume == "auto" and resume_from is None and rank0:
         log.info("--resume auto: no checkpoint in %s yet; starting from step 0", out)
     os.makedirs(out, exist_ok=True)
+    if resume_from is None and cfg.overwrite and rank0:  # the replaced run's checkpoints, set aside (not deleted)
+        checkpoint.set_aside_all(out)
+    E.barrier()
     seed_everything(cfg.seed)
 
     train_ds, train_folder = obtain_data(cfg.data, cfg.image_folder, "train", s)
@@ -250,6 +282,7 @@ def train(cfg: RunConfig) -> "Result":
             log.info("resumed from %s at step %d (epoch %d, micro-batch %d)", resume_from, prior["step"],
                      prior["data"]["epoch"], prior["data"]["consumed"])
     start_step = prior["step"]
+    previous = resume_from.name if resume_from is not None else None  # the checkpoint this history continues
     replaced = prior.get("images_replaced", 0)  # samples skipped because an image failed to decode, all ranks
 
     summary = {"status": "running", "config": cfg.to_dict(), "region": s.region.to_dict(), "parameters": counts,
@@ -265,7 +298,7 @@ def train(cfg: RunConfig) -> "Result":
         """What a checkpoint at `step` records besides DeepSpeed's state (accumulated across restarts)."""
         wall = time.perf_counter() - session_start
         return {"step": step, "data": stream.state_dict(), "identity": identity, "totals": totals.state_dict(),
-                "images_replaced": replaced,
+                "images_replaced": replaced, "previous": previous,
                 "time": {"elapsed_s": prior["time"]["elapsed_s"] + wall,
                          "gpu_seconds": prior["time"]["gpu_seconds"] + wall * E.world_size()}}
 
@@ -281,6 +314,7 @@ def train(cfg: RunConfig) -> "Result":
     loss = float("nan")
     for step in range(start_step + 1, total + 1):
         timer.start()
+        skipped_before = engine.skipped_steps
         with timer.phase("data"):
             micro = [to_device(next(stream), device, dtype) for _ in range(cfg.grad_accum)]
             n_valid = E.all_reduce_sum([sum(valid_tokens(b["labels"]) for b in micro)])[0]
@@ -311,15 +345,25 @@ def train(cfg: RunConfig) -> "Result":
         totals.add(times, n_tokens, n_samples, n_images, f_model, f_hw)
         window.add(times, n_tokens, n_samples, n_images, f_model, f_hw)
         loss = loss_total / max(n_valid, 1.0)
+        grad_norm = engine.get_global_grad_norm()  # global: every rank sees the same value, so all stop together
+        try:
+            check_finite(step, loss, grad_norm, engine, s.precision, skipped_before, out)
+        except TrainingDiverged as e:
+            if rank0:  # run.json says what happened; metrics.jsonl keeps the good steps
+                summary.update(status="diverged", error=str(e), steps_done=step - 1, time=state(step - 1)["time"])
+                checkpoint.write_json_atomic(os.path.join(out, "run.json"), summary)
+                metrics.close()
+            raise
         bar.update(1)
         if step % cfg.log_every == 0 or step == total or stops:
             w = window.summary(E.world_size(), peak or 1.0)
             factor = scheduler.lr_lambdas[0](scheduler.last_epoch)  # every group follows the same schedule
             rec = {"step": step, "loss": loss, "lr": cfg.lr * factor,
                    **({"projector_lr": cfg.projector_lr * factor} if cfg.projector_lr != cfg.lr else {}),
-                   "grad_norm": _float(engine.get_global_grad_norm()),
+                   "grad_norm": _float(grad_norm),
                    "tokens_per_s": w["tokens_per_s_per_gpu"] * E.world_size(), "step_s": w["step_seconds"],
-                   **{f"{p}_s": v for p, v in w["phase_seconds"].items()}, "tflops_per_step": w["model_tflops_per_step"],
+                   **{f"{p}_s": v for p, v in w["phase_seconds"].items()},
+                   "tflops_per_step": w["model_tflops_per_step"],
                    "mfu": w["mfu"] if rank0 else None, "peak_mem_gb": timing.peak_memory_bytes() / 1e9,
                    **({"images_replaced": replaced} if replaced else {}), **fp16_state(engine, s.precision)}
             window = timing.Totals(warmup=0)
@@ -331,6 +375,7 @@ def train(cfg: RunConfig) -> "Result":
                 metrics.flush()
         if stops or (cfg.save_every and (step % cfg.save_every == 0 or step == total)):
             path = checkpoint.save(engine, out, step, state(step), cfg.keep_checkpoints)
+            previous = path.name
         if stops:
             bar.close()
             stop.clear_file()
@@ -376,6 +421,39 @@ def train(cfg: RunConfig) -> "Result":
     E.barrier()
     stop.restore()
     return Result(summary, engine)
+
+
+class TrainingDiverged(RuntimeError):
+    """A non-finite loss or gradient norm (or fp16's loss scale at its floor): the run stops at that step."""
+
+
+def check_finite(step: int, loss: float, grad_norm, engine, precision: str, skipped_before: int, out: str) -> None:
+    """Stop the run (every rank alike: loss and grad norm are global) when this step's loss or gradient norm is not
+    finite, before anything of this step is saved; every checkpoint on disk therefore had a finite loss.
+
+    fp16: a step the loss scaler skipped (overflow: weights and schedule unchanged) is not a failure, unless the
+    scale has fallen to its minimum (DeepSpeed would fail at the next overflow with less to say).
+    """
+    def last_good() -> str:  # only on failure: no file-system work on the steps that pass
+        where = checkpoint.find_latest(out)
+        return (f"the last good checkpoint is {where} (continue with --resume auto after changing what diverged)"
+                if where else "no checkpoint was written before it (pass --save-every to keep one)")
+
+    if precision == "fp16" and engine.skipped_steps > skipped_before:
+        scaler = getattr(engine.optimizer, "loss_scaler", None)
+        floor = getattr(scaler, "min_scale", None)
+        if floor is not None and engine.optimizer.loss_scale <= floor:
+            raise TrainingDiverged(f"step {step}: fp16 gradients overflowed and the loss scale has fallen to its "
+                                   f"minimum {floor:g}, so the steps that follow cannot apply either; {last_good()}. "
+                                   "Use bf16, a lower --lr, or a lower min_loss_scale in the DeepSpeed JSON")
+        return
+    norm = float("nan") if grad_norm is None else float(grad_norm)
+    if not math.isfinite(loss) or (grad_norm is not None and not math.isfinite(norm)):
+        raise TrainingDiverged(f"step {step}: loss {loss} / gradient norm {norm} is not finite; the run stopped before "
+                               f"saving anything of this step; {last_good()}. Lower --lr (now "
+                               f"{engine.get_lr()[0]:.3g}) or --grad-clip"
+                               f"{', use bf16 instead of fp16' if precision == 'fp16' else ''}, or look for a bad "
+                               "sample near this step")
 
 
 def fp16_state(engine, precision: str) -> dict:
@@ -435,19 +513,15 @@ def init_fingerprint(cfg: RunConfig) -> str | None:
 
 def open_metrics(path: str, start_step: int):
     """metrics.jsonl for appending; on resume, lines after the checkpoint's step (written by the interrupted
-    session, about to be redone) are dropped so the file reads as one uninterrupted run."""
+    session, about to be redone) are dropped so the file reads as one uninterrupted run. The kept lines are written
+    aside and renamed in (a crash keeps the old file); a torn last line is dropped with a warning."""
     if start_step == 0:
         return open(path, "w")
     kept = []
     if os.path.isfile(path):
-        for line in open(path).read().splitlines():
-            rec = json.loads(line)
-            if rec.get("step", 0) <= start_step and "eval" not in rec:
-                kept.append(line)
-    f = open(path, "w")
-    f.writelines(x + "\n" for x in kept)
-    f.flush()
-    return f
+        kept = [r for r in outputs.read_jsonl(path) if r.get("step", 0) <= start_step and "eval" not in r]
+    outputs.write_jsonl_atomic(path, kept)
+    return open(path, "a")
 
 
 def train_and_compare(cfg: RunConfig) -> "Result":
@@ -469,6 +543,7 @@ def train_and_compare(cfg: RunConfig) -> "Result":
         arm = dataclasses.replace(cfg, region="full", max_steps=int(cfg.compare_full), compare_full=None,
                                   data=prepared if P.is_prepared(prepared) else cfg.data,
                                   output_dir=os.path.join(cfg.output_dir, "compare-full"), save_every=0, resume=None,
+                                  overwrite=True,  # the arm's directory is this run's own
                                   eval_data=None, export_model=False)
         try:
             full = train(arm).summary
@@ -525,7 +600,13 @@ def save(engine, processor, out: str, adapters=None) -> None:
 
     def write(d: str) -> None:
         if adapters is None:
-            engine.module.save_pretrained(d, state_dict=state, safe_serialization=True)
+            # Saved through a fresh meta-device instance of the class: save_pretrained renames tensors by the model's
+            # load history, and a model loaded under ZeRO-3 carries transformers' legacy renamings too, which gave
+            # names no published checkpoint has (language_model.model.model.*). A fresh instance writes the names
+            # save_pretrained writes for this class, whatever the ZeRO stage.
+            fresh = skeleton(engine.module.config)
+            fresh.generation_config = engine.module.generation_config
+            fresh.save_pretrained(d, state_dict=state, safe_serialization=True)
         else:
             lora.save(engine.module, adapters, state, d)
             save_projector(engine.module, state, os.path.join(d, lora.ADAPTER_DIR))

@@ -14,7 +14,12 @@ from conftest import deepspeed_cmd, run
     (["--region", "uniform200"], "invalid region spec 'uniform200': percentage 200 is outside (0, 100]"),
     (["--region", "layers:1,8"], "layer index 8 is out of range 0..7"),
     (["--region", "paper32"], "paper32 is defined for 32-layer LLMs only, this one has 8"),
-    (["--zero", "1"], "--zero must be 2 or 3"),
+    (["--zero", "1"], "--zero must be a whole number in [2, 3], got 1"),
+    (["--region", "uniform 25"], "invalid region spec 'uniform 25': it contains spaces inside a name or number"),
+    (["--ds-config", "{ds:{\"zero_optimization\": {\"stage\": 2,}}}"], "is not valid JSON (Expecting property name"),
+    (["--ds-config", "{ds:[1, 2]}"], "holds a JSON list, not an object of settings"),
+    (["--ds-config", "{ds:{\"zero_optimization\": {\"stage\": 2, \"overlap_comms\": false}}}"],
+     "DeepSpeed rejects the config"),
     (["--init", "no/such/dir"], "--init no/such/dir is not a directory"),
     (["--model", "no/such/model", "--data", "x.json"], "--model no/such/model: no config.json"),
     (["--init-projector", "no/mm_projector.bin"], "--init-projector no/mm_projector.bin: no such file"),
@@ -27,17 +32,23 @@ from conftest import deepspeed_cmd, run
     (["--image-aspect-ratio", "crop"], "--image-aspect-ratio must be one of pad, square"),
 ])
 def test_bad_input_fails_before_weights_load(demo_dir, tmp_path, flags, message):
+    ds_file = tmp_path / "ds.json"
+    if flags[0] == "--ds-config":  # the file's content is given in the case; the message must name the file
+        ds_file.write_text(flags[1][len("{ds:"):-1])
+        flags = ["--ds-config", str(ds_file)]
     if "{csv}" in flags:
         flags = [str(tmp_path / "d.csv") if f == "{csv}" else f for f in flags]
         (tmp_path / "d.csv").write_text("id,conversations\n")
     if "{7b}" in flags:  # LLaVA-1.5-7B's projector shapes (CLIP-L 1024 -> 4096) for the 128-wide demo LLM
         flags = [str(tmp_path / "mm_projector.bin") if f == "{7b}" else f for f in flags]
-        torch.save({"model.mm_projector.0.weight": torch.zeros(4096, 1024), "model.mm_projector.0.bias": torch.zeros(4096),
-                    "model.mm_projector.2.weight": torch.zeros(4096, 4096), "model.mm_projector.2.bias": torch.zeros(4096)},
-                   flags[-1])
+        torch.save({"model.mm_projector.0.weight": torch.zeros(4096, 1024),
+                    "model.mm_projector.0.bias": torch.zeros(4096),
+                    "model.mm_projector.2.weight": torch.zeros(4096, 4096),
+                    "model.mm_projector.2.bias": torch.zeros(4096)}, flags[-1])
     res = run([sys.executable, "launch/sft.py", "--output-dir", str(tmp_path / "out"), *flags], timeout=300)
     assert res.returncode == 2
     assert message in res.stderr
+    assert flags[0] != "--ds-config" or str(ds_file) in res.stderr
     assert "Loading weights" not in res.stdout + res.stderr  # nothing heavy happened
     if "region" in message:
         assert "valid region specs:" in res.stderr

@@ -195,8 +195,9 @@ def test_tables_on_disk(tmp_path, kind):
 
 def test_embedded_images_are_refused_by_name(tmp_path):
     ds = datasets.Dataset.from_dict({"images": [[Image.new("RGB", (8, 8))]], "messages": [[]]},
-                                    features=datasets.Features({"images": datasets.Sequence(datasets.Image()),
-                                                                "messages": datasets.Sequence(datasets.Value("string"))}))
+                                    features=datasets.Features({
+                                        "images": datasets.Sequence(datasets.Image()),
+                                        "messages": datasets.Sequence(datasets.Value("string"))}))
     ds.to_parquet(str(tmp_path / "e.parquet"))
     with pytest.raises(ValueError, match=r"column 'images' holds embedded images"):
         list(formats.records(str(tmp_path / "e.parquet")))
@@ -209,3 +210,44 @@ def test_unusable_inputs_are_named(tmp_path, path, problem):
     (tmp_path / "dir").mkdir()
     with pytest.raises((ValueError, FileNotFoundError), match=problem):
         formats.kind(str(tmp_path / path))
+
+
+def test_image_paths_leaving_the_folder_are_dropped_unopened(tmp_path, folder):
+    tok = word_tokenizer(WORDS)
+    outside = tmp_path / "secret.png"
+    Image.new("RGB", (16, 16), "blue").save(outside)
+    os.symlink(outside, folder / "link.png")  # a link inside the folder that points out of it
+    (folder / "sub").mkdir()
+    rows = [llava("abs", "<image>\nwhat", "red", image="/etc/hostname"),
+            llava("up", "<image>\nwhat", "red", image="../secret.png"),
+            llava("up2", "<image>\nwhat", "red", image="sub/../../secret.png"),
+            llava("ln", "<image>\nwhat", "red", image="link.png"),
+            llava("ok", "<image>\nwhat", "red", image="sub/../good.png")]
+    data = tmp_path / "d.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    ds = P.prepare(str(data), str(folder), encoding(tok), tok, str(tmp_path / "prep"), max_bad_fraction=1.0)
+    assert ds["id"] == ["ok"]
+    report = json.loads((tmp_path / "prep" / "report.json").read_text())
+    assert report["dropped_by_reason"] == {"image_outside_folder": 4}
+    detail = {d["id"]: d["detail"] for d in report["dropped_samples"]}
+    assert detail["abs"].startswith("'/etc/hostname' leaves the image folder") and "--allow-outside-images" in \
+        detail["abs"]
+    assert "size" not in detail["abs"]  # never opened: nothing about the file is reported
+    # --allow-outside-images: data sets that use absolute paths keep them.
+    enc = P.Encoding(encoding(tok).template, encoding(tok).layout, 40, allow_outside_images=True)
+    ds = P.prepare(str(data), str(folder), enc, tok, str(tmp_path / "prep2"), max_bad_fraction=1.0)
+    assert ds["id"] == ["up", "up2", "ln", "ok"]  # /etc/hostname is opened now, and is no image: unreadable_image
+    assert json.loads((tmp_path / "prep2" / "report.json").read_text())["dropped_by_reason"] == {"unreadable_image": 1}
+
+
+def test_text_the_tokenizer_cannot_reproduce_is_counted_with_an_example(tmp_path, caplog):
+    tok = word_tokenizer(WORDS)  # word-level: an unknown word becomes <unk>
+    rows = [llava("k1", "what is it", "red"), llava("k2", "what is it", "red Zürich"), llava("k3", "what", "blue")]
+    data = tmp_path / "d.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    with caplog.at_level(logging.WARNING):
+        ds = P.prepare(str(data), str(tmp_path), encoding(tok), tok, str(tmp_path / "prep"))
+    assert len(ds) == 3 and "lossy" not in ds.column_names  # kept: a warning, not a bad sample
+    report = json.loads((tmp_path / "prep" / "report.json").read_text())
+    assert report["lossy_text"] == 1 and report["lossy_text_example"] == {"line": 2, "id": "k2", "text": "red Zürich"}
+    assert "1 of 3 kept samples have text the tokenizer does not reproduce" in caplog.text

@@ -220,7 +220,8 @@ def test_full_disk_fails_the_save_clearly_and_keeps_the_previous_checkpoint(ref3
     mnt.mkdir()
     train = " ".join(deepspeed_cmd(2, "launch/sft.py", "--output-dir", f"{mnt}/run", *STEPS, "--zero", zero,
                                    "--save-every", "1"))
-    script = f"mount -t tmpfs -o size=14m none {mnt} && {{ {train}; echo $? > {tmp_path}/rc; }}; cp -r {mnt}/run {after}"
+    script = (f"mount -t tmpfs -o size=14m none {mnt} && {{ {train}; echo $? > {tmp_path}/rc; }}; "
+              f"cp -r {mnt}/run {after}")
     res = subprocess.run(["unshare", "-rm", "bash", "-c", script], cwd=ROOT, capture_output=True, text=True,
                          timeout=600)
     assert int((tmp_path / "rc").read_text()) != 0, res.stdout[-3000:]
@@ -254,8 +255,9 @@ def test_write_error_during_a_save_names_the_rank_and_keeps_the_previous_checkpo
     assert history(out) == history(ref)[4:]  # steps 5 and 6 and the eval (the copy brought no metrics.jsonl)
 
 
-def test_saving_a_step_again_replaces_it_only_once_the_new_one_is_complete(ref2, tmp_path):
-    # --resume DIR from step 4 while step 6 exists: step 6 is written again and swapped in after it is complete.
+def test_saving_a_step_again_sets_the_abandoned_one_aside(ref2, tmp_path):
+    # --resume DIR from step 4 while step 6 exists: step 6 of the abandoned attempt is moved to abandoned/ (never
+    # deleted) when the resumed run writes its first checkpoint, and the new step 6 becomes `latest`.
     zero, ref = ref2
     out = tmp_path / "run"
     copy_checkpoints(ref, out, "step-00000006")
@@ -267,8 +269,52 @@ def test_saving_a_step_again_replaces_it_only_once_the_new_one_is_complete(ref2,
     assert f"resumed from {resume_from}" in res.stdout
     new = out / "checkpoints" / "step-00000006"
     assert checkpoint.find_latest(str(out)) == new and new.joinpath(checkpoint.STATE_FILE).read_text() != old_state
-    assert not (out / "checkpoints" / checkpoint.PARTIAL / "step-00000006.replaced").exists()  # removed after
+    kept = out / "checkpoints" / checkpoint.ABANDONED / "step-00000006"
+    assert kept.joinpath(checkpoint.STATE_FILE).read_text() == old_state
+    assert "step-00000006" in res.stdout and "abandoned" in res.stdout
     assert history(out) == history(ref)[4:]  # steps 5 and 6 and the eval, as in the uninterrupted run
+    assert json.loads(new.joinpath(checkpoint.STATE_FILE).read_text())["previous"] == "step-00000004"
+
+
+def test_resume_auto_follows_the_runs_own_history(tmp_path):
+    root = tmp_path / "checkpoints"
+
+    def ckpt(step: int, previous: int | None) -> None:
+        d = root / checkpoint.tag_for(step)
+        d.mkdir(parents=True)
+        d.joinpath(checkpoint.STATE_FILE).write_text(json.dumps(
+            {"step": step, "previous": previous and checkpoint.tag_for(previous)}))
+
+    ckpt(10, None), ckpt(20, 10), ckpt(30, 20)  # a first attempt
+    ckpt(25, 20)  # a later attempt resumed from 20 and saved 25 (before it set 30 aside, say)
+    (root / checkpoint.LATEST).write_text(checkpoint.tag_for(25))
+    assert checkpoint.find_latest(str(tmp_path)).name == "step-00000025"  # not 30, which sorts later
+    assert checkpoint.resolve_resume("auto", str(tmp_path)).name == "step-00000025"
+    # A save that renamed its directory in and died before moving the pointer: its successor is taken.
+    ckpt(35, 25)
+    assert checkpoint.find_latest(str(tmp_path)).name == "step-00000035"
+
+
+def test_rng_files_load_without_unpickling_code(tmp_path):
+    import pickle
+
+    import numpy as np
+    import torch
+    good = tmp_path / "rank0.pt"
+    torch.save(checkpoint._rng_states(), good)  # as save() writes it
+    state = checkpoint.load_rng_file(good)
+    assert np.array_equal(state["numpy"][1], np.random.get_state()[1]) and torch.equal(state["torch"],
+                                                                                         torch.get_rng_state())
+    marker = tmp_path / "ran"
+
+    class Crafted:
+        def __reduce__(self):
+            return (os.system, (f"touch {marker}",))
+
+    torch.save({"python": Crafted()}, tmp_path / "crafted.pt")
+    with pytest.raises(pickle.UnpicklingError, match="Weights only load failed"):
+        checkpoint.load_rng_file(tmp_path / "crafted.pt")
+    assert not marker.exists()
 
 
 def test_identity_difference_in_the_model_is_named():

@@ -177,3 +177,76 @@ def test_a_generation_prompt_that_the_conversation_does_not_contain_is_refused()
     tok = word_tokenizer(WORDS, bos=None)
     with pytest.raises(TemplateError, match="does not render conversations prefix by prefix"):
         ChatFormat("auto", odd).segments(tok, A)
+
+
+def test_vicuna_system_prompt_is_llava_15s():
+    # LLaVA's conv_vicuna_v1 (llava/conversation.py), which LLaVA-1.5 trains (--version v1) and evaluates
+    # (--conv-mode vicuna_v1) with; conv_llava_v1's "curious human" text is not it.
+    assert VICUNA_SYSTEM == ("A chat between a curious user and an artificial intelligence assistant. The assistant "
+                             "gives helpful, detailed, and polite answers to the user's questions.")
+
+
+def _sentencepiece(tmp_path):
+    """A real sentencepiece BPE model (Llama-style: '▁' word starts, byte fallback) trained on a small corpus."""
+    import sentencepiece as spm
+    from transformers import LlamaTokenizer
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text("\n".join([VICUNA_SYSTEM, "USER: ASSISTANT: what colour is the shape? red blue square",
+                                 "where is it? top left bottom right circle"] * 20))
+    spm.SentencePieceTrainer.train(input=str(corpus), model_prefix=str(tmp_path / "sp"), vocab_size=300,
+                                   model_type="bpe", unk_id=0, bos_id=1, eos_id=2, pad_id=3, byte_fallback=True,
+                                   user_defined_symbols=["<image>"], hard_vocab_limit=False, minloglevel=2)
+    d = tmp_path / "sp_tok"
+    d.mkdir()
+    (tmp_path / "sp.model").rename(d / "tokenizer.model")
+    return LlamaTokenizer.from_pretrained(str(d))
+
+
+def _byte_level_bpe():
+    """A real byte-level BPE tokenizer (GPT-2 / Qwen / Llama-3 style) trained on a small corpus."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+    backend = Tokenizer(models.BPE())
+    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    backend.decoder = decoders.ByteLevel()
+    backend.train_from_iterator([VICUNA_SYSTEM, "USER: ASSISTANT: what colour is the shape? red blue square",
+                                 "where is it? top left bottom right circle"] * 20,
+                                trainers.BpeTrainer(vocab_size=300,
+                                                    initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+                                                    special_tokens=["<|endoftext|>", "<image>", "<|im_start|>",
+                                                                    "<|im_end|>"]))
+    return PreTrainedTokenizerFast(tokenizer_object=backend, eos_token="<|im_end|>", pad_token="<|endoftext|>",
+                                   additional_special_tokens=["<image>", "<|im_start|>"])
+
+
+MULTI = [{"role": "user", "content": "<image>\nwhat colour is the shape?"}, {"role": "assistant", "content": "red"},
+         {"role": "user", "content": "where is it?"}, {"role": "assistant", "content": "top left"},
+         {"role": "user", "content": "and the shape?"}, {"role": "assistant", "content": "square"}]
+
+
+@pytest.mark.parametrize("kind,name", [("sentencepiece", "vicuna_v1"), ("sentencepiece", "plain"),
+                                       ("bpe", "chatml"), ("bpe", "vicuna_v1")])
+def test_training_ids_are_the_ids_of_the_rendered_conversation_as_one_string(tmp_path, kind, name):
+    tok = _sentencepiece(tmp_path) if kind == "sentencepiece" else _byte_level_bpe()
+    fmt = resolve(name, tok, "t")
+    image = tok.convert_tokens_to_ids("<image>")
+    segments = fmt.segments(tok, MULTI)
+    out = tokenize(segments, tok, [[image] * 3])
+    text = "".join(t for t, _ in segments).replace("<image>", "<image>" * 3)  # the processor's expansion
+    one = tok(text, add_special_tokens=False)["input_ids"]
+    lead = [tok.bos_token_id] if tok.bos_token_id is not None and one[:1] != [tok.bos_token_id] else []
+    assert out["input_ids"] == lead + one
+    if kind == "sentencepiece" and name == "vicuna_v1":  # the old per-segment tokenization added a '▁' per turn
+        pieces = tok.convert_ids_to_tokens(out["input_ids"])
+        assert pieces.count("▁") == tok.convert_ids_to_tokens(lead + one).count("▁")
+    if not fmt.conversational:
+        return
+    # What training sees before each reply is what inference tokenizes as the prompt (evaluate.PromptDataset).
+    for i in (1, 3, 5):
+        prompt = tokenize([(fmt.prompt(tok, MULTI[:i]), False)], tok, [[image] * 3])["input_ids"]
+        assert out["input_ids"][:len(prompt)] == prompt
+        assert out["labels"][len(prompt) - 1] == IGNORE and out["labels"][len(prompt)] != IGNORE  # the reply trains
+        if i == 1:
+            assert all(x == IGNORE for x in out["labels"][:len(prompt)])
+    trained = tok.decode([t for t in out["labels"] if t != IGNORE])
+    assert all(m["content"] in trained for m in MULTI if m["role"] == "assistant")

@@ -5,6 +5,7 @@ changed, and the saved checkpoint reloads with plain transformers to exactly the
 """
 import json
 import re
+import shutil
 from pathlib import Path
 
 import pytest
@@ -31,17 +32,27 @@ def check(report, trainable_pattern):
     assert {n for n, p in params.items() if p["changed"]} == want  # frozen: bit-identical; trained: changed
     assert all(p["reload_equal"] for p in params.values())
     assert report["summary"]["world_size"] == 2
+    assert report["export_names"]["equal"], report["export_names"]  # the names save_pretrained writes, any ZeRO
+
+
+def check_size_estimate(out: Path, report: dict) -> None:
+    """The first checkpoint's free-space check asks for about what a checkpoint writes (all ranks together)."""
+    ckpt = out / "checkpoints" / "step-00000003"
+    written = sum(f.stat().st_size for f in ckpt.rglob("*") if f.is_file())
+    assert 0.9 * written <= report["checkpoint_bytes_estimate"] <= 1.1 * written, (written, report)
 
 
 @pytest.fixture(scope="module")
 def stage1(demo_dir, tmp_path_factory):
     tmp = tmp_path_factory.mktemp("stage1")
-    return train_and_report(tmp, "pretrain", "pre_z2", "--zero", "2", "--attn", "flash_attention_2")
+    return train_and_report(tmp, "pretrain", "pre_z2", "--zero", "2", "--attn", "flash_attention_2",
+                            "--save-every", "3")
 
 
 def test_stage1_zero2_trains_only_the_projector(stage1):
     out, report, stdout = stage1
     check(report, r"model\.multi_modal_projector\.")
+    check_size_estimate(out, report)
     assert report["summary"]["region"]["layers"] == []
     assert "optimizer holds exactly the 4 intended parameter tensors" in stdout
     lines = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
@@ -59,8 +70,9 @@ def test_stage1_zero2_trains_only_the_projector(stage1):
 
 
 def test_stage1_zero3(demo_dir, tmp_path):
-    _, report, _ = train_and_report(tmp_path, "pretrain", "pre_z3", "--zero", "3")
+    out, report, _ = train_and_report(tmp_path, "pretrain", "pre_z3", "--zero", "3", "--save-every", "3")
     check(report, r"model\.multi_modal_projector\.")
+    check_size_estimate(out, report)
 
 
 def test_stage2_zero2_uniform25_from_stage1(stage1, tmp_path):
@@ -108,7 +120,10 @@ def test_text_only_rank_does_not_hang_zero3(demo_dir, tmp_path):
     data.write_text(json.dumps(samples))
     # Evaluation shards in order (rank r takes samples r, r + 2, ...): rank 0 generates from image prompts only,
     # rank 1 from text-only prompts, whose left-padded batches must run the vision tower too (synced_gpus).
-    (tmp_path / "images").symlink_to((demo_dir / "images").resolve())
+    (tmp_path / "images").mkdir()  # copies: a link leaving the data's folder is dropped as image_outside_folder
+    for s in samples:
+        if "image" in s:
+            shutil.copy(demo_dir / s["image"], tmp_path / s["image"])
     _, report, _ = train_and_report(tmp_path, "sft", "mixed_z3", "--zero", "3", "--region", "uniform25",
                                     "--data", str(data), "--image-folder", str(demo_dir), "--max-steps", "4",
                                     "--micro-batch", "1", "--eval-data", str(data), "--eval-max-samples", "4")
@@ -244,8 +259,9 @@ def test_bf16_zero3_on_cpu_gathers_16bit_weights(demo_dir, tmp_path):
     the gathered bf16 weights (REFERENCE trap 5: frozen weights must survive 16-bit saves)."""
     from safetensors import safe_open
     out, report, stdout = train_and_report(tmp_path, "sft", "bf16_z3", "--zero", "3", "--precision", "bf16",
-                                           "--region", "uniform25", "--lr", "2e-2")
+                                           "--region", "uniform25", "--lr", "2e-2", "--save-every", "3")
     check(report, r"model\.multi_modal_projector\.|model\.language_model\.layers\.(0|7)\.")
+    check_size_estimate(out, report)
     assert {p["dtype"] for p in report["params"].values()} == {"torch.bfloat16"}
     summary = report["summary"]
     assert summary["precision"] == "bf16"
@@ -301,3 +317,80 @@ def test_fp16_loss_scaling_with_frozen_layers_zero3(demo_dir, tmp_path):
         else:
             assert s["grad_norm"] < float("inf") and s["lr"] < lr_before
         lr_before = s["lr"]
+
+
+@pytest.fixture(scope="module")
+def tied_model(demo_dir, tmp_path_factory):
+    """The demo model with its input embeddings and LM head tied (one tensor), as Qwen2-VL-2B, Qwen2.5-VL-3B and
+    anything assembled from a tied LLM have them."""
+    import torch
+    from transformers import AutoConfig, AutoProcessor, LlavaForConditionalGeneration
+    out = tmp_path_factory.mktemp("tied") / "model"
+    cfg = AutoConfig.from_pretrained(demo_dir / "base_model")
+    cfg.tie_word_embeddings = True
+    torch.manual_seed(0)
+    model = LlavaForConditionalGeneration(cfg)
+    assert model.get_input_embeddings().weight is model.get_output_embeddings().weight
+    model.save_pretrained(out)
+    AutoProcessor.from_pretrained(demo_dir / "base_model").save_pretrained(out)
+    return out
+
+
+@pytest.mark.parametrize("zero,part", [("2", "+embed"), ("3", "+lm_head")])
+def test_tied_embeddings_train_as_one_tensor(tied_model, tmp_path, zero, part):
+    from transformers import AutoModelForImageTextToText
+    out, report, stdout = train_and_report(tmp_path, "sft", f"tied_z{zero}", "--model", str(tied_model), "--data",
+                                           "data/demo/sft_train.json", "--zero", zero, "--lr", "1e-3",
+                                           "--region", f"uniform25 {part}")  # a space, read as written
+    # +embed or +lm_head: the one tensor trains (before: +embed left it frozen, +lm_head trained the embeddings
+    # while the log credited lm_head alone).
+    check(report, r"model\.multi_modal_projector\.|model\.language_model\.layers\.(0|7)\."
+                  r"|model\.language_model\.embed_tokens\.weight$")
+    reloaded = AutoModelForImageTextToText.from_pretrained(out)
+    assert reloaded.get_output_embeddings().weight is reloaded.get_input_embeddings().weight
+    counts = report["summary"]["parameters"]
+    assert counts["embed=lm_head (tied)"] == {"trainable": reloaded.get_input_embeddings().weight.numel(),
+                                              "total": reloaded.get_input_embeddings().weight.numel()}
+    assert "embed" not in counts and "lm_head" not in counts
+    assert stdout.count("embed=lm_head (tied)") == 1  # logged once, as tied
+
+
+def test_tied_embeddings_switched_apart_are_refused_before_loading(tied_model, tmp_path):
+    import sys
+    res = run([sys.executable, "launch/sft.py", "--model", str(tied_model), "--data", "data/demo/sft_train.json",
+               "--output-dir", str(tmp_path / "o"), "--region", "uniform25+embed-lm_head"], timeout=300)
+    assert res.returncode == 2
+    assert "this model ties its input embeddings and LM head (one tensor)" in res.stderr
+    assert "Loading weights" not in res.stdout + res.stderr
+
+
+def test_a_non_finite_loss_stops_the_run_before_anything_of_it_is_saved(demo_dir, tmp_path):
+    # A learning rate of 1e30 makes step 1's update blow the weights up: step 2's loss is not finite.
+    out = tmp_path / "nan"
+    res = run(deepspeed_cmd(2, "launch/sft.py", "--output-dir", str(out), *FAST, "--zero", "3", "--lr", "1e30",
+                            "--save-every", "1", "--keep-checkpoints", "1"))
+    assert res.returncode != 0
+    assert "error: step 2: loss " in res.stderr
+    assert ("is not finite; the run stopped before saving anything of this step; the last good checkpoint is "
+            f"{out}/checkpoints/step-00000001" in res.stderr)
+    assert sorted(p.name for p in (out / "checkpoints").glob("[!.]*")) == ["latest", "step-00000001"]
+    assert not (out / "model.safetensors").exists()  # no export of non-finite weights
+    run_json = json.loads((out / "run.json").read_text())
+    assert run_json["status"] == "diverged" and run_json["steps_done"] == 1 and "step 2" in run_json["error"]
+    assert [json.loads(x)["step"] for x in (out / "metrics.jsonl").read_text().splitlines()] == [1]
+
+
+def test_fp16_loss_scale_at_its_minimum_stops_the_run(demo_dir, tmp_path):
+    # As above, but the scale may not fall below 2^19: the first overflow (at 2^20) leaves it at its minimum.
+    ds = json.loads((Path("ds_configs") / "zero3.json").read_text())
+    ds["fp16"] = {"initial_scale_power": 20, "hysteresis": 1, "min_loss_scale": 2 ** 19}
+    (tmp_path / "fp16.json").write_text(json.dumps(ds))
+    out = tmp_path / "fp16min"
+    res = run(deepspeed_cmd(2, "tests/helpers/fp16_on_cpu.py", "sft", str(tmp_path / "r.json"), "--", "--output-dir",
+                            str(out), *FAST, "--ds-config", str(tmp_path / "fp16.json"), "--precision", "fp16",
+                            "--region", "uniform25", "--lr", "1e-3", "--save-every", "1"))
+    assert res.returncode != 0
+    assert ("step 1: fp16 gradients overflowed and the loss scale has fallen to its minimum 524288" in
+            res.stdout + res.stderr)
+    assert not (out / "checkpoints").exists() or not list((out / "checkpoints").glob("step-*"))
+    assert json.loads((out / "run.json").read_text())["status"] == "diverged"

@@ -15,7 +15,7 @@ import torch
 from safetensors.torch import load_file
 from transformers import AutoModelForImageTextToText
 
-from lvlm_region import engine as E
+from lvlm_region import checkpoint, engine as E
 from lvlm_region.cli import parse
 from lvlm_region.model import PROJECTOR_FILE, find_parts
 from lvlm_region.trainer import train
@@ -30,6 +30,7 @@ def main() -> None:
     engine = result.engine
     trained = {n: p.requires_grad for n, p in engine.module.named_parameters()}
     final = E.full_state_dict(engine)  # the engine's weights, gathered under ZeRO-3
+    size_estimate = checkpoint.checkpoint_bytes(engine)  # what the first save's free-space check asks for
     if E.rank() != 0:
         return
     start = AutoModelForImageTextToText.from_pretrained(cfg.model_path).state_dict()
@@ -48,8 +49,34 @@ def main() -> None:
             "reload_equal": reloaded[name].dtype == dtype and torch.equal(reloaded[name], final[name]),
             "dtype": str(dtype),
         }
+    report["export_names"] = export_names_against_save_pretrained(cfg.output_dir)
+    report["checkpoint_bytes_estimate"] = size_estimate
     with open(report_path, "w") as f:
         json.dump(report, f, default=str)
+
+
+def tensor_names(d: str) -> set[str]:
+    from safetensors import safe_open
+    names = set()
+    for f in sorted(os.listdir(d)):
+        if f.endswith(".safetensors") and f.startswith("model"):
+            with safe_open(os.path.join(d, f), "pt") as st:
+                names |= set(st.keys())
+    return names
+
+
+def export_names_against_save_pretrained(out: str) -> dict:
+    """The tensor names of the export against those transformers' own save_pretrained writes for a fresh model of
+    the same class and config (what published checkpoints of the class carry)."""
+    import tempfile
+
+    from transformers import AutoConfig
+    fresh = AutoModelForImageTextToText.from_config(AutoConfig.from_pretrained(out))
+    with tempfile.TemporaryDirectory() as d:
+        fresh.save_pretrained(d)
+        want = tensor_names(d)
+    have = tensor_names(out)
+    return {"equal": have == want, "extra": sorted(have - want)[:5], "missing": sorted(want - have)[:5]}
 
 
 if __name__ == "__main__":

@@ -1,0 +1,65 @@
+"""Flags: every numeric flag is refused at parse time outside its domain, with the valid range; the run config
+refuses the same values when built in code."""
+import dataclasses
+import math
+import sys
+
+import pytest
+
+from conftest import run
+from lvlm_region.cli import build_parser, parse
+from lvlm_region.config import RANGES, RunConfig
+
+
+@pytest.mark.parametrize("flag,value,message", [
+    ("--lr", "inf", "--lr must be a finite number > 0, got inf"),
+    ("--lr", "nan", "--lr must be a finite number > 0, got nan"),
+    ("--lr", "0", "--lr must be a finite number > 0, got 0.0"),
+    ("--projector-lr", "-1e-5", "--projector-lr must be a finite number > 0, got -1e-05"),
+    ("--grad-clip", "-1", "--grad-clip must be a finite number >= 0, got -1.0"),
+    ("--weight-decay", "-0.1", "--weight-decay must be a finite number >= 0, got -0.1"),
+    ("--eval-max-samples", "-1", "--eval-max-samples must be a whole number >= 0, got -1"),
+    ("--micro-batch", "0", "--micro-batch must be a whole number >= 1, got 0"),
+    ("--micro-batch", "1.5", "--micro-batch must be a whole number >= 1, got '1.5'"),
+    ("--warmup-ratio", "1", "--warmup-ratio must be a finite number in [0, 1), got 1.0"),
+    ("--epochs", "0", "--epochs must be a finite number > 0, got 0.0"),
+    ("--seed", "-1", "--seed must be a whole number in [0, 4.29497e+09], got -1"),
+    ("--lora-dropout", "1", "--lora-dropout must be a finite number in [0, 1), got 1.0"),
+    ("--lora-alpha", "0", "--lora-alpha must be a whole number > 0, got 0"),
+    ("--max-bad-fraction", "2", "--max-bad-fraction must be a finite number in [0, 1], got 2.0"),
+    ("--save-every", "-2", "--save-every must be a whole number >= 0, got -2"),
+    ("--keep-checkpoints", "-1", "--keep-checkpoints must be a whole number >= 0, got -1"),
+    ("--zero", "1", "--zero must be a whole number in [2, 3], got 1"),
+    ("--peak-tflops", "-5", "--peak-tflops must be a finite number > 0, got -5.0"),
+    ("--dist-timeout", "0", "--dist-timeout must be a finite number > 0, got 0.0"),
+    ("--prep-timeout", "inf", "--prep-timeout must be a finite number > 0, got inf"),
+    ("--num-workers", "-1", "--num-workers must be a whole number >= 0, got -1"),
+])
+def test_numeric_flags_out_of_their_domain_are_refused_at_parse_time(capsys, flag, value, message):
+    with pytest.raises(SystemExit) as e:
+        parse("sft", "", ["--output-dir", "out", f"{flag}={value}"])
+    assert e.value.code == 2
+    assert message in capsys.readouterr().err
+
+
+def test_every_numeric_field_has_a_ranged_flag_and_the_config_checks_the_same_range():
+    parser = build_parser("sft", "")
+    typed = {a.dest: a.type for a in parser._actions if a.type is not None and a.dest != "local_rank"}
+    assert set(typed) == set(RANGES) - {"max_new_tokens"}  # max_new_tokens is not a flag
+    numeric = {f.name for f in dataclasses.fields(RunConfig) if f.type in ("int", "float", "int | None",
+                                                                          "float | None")}
+    assert numeric - {"dataset_size"} == set(RANGES)
+    for name, valid in RANGES.items():
+        bad = math.nan if valid.kind is float else valid.low - 1
+        cfg = RunConfig(stage="sft", output_dir="out", **{name: bad})
+        with pytest.raises(ValueError, match=f"--{name.replace('_', '-')} must be"):
+            cfg.resolve()
+
+
+def test_other_launchers_refuse_numbers_out_of_range(tmp_path):
+    res = run([sys.executable, "launch/report.py", str(tmp_path), "--output", str(tmp_path / "r"),
+               "--assumed-mfu", "0"], timeout=120)
+    assert res.returncode == 2 and "--assumed-mfu must be a finite number in (0, 1], got 0.0" in res.stderr
+    res = run([sys.executable, "data_prep/prepare.py", "--data", "x.json", "--model", "m", "--output",
+               str(tmp_path / "p"), "--max-length", "0"], timeout=120)
+    assert res.returncode == 2 and "--max-length must be a whole number >= 1, got 0" in res.stderr
