@@ -93,7 +93,7 @@ def generate(out_dir: str, n_train: int = 2400, n_eval: int = 240, seed: int = 0
             json.dump(rows, f, indent=1)
 
 
-def train_tokenizer(out_dir: str, vocab_size: int = 512) -> str:  # 256 byte pieces, the rest learnt
+def train_tokenizer(out_dir: str, vocab_size: int = 416) -> str:  # 256 byte pieces, 160 learnt
     """Train a sentencepiece BPE model on the generated corpus; returns a transformers tokenizer dir."""
     import sentencepiece as spm
     from transformers import LlamaTokenizer
@@ -101,9 +101,7 @@ def train_tokenizer(out_dir: str, vocab_size: int = 512) -> str:  # 256 byte pie
     from .templates import BUILTIN, VICUNA_SYSTEM
 
     log.info("demo 2/3: training its tokenizer")
-    # The template's fixed text as often as a conversation carries it, so it becomes a few pieces (sequences of
-    # about 80 tokens instead of 160 with it spelled letter by letter).
-    lines = [f"{VICUNA_SYSTEM} USER: ASSISTANT:"] * 100 + list(QUESTIONS.values())
+    lines = [VICUNA_SYSTEM, "USER: ASSISTANT:", *QUESTIONS.values()]
     for fname in ("pretrain.json", "sft_train.json"):
         with open(os.path.join(out_dir, fname)) as f:
             lines += [t["value"].replace("<image>\n", "") for s in json.load(f) for t in s["conversations"]]

@@ -8,7 +8,7 @@ from conftest import deepspeed_cmd, run
 
 from lvlm_region.demo import chance_accuracy
 
-MIN_ACCURACY = 0.35  # measured 0.446 on this CPU machine (README, "What the demo does and prints")
+MIN_ACCURACY = 0.35  # measured 0.425 on this CPU machine (README, "What the demo does and prints")
 
 
 def test_demo_learns(demo_dir, tmp_path):
