@@ -24,7 +24,6 @@ from dataclasses import dataclass
 import datasets
 
 from . import formats, image_inputs, images, outputs
-from .config import FRACTION
 from .formats import BadSample
 from .image_inputs import ImageLayout
 from .templates import IMAGE_PLACEHOLDER, ChatFormat, TemplateError, tokenize
@@ -62,7 +61,8 @@ def check_options(on_bad_sample: str, max_bad_fraction: float, verify_images: st
     """The bad-sample policy and image verification, checked where they are given (run config, prepare())."""
     if on_bad_sample not in ("skip", "error"):
         raise ValueError(f"--on-bad-sample must be skip or error, got {on_bad_sample!r}")
-    FRACTION.check("--max-bad-fraction", max_bad_fraction)
+    if not 0 <= max_bad_fraction <= 1:  # as config.RANGES (not imported: config imports this module)
+        raise ValueError(f"--max-bad-fraction must be in [0, 1], got {max_bad_fraction}")
     if verify_images not in VERIFY:
         raise ValueError(f"--verify-images must be decode or header, got {verify_images!r}")
 
