@@ -21,12 +21,13 @@ import logging
 import tempfile
 import time
 
-from lvlm_region import engine as E
+from lvlm_region import engine
 from lvlm_region import timing
 from lvlm_region.config import RunConfig
 from lvlm_region.data import BatchStream, ImageTextDataset
-from lvlm_region.flops import FlopModel
-from lvlm_region.trainer import batch_shapes, loader, obtain_data, prepare, train
+from lvlm_region.data import run_loader
+from lvlm_region.families import flop_model as build_flop_model
+from lvlm_region.trainer import batch_shapes, obtain_data, setup, train
 
 
 def main() -> None:
@@ -43,13 +44,14 @@ def main() -> None:
                         grad_accum=args.grad_accum, num_workers=1, log_every=10 ** 6, eval_max_samples=1)
         result = train(cfg)
         step_s = result.summary["timing"]["step_seconds"]
-        flop_model = FlopModel.from_model(result.engine.module)
+        flop_model = build_flop_model(result.engine.module)
 
         # the batches of this job, as the harness sees them
-        s = prepare(RunConfig(stage="sft", output_dir=out, micro_batch=args.micro_batch, num_workers=0))
+        s = setup(RunConfig(stage="sft", output_dir=out, micro_batch=args.micro_batch, num_workers=0))
         ds, folder = obtain_data(s.cfg.data, s.cfg.image_folder, "train", s)
         items = ImageTextDataset(ds, folder, s.load_image, s.encoding.layout)
-        stream = BatchStream(loader(items, s, shuffle=True, drop_last=True))
+        stream = BatchStream(run_loader(items, s.cfg, s.tokenizer.pad_token_id, s.encoding.layout.dummy(), 0, 1,
+                                        shuffle=True, drop_last=True))
         micro = [next(stream) for _ in range(args.grad_accum)]
 
     timer, totals, window = timing.StepTimer(), timing.Totals(warmup=5), timing.Totals(warmup=0)
@@ -69,7 +71,7 @@ def main() -> None:
         totals.add(times, *extra)
         window.add(times, *extra)
     harness_s = (time.perf_counter() - t0) / args.repeats
-    E.barrier()
+    engine.barrier()
     print(json.dumps({"step_seconds": step_s, "harness_seconds_per_step": harness_s,
                       "overhead": harness_s / step_s}, indent=1))
     print(f"harness {harness_s * 1e6:.0f} us per step vs step {step_s * 1e3:.1f} ms: overhead "

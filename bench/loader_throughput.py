@@ -20,16 +20,17 @@ import tempfile
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 import datasets  # noqa: E402
 
-from lvlm_region import demo, prepare as P  # noqa: E402
+from lvlm_region import demo, prepare  # noqa: E402
 from lvlm_region.config import DEMO_DIR, RunConfig  # noqa: E402
 from lvlm_region.data import BatchStream, ImageTextDataset  # noqa: E402
 from lvlm_region.templates import IGNORE  # noqa: E402
-from lvlm_region.trainer import loader, obtain_data, prepare, train  # noqa: E402
+from lvlm_region.data import run_loader  # noqa: E402
+from lvlm_region.trainer import obtain_data, setup, train  # noqa: E402
 
 
 def make_prepared(out: str, n: int, seed: int = 0) -> str:
     """A prepared directory (with a valid prepare.json for the demo model) of synthetic token sequences."""
-    enc, tok, _ = P.for_model(os.path.join(DEMO_DIR, "base_model"), "auto", 2048)
+    enc, tok, _ = prepare.for_model(os.path.join(DEMO_DIR, "base_model"), "auto", 2048)
     images = sorted(os.listdir(os.path.join(DEMO_DIR, "images")))
     rng = random.Random(seed)
     rows = []
@@ -44,21 +45,22 @@ def make_prepared(out: str, n: int, seed: int = 0) -> str:
                      "images": [os.path.join("images", images[i % len(images)])] if with_image else [],
                      "input_ids": ids, "labels": [IGNORE] * prompt + ids[prompt:], "length": len(ids),
                      "modality": "image" if with_image else "text"})
-    features = P.FEATURES.copy()
+    features = prepare.FEATURES.copy()
     del features["reason"], features["detail"]
     datasets.Dataset.from_list(rows, features=features).save_to_disk(out)
     src = os.path.join(out, "source.jsonl")  # the identity names a data file; this one stands for the synthetic set
     open(src, "w").close()
-    with open(os.path.join(out, P.MARKER), "w") as f:
-        json.dump({"identity": P.identity(src, DEMO_DIR, enc, tok), "kept": n, "dropped": 0}, f)
+    with open(os.path.join(out, prepare.MARKER), "w") as f:
+        json.dump({"identity": prepare.identity(src, DEMO_DIR, enc, tok), "kept": n, "dropped": 0}, f)
     return out
 
 
 def padding_fraction(cfg: RunConfig, steps: int) -> float:
-    s = prepare(cfg)
+    s = setup(cfg)
     ds, folder = obtain_data(cfg.data, None, "train", s)
     items = ImageTextDataset(ds, folder, s.load_image, s.encoding.layout)
-    stream = BatchStream(loader(items, s, shuffle=True, drop_last=True, training=True))
+    stream = BatchStream(run_loader(items, s.cfg, s.tokenizer.pad_token_id, s.encoding.layout.dummy(), 0, 1,
+                                        shuffle=True, drop_last=True, training=True))
     real = total = 0
     for _ in range(steps):
         b = next(stream)

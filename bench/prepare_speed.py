@@ -25,8 +25,8 @@ import time
 from PIL import Image
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
-from lvlm_region import prepare as P  # noqa: E402
-from lvlm_region.image_inputs import ImageLayout  # noqa: E402
+from lvlm_region import prepare  # noqa: E402
+from lvlm_region.families.llava import FixedImages  # noqa: E402
 from lvlm_region.templates import resolve  # noqa: E402
 
 WORDS = ("the a of and to in is on with for this that image shows what color shape where left right top bottom "
@@ -87,8 +87,8 @@ def prepare_in_this_process(data: str, root: str, tok_dir: str, verify: str, wor
     import datasets
     datasets.disable_progress_bars()
     tok = PreTrainedTokenizerFast.from_pretrained(tok_dir)
-    layout = ImageLayout("fixed", tok.convert_tokens_to_ids("<image>"), 576)
-    enc = P.Encoding(resolve("vicuna_v1", tok, "bench tokenizer"), layout, 4096, verify)
+    layout = FixedImages(tok.convert_tokens_to_ids("<image>"), 576)
+    enc = prepare.Encoding(resolve("vicuna_v1", tok, "bench tokenizer"), layout, 4096, verify)
     peak_anon = [0]
     done = threading.Event()
 
@@ -102,11 +102,11 @@ def prepare_in_this_process(data: str, root: str, tok_dir: str, verify: str, wor
     watcher = threading.Thread(target=watch, daemon=True)
     watcher.start()
     t = time.perf_counter()
-    ds = P.prepare(data, root, enc, tok, os.path.join(root, f"prepared-{verify}"), workers=workers)
+    ds = prepare.prepare(data, root, enc, tok, os.path.join(root, f"prepared-{verify}"), workers=workers)
     s = time.perf_counter() - t
     done.set()
     watcher.join()
-    n = json.load(open(os.path.join(root, f"prepared-{verify}", P.REPORT)))["samples"]
+    n = json.load(open(os.path.join(root, f"prepared-{verify}", prepare.REPORT)))["samples"]
     own = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6
     kids = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1e6
     print(f"--verify-images {verify}: {len(ds)} kept in {s:.1f} s with {workers} workers: {n / s:.0f} samples/s, "

@@ -21,9 +21,12 @@ import time
 import torch
 from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration
 
-from lvlm_region import engine as E
-from lvlm_region.flops import BatchShape, FlopModel
-from lvlm_region.model import apply_region, enable_checkpointing, token_loss_sum
+from lvlm_region import engine
+from lvlm_region.families import flop_model
+from lvlm_region.flops import BatchShape
+from lvlm_region.loss import token_loss_sum
+from lvlm_region.model import enable_checkpointing
+from lvlm_region.trainable import apply_region
 from lvlm_region.regions import resolve
 
 IMAGE_TOKEN = 4
@@ -62,7 +65,7 @@ def main() -> None:
     p.add_argument("--grad-ckpt", action="store_true")
     args = p.parse_args()
     logging.basicConfig(level=logging.WARNING)
-    E.init_distributed()
+    engine.init_distributed()
 
     base, b = build(args), batch(args)
     arms = {}
@@ -71,10 +74,10 @@ def main() -> None:
         apply_region(model, resolve(spec, args.layers))
         if args.grad_ckpt:
             enable_checkpointing(model)
-        cfg = E.build_ds_config(2, None, args.batch, 1, 1.0, "fp32")
-        engine, _ = E.initialize(model, cfg, lr=1e-5, weight_decay=0.0, total_steps=10 ** 6, warmup_steps=0)
-        flops = FlopModel.from_model(model).micro_batch(BatchShape(args.batch, args.seq, args.batch))
-        arms[spec] = {"engine": engine, "flops": flops.hardware if args.grad_ckpt else flops.model, "times": []}
+        cfg = engine.build_ds_config(2, None, args.batch, 1, 1.0, "fp32")
+        ds_engine, _ = engine.initialize(model, cfg, lr=1e-5, weight_decay=0.0, total_steps=10 ** 6, warmup_steps=0)
+        flops = flop_model(model).micro_batch(BatchShape(args.batch, args.seq, args.batch))
+        arms[spec] = {"engine": ds_engine, "flops": flops.hardware if args.grad_ckpt else flops.model, "times": []}
 
     for i in range(args.warmup + args.steps):
         for arm in arms.values():  # alternate, so both arms see the same machine load

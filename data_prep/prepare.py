@@ -17,8 +17,8 @@ import logging
 import os
 import sys
 
-from lvlm_region import prepare as P
-from lvlm_region.cli import ALLOW_OUTSIDE_HELP, number
+from lvlm_region import prepare
+from lvlm_region.cli import field_help, number
 
 
 def main(argv=None) -> int:
@@ -41,21 +41,21 @@ def main(argv=None) -> int:
                    help="pad | square (default: as sft: square for Qwen2-VL / Qwen2.5-VL, pad otherwise); decides the "
                         "image token count of Qwen2-VL models, so use the value training will use")
     p.add_argument("--workers", type=number("prep_workers"), help="processes (default: the CPU count)")
-    p.add_argument("--allow-outside-images", action="store_true", help=ALLOW_OUTSIDE_HELP)
+    p.add_argument("--allow-outside-images", action="store_true", help=field_help("allow_outside_images"))
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
                         stream=sys.stdout)
     folder = args.image_folder or os.path.dirname(os.path.abspath(args.data))
     try:
-        P.check_output(args.output)  # before the model's tokenizer loads
-        enc, tokenizer, _ = P.for_model(args.model, args.template, args.max_length, args.verify_images,
+        prepare.check_output(args.output)  # before the model's tokenizer loads
+        enc, tokenizer, _ = prepare.for_model(args.model, args.template, args.max_length, args.verify_images,
                                         args.image_aspect_ratio, args.allow_outside_images)
-        ds = P.prepare(args.data, folder, enc, tokenizer, args.output, args.on_bad_sample, args.max_bad_fraction,
+        ds = prepare.prepare(args.data, folder, enc, tokenizer, args.output, args.on_bad_sample, args.max_bad_fraction,
                        args.workers)
     except (ValueError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    print(f"prepared {len(ds)} samples into {args.output} (report: {os.path.join(args.output, P.REPORT)})")
+    print(f"prepared {len(ds)} samples into {args.output} (report: {os.path.join(args.output, prepare.REPORT)})")
     return 0
 
 

@@ -22,7 +22,7 @@ from transformers import (AutoConfig, AutoImageProcessor, AutoModelForCausalLM, 
 from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
 
 from . import outputs
-from .model import class_tokens, image_seq_length
+from .families.llava import class_tokens, image_seq_length
 
 log = logging.getLogger(__name__)
 

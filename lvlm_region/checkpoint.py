@@ -35,7 +35,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from . import engine as E
+from .engine import barrier, load_state, rank, rng_state, save_state, set_rng_state
 
 log = logging.getLogger(__name__)
 
@@ -174,7 +174,7 @@ def check_compatible(saved: dict, now: dict, where: Path) -> None:
 
 def _rng_states() -> dict:
     return {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state(),
-            **E.rng_state()}
+            **rng_state()}
 
 
 # What the RNG files hold besides tensors and plain Python values: numpy's state array. torch.load with
@@ -192,7 +192,7 @@ def _set_rng_states(state: dict) -> None:
     random.setstate(state["python"])
     np.random.set_state(state["numpy"])
     torch.set_rng_state(state["torch"])
-    E.set_rng_state(state)
+    set_rng_state(state)
 
 
 def _fsync_tree(path: Path) -> None:
@@ -280,25 +280,25 @@ def save(engine, output_dir: str, step: int, state: dict, keep: int) -> Path:
     root = Path(output_dir) / CHECKPOINTS
     tag, partial = tag_for(step), root / PARTIAL
     final = root / tag
-    if E.rank() == 0:
+    if rank() == 0:
         shutil.rmtree(partial, ignore_errors=True)  # leftovers of a save that died
         root.mkdir(parents=True, exist_ok=True)
-    E.barrier()
+    barrier()
     _check_space(root, engine)  # every rank sees the same file system, so all raise or none does
-    E.barrier()
+    barrier()
     try:
-        E.save_state(engine, str(partial), tag)
+        save_state(engine, str(partial), tag)
         (partial / tag / "rng").mkdir(exist_ok=True)
-        torch.save(_rng_states(), partial / tag / "rng" / f"rank{E.rank()}.pt")
+        torch.save(_rng_states(), partial / tag / "rng" / f"rank{rank()}.pt")
     except (OSError, RuntimeError) as e:  # torch.save reports a failed write (disk full, quota, file size
         # limit) as a RuntimeError from its zip writer that does not say why; the launcher then stops the others
         shutil.rmtree(partial / tag, ignore_errors=True)
         free = shutil.disk_usage(root).free / 1e6
-        raise OSError(f"checkpoint {tag} could not be written on rank {E.rank()} ({type(e).__name__}: {e}); "
+        raise OSError(f"checkpoint {tag} could not be written on rank {rank()} ({type(e).__name__}: {e}); "
                       f"{free:.1f} MB free under {root}; the previous checkpoint {find_latest(output_dir)} is kept; "
                       f"check free space, quota and file size limits (ulimit -f), then rerun with --resume auto") from e
-    E.barrier()
-    if E.rank() == 0:
+    barrier()
+    if rank() == 0:
         write_json_atomic(partial / tag / STATE_FILE, state)
         _fsync_tree(partial / tag)
         # Checkpoints after the one this run continued from belong to an abandoned attempt (a run resumed from an
@@ -317,7 +317,7 @@ def save(engine, output_dir: str, step: int, state: dict, keep: int) -> Path:
             for old in older[:max(0, len(older) - keep + 1)]:
                 shutil.rmtree(old)
         log.info("saved checkpoint %s", final)
-    E.barrier()
+    barrier()
     return final
 
 
@@ -347,13 +347,16 @@ def _check_space(root: Path, engine) -> None:
                       f"and rerun with --resume auto")
 
 
-def load(engine, path: Path) -> dict:
-    """Restore a checkpoint written by ``save`` into the engine and this rank's RNGs; returns its trainer state."""
-    state = json.loads((path / STATE_FILE).read_text())
-    E.load_state(engine, str(path.parent), path.name)
-    rng_file = path / "rng" / f"rank{E.rank()}.pt"
+def read_state(path: Path) -> dict:
+    """A checkpoint's trainer state (step, data position, identity, totals), read before any weights load."""
+    return json.loads((path / STATE_FILE).read_text())
+
+
+def load(engine, path: Path) -> None:
+    """Restore a checkpoint written by ``save`` into the engine and this rank's RNGs."""
+    load_state(engine, str(path.parent), path.name)
+    rng_file = path / "rng" / f"rank{rank()}.pt"
     _set_rng_states(load_rng_file(rng_file))
-    return state
 
 
 class StopRequest:
@@ -378,12 +381,12 @@ class StopRequest:
 
     def poll(self) -> bool:
         """Whether this rank has been asked to stop (rank 0 also looks for the STOP file)."""
-        if self.reason is None and E.rank() == 0 and self.stop_file.exists():
+        if self.reason is None and rank() == 0 and self.stop_file.exists():
             self.reason = f"{self.stop_file} exists"
         return self.reason is not None
 
     def clear_file(self) -> None:
-        if E.rank() == 0 and self.stop_file.exists():
+        if rank() == 0 and self.stop_file.exists():
             self.stop_file.unlink()
 
     def restore(self) -> None:

@@ -1,7 +1,9 @@
 """The one typed run configuration, shared by both stages and saved as run.json with every run.
 
-Stages differ only in their defaults (``stage_defaults``): region, data, template, learning rate, ZeRO stage.
-Fields left ``None`` are resolved by ``RunConfig.resolve`` before anything heavy happens.
+Stages differ only in their defaults: region, data, template, length grouping, learning rate. Each field is a
+``setting``: its help, and the default ``RunConfig.resolve`` applies (per stage in ``stages``, or computed as
+``default_help`` says); cli.build_parser makes one flag per field from them. Fields left ``None`` are resolved by
+``resolve`` before anything heavy happens.
 """
 from __future__ import annotations
 
@@ -10,6 +12,10 @@ import json
 import math
 import os
 from dataclasses import dataclass, field
+
+from . import families
+from .images import ASPECTS
+from .templates import NAMES
 
 DEMO_DIR = "data/demo"  # relative to the working directory; created on first use
 
@@ -72,90 +78,151 @@ def flag(name: str) -> str:
     return "--" + name.replace("_", "-")
 
 
+STAGES = ("pretrain", "sft")
+# Peak learning rates when --lr is not given: (stage, on the demo model, tuner) -> LR. The tiny demo model learns
+# from scratch-like weights, so larger steps; LoRA adapters take 10x full tuning's rate (the paper's recipe, 2e-4
+# vs 2e-5).
+LR_DEFAULTS = {("pretrain", False, "full"): 1e-3, ("pretrain", False, "lora"): 1e-3,
+               ("sft", False, "full"): 2e-5, ("sft", False, "lora"): 2e-4,
+               ("pretrain", True, "full"): 3e-3, ("pretrain", True, "lora"): 3e-3,
+               ("sft", True, "full"): 1e-3, ("sft", True, "lora"): 1e-2}
+# The projector's LR with --tuner lora (with full tuning it follows --lr): (on the demo model) -> LR.
+LORA_PROJECTOR_LR = {False: 2e-5, True: 1e-3}
+
+
+def _lr_help() -> str:
+    t = LR_DEFAULTS
+    return (f"stage 1 {t['pretrain', False, 'full']:g}, stage 2 {t['sft', False, 'full']:g} "
+            f"({t['sft', False, 'lora']:g} with --tuner lora); on the demo model stage 1 "
+            f"{t['pretrain', True, 'full']:g}, stage 2 {t['sft', True, 'full']:g} "
+            f"({t['sft', True, 'lora']:g} with lora)")
+
+
+def _aspect_help() -> str:
+    """Per stage and family, from the families' own defaults."""
+    out = []
+    for stage, name in (("pretrain", "stage 1"), ("sft", "stage 2")):
+        by = {}
+        for t in families.trainable():
+            by.setdefault(families.default_aspect(stage, t), []).append(t)
+        out.append(f"{name}: " + ", ".join(f"{a} ({' '.join(ts)})" for a, ts in by.items()))
+    return "; ".join(out)
+
+
+def setting(default=None, help: str = "", *, stages: dict | None = None, default_help: str | None = None,
+            metavar: str | None = None, flag: bool = True):
+    """A RunConfig field with what its flag says: ``help``, and the default the help states. ``stages``: the value
+    resolve() gives an unset field in each stage; ``default_help``: how resolve() computes a default otherwise.
+    cli.build_parser makes every flag from these."""
+    return field(default=default, metadata={"help": help, "stages": stages, "default_help": default_help,
+                                            "metavar": metavar, "flag": flag})
+
+
 @dataclass
 class RunConfig:
-    stage: str  # "pretrain" (stage 1, projector only) or "sft" (stage 2, projector + region)
-    output_dir: str  # where the model, run.json and metrics.jsonl go
-    overwrite: bool = False  # a fresh run may replace an earlier run in output_dir (its checkpoints are set aside)
-    region: str | None = None  # region spec (lvlm_region.regions); stage default: none / uniform25
-    model: str | None = None  # local transformers checkpoint dir; None = the embedded tiny demo model
-    llm: str | None = None  # with vision: assemble the model from a causal-LM checkpoint dir (instead of model)
-    vision: str | None = None  # the CLIP / SigLIP checkpoint dir to assemble with llm
-    projector: str = "mlp2x_gelu"  # the projector type of an assembled model
-    init: str | None = None  # stage-1 output dir whose projector starts this run
-    init_projector: str | None = None  # a LLaVA / Bunny mm_projector.bin to start the projector from instead
-    data: str | None = None  # JSON / JSONL / Parquet / Arrow / datasets dir, or a prepared dir; None = the demo's
-    image_folder: str | None = None  # root of relative image paths; default: the data file's dir (prepared: its own)
-    eval_data: str | None = None  # held-out data (sft), as --data; None = the demo's eval file when on demo data
-    template: str | None = None  # plain | auto (the tokenizer's own) | vicuna_v1 | llama3 | phi3 | chatml;
-    #                              stage default: plain / auto
-    image_aspect_ratio: str | None = None  # pad (to a square, mean colour) | square; default: square for stage 1
-    #                                        and for Qwen2-VL / Qwen2.5-VL, pad for stage 2 otherwise
-    on_bad_sample: str = "skip"  # skip: drop and count each bad sample | error: stop at the first
-    max_bad_fraction: float = 0.05  # more bad samples than this stops the run before training, with a summary
-    verify_images: str = "decode"  # decode every image while preparing (finds truncated files) | header only
-    allow_outside_images: bool = False  # accept absolute image paths (and paths leaving image_folder)
-    prep_workers: int | None = None  # processes that prepare the data (default: the CPU count)
-    prep_timeout: float = 300.0  # seconds: ranks waiting for rank 0's preparation stop after this long without its
-    #                              heartbeat
-    group_by_length: bool | None = None  # length-grouped batches, one modality each (LLaVA's group_by_modality_length);
-    #                                      stage default: off / on
-    packing: bool = False  # padding-free: a micro-batch's samples in one row, attention kept within each sample
-    zero: int = 2  # ZeRO stage: 2 or 3 (picks ds_configs/zero{N}.json)
-    ds_config: str | None = None  # any DeepSpeed JSON instead of ds_configs/zero{N}.json
-    max_steps: int | None = None  # optimizer steps; overrides epochs when set
-    epochs: float = 1.0  # passes over the training data when max_steps is None
-    lr: float | None = None  # peak LR; default 1e-3 (pretrain) / 2e-5 (sft); 3e-3 / 1e-3 on the demo model
-    warmup_ratio: float = 0.03  # linear warmup share of the steps, then cosine to zero
-    weight_decay: float = 0.0
-    micro_batch: int = 16  # samples per rank per micro-step
-    grad_accum: int = 1  # micro-steps per optimizer step
-    grad_clip: float = 1.0  # max global grad norm; 0 disables
-    tuner: str = "full"  # full: the region's layers train whole | lora: LoRA adapters on their linears (peft)
-    lora_r: int = 128  # LoRA rank (the paper's released recipe: r=128, alpha=256, dropout 0.05)
-    lora_alpha: int = 256
-    lora_dropout: float = 0.05
-    projector_lr: float | None = None  # peak LR of the projector; default: lr (full) / 2e-5 (lora), demo: lr
-    grad_ckpt: bool = False  # activation checkpointing of the LLM (non-reentrant, works with frozen layers)
-    attn: str = "sdpa"  # flash_attention_2 | sdpa | eager; flash falls back to sdpa (with a message) where it can't run
-    precision: str = "auto"  # auto (bf16 on GPU, fp32 on CPU) | bf16 | fp16 | fp32
-    max_length: int = 2048  # longer samples are dropped and counted, never cut through image tokens
-    seed: int = 0
-    log_every: int = 10  # optimizer steps between metrics lines
-    num_workers: int = 2  # DataLoader workers per rank (images are decoded there)
-    eval_max_samples: int = 0  # 0 = every held-out sample
-    max_new_tokens: int = 8  # generation budget per held-out answer
-    save_every: int = 0  # steps between checkpoints, and one at the end (0: none; a stop request always saves one)
-    keep_checkpoints: int = 2  # newest checkpoints kept in output_dir/checkpoints (0: all)
-    resume: str | None = None  # "auto" (newest checkpoint in output_dir, if any) or a checkpoint directory
-    compare_full: str | None = None  # N: then run N steps of the same job with region full; or a full run's dir
-    export_model: bool = True  # write the transformers checkpoint at the end (off for the compare-full arm)
-    dist_timeout: float = 30.0  # minutes; process-group timeout: a collective waiting longer than this fails the run
-    peak_tflops: float | None = None  # peak TFLOP/s per rank for MFU; default: data sheet by GPU name / measured on CPU
-    dataset_size: int | None = field(default=None, repr=False)  # filled in at run time (for run.json)
+    """Every setting of a run; a flag per field (cli), resolved and checked by ``resolve``, saved in run.json."""
+
+    stage: str = setting(None, "pretrain (stage 1, projector only) or sft (stage 2, projector + region)", flag=False)
+    output_dir: str = setting(None, "where the model, run.json and metrics.jsonl go")
+    overwrite: bool = setting(False, "let a fresh run replace an earlier run in --output-dir (its checkpoints are "
+                                     "moved to checkpoints/abandoned/, never deleted)")
+    region: str | None = setting(None, "region spec: which decoder layers and parts train",
+                                 stages={"pretrain": "none", "sft": "uniform25"})
+    model: str | None = setting(None, "local transformers checkpoint dir (default: the embedded tiny demo model)")
+    llm: str | None = setting(None, "causal-LM checkpoint dir (Llama, Vicuna, Mistral, Phi-3, Qwen2) to assemble "
+                                    "with --vision into OUTPUT_DIR/base_model, instead of --model")
+    vision: str | None = setting(None, "CLIP or SigLIP checkpoint dir (with preprocessor_config.json) for --llm")
+    projector: str = setting("mlp2x_gelu", "projector of an assembled model")
+    init: str | None = setting(None, "stage-1 output dir whose projector starts this run")
+    init_projector: str | None = setting(None, "LLaVA / Bunny stage-1 mm_projector.bin (model.mm_projector.0/2.*) "
+                                               "to start the projector from; shapes are checked before loading",
+                                         metavar="FILE")
+    data: str | None = setting(None, "LLaVA JSON / JSONL, messages+images JSON(L), Parquet, Arrow, a `datasets` "
+                                     "dir, or a dir from data_prep/prepare.py (default: the generated demo data)")
+    image_folder: str | None = setting(None, "root of the data's image paths (default: the data file's directory; "
+                                             "a prepared dir: its own)")
+    eval_data: str | None = setting(None, "held-out data (as --data) for loss and answer accuracy at the end "
+                                          "(default: the demo's held-out file when training on demo data)")
+    template: str | None = setting(None, "plain | auto (the tokenizer's own chat template) | vicuna_v1 | llama3 | "
+                                         "phi3 | chatml", stages={"pretrain": "plain", "sft": "auto"})
+    image_aspect_ratio: str | None = setting(None, "pad (to a square in the mean colour, as LLaVA-1.5 SFT) | square",
+                                             default_help=_aspect_help())
+    on_bad_sample: str = setting("skip", "skip (drop and count each) | error (stop at the first)")
+    max_bad_fraction: float = setting(0.05, "stop before training when more of the samples than this are bad")
+    verify_images: str = setting("decode", "decode (every image while preparing) | header (size checks only, faster)")
+    allow_outside_images: bool = setting(False, "accept image paths outside --image-folder (absolute, '..', links "
+                                                "leaving it); without it such samples are dropped as "
+                                                "image_outside_folder, unopened")
+    prep_workers: int | None = setting(None, "processes preparing the data", default_help="the CPU count")
+    prep_timeout: float = setting(300.0, "seconds the other ranks wait without a heartbeat from rank 0 while it "
+                                         "prepares raw data, then stop with an error")
+    group_by_length: bool | None = setting(None, "batches of similar length, images and text-only apart, as "
+                                                 "LLaVA's group_by_modality_length",
+                                           stages={"pretrain": False, "sft": True})
+    packing: bool = setting(False, "padding-free: each micro-batch's samples in one row, attention kept within "
+                                   "each sample")
+    zero: int = setting(2, "ZeRO stage 2 or 3 (ds_configs/zero{N}.json)")
+    ds_config: str | None = setting(None, "a DeepSpeed JSON to use instead of ds_configs/zero{N}.json")
+    max_steps: int | None = setting(None, "optimizer steps (overrides --epochs)")
+    epochs: float = setting(1.0, "passes over the training data when --max-steps is not given")
+    lr: float | None = setting(None, "peak learning rate (linear warmup, then cosine to zero)",
+                               default_help=_lr_help())
+    warmup_ratio: float = setting(0.03, "share of the steps spent in linear warmup")
+    weight_decay: float = setting(0.0, "AdamW weight decay")
+    micro_batch: int = setting(16, "samples per rank per micro-step")
+    grad_accum: int = setting(1, "micro-steps per optimizer step")
+    grad_clip: float = setting(1.0, "max global gradient norm (0: no clipping)")
+    tuner: str = setting("full", "full: the region's layers train whole | lora: LoRA (peft) on every linear of the "
+                                 "region's layers, projector whole")
+    lora_r: int = setting(128, "LoRA rank (the paper's released recipe: r 128, alpha 256, dropout 0.05)")
+    lora_alpha: int = setting(256, "LoRA alpha")
+    lora_dropout: float = setting(0.05, "LoRA dropout")
+    projector_lr: float | None = setting(None, "peak LR of the projector",
+                                         default_help=f"--lr; with --tuner lora {LORA_PROJECTOR_LR[False]:g}, the "
+                                                      f"paper's recipe ({LORA_PROJECTOR_LR[True]:g} on the demo "
+                                                      "model)")
+    grad_ckpt: bool = setting(False, "activation checkpointing of the LLM (non-reentrant, works with frozen layers)")
+    attn: str = setting("sdpa", "flash_attention_2 | sdpa | eager (flash needs a GPU, bf16/fp16 and the gpu extra; "
+                                "otherwise the run says so and uses sdpa)")
+    precision: str = setting("auto", "auto (bf16 on GPU, fp32 on CPU) | bf16 | fp16 | fp32")
+    max_length: int = setting(2048, "token limit per sample; longer samples are dropped and counted, never cut "
+                                    "through image tokens")
+    seed: int = setting(0, "seed of initialisation, data order and dropout")
+    log_every: int = setting(10, "optimizer steps between metrics lines")
+    num_workers: int = setting(2, "DataLoader workers per rank (images are decoded there)")
+    eval_max_samples: int = setting(0, "held-out samples evaluated (0: all)")
+    max_new_tokens: int = setting(8, "tokens generated per held-out answer")
+    save_every: int = setting(0, "optimizer steps between checkpoints in OUTPUT_DIR/checkpoints, and one at the end "
+                                 "(0: none; a stop request always saves one)")
+    keep_checkpoints: int = setting(2, "newest checkpoints kept (0: all)")
+    resume: str | None = setting(None, "'auto': continue from the newest checkpoint in --output-dir (fresh start if "
+                                       "there is none); or a checkpoint directory")
+    compare_full: str | None = setting(None, "after the run, time N steps of the same job with --region full (same "
+                                             "data, batch, ZeRO, checkpointing, seed) and project both arms' "
+                                             "GPU-hours per epoch; or a finished full run's dir", metavar="N|DIR")
+    export_model: bool = setting(True, "write the model in transformers format at the end")
+    dist_timeout: float = setting(30.0, "minutes a collective may wait for the other ranks before the run fails "
+                                        "(process-group timeout; DeepSpeed's default)")
+    peak_tflops: float | None = setting(None, "peak TFLOP/s per GPU for MFU",
+                                        default_help="bf16 data sheet by GPU name; on CPU a measured matmul")
 
     def resolve(self) -> "RunConfig":
         """Fill stage defaults and validate; raises ValueError naming the field and the fix."""
-        if self.stage not in ("pretrain", "sft"):
+        if self.stage not in STAGES:
             raise ValueError(f"stage must be 'pretrain' or 'sft', got {self.stage!r}")
+        if not self.output_dir:
+            raise ValueError("--output-dir is required: where the model, run.json and metrics.jsonl go")
         if (self.llm is None) != (self.vision is None):
             raise ValueError("--llm and --vision go together: give both to assemble a model from its parts")
         if self.llm is not None and self.model is not None:
             raise ValueError("--model and --llm/--vision both give the model; pass one of them")
         demo = self.is_demo
-        if self.region is None:
-            self.region = "none" if self.stage == "pretrain" else "uniform25"
-        if self.template is None:
-            self.template = "plain" if self.stage == "pretrain" else "auto"
-        if self.group_by_length is None:
-            self.group_by_length = self.stage == "sft"
+        for f in dataclasses.fields(self):
+            if f.metadata.get("stages") and getattr(self, f.name) is None:
+                setattr(self, f.name, f.metadata["stages"][self.stage])
         if self.image_aspect_ratio is None:
-            from .image_inputs import default_aspect
             family = None if self.llm is not None else _model_type(self.model_path)  # --llm assembles a Llava
-            self.image_aspect_ratio = default_aspect(self.stage, family)
-        from .images import ASPECTS
-        from .prepare import check_options
-        from .templates import NAMES
+            self.image_aspect_ratio = families.default_aspect(self.stage, family)
         if self.template not in NAMES:
             raise ValueError(f"--template must be one of {', '.join(NAMES)}, got {self.template!r}")
         if self.image_aspect_ratio not in ASPECTS:
@@ -164,14 +231,10 @@ class RunConfig:
         check_options(self.on_bad_sample, self.max_bad_fraction, self.verify_images)
         if self.tuner not in ("full", "lora"):
             raise ValueError(f"--tuner must be full or lora, got {self.tuner!r}")
-        lora = self.tuner == "lora"
-        if self.lr is None:  # the tiny demo model learns from scratch-like weights: larger steps
-            if self.stage == "pretrain":
-                self.lr = 3e-3 if demo else 1e-3
-            else:  # LoRA adapters: 10x the full-tuning rate, as in the paper's recipe (2e-4 vs 2e-5)
-                self.lr = (1e-2 if lora else 1e-3) if demo else (2e-4 if lora else 2e-5)
+        if self.lr is None:
+            self.lr = LR_DEFAULTS[self.stage, demo, self.tuner]
         if self.projector_lr is None:
-            self.projector_lr = 2e-5 if (lora and not demo) else (1e-3 if lora else self.lr)
+            self.projector_lr = LORA_PROJECTOR_LR[demo] if self.tuner == "lora" else self.lr
         for name, valid in RANGES.items():  # the flags parse through the same ranges (cli)
             valid.check(flag(name), getattr(self, name))
         if self.data is None:
@@ -218,7 +281,21 @@ class RunConfig:
     @classmethod
     def from_json(cls, path: str) -> "RunConfig":
         with open(path) as f:
-            return cls(**json.load(f)["config"])
+            config = json.load(f)["config"]
+        config.pop("dataset_size", None)  # run.json of earlier versions kept it here (it is run state: run.json)
+        return cls(**config)
+
+
+VERIFY = ("decode", "header")  # --verify-images: decode every image, or read its header only
+
+
+def check_options(on_bad_sample: str, max_bad_fraction: float, verify_images: str) -> None:
+    """The bad-sample policy and image verification, checked where they are given (run config, prepare())."""
+    if on_bad_sample not in ("skip", "error"):
+        raise ValueError(f"--on-bad-sample must be skip or error, got {on_bad_sample!r}")
+    RANGES["max_bad_fraction"].check(flag("max_bad_fraction"), max_bad_fraction)
+    if verify_images not in VERIFY:
+        raise ValueError(f"--verify-images must be decode or header, got {verify_images!r}")
 
 
 def _model_type(model_path: str) -> str | None:

@@ -278,6 +278,17 @@ def make_loader(ds: torch.utils.data.Dataset, micro_batch: int, pad_token_id: in
                                        generator=torch.Generator().manual_seed(seed), collate_fn=fn)
 
 
+def run_loader(ds: torch.utils.data.Dataset, cfg, pad_token_id: int, dummy: DummyImage, rank: int, world_size: int,
+               shuffle: bool, drop_last: bool, left_pad: bool = False, training: bool = False):
+    """A rank's loader for a run config ``cfg``; batches without images get the masked ``dummy`` image (collate).
+    The training loader groups by length and packs as the config says; evaluation pads and keeps the data's order."""
+    group_by = None
+    if training and cfg.group_by_length:
+        group_by = (list(ds.ds["length"]), [m == "image" for m in ds.ds["modality"]])
+    return make_loader(ds, cfg.micro_batch, pad_token_id, rank, world_size, cfg.seed, shuffle, drop_last,
+                       cfg.num_workers, left_pad, dummy, group_by, packed=training and cfg.packing)
+
+
 class BatchStream:
     """Endless micro-batches over epochs, with an exact position: (epoch, micro-batches consumed in it).
 

@@ -17,10 +17,18 @@ import os
 import random
 import tempfile
 
+import sentencepiece as spm
+import torch
 from PIL import Image, ImageDraw
 from tqdm import tqdm
+from transformers import (AutoTokenizer, CLIPVisionConfig, LlamaConfig, LlamaTokenizer, LlavaConfig,
+                          LlavaForConditionalGeneration, LlavaProcessor)
 
 from . import outputs
+from .families.llava import class_tokens, image_seq_length
+from .formats import normalize
+from .loss import token_loss_sum, valid_tokens
+from .templates import BUILTIN, VICUNA_SYSTEM, resolve, tokenize
 
 log = logging.getLogger(__name__)
 
@@ -95,11 +103,6 @@ def generate(out_dir: str, n_train: int = 2400, n_eval: int = 240, seed: int = 0
 
 def train_tokenizer(out_dir: str, vocab_size: int = 416) -> str:  # 256 byte pieces, 160 learnt
     """Train a sentencepiece BPE model on the generated corpus; returns a transformers tokenizer dir."""
-    import sentencepiece as spm
-    from transformers import LlamaTokenizer
-
-    from .templates import BUILTIN, VICUNA_SYSTEM
-
     log.info("demo 2/3: training its tokenizer")
     lines = [VICUNA_SYSTEM, "USER: ASSISTANT:", *QUESTIONS.values()]
     for fname in ("pretrain.json", "sft_train.json"):
@@ -144,12 +147,6 @@ def pretrain_language(model, tok, out_dir: str, seed: int, steps: int = 600, bat
     map image features to inputs the LLM already understands. The LLM itself has seen no image.
     Plain torch on one process; returns the last loss.
     """
-    import torch
-
-    from .formats import normalize
-    from .templates import resolve, tokenize
-    from .model import image_seq_length, token_loss_sum, valid_tokens
-
     n_image = image_seq_length(model.config)
     if n_image != len(POSITIONS):
         raise ValueError(f"the demo scene has {len(POSITIONS)} quadrant tokens but the model gives {n_image} "
@@ -192,12 +189,38 @@ def pretrain_language(model, tok, out_dir: str, seed: int, steps: int = 600, bat
     return loss
 
 
+def demo_config(vocab_size: int, image_token_id: int, pad_token_id: int) -> LlavaConfig:
+    """The embedded default: an 8-layer Llama LLM, a 2-layer CLIP tower, an mlp2x_gelu projector."""
+    text = LlamaConfig(vocab_size=vocab_size, hidden_size=128, intermediate_size=256, num_hidden_layers=8,
+                       num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+                       pad_token_id=pad_token_id, bos_token_id=1, eos_token_id=2, tie_word_embeddings=False)
+    vision = CLIPVisionConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=3, num_attention_heads=4,
+                              image_size=32, patch_size=16, projection_dim=64)
+    # Penultimate-layer patch features without CLS ("default"), as LLaVA-1.5 does.
+    return LlavaConfig(vision_config=vision, text_config=text, image_token_id=image_token_id,
+                       projector_hidden_act="gelu", vision_feature_layer=-2,
+                       vision_feature_select_strategy="default", image_seq_length=(32 // 16) ** 2,
+                       pad_token_id=pad_token_id)
+
+
+def build_demo_model(vocab_size: int, image_token_id: int, pad_token_id: int,
+                     seed: int) -> LlavaForConditionalGeneration:
+    torch.manual_seed(seed)
+    return LlavaForConditionalGeneration(demo_config(vocab_size, image_token_id, pad_token_id))
+
+
+def make_image_processor(size: int):
+    """CLIP preprocessing at ``size``; the PIL backend, since torchvision (the default backend) has no CPU
+    build here and is optional on GPU nodes."""
+    try:
+        from transformers import CLIPImageProcessorPil as cls
+    except ImportError:  # older transformers: the PIL implementation is the default class
+        from transformers import CLIPImageProcessor as cls
+    return cls(size={"shortest_edge": size}, crop_size={"height": size, "width": size})
+
+
 def build_base_model(out_dir: str, tok_dir: str, seed: int) -> str:
     """Randomly initialise the tiny LLaVA and save it with tokenizer and processor, like a real checkpoint."""
-    from transformers import AutoTokenizer, LlavaProcessor
-
-    from .model import build_demo_model, class_tokens, make_image_processor
-
     tok = AutoTokenizer.from_pretrained(tok_dir)
     model = build_demo_model(len(tok), tok.convert_tokens_to_ids("<image>"), tok.pad_token_id, seed)
     pretrain_language(model, tok, out_dir, seed)

@@ -1,6 +1,7 @@
-"""Everything that touches DeepSpeed: process group, config building, engine, optimizer check, saving.
+"""Everything that touches DeepSpeed and torch.distributed: process group, collectives, config building, engine,
+optimizer check, ZeRO-3 gathering, checkpoint state.
 
-No other module of the package imports deepspeed.
+No other module of the package imports deepspeed or calls torch.distributed (tests/test_architecture.py).
 """
 from __future__ import annotations
 
@@ -10,12 +11,15 @@ import json
 import logging
 import math
 import os
+import platform
 import socket
 from pathlib import Path
 
+import datasets
 import deepspeed
 import torch
 import torch.distributed as dist
+import transformers
 from deepspeed.accelerator import get_accelerator
 
 log = logging.getLogger(__name__)
@@ -118,6 +122,21 @@ def all_reduce_sum(values: list[float]) -> list[float]:
     if dist.is_initialized():
         dist.all_reduce(t)
     return t.tolist()
+
+
+def all_gather_object(obj) -> list:
+    """Every rank's ``obj``, in rank order (picklable objects)."""
+    if not dist.is_initialized():
+        return [obj]
+    out = [None] * dist.get_world_size()
+    dist.all_gather_object(out, obj)
+    return out
+
+
+def versions() -> dict:
+    """The versions a run used (run.json)."""
+    return {"python": platform.python_version(), "torch": torch.__version__, "deepspeed": deepspeed.__version__,
+            "transformers": transformers.__version__, "datasets": datasets.__version__}
 
 
 def device() -> torch.device:

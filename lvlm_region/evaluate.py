@@ -10,13 +10,12 @@ import logging
 import string
 
 import torch
-import torch.distributed as dist
 
-from . import engine as E
-from .data import ImageTextDataset, to_device
+from . import engine
+from .data import ImageTextDataset, run_loader, to_device
+from .loss import loss_positions, token_loss_sum, valid_tokens
 from .prepare import image_token_ids
 from .templates import end_of_turn_id, tokenize
-from .model import loss_positions, token_loss_sum, valid_tokens
 
 log = logging.getLogger(__name__)
 
@@ -26,10 +25,9 @@ def normalize(text: str) -> str:
 
 
 @torch.no_grad()
-def evaluate(engine, eval_ds, image_folder: str, s, cfg, dtype: torch.dtype, device: torch.device) -> dict:
-    from .trainer import loader  # the same loader as training (with the dummy image for text-only batches)
-
-    model = engine.module
+def evaluate(ds_engine, eval_ds, image_folder: str, s, cfg, dtype: torch.dtype, device: torch.device) -> dict:
+    """Held-out loss and answer accuracy of ``ds_engine``'s model; ``s``: the run's trainer.Setup."""
+    model = ds_engine.module
     was_training = model.training
     model.eval()
     if cfg.eval_max_samples:
@@ -39,32 +37,32 @@ def evaluate(engine, eval_ds, image_folder: str, s, cfg, dtype: torch.dtype, dev
     stop_ids = sorted({tokenizer.eos_token_id, end_of_turn_id(s.encoding.template, tokenizer)})
     load, layout = s.load_image, s.encoding.layout
 
+    def loader(ds, left_pad=False):  # the same loader as training (with the dummy image for text-only batches)
+        return run_loader(ds, cfg, pad_id, layout.dummy(), engine.rank(), engine.world_size(), shuffle=False,
+                          drop_last=False, left_pad=left_pad)
+
     # Held-out loss over valid tokens (duplicates from shard padding are counted on both ranks; the
     # DistributedSampler pads at most world_size - 1 samples).
     loss_sum, n_valid = 0.0, 0
-    for b in loader(ImageTextDataset(eval_ds, image_folder, load, layout), s, shuffle=False, drop_last=False):
+    for b in loader(ImageTextDataset(eval_ds, image_folder, load, layout)):
         b = to_device(b, device, dtype)
-        logits = engine(**layout.model_inputs(b), logits_to_keep=loss_positions(b["labels"])).logits
+        logits = ds_engine(**layout.model_inputs(b), logits_to_keep=loss_positions(b["labels"])).logits
         loss_sum += float(token_loss_sum(logits, b["labels"]))
         n_valid += valid_tokens(b["labels"])
-    loss_sum, n_valid = E.all_reduce_sum([loss_sum, n_valid])
+    loss_sum, n_valid = engine.all_reduce_sum([loss_sum, n_valid])
 
     # Greedy answers, compared after normalisation with the reference reply.
     prompts = PromptDataset(eval_ds, image_folder, load, s.encoding, tokenizer)
     results: list[tuple[int, bool, str]] = []
-    zero3 = E.is_zero3(engine)
-    for b in loader(prompts, s, shuffle=False, drop_last=False, left_pad=True):
+    zero3 = engine.is_zero3(ds_engine)
+    for b in loader(prompts, left_pad=True):
         index, answers = b.pop("index"), b.pop("answer")
         b = to_device(b, device, dtype)
         gen = model.generate(**layout.model_inputs(b), max_new_tokens=cfg.max_new_tokens, do_sample=False,
                              pad_token_id=pad_id, eos_token_id=stop_ids, synced_gpus=zero3)
         texts = tokenizer.batch_decode(gen[:, b["input_ids"].shape[1]:], skip_special_tokens=True)
         results += [(i, normalize(t) == normalize(a), t) for i, t, a in zip(index, texts, answers)]
-    gathered = [None] * E.world_size()
-    if dist.is_initialized():
-        dist.all_gather_object(gathered, results)
-    else:
-        gathered = [results]
+    gathered = engine.all_gather_object(results)
     unique = {i: (ok, t) for part in gathered for i, ok, t in part}  # drop shard-padding duplicates
     correct = sum(ok for ok, _ in unique.values())
     model.train(was_training)

@@ -32,13 +32,10 @@ layers), and the merger (the projector) runs on the patches merged 2 x 2.
 """
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field, replace
 
 from torch import nn
 
-from .image_inputs import GRID_FAMILIES
-from .model import find_parts, image_seq_length
 from .regions import Region
 
 
@@ -102,7 +99,7 @@ class Flops:
                 "recompute": self.recompute, "model": self.model, "hardware": self.hardware}
 
 
-def _macs(module: nn.Module, trainable_only: bool = False) -> int:
+def linear_macs(module: nn.Module, trainable_only: bool = False) -> int:
     """Per-token MACs of the nn.Linear modules inside (shapes from the module attributes, so ZeRO-3 safe)."""
     total = 0
     for m in module.modules():
@@ -111,16 +108,16 @@ def _macs(module: nn.Module, trainable_only: bool = False) -> int:
     return total
 
 
-def _tail_macs(module: nn.Module) -> int:
+def last_linear_macs(module: nn.Module) -> int:
     last = [m for m in module.modules() if isinstance(m, nn.Linear)][-1]
     return last.in_features * last.out_features
 
 
-def _trainable(module: nn.Module) -> bool:
+def any_trainable(module: nn.Module) -> bool:
     return any(p.requires_grad for p in module.parameters())
 
 
-def _checkpointed(module: nn.Module) -> bool:
+def is_checkpointed(module: nn.Module) -> bool:
     return bool(getattr(module, "gradient_checkpointing", False))
 
 
@@ -133,34 +130,6 @@ class FlopModel:
     vision_checkpointed: bool = False
     meta: dict = field(default_factory=dict)
     grid: GridVision | None = None  # set for Qwen2-VL-style towers: sizes come from BatchShape.grids
-
-    @classmethod
-    def from_model(cls, model) -> "FlopModel":
-        """Read block shapes and the current requires_grad / checkpointing of a Llava or Qwen2-VL model."""
-        parts = find_parts(model)
-        if model.config.model_type in GRID_FAMILIES:
-            vision, grid = _grid_vision_blocks(model, parts)
-            return cls(vision + _llm_blocks(model, parts), image_positions=0, image_tokens=0, patches=0, grid=grid)
-        vcfg = model.config.vision_config
-        embeddings = next(m for m in parts.vision.modules() if hasattr(m, "num_positions"))
-        conv = next(m for m in parts.vision.modules() if isinstance(m, nn.Conv2d))
-        patches = (vcfg.image_size // vcfg.patch_size) ** 2
-        conv_macs = conv.in_channels * conv.kernel_size[0] * conv.kernel_size[1] * conv.out_channels
-        encoder = next(m for m in parts.vision.modules() if isinstance(getattr(m, "layers", None), nn.ModuleList))
-        v_heads = vcfg.num_attention_heads
-        blocks = [Block("vision.embed", "vision_embed", conv_macs, conv_macs if conv.weight.requires_grad else 0,
-                        input_macs=conv_macs, trainable=_trainable(embeddings))]
-        # LLaVA reads hidden_states[vision_feature_layer] (-2: the output of the second-to-last layer); the
-        # layers above it still run forward but nothing flows back through them.
-        n_used = max(k if k >= 0 else len(encoder.layers) + 1 + k for k in _as_list(model.config.vision_feature_layer))
-        for i, layer in enumerate(encoder.layers):
-            blocks.append(Block(f"vision.{i}", "vision", _macs(layer), _macs(layer, True), heads=v_heads,
-                                head_dim=vcfg.hidden_size // v_heads, trainable=_trainable(layer),
-                                checkpointed=_checkpointed(encoder) and encoder.training, used=i < n_used,
-                                tail_macs=_tail_macs(layer)))
-        blocks.append(_projector_block(parts))
-        return cls(blocks + _llm_blocks(model, parts), image_positions=embeddings.num_positions,
-                   image_tokens=image_seq_length(model.config), patches=patches)
 
     def for_region(self, region: Region, checkpointing: bool | None = None) -> "FlopModel":
         """The same shapes with the trainable set a region gives (whole blocks), e.g. `full` for the baseline."""
@@ -231,61 +200,54 @@ class FlopModel:
         return f
 
 
-def _projector_block(parts) -> Block:
+def projector_block(parts) -> Block:
     """The projector; its first linear reads the vision features, unless a trained norm comes before it (Qwen2-VL's
     merger: ln_q), whose weights need that linear's input gradient."""
     modules = list(parts.projector.modules())
     k = next(i for i, m in enumerate(modules) if isinstance(m, nn.Linear))
     first = modules[k]
     before = any(p.requires_grad for m in modules[1:k] for p in m.parameters(recurse=False))
-    return Block("projector", "projector", _macs(parts.projector), _macs(parts.projector, True),
+    return Block("projector", "projector", linear_macs(parts.projector), linear_macs(parts.projector, True),
                  input_macs=0 if before else first.in_features * first.out_features,
-                 trainable=_trainable(parts.projector))
+                 trainable=any_trainable(parts.projector))
 
 
-def _llm_blocks(model, parts) -> list[Block]:
+def llm_blocks(model, parts) -> list[Block]:
     """The input embeddings, the decoder layers and the LM head."""
     tcfg = model.config.get_text_config()
     heads = tcfg.num_attention_heads
     head_dim = getattr(tcfg, "head_dim", None) or tcfg.hidden_size // heads
     decoder = model.get_decoder()
-    blocks = [Block("embed", "embed", 0, 0, trainable=_trainable(parts.embed))]
+    blocks = [Block("embed", "embed", 0, 0, trainable=any_trainable(parts.embed))]
     for i, layer in enumerate(parts.layers):
-        blocks.append(Block(f"layer.{i}", "llm", _macs(layer), _macs(layer, True), heads=heads, head_dim=head_dim,
-                            trainable=_trainable(layer), checkpointed=_checkpointed(decoder) and decoder.training,
-                            tail_macs=_tail_macs(layer)))
+        blocks.append(Block(f"layer.{i}", "llm", linear_macs(layer), linear_macs(layer, True), heads=heads,
+                            head_dim=head_dim, trainable=any_trainable(layer),
+                            checkpointed=is_checkpointed(decoder) and decoder.training,
+                            tail_macs=last_linear_macs(layer)))
     head = parts.lm_head
     blocks.append(Block("lm_head", "lm_head", head.in_features * head.out_features,
                         head.in_features * head.out_features if head.weight.requires_grad else 0,
-                        trainable=_trainable(head) or _trainable(parts.norm)))
+                        trainable=any_trainable(head) or any_trainable(parts.norm)))
     return blocks
 
 
-def _grid_vision_blocks(model, parts) -> tuple[list[Block], GridVision]:
-    """Qwen2-VL / Qwen2.5-VL: the 3-D patch convolution, the vision blocks (every one feeds the merger) and the
-    merger; Qwen2.5-VL's blocks outside fullatt_block_indexes attend within windows."""
-    vision, vcfg = parts.vision, model.config.vision_config
-    conv = next(m for m in vision.modules() if isinstance(m, nn.Conv3d))
-    conv_macs = conv.in_channels * math.prod(conv.kernel_size) * conv.out_channels
-    blocks = [Block("vision.embed", "vision_embed", conv_macs, conv_macs if conv.weight.requires_grad else 0,
-                    input_macs=conv_macs, trainable=_trainable(conv))]
-    window = getattr(vcfg, "window_size", 0) or 0
-    full = set(getattr(vcfg, "fullatt_block_indexes", None) or ())
-    merge = vcfg.spatial_merge_size
-    for i, layer in enumerate(vision.blocks):
-        heads = layer.attn.num_heads
-        blocks.append(Block(f"vision.{i}", "vision", _macs(layer), _macs(layer, True), heads=heads,
-                            head_dim=layer.attn.qkv.out_features // 3 // heads, trainable=_trainable(layer),
-                            checkpointed=_checkpointed(vision) and vision.training, tail_macs=_tail_macs(layer),
-                            windowed=bool(window) and i not in full))
-    blocks.append(_projector_block(parts))
-    return blocks, GridVision(merge, window // merge // vcfg.patch_size if window else 0)
+@dataclass
+class VisionFlops:
+    """A family's vision side (families/): its blocks bottom to top (patch embedding, encoder layers, projector)
+    and the per-image sizes FlopModel reads (``grid`` instead for towers whose sequence is each image's grid)."""
+
+    blocks: list[Block]
+    image_positions: int = 0
+    image_tokens: int = 0
+    patches: int = 0
+    grid: GridVision | None = None
+
+    def with_llm(self, model, parts) -> FlopModel:
+        """The whole model's FlopModel: this vision side, then the LLM's blocks."""
+        return FlopModel(self.blocks + llm_blocks(model, parts), image_positions=self.image_positions,
+                         image_tokens=self.image_tokens, patches=self.patches, grid=self.grid)
 
 
 def _windows_sq(n: int, win: int) -> int:
     """Sum of squared window lengths when n units are cut into windows of ``win`` (the last one shorter)."""
     return (n // win) * win ** 2 + (n % win) ** 2
-
-
-def _as_list(x) -> list[int]:
-    return list(x) if isinstance(x, (list, tuple)) else [x]

@@ -19,7 +19,7 @@ from peft.tuners.lora import LoraLayer
 from torch import nn
 from transformers import PreTrainedModel
 
-from .model import find_parts
+from .families import find_parts
 from .regions import Region
 
 log = logging.getLogger(__name__)
@@ -66,7 +66,7 @@ def lora_parameter_count(config, model: PreTrainedModel) -> int:
     return total
 
 
-def save(model: PreTrainedModel, config, state: dict, out: str) -> None:
+def export(model: PreTrainedModel, config, state: dict, out: str) -> None:
     """Write ``out/adapter`` (peft format) and the merged model into ``out`` from a full state dict (rank 0).
 
     A meta-device copy of the model gets the same adapters, takes the gathered tensors by assignment (no

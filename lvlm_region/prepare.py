@@ -23,17 +23,19 @@ from dataclasses import dataclass
 
 import datasets
 
-from . import formats, image_inputs, images, outputs
+from transformers import AutoConfig
+
+from . import families, formats, images, outputs
+from .config import check_options
 from .formats import BadSample
 from .image_inputs import ImageLayout
-from .templates import IMAGE_PLACEHOLDER, ChatFormat, TemplateError, tokenize
+from .templates import IMAGE_PLACEHOLDER, ChatFormat, TemplateError, resolve, tokenize
 
 log = logging.getLogger(__name__)
 
 VERSION = 2  # bump when the encoding changes, so older prepared directories are rebuilt (2: one-string tokenization)
 MARKER = "prepare.json"
 REPORT = "report.json"
-VERIFY = ("decode", "header")
 FEATURES = datasets.Features({
     "line": datasets.Value("int64"), "id": datasets.Value("string"), "messages": datasets.Value("string"),
     "images": datasets.Sequence(datasets.Value("string")), "input_ids": datasets.Sequence(datasets.Value("int32")),
@@ -57,37 +59,19 @@ class Encoding:
     allow_outside_images: bool = False  # accept image paths that leave the image folder (absolute, '..', links)
 
 
-def check_options(on_bad_sample: str, max_bad_fraction: float, verify_images: str) -> None:
-    """The bad-sample policy and image verification, checked where they are given (run config, prepare())."""
-    if on_bad_sample not in ("skip", "error"):
-        raise ValueError(f"--on-bad-sample must be skip or error, got {on_bad_sample!r}")
-    if not 0 <= max_bad_fraction <= 1:  # as config.RANGES (not imported: config imports this module)
-        raise ValueError(f"--max-bad-fraction must be in [0, 1], got {max_bad_fraction}")
-    if verify_images not in VERIFY:
-        raise ValueError(f"--verify-images must be decode or header, got {verify_images!r}")
-
-
 def for_model(model_path: str, template: str, max_length: int, verify_images: str = "decode",
               aspect: str | None = None, allow_outside_images: bool = False):
     """(Encoding, tokenizer, processor) of a transformers checkpoint dir: its image layout (image_inputs; from the
     config and image processor, with ``aspect`` = --image-aspect-ratio, by default SFT's for the family) and the
     template resolved against its tokenizer (``auto``: the tokenizer's own, else the processor's)."""
-    from transformers import AutoConfig, AutoProcessor
-
-    from .model import check_trainable
-    from .templates import resolve
-
     config = AutoConfig.from_pretrained(model_path)
-    check_trainable(config, f"--model {model_path}")
-    aspect = aspect or image_inputs.default_aspect("sft", config.model_type)
+    family = families.check_trainable(config, f"--model {model_path}")
+    aspect = aspect or family.default_aspect("sft")
     images.check_aspect(aspect)
-    if config.model_type in image_inputs.GRID_FAMILIES:
-        processor = image_inputs.SplitProcessor(model_path)
-    else:
-        processor = AutoProcessor.from_pretrained(model_path)
+    processor = family.load_processor(model_path)
     tokenizer = processor.tokenizer
     fmt = resolve(template, tokenizer, f"--model {model_path}", getattr(processor, "chat_template", None))
-    layout = image_inputs.for_config(config, processor.image_processor, aspect)
+    layout = family.image_layout(config, processor.image_processor, aspect)
     return Encoding(fmt, layout, max_length, verify_images, allow_outside_images), tokenizer, processor
 
 

@@ -1,4 +1,6 @@
-"""One training loop for both stages: config -> region -> model -> data -> DeepSpeed engine -> steps -> save.
+"""One training loop for both stages: ``setup`` (everything checkable before weights load), then ``Trainer``:
+data -> model and DeepSpeed engine -> run.json and metrics -> one ``step`` per optimizer step -> ``finish``
+(export, evaluation and run.json; shared by a normal end and a stop request).
 
 Stage 1 and stage 2 differ only in their RunConfig (region, data, template, learning rate, ZeRO stage).
 """
@@ -9,7 +11,6 @@ import json
 import logging
 import math
 import os
-import platform
 import random
 import time
 from dataclasses import dataclass
@@ -21,18 +22,19 @@ import torch
 from tqdm import tqdm
 from transformers import AutoConfig, AutoTokenizer
 
-from . import (assemble, checkpoint, demo, engine as E, formats, lora, outputs, prepare as P, regions, templates,
+from . import (assemble, checkpoint, demo, engine, families, formats, lora, outputs, prepare, regions, templates,
                timing)
 from .config import DEMO_DIR, RunConfig
-from .data import BatchStream, ImageTextDataset, make_loader, to_device
+from .data import BatchStream, ImageTextDataset, run_loader, to_device
 from .evaluate import evaluate
-from .flops import BatchShape, FlopModel
+from .families import find_parts
+from .flops import BatchShape
 from .image_inputs import count_images
 from .images import ImageLoader
-from .model import (PROJECTOR_FILE, apply_region, enable_checkpointing, find_parts, import_projector,
-                    load_model, load_projector, num_decoder_layers, projector_parameters, read_mm_projector,
-                    loss_positions, resolve_attention, save_projector, skeleton, token_loss_sum,
-                    valid_tokens)
+from .loss import loss_positions, token_loss_sum, valid_tokens
+from .model import enable_checkpointing, load_model, num_decoder_layers, resolve_attention, skeleton
+from .projector import PROJECTOR_FILE, export_projector, import_projector, load_projector, read_mm_projector
+from .trainable import apply_region, projector_parameters
 
 log = logging.getLogger(__name__)
 
@@ -41,14 +43,6 @@ def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed)
     torch.manual_seed(seed)
-
-
-def versions() -> dict:
-    import datasets
-    import deepspeed
-    import transformers
-    return {"python": platform.python_version(), "torch": torch.__version__, "deepspeed": deepspeed.__version__,
-            "transformers": transformers.__version__, "datasets": datasets.__version__}
 
 
 @dataclass
@@ -61,14 +55,14 @@ class Setup:
     ds_config: dict
     processor: object
     tokenizer: object
-    encoding: P.Encoding  # template, image layout and max length: how samples become token ids
+    encoding: prepare.Encoding  # template, image layout and max length: how samples become token ids
     load_image: ImageLoader  # the processor with the run's aspect-ratio handling
     attn: str  # the attention implementation actually used
     projector: dict | None = None  # --init-projector's tensors, keyed as the projector's state_dict
     resume_from: Path | None = None  # the checkpoint to continue from (None: a fresh start)
 
 
-def prepare(cfg: RunConfig) -> Setup:
+def setup(cfg: RunConfig) -> Setup:
     """Validate everything that can be checked without loading weights: config, region, DeepSpeed JSON, data."""
     cfg.resolve()
     # The output directory, the inputs and the DeepSpeed JSON are checked before the demo or an assembly is built
@@ -79,14 +73,15 @@ def prepare(cfg: RunConfig) -> Setup:
                                            "--image-folder": cfg.image_folder},
                           fresh=cfg.resume in (None, "none"), overwrite=cfg.overwrite)
     resume_from = checkpoint.resolve_resume(cfg.resume, cfg.output_dir, cfg.overwrite)
-    E.init_distributed(cfg.dist_timeout)
-    precision = E.resolve_precision(cfg.precision)
-    ds_config = E.build_ds_config(cfg.zero, cfg.ds_config, cfg.micro_batch, cfg.grad_accum, cfg.grad_clip, precision)
+    engine.init_distributed(cfg.dist_timeout)
+    precision = engine.resolve_precision(cfg.precision)
+    ds_config = engine.build_ds_config(cfg.zero, cfg.ds_config, cfg.micro_batch, cfg.grad_accum, cfg.grad_clip,
+                                       precision)
     if cfg.is_demo:
-        if E.rank() == 0:
+        if engine.rank() == 0:
             demo.ensure(DEMO_DIR)
-        E.barrier()
-        if E.rank() == 0 and cfg.stage == "sft" and cfg.init is None:
+        engine.barrier()
+        if engine.rank() == 0 and cfg.stage == "sft" and cfg.init is None:
             log.info("no --init given: stage 2 starts from the embedded demo model's random projector "
                      "(run launch/pretrain.py first and pass --init to start from a trained one)")
     if cfg.llm is not None:  # every rank checks the parts' configs; rank 0 builds the model once
@@ -95,10 +90,10 @@ def prepare(cfg: RunConfig) -> Setup:
         # a built-in one is written into the assembled tokenizer, so the output carries what it was trained with.
         fmt = templates.resolve(cfg.template, AutoTokenizer.from_pretrained(cfg.llm), f"--llm {cfg.llm}")
         chat_template = fmt.source if fmt.conversational else None
-        if E.rank() == 0 and not assemble.is_assembled(cfg.model_path, cfg.llm, cfg.vision, cfg.projector, cfg.seed,
-                                                       chat_template):
+        if engine.rank() == 0 and not assemble.is_assembled(cfg.model_path, cfg.llm, cfg.vision, cfg.projector,
+                                                            cfg.seed, chat_template):
             assemble.assemble(cfg.llm, cfg.vision, cfg.projector, cfg.model_path, cfg.seed, chat_template)
-        E.barrier()
+        engine.barrier()
     if not os.path.isfile(os.path.join(cfg.model_path, "config.json")):
         raise FileNotFoundError(f"--model {cfg.model_path}: no config.json; give a local transformers checkpoint dir")
     model_config = AutoConfig.from_pretrained(cfg.model_path)
@@ -107,24 +102,24 @@ def prepare(cfg: RunConfig) -> Setup:
     if cfg.tuner == "lora" and not region.layers:
         raise ValueError(f"--tuner lora: region {region.spec!r} selects no decoder layer, so there is nothing to put "
                          "LoRA on; give a region with layers (e.g. --region uniform25) or use --tuner full")
-    attn, why = resolve_attention(cfg.attn, not E.on_cpu(), precision)
-    if why and E.rank() == 0:
+    attn, why = resolve_attention(cfg.attn, not engine.on_cpu(), precision)
+    if why and engine.rank() == 0:
         log.warning("--attn: %s", why)
     if torch.cuda.is_available() and not cfg.peak_tflops:
         timing.peak_for_gpu(torch.cuda.get_device_name())  # an unknown GPU fails here, on every rank, not at step 1
-    encoding, tokenizer, processor = P.for_model(cfg.model_path, cfg.template, cfg.max_length, cfg.verify_images,
+    encoding, tokenizer, processor = prepare.for_model(cfg.model_path, cfg.template, cfg.max_length, cfg.verify_images,
                                                  cfg.image_aspect_ratio, cfg.allow_outside_images)
-    if cfg.packing and encoding.layout.kind == "grid":
-        raise ValueError(f"--packing: {model_config.model_type} computes its own 3-D rotary positions per sample "
-                         "(from image_grid_thw), which packed position ids would replace; train it without --packing")
+    family = families.get(model_config.model_type)
+    if cfg.packing and family.no_packing:
+        raise ValueError(f"--packing: {model_config.model_type} {family.no_packing}; train it without --packing")
     if tokenizer.pad_token_id is None:
         raise ValueError(f"the tokenizer of {cfg.model_path} has no pad token; set one and save it")
     fmt = encoding.template
     if fmt.conversational and fmt.name != "auto":  # the exported model formats prompts as it was trained
         tokenizer.chat_template = processor.chat_template = fmt.source
     for path in (cfg.data, cfg.eval_data):  # a prepared directory must match this model and template
-        if path and P.is_prepared(path):
-            P.check_matches(P.read_meta(path), path, encoding, tokenizer)
+        if path and prepare.is_prepared(path):
+            prepare.check_matches(prepare.read_meta(path), path, encoding, tokenizer)
         elif path:
             formats.kind(path)
     projector = None
@@ -135,17 +130,6 @@ def prepare(cfg: RunConfig) -> Setup:
                  resume_from)
 
 
-def loader(ds, s: "Setup", shuffle: bool, drop_last: bool, left_pad: bool = False, training: bool = False):
-    """A rank's loader; batches without images get the masked dummy image (data.collate). The training loader
-    groups by length and packs as the run config says; evaluation pads and keeps the data's order."""
-    group_by = None
-    if training and s.cfg.group_by_length:
-        group_by = (list(ds.ds["length"]), [m == "image" for m in ds.ds["modality"]])
-    return make_loader(ds, s.cfg.micro_batch, s.tokenizer.pad_token_id, E.rank(), E.world_size(), s.cfg.seed,
-                       shuffle, drop_last, s.cfg.num_workers, left_pad, s.encoding.layout.dummy(), group_by,
-                       packed=training and s.cfg.packing)
-
-
 def obtain_data(path: str, image_folder: str | None, name: str, s: Setup):
     """(prepared dataset, image folder) for --data / --eval-data.
 
@@ -153,30 +137,30 @@ def obtain_data(path: str, image_folder: str | None, name: str, s: Setup):
     (reused by a rerun or resume with the same inputs) while the other ranks wait for it on the file system: a
     collective would time out on a data set that takes longer than the process group's timeout to prepare.
     """
-    if P.is_prepared(path):
-        ds, meta = P.load_prepared(path)
+    if prepare.is_prepared(path):
+        ds, meta = prepare.load_prepared(path)
         return ds, image_folder or meta["identity"]["image_folder"]
     cfg = s.cfg
     folder = image_folder or os.path.dirname(os.path.abspath(path))
     out = os.path.join(cfg.output_dir, "prepared", name)
     failed, beat = out + ".failed", out + ".heartbeat"
-    if E.rank() == 0:
+    if engine.rank() == 0:
         os.makedirs(os.path.dirname(out), exist_ok=True)
         if os.path.exists(failed):
             os.remove(failed)
         open(beat, "w").close()  # fresh before anyone waits on it
-    E.barrier()
-    if E.rank() == 0:
+    engine.barrier()
+    if engine.rank() == 0:
         try:
             with outputs.Heartbeat(beat):
-                ds = P.prepare(path, folder, s.encoding, s.tokenizer, out, cfg.on_bad_sample, cfg.max_bad_fraction,
-                               cfg.prep_workers)
+                ds = prepare.prepare(path, folder, s.encoding, s.tokenizer, out, cfg.on_bad_sample,
+                                     cfg.max_bad_fraction, cfg.prep_workers)
         except Exception as e:
             with open(failed, "w") as f:
                 f.write(str(e))
             raise
         return ds, folder
-    wait_for_preparation(path, out, P.identity(path, folder, s.encoding, s.tokenizer), cfg.prep_timeout)
+    wait_for_preparation(path, out, prepare.identity(path, folder, s.encoding, s.tokenizer), cfg.prep_timeout)
     return datasets.load_from_disk(out), folder
 
 
@@ -186,54 +170,269 @@ def wait_for_preparation(path: str, out: str, want: dict, timeout: float) -> Non
     killed, e.g. by the OOM killer, and can report nothing)."""
     failed, beat = out + ".failed", out + ".heartbeat"
     start = last_log = time.time()
-    while not (P.is_prepared(out) and P.read_meta(out)["identity"] == want):
+    while not (prepare.is_prepared(out) and prepare.read_meta(out)["identity"] == want):
         if os.path.exists(failed):
-            raise P.DataError(f"rank 0 failed to prepare {path}: {open(failed).read()}")
+            raise prepare.DataError(f"rank 0 failed to prepare {path}: {open(failed).read()}")
         silent = outputs.silence(beat, start)
         if silent > timeout:
-            raise P.DataError(f"rank {E.rank()}: rank 0 has given no sign of life for {silent:.0f} s while preparing "
-                              f"{path} (its heartbeat {beat} stopped changing): it probably died (killed, out of "
-                              f"memory); see its log, then rerun (--prep-timeout, now {timeout:g} s, sets this wait)")
+            raise prepare.DataError(f"rank {engine.rank()}: rank 0 has given no sign of life for {silent:.0f} s while "
+                                    f"preparing {path} (its heartbeat {beat} stopped changing): it probably died "
+                                    f"(killed, out of memory); see its log, then rerun (--prep-timeout, now "
+                                    f"{timeout:g} s, sets this wait)")
         time.sleep(1.0)
         if time.time() - last_log > 120:
             last_log = time.time()
-            log.info("rank %d: waiting for rank 0 to prepare %s (%.0f s)", E.rank(), path, last_log - start)
+            log.info("rank %d: waiting for rank 0 to prepare %s (%.0f s)", engine.rank(), path, last_log - start)
 
 
 def train(cfg: RunConfig) -> "Result":
     """Run one stage end to end (or continue it from a checkpoint); returns the run.json summary and the engine."""
     session_start = time.perf_counter()
     timing.reset_peak_memory()
-    s = prepare(cfg)
-    rank0 = E.rank() == 0
-    out = cfg.output_dir
-    resume_from = s.resume_from
-    if cfg.resume == "auto" and resume_from is None and rank0:
-        log.info("--resume auto: no checkpoint in %s yet; starting from step 0", out)
-    os.makedirs(out, exist_ok=True)
-    if resume_from is None and cfg.overwrite and rank0:  # the replaced run's checkpoints, set aside (not deleted)
-        checkpoint.set_aside_all(out)
-    E.barrier()
-    seed_everything(cfg.seed)
+    run = Trainer(setup(cfg), session_start)
+    run.load_data()
+    run.build()
+    run.start()
+    for step in range(run.start_step + 1, run.total + 1):
+        stops = run.step(step)
+        if stops:
+            return run.finish(step, stopped=True)
+    return run.finish(run.total, stopped=False)
 
-    train_ds, train_folder = obtain_data(cfg.data, cfg.image_folder, "train", s)
-    cfg.dataset_size = len(train_ds)
-    eval_ds, eval_folder = obtain_data(cfg.eval_data, None, "eval", s) if cfg.eval_data else (None, None)
-    train_loader = loader(ImageTextDataset(train_ds, train_folder, s.load_image, s.encoding.layout), s, shuffle=True,
-                          drop_last=True, training=True)
-    steps_per_epoch = len(train_loader) // cfg.grad_accum
-    if steps_per_epoch < 1:
-        raise ValueError(f"{len(train_ds)} samples give no full step of micro_batch {cfg.micro_batch} x grad_accum "
-                         f"{cfg.grad_accum} x {E.world_size()} ranks; lower the batch or add data")
-    total = cfg.max_steps or math.ceil(cfg.epochs * steps_per_epoch)
-    identity = run_identity(cfg, s, total)
-    prior = {"step": 0, "data": {"epoch": 0, "consumed": 0}, "time": {"elapsed_s": 0.0, "gpu_seconds": 0.0}}
-    if resume_from is not None:  # before any weights load
-        prior = json.loads((resume_from / checkpoint.STATE_FILE).read_text())
-        checkpoint.check_compatible(prior["identity"], identity, resume_from)
 
-    dtype = E.torch_dtype(s.precision)
-    loading = E.PartitionedLoading(s.ds_config)  # ZeRO-3: built and loaded in partitions
+class Trainer:
+    """One stage's run, in the order train() calls its steps: data, model and engine, outputs, the loop, finish."""
+
+    def __init__(self, s: Setup, session_start: float):
+        self.s, self.cfg, self.session_start = s, s.cfg, session_start
+        self.rank0 = engine.rank() == 0
+        self.out = s.cfg.output_dir
+        self.prior = {"step": 0, "data": {"epoch": 0, "consumed": 0}, "time": {"elapsed_s": 0.0, "gpu_seconds": 0.0}}
+        cfg, resume_from = self.cfg, s.resume_from
+        if cfg.resume == "auto" and resume_from is None and self.rank0:
+            log.info("--resume auto: no checkpoint in %s yet; starting from step 0", self.out)
+        os.makedirs(self.out, exist_ok=True)
+        if resume_from is None and cfg.overwrite and self.rank0:  # the replaced run's checkpoints, set aside
+            checkpoint.set_aside_all(self.out)
+        engine.barrier()
+        seed_everything(cfg.seed)
+
+    def load_data(self) -> None:
+        """The prepared data sets, the training loader and the step count; a resumed run's state is checked
+        against this run's identity before any weights load."""
+        cfg, s = self.cfg, self.s
+        train_ds, train_folder = obtain_data(cfg.data, cfg.image_folder, "train", s)
+        self.dataset_size = len(train_ds)
+        self.eval_ds, self.eval_folder = obtain_data(cfg.eval_data, None, "eval", s) if cfg.eval_data else (None, None)
+        self.loader = run_loader(ImageTextDataset(train_ds, train_folder, s.load_image, s.encoding.layout), cfg,
+                                 s.tokenizer.pad_token_id, s.encoding.layout.dummy(), engine.rank(),
+                                 engine.world_size(), shuffle=True, drop_last=True, training=True)
+        self.steps_per_epoch = len(self.loader) // cfg.grad_accum
+        if self.steps_per_epoch < 1:
+            raise ValueError(f"{len(train_ds)} samples give no full step of micro_batch {cfg.micro_batch} x "
+                             f"grad_accum {cfg.grad_accum} x {engine.world_size()} ranks; lower the batch or add data")
+        self.total = cfg.max_steps or math.ceil(cfg.epochs * self.steps_per_epoch)
+        self.identity = run_identity(cfg, s, self.total, self.dataset_size)
+        if s.resume_from is not None:
+            self.prior = checkpoint.read_state(s.resume_from)
+            checkpoint.check_compatible(self.prior["identity"], self.identity, s.resume_from)
+
+    def build(self) -> None:
+        """The model (weights, projector, LoRA, region, checkpointing) and the DeepSpeed engine around it."""
+        cfg, s = self.cfg, self.s
+        self.dtype = engine.torch_dtype(s.precision)
+        model, self.adapters, self.counts = build_model(s, self.dtype)
+        offload = engine.optimizer_offload(s.ds_config) != "none"
+        self.mem = timing.memory_estimate(self.counts["all"]["total"], self.counts["all"]["trainable"],
+                                          engine.zero_stage(s.ds_config), engine.world_size(), s.precision, offload)
+        if self.rank0:
+            mem = self.mem
+            log.info("model state per rank (estimate, before activations): weights %.3f GB, gradients %.3f GB, "
+                     "optimizer %.3f GB%s; total on device %.3f GB", mem["weights"] / 1e9, mem["gradients"] / 1e9,
+                     mem["optimizer"] / 1e9, " (offloaded to CPU)" if offload else "", mem["total_on_device"] / 1e9)
+        warmup = int(cfg.warmup_ratio * self.total)
+        own_lr = [(projector_parameters(model), cfg.projector_lr)] if cfg.projector_lr != cfg.lr else ()
+        self.engine, self.scheduler = engine.initialize(model, s.ds_config, cfg.lr, cfg.weight_decay, self.total,
+                                                        warmup, lr_overrides=own_lr)
+        self.device = engine.device()
+        self.stream = BatchStream(self.loader)
+        if s.resume_from is not None:
+            checkpoint.load(self.engine, s.resume_from)
+            self.stream.load_state_dict(self.prior["data"])
+            if self.rank0:
+                log.info("resumed from %s at step %d (epoch %d, micro-batch %d)", s.resume_from, self.prior["step"],
+                         self.prior["data"]["epoch"], self.prior["data"]["consumed"])
+
+    def start(self) -> None:
+        """run.json (status running), metrics.jsonl, the stop handler, the FLOP model and the timers."""
+        cfg, s = self.cfg, self.s
+        self.start_step = self.prior["step"]
+        self.previous = s.resume_from.name if s.resume_from is not None else None  # the checkpoint continued
+        self.replaced = self.prior.get("images_replaced", 0)  # samples whose image failed to decode, all ranks
+        self.summary = {
+            "status": "running", "config": cfg.to_dict(), "region": s.region.to_dict(), "parameters": self.counts,
+            "world_size": engine.world_size(), "precision": s.precision, "attn": s.attn, "ds_config": s.ds_config,
+            "steps": self.total, "steps_per_epoch": self.steps_per_epoch, "dataset_size": self.dataset_size,
+            "versions": engine.versions(), "device": str(self.device), "device_name": timing.device_name(),
+            "memory_estimate": self.mem, "ranks": engine.all_placements(),
+            "resumed_from": str(s.resume_from) if s.resume_from else None}
+        self.write_summary()
+        self.metrics = open_metrics(os.path.join(self.out, "metrics.jsonl"), self.start_step) if self.rank0 else None
+        self.stop = checkpoint.StopRequest(self.out)
+        self.flop_model = families.flop_model(self.engine.module)  # trainable set and checkpointing as they are now
+        self.peak, self.peak_source = timing.peak_flops(cfg.peak_tflops, self.dtype) if self.rank0 else (0.0, "")
+        self.timer = timing.StepTimer()
+        self.totals = timing.Totals(warmup=min(5, max(1, (self.total - self.start_step) // 10)))
+        self.totals.restore(self.prior.get("totals"))
+        self.window = timing.Totals(warmup=0)
+        self.engine.train()
+        self.bar = tqdm(total=self.total, initial=self.start_step, desc=cfg.stage, disable=not self.rank0,
+                        dynamic_ncols=True)
+        self.loss, self.grad_norm = float("nan"), None
+
+    def state(self, step: int) -> dict:
+        """What a checkpoint at `step` records besides DeepSpeed's state (accumulated across restarts)."""
+        wall = time.perf_counter() - self.session_start
+        prior = self.prior["time"]
+        return {"step": step, "data": self.stream.state_dict(), "identity": self.identity,
+                "totals": self.totals.state_dict(), "images_replaced": self.replaced, "previous": self.previous,
+                "time": {"elapsed_s": prior["elapsed_s"] + wall,
+                         "gpu_seconds": prior["gpu_seconds"] + wall * engine.world_size()}}
+
+    def write_summary(self) -> None:
+        if self.rank0:
+            checkpoint.write_json_atomic(os.path.join(self.out, "run.json"), self.summary)
+
+    def step(self, step: int) -> bool:
+        """One optimizer step (grad_accum micro-batches), its checks, metrics and checkpoint; whether to stop."""
+        cfg, ds_engine, timer = self.cfg, self.engine, self.timer
+        timer.start()
+        skipped_before = ds_engine.skipped_steps
+        with timer.phase("data"):
+            micro = [to_device(next(self.stream), self.device, self.dtype) for _ in range(cfg.grad_accum)]
+            n_valid = engine.all_reduce_sum([sum(valid_tokens(b["labels"]) for b in micro)])[0]
+        # Grads end up as (sum of token losses over all ranks and micro-steps) / n_valid: DeepSpeed divides by
+        # grad_accum and averages over ranks, so each micro-step's sum is scaled by world * grad_accum / n_valid.
+        scale = engine.world_size() * cfg.grad_accum / max(n_valid, 1.0)
+        loss_sum = 0.0
+        for b in micro:
+            with timer.phase("forward"):
+                # No KV cache in training; with one, transformers would not read restarting position ids as packing.
+                logits = ds_engine(**self.s.encoding.layout.model_inputs(b), logits_to_keep=loss_positions(b["labels"]),
+                                   use_cache=False).logits  # [N, V]: the trained positions only
+                lsum = token_loss_sum(logits, b["labels"])
+            with timer.phase("backward"):
+                ds_engine.backward(lsum * scale)
+            with timer.phase("optimizer"):
+                ds_engine.step()
+            loss_sum += float(lsum.detach())
+        work = self.flop_model.step([shape for b in micro for shape in batch_shapes(b)])
+        with timer.phase("optimizer"):
+            # One collective for the loss, the stop request and the step's work: every rank stops together.
+            loss_total, stops, n_tokens, n_samples, n_images, f_model, f_hw, n_replaced = engine.all_reduce_sum(
+                [loss_sum, float(self.stop.poll()), sum(b["n_tokens"] for b in micro),
+                 sum(b["n_samples"] for b in micro), sum(b["real_images"] for b in micro), work.model,
+                 work.hardware, sum(b["replaced"] for b in micro)])
+        self.replaced += int(n_replaced)
+        times = timer.finish()
+        self.totals.add(times, n_tokens, n_samples, n_images, f_model, f_hw)
+        self.window.add(times, n_tokens, n_samples, n_images, f_model, f_hw)
+        self.loss = loss_total / max(n_valid, 1.0)
+        self.grad_norm = ds_engine.get_global_grad_norm()  # global: every rank sees it, so all stop together
+        self.check(step, skipped_before)
+        self.bar.update(1)
+        if step % cfg.log_every == 0 or step == self.total or stops:
+            self.log_metrics(step)
+        if stops or (cfg.save_every and (step % cfg.save_every == 0 or step == self.total)):
+            self.checkpoint_path = checkpoint.save(ds_engine, self.out, step, self.state(step), cfg.keep_checkpoints)
+            self.previous = self.checkpoint_path.name
+        return bool(stops)
+
+    def check(self, step: int, skipped_before: int) -> None:
+        """check_finite; on failure run.json says what happened and metrics.jsonl keeps the good steps."""
+        try:
+            check_finite(step, self.loss, self.grad_norm, self.engine, self.s.precision, skipped_before, self.out)
+        except TrainingDiverged as e:
+            self.summary.update(status="diverged", error=str(e), steps_done=step - 1, time=self.state(step - 1)["time"])
+            self.write_summary()
+            if self.rank0:
+                self.metrics.close()
+            raise
+
+    def log_metrics(self, step: int) -> None:
+        """One metrics.jsonl record and progress line over the steps since the last one."""
+        cfg, world = self.cfg, engine.world_size()
+        w = self.window.summary(world, self.peak or 1.0)
+        factor = self.scheduler.lr_lambdas[0](self.scheduler.last_epoch)  # every group follows the same schedule
+        rec = {"step": step, "loss": self.loss, "lr": cfg.lr * factor,
+               **({"projector_lr": cfg.projector_lr * factor} if cfg.projector_lr != cfg.lr else {}),
+               "grad_norm": _float(self.grad_norm),
+               "tokens_per_s": w["tokens_per_s_per_gpu"] * world, "step_s": w["step_seconds"],
+               **{f"{p}_s": v for p, v in w["phase_seconds"].items()},
+               "tflops_per_step": w["model_tflops_per_step"],
+               "mfu": w["mfu"] if self.rank0 else None, "peak_mem_gb": timing.peak_memory_bytes() / 1e9,
+               **({"images_replaced": self.replaced} if self.replaced else {}),
+               **fp16_state(self.engine, self.s.precision)}
+        self.window = timing.Totals(warmup=0)
+        if self.rank0:
+            self.bar.write(f"step {step}/{self.total} | loss {rec['loss']:.4f} | lr {rec['lr']:.2e} | "
+                           f"grad_norm {rec['grad_norm']:.3f} | tok/s {rec['tokens_per_s']:.0f} | "
+                           f"step {rec['step_s']:.3f}s | mfu {rec['mfu']:.3f}")
+            self.metrics.write(json.dumps(rec) + "\n")
+            self.metrics.flush()
+
+    def finish(self, step: int, stopped: bool) -> "Result":
+        """The end of a session, normal or stopped: a complete run exports and evaluates; both write run.json."""
+        summary = self.summary
+        self.bar.close()
+        self.stop.clear_file()  # a request that came too late to act on must not stop the next run at once
+        summary.update(final_loss=self.loss, steps_done=step)
+        if stopped:
+            summary.update(status="interrupted", checkpoint=str(self.checkpoint_path),
+                           stop_reason=self.stop.reason or "another rank was asked to stop")
+            if self.rank0:
+                log.info("stop requested (%s): checkpoint %s written at step %d; rerun with --resume auto",
+                         summary["stop_reason"], self.checkpoint_path, step)
+        else:
+            self.complete()
+        summary["timing"] = timing_summary(self.totals, self.peak, self.peak_source, self.mem)
+        if not stopped and self.rank0:
+            log.info("peak memory measured %.3f GB (%s) vs model-state estimate %.3f GB (activations not included)",
+                     summary["timing"]["peak_memory_gb_rank0"], "process RSS" if engine.on_cpu() else "GPU allocator",
+                     summary["timing"]["memory_estimate_gb"])
+        summary["time"] = self.state(step)["time"]
+        if self.rank0:
+            self.metrics.close()
+        self.write_summary()
+        engine.barrier()
+        self.stop.restore()
+        return Result(summary, self.engine)
+
+    def complete(self) -> None:
+        """A run that reached its last step: export the model, evaluate it, status complete."""
+        cfg, summary = self.cfg, self.summary
+        summary.update(fp16_state(self.engine, self.s.precision))
+        summary["images_replaced"] = self.replaced
+        if self.replaced and self.rank0:
+            log.warning("%d samples were replaced by the next one because an image failed to decode (see the "
+                        "warnings above for the files)", self.replaced)
+        if cfg.export_model:
+            export_model(self.engine, self.s.processor, self.out, self.adapters)
+        if self.eval_ds is not None:
+            summary["eval"] = ev = evaluate(self.engine, self.eval_ds, self.eval_folder, self.s, cfg, self.dtype,
+                                            self.device)
+            if self.rank0:
+                log.info("held-out loss %.4f | answer accuracy %.3f (%d/%d)", ev["loss"], ev["accuracy"],
+                         ev["correct"], ev["samples"])
+                self.metrics.write(json.dumps({"step": self.total, "eval": ev}) + "\n")
+        summary["status"] = "complete"
+
+
+def build_model(s: Setup, dtype: torch.dtype):
+    """(model, LoRA config or None, per-part parameter counts): loaded (ZeRO-3: in partitions), its projector
+    initialised, LoRA injected, the region applied (before any optimizer exists) and checkpointing enabled."""
+    cfg = s.cfg
+    loading = engine.PartitionedLoading(s.ds_config)  # ZeRO-3: built and loaded in partitions
     model = load_model(cfg.model_path, dtype, s.attn)
     if cfg.init:
         with loading.writable(projector_parameters(model)):  # whole on every rank while it is written
@@ -241,7 +440,7 @@ def train(cfg: RunConfig) -> "Result":
     if s.projector is not None:
         with loading.writable(projector_parameters(model)):
             n = import_projector(model, s.projector)
-        if rank0:
+        if engine.rank() == 0:
             log.info("imported %d projector tensors from %s", n, cfg.init_projector)
     loading.close()  # LoRA adapters made from here on are partitioned by deepspeed.initialize
     adapters = None
@@ -252,7 +451,7 @@ def train(cfg: RunConfig) -> "Result":
     counts = apply_region(model, s.region, cfg.tuner)  # before the optimizer exists
     if cfg.grad_ckpt:
         enable_checkpointing(model)
-    if rank0:
+    if engine.rank() == 0:
         log.info("region %s -> layers %s of %d; parts %s", s.region.spec, list(s.region.layers),
                  s.region.num_layers, {k: v for k, v in s.region.parts.items()})
         for part, c in counts.items():
@@ -262,172 +461,15 @@ def train(cfg: RunConfig) -> "Result":
                      "summed over them: %d)", cfg.lora_r, cfg.lora_alpha, cfg.lora_dropout,
                      len(adapters.target_modules), list(s.region.layers), counts["layers"]["trainable"],
                      lora.lora_parameter_count(adapters, model))
-
-    offload = E.optimizer_offload(s.ds_config) != "none"
-    mem = timing.memory_estimate(counts["all"]["total"], counts["all"]["trainable"], E.zero_stage(s.ds_config),
-                                 E.world_size(), s.precision, offload)
-    if rank0:
-        log.info("model state per rank (estimate, before activations): weights %.3f GB, gradients %.3f GB, "
-                 "optimizer %.3f GB%s; total on device %.3f GB", mem["weights"] / 1e9, mem["gradients"] / 1e9,
-                 mem["optimizer"] / 1e9, " (offloaded to CPU)" if offload else "", mem["total_on_device"] / 1e9)
-    warmup = int(cfg.warmup_ratio * total)
-    own_lr = [(projector_parameters(model), cfg.projector_lr)] if cfg.projector_lr != cfg.lr else ()
-    engine, scheduler = E.initialize(model, s.ds_config, cfg.lr, cfg.weight_decay, total, warmup, lr_overrides=own_lr)
-    device = E.device()
-    stream = BatchStream(train_loader)
-    if resume_from is not None:
-        checkpoint.load(engine, resume_from)
-        stream.load_state_dict(prior["data"])
-        if rank0:
-            log.info("resumed from %s at step %d (epoch %d, micro-batch %d)", resume_from, prior["step"],
-                     prior["data"]["epoch"], prior["data"]["consumed"])
-    start_step = prior["step"]
-    previous = resume_from.name if resume_from is not None else None  # the checkpoint this history continues
-    replaced = prior.get("images_replaced", 0)  # samples skipped because an image failed to decode, all ranks
-
-    summary = {"status": "running", "config": cfg.to_dict(), "region": s.region.to_dict(), "parameters": counts,
-               "world_size": E.world_size(), "precision": s.precision, "attn": s.attn, "ds_config": s.ds_config,
-               "steps": total, "steps_per_epoch": steps_per_epoch, "versions": versions(),
-               "device": str(device), "device_name": timing.device_name(), "memory_estimate": mem,
-               "ranks": E.all_placements(), "resumed_from": str(resume_from) if resume_from else None}
-    if rank0:
-        checkpoint.write_json_atomic(os.path.join(out, "run.json"), summary)
-    metrics = open_metrics(os.path.join(out, "metrics.jsonl"), start_step) if rank0 else None
-
-    def state(step: int) -> dict:
-        """What a checkpoint at `step` records besides DeepSpeed's state (accumulated across restarts)."""
-        wall = time.perf_counter() - session_start
-        return {"step": step, "data": stream.state_dict(), "identity": identity, "totals": totals.state_dict(),
-                "images_replaced": replaced, "previous": previous,
-                "time": {"elapsed_s": prior["time"]["elapsed_s"] + wall,
-                         "gpu_seconds": prior["time"]["gpu_seconds"] + wall * E.world_size()}}
-
-    stop = checkpoint.StopRequest(out)
-    flop_model = FlopModel.from_model(engine.module)  # the trainable set and checkpointing as they now are
-    peak, peak_source = timing.peak_flops(cfg.peak_tflops, dtype) if rank0 else (0.0, "")
-    timer = timing.StepTimer()
-    totals = timing.Totals(warmup=min(5, max(1, (total - start_step) // 10)))
-    totals.restore(prior.get("totals"))
-    window = timing.Totals(warmup=0)
-    engine.train()
-    bar = tqdm(total=total, initial=start_step, desc=cfg.stage, disable=not rank0, dynamic_ncols=True)
-    loss = float("nan")
-    for step in range(start_step + 1, total + 1):
-        timer.start()
-        skipped_before = engine.skipped_steps
-        with timer.phase("data"):
-            micro = [to_device(next(stream), device, dtype) for _ in range(cfg.grad_accum)]
-            n_valid = E.all_reduce_sum([sum(valid_tokens(b["labels"]) for b in micro)])[0]
-        # Grads end up as (sum of token losses over all ranks and micro-steps) / n_valid: DeepSpeed divides by
-        # grad_accum and averages over ranks, so each micro-step's sum is scaled by world * grad_accum / n_valid.
-        scale = E.world_size() * cfg.grad_accum / max(n_valid, 1.0)
-        loss_sum = 0.0
-        for b in micro:
-            with timer.phase("forward"):
-                # No KV cache in training; with one, transformers would not read restarting position ids as packing.
-                logits = engine(**s.encoding.layout.model_inputs(b), logits_to_keep=loss_positions(b["labels"]),
-                                use_cache=False).logits  # [N, V]: the trained positions only
-                lsum = token_loss_sum(logits, b["labels"])
-            with timer.phase("backward"):
-                engine.backward(lsum * scale)
-            with timer.phase("optimizer"):
-                engine.step()
-            loss_sum += float(lsum.detach())
-        work = flop_model.step([shape for b in micro for shape in batch_shapes(b)])
-        with timer.phase("optimizer"):
-            # One collective for the loss, the stop request and the step's work: every rank stops together.
-            loss_total, stops, n_tokens, n_samples, n_images, f_model, f_hw, n_replaced = E.all_reduce_sum(
-                [loss_sum, float(stop.poll()), sum(b["n_tokens"] for b in micro),
-                 sum(b["n_samples"] for b in micro), sum(b["real_images"] for b in micro), work.model,
-                 work.hardware, sum(b["replaced"] for b in micro)])
-        replaced += int(n_replaced)
-        times = timer.finish()
-        totals.add(times, n_tokens, n_samples, n_images, f_model, f_hw)
-        window.add(times, n_tokens, n_samples, n_images, f_model, f_hw)
-        loss = loss_total / max(n_valid, 1.0)
-        grad_norm = engine.get_global_grad_norm()  # global: every rank sees the same value, so all stop together
-        try:
-            check_finite(step, loss, grad_norm, engine, s.precision, skipped_before, out)
-        except TrainingDiverged as e:
-            if rank0:  # run.json says what happened; metrics.jsonl keeps the good steps
-                summary.update(status="diverged", error=str(e), steps_done=step - 1, time=state(step - 1)["time"])
-                checkpoint.write_json_atomic(os.path.join(out, "run.json"), summary)
-                metrics.close()
-            raise
-        bar.update(1)
-        if step % cfg.log_every == 0 or step == total or stops:
-            w = window.summary(E.world_size(), peak or 1.0)
-            factor = scheduler.lr_lambdas[0](scheduler.last_epoch)  # every group follows the same schedule
-            rec = {"step": step, "loss": loss, "lr": cfg.lr * factor,
-                   **({"projector_lr": cfg.projector_lr * factor} if cfg.projector_lr != cfg.lr else {}),
-                   "grad_norm": _float(grad_norm),
-                   "tokens_per_s": w["tokens_per_s_per_gpu"] * E.world_size(), "step_s": w["step_seconds"],
-                   **{f"{p}_s": v for p, v in w["phase_seconds"].items()},
-                   "tflops_per_step": w["model_tflops_per_step"],
-                   "mfu": w["mfu"] if rank0 else None, "peak_mem_gb": timing.peak_memory_bytes() / 1e9,
-                   **({"images_replaced": replaced} if replaced else {}), **fp16_state(engine, s.precision)}
-            window = timing.Totals(warmup=0)
-            if rank0:
-                bar.write(f"step {step}/{total} | loss {rec['loss']:.4f} | lr {rec['lr']:.2e} | "
-                          f"grad_norm {rec['grad_norm']:.3f} | tok/s {rec['tokens_per_s']:.0f} | "
-                          f"step {rec['step_s']:.3f}s | mfu {rec['mfu']:.3f}")
-                metrics.write(json.dumps(rec) + "\n")
-                metrics.flush()
-        if stops or (cfg.save_every and (step % cfg.save_every == 0 or step == total)):
-            path = checkpoint.save(engine, out, step, state(step), cfg.keep_checkpoints)
-            previous = path.name
-        if stops:
-            bar.close()
-            stop.clear_file()
-            summary.update(status="interrupted", final_loss=loss, steps_done=step, checkpoint=str(path),
-                           stop_reason=stop.reason or "another rank was asked to stop", time=state(step)["time"],
-                           timing=timing_summary(totals, peak, peak_source, summary["memory_estimate"]))
-            if rank0:
-                log.info("stop requested (%s): checkpoint %s written at step %d; rerun with --resume auto",
-                         summary["stop_reason"], path, step)
-                metrics.close()
-                checkpoint.write_json_atomic(os.path.join(out, "run.json"), summary)
-            E.barrier()
-            stop.restore()
-            return Result(summary, engine)
-    bar.close()
-    summary["final_loss"] = loss
-    summary["steps_done"] = total
-    summary.update(fp16_state(engine, s.precision))
-    summary["images_replaced"] = replaced
-    if replaced and rank0:
-        log.warning("%d samples were replaced by the next one because an image failed to decode (see the warnings "
-                    "above for the files)", replaced)
-
-    if cfg.export_model:
-        save(engine, s.processor, out, adapters)
-    if eval_ds is not None:
-        summary["eval"] = evaluate(engine, eval_ds, eval_folder, s, cfg, dtype, device)
-        if rank0:
-            log.info("held-out loss %.4f | answer accuracy %.3f (%d/%d)", summary["eval"]["loss"],
-                     summary["eval"]["accuracy"], summary["eval"]["correct"], summary["eval"]["samples"])
-            metrics.write(json.dumps({"step": total, "eval": summary["eval"]}) + "\n")
-    summary["status"] = "complete"
-    summary["timing"] = timing_summary(totals, peak, peak_source, summary["memory_estimate"])
-    if rank0:
-        log.info("peak memory measured %.3f GB (%s) vs model-state estimate %.3f GB (activations not included)",
-                 summary["timing"]["peak_memory_gb_rank0"], "GPU allocator" if not E.on_cpu() else "process RSS",
-                 summary["timing"]["memory_estimate_gb"])
-    stop.clear_file()  # a request that came too late to act on must not stop the next run at once
-    summary["time"] = state(total)["time"]
-    if rank0:
-        metrics.close()
-        checkpoint.write_json_atomic(os.path.join(out, "run.json"), summary)
-    E.barrier()
-    stop.restore()
-    return Result(summary, engine)
+    return model, adapters, counts
 
 
 class TrainingDiverged(RuntimeError):
     """A non-finite loss or gradient norm (or fp16's loss scale at its floor): the run stops at that step."""
 
 
-def check_finite(step: int, loss: float, grad_norm, engine, precision: str, skipped_before: int, out: str) -> None:
+def check_finite(step: int, loss: float, grad_norm, ds_engine, precision: str, skipped_before: int,
+                 out: str) -> None:
     """Stop the run (every rank alike: loss and grad norm are global) when this step's loss or gradient norm is not
     finite, before anything of this step is saved; every checkpoint on disk therefore had a finite loss.
 
@@ -439,10 +481,10 @@ def check_finite(step: int, loss: float, grad_norm, engine, precision: str, skip
         return (f"the last good checkpoint is {where} (continue with --resume auto after changing what diverged)"
                 if where else "no checkpoint was written before it (pass --save-every to keep one)")
 
-    if precision == "fp16" and engine.skipped_steps > skipped_before:
-        scaler = getattr(engine.optimizer, "loss_scaler", None)
+    if precision == "fp16" and ds_engine.skipped_steps > skipped_before:
+        scaler = getattr(ds_engine.optimizer, "loss_scaler", None)
         floor = getattr(scaler, "min_scale", None)
-        if floor is not None and engine.optimizer.loss_scale <= floor:
+        if floor is not None and ds_engine.optimizer.loss_scale <= floor:
             raise TrainingDiverged(f"step {step}: fp16 gradients overflowed and the loss scale has fallen to its "
                                    f"minimum {floor:g}, so the steps that follow cannot apply either; {last_good()}. "
                                    "Use bf16, a lower --lr, or a lower min_loss_scale in the DeepSpeed JSON")
@@ -451,22 +493,22 @@ def check_finite(step: int, loss: float, grad_norm, engine, precision: str, skip
     if not math.isfinite(loss) or (grad_norm is not None and not math.isfinite(norm)):
         raise TrainingDiverged(f"step {step}: loss {loss} / gradient norm {norm} is not finite; the run stopped before "
                                f"saving anything of this step; {last_good()}. Lower --lr (now "
-                               f"{engine.get_lr()[0]:.3g}) or --grad-clip"
+                               f"{ds_engine.get_lr()[0]:.3g}) or --grad-clip"
                                f"{', use bf16 instead of fp16' if precision == 'fp16' else ''}, or look for a bad "
                                "sample near this step")
 
 
-def fp16_state(engine, precision: str) -> dict:
+def fp16_state(ds_engine, precision: str) -> dict:
     """fp16's dynamic loss scale and the optimizer steps DeepSpeed skipped on overflow (they move neither the weights
     nor the LR schedule; the loop still counts them as steps)."""
     if precision != "fp16":
         return {}
-    return {"loss_scale": float(engine.optimizer.loss_scale), "skipped_steps": int(engine.skipped_steps)}
+    return {"loss_scale": float(ds_engine.optimizer.loss_scale), "skipped_steps": int(ds_engine.skipped_steps)}
 
 
 def timing_summary(totals: "timing.Totals", peak: float, peak_source: str, estimate: dict) -> dict:
     """Steady-state figures of the whole run (across restarts) for run.json; MFU on rank 0 only."""
-    out = totals.summary(E.world_size(), peak or float("nan"))
+    out = totals.summary(engine.world_size(), peak or float("nan"))
     out.update(peak_tflops_per_rank=peak / 1e12, peak_source=peak_source,
                peak_memory_gb_rank0=timing.peak_memory_bytes() / 1e9,
                memory_estimate_gb=estimate["total_on_device"] / 1e9)
@@ -489,18 +531,18 @@ def batch_shapes(batch: dict) -> list[BatchShape]:
                        head_tokens=head if j == 0 else 0) for j, (rows, seq) in enumerate(batch["rows"])]
 
 
-def run_identity(cfg: RunConfig, s: Setup, total_steps: int) -> dict:
+def run_identity(cfg: RunConfig, s: Setup, total_steps: int, dataset_size: int) -> dict:
     """What a resumed run must share with its checkpoint (see checkpoint.IDENTITY_WHY)."""
     return {"stage": cfg.stage, "model": checkpoint.fingerprint_dir(cfg.model_path),
             "init": init_fingerprint(cfg),
             "region": {"layers": list(s.region.layers), "parts": dict(s.region.parts)},
-            "world_size": E.world_size(), "micro_batch": cfg.micro_batch, "grad_accum": cfg.grad_accum,
-            "data": os.path.abspath(cfg.data), "dataset_size": cfg.dataset_size, "seed": cfg.seed,
+            "world_size": engine.world_size(), "micro_batch": cfg.micro_batch, "grad_accum": cfg.grad_accum,
+            "data": os.path.abspath(cfg.data), "dataset_size": dataset_size, "seed": cfg.seed,
             "sampling": {"group_by_length": cfg.group_by_length, "packing": cfg.packing},
             "total_steps": total_steps, "lr": cfg.lr, "projector_lr": cfg.projector_lr,
             "tuner": {"kind": cfg.tuner, **({"r": cfg.lora_r, "alpha": cfg.lora_alpha, "dropout": cfg.lora_dropout}
                                             if cfg.tuner == "lora" else {})},
-            "zero_stage": E.zero_stage(s.ds_config), "precision": s.precision}
+            "zero_stage": engine.zero_stage(s.ds_config), "precision": s.precision}
 
 
 def init_fingerprint(cfg: RunConfig) -> str | None:
@@ -538,10 +580,10 @@ def train_and_compare(cfg: RunConfig) -> "Result":
         return result
     mine = result.summary
     if cfg.compare_full.isdigit():
-        E.release(result.engine)
+        engine.release(result.engine)
         prepared = os.path.join(cfg.output_dir, "prepared", "train")  # the same samples, not prepared again
         arm = dataclasses.replace(cfg, region="full", max_steps=int(cfg.compare_full), compare_full=None,
-                                  data=prepared if P.is_prepared(prepared) else cfg.data,
+                                  data=prepared if prepare.is_prepared(prepared) else cfg.data,
                                   output_dir=os.path.join(cfg.output_dir, "compare-full"), save_every=0, resume=None,
                                   overwrite=True,  # the arm's directory is this run's own
                                   eval_data=None, export_model=False)
@@ -556,7 +598,7 @@ def train_and_compare(cfg: RunConfig) -> "Result":
         source = f"the finished full run {cfg.compare_full}"
     if full is not None:
         mine["compare_full"] = compare_arms(mine, full, source)
-    if E.rank() == 0:
+    if engine.rank() == 0:
         checkpoint.write_json_atomic(os.path.join(cfg.output_dir, "run.json"), mine)
         c = mine["compare_full"]
         if "error" in c:
@@ -590,13 +632,13 @@ class Result:
     engine: object  # the DeepSpeed engine after training (for callers that inspect the weights)
 
 
-def save(engine, processor, out: str, adapters=None) -> None:
+def export_model(ds_engine, processor, out: str, adapters=None) -> None:
     """Write the model in transformers format (safetensors) with its processor; gathers ZeRO-3 shards.
 
     With LoRA (``adapters``: its peft config) the model written is the merged one, and ``out/adapter`` holds
     the adapter in peft's format with the trained projector beside it.
     """
-    state = E.full_state_dict(engine)  # every rank takes part in the gather
+    state = engine.full_state_dict(ds_engine)  # every rank takes part in the gather
 
     def write(d: str) -> None:
         if adapters is None:
@@ -604,19 +646,19 @@ def save(engine, processor, out: str, adapters=None) -> None:
             # load history, and a model loaded under ZeRO-3 carries transformers' legacy renamings too, which gave
             # names no published checkpoint has (language_model.model.model.*). A fresh instance writes the names
             # save_pretrained writes for this class, whatever the ZeRO stage.
-            fresh = skeleton(engine.module.config)
-            fresh.generation_config = engine.module.generation_config
+            fresh = skeleton(ds_engine.module.config)
+            fresh.generation_config = ds_engine.module.generation_config
             fresh.save_pretrained(d, state_dict=state, safe_serialization=True)
         else:
-            lora.save(engine.module, adapters, state, d)
-            save_projector(engine.module, state, os.path.join(d, lora.ADAPTER_DIR))
-        save_projector(engine.module, state, d)
+            lora.export(ds_engine.module, adapters, state, d)
+            export_projector(ds_engine.module, state, os.path.join(d, lora.ADAPTER_DIR))
+        export_projector(ds_engine.module, state, d)
         processor.save_pretrained(d)
 
-    if E.rank() == 0:
+    if engine.rank() == 0:
         checkpoint.export(out, write)  # written aside, then moved in: a crash mid-write keeps the previous export
         log.info("saved model and processor to %s", out)
-    E.barrier()
+    engine.barrier()
 
 
 def _float(x) -> float:

@@ -14,7 +14,7 @@ import parts  # noqa: E402
 from conftest import deepspeed_cmd, run  # noqa: E402
 from lvlm_region.assemble import assemble  # noqa: E402
 from lvlm_region.templates import BUILTIN, VICUNA_SYSTEM  # noqa: E402
-from lvlm_region.model import find_parts  # noqa: E402
+from lvlm_region.families import find_parts  # noqa: E402
 
 TOWER = {"clip": (parts.clip, CLIPVisionModel, "default"), "siglip": (parts.siglip, SiglipVisionModel, "full")}
 

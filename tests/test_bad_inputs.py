@@ -10,12 +10,12 @@ from hypothesis import strategies as st
 
 from helpers.word_tokenizer import word_tokenizer
 from lvlm_region import formats, regions
-from lvlm_region import prepare as P
-from lvlm_region.image_inputs import ImageLayout
+from lvlm_region import prepare
+from lvlm_region.families.llava import FixedImages
 from lvlm_region.templates import resolve
 
 TOK = word_tokenizer("USER: ASSISTANT: what is it red")
-ENC = P.Encoding(resolve("vicuna_v1", TOK, "t"), ImageLayout("fixed", image_token_id=4, n_image_tokens=2),
+ENC = prepare.Encoding(resolve("vicuna_v1", TOK, "t"), FixedImages(image_token_id=4, n_image_tokens=2),
                  max_length=64)
 SAMPLES = 600  # per property: README reports the totals
 
@@ -40,7 +40,7 @@ raw_text = (record.map(json.dumps) | json_values.map(json.dumps) | st.text(max_s
 @given(raw_text)
 def test_a_generated_sample_is_kept_or_dropped_with_a_documented_reason(tmp_path_factory, text):
     folder = tmp_path_factory.getbasetemp()  # no images there: image samples become missing_image and the like
-    row = P.encode({"line": 1, "raw": text}, str(folder), ENC, TOK)
+    row = prepare.encode({"line": 1, "raw": text}, str(folder), ENC, TOK)
     assert row["reason"] in formats.REASONS or (row["reason"] == "" and row["input_ids"])
 
 

@@ -2,6 +2,7 @@
 refuses the same values when built in code."""
 import dataclasses
 import math
+import re
 import sys
 
 import pytest
@@ -45,10 +46,10 @@ def test_numeric_flags_out_of_their_domain_are_refused_at_parse_time(capsys, fla
 def test_every_numeric_field_has_a_ranged_flag_and_the_config_checks_the_same_range():
     parser = build_parser("sft", "")
     typed = {a.dest: a.type for a in parser._actions if a.type is not None and a.dest != "local_rank"}
-    assert set(typed) == set(RANGES) - {"max_new_tokens"}  # max_new_tokens is not a flag
+    assert set(typed) == set(RANGES)
     numeric = {f.name for f in dataclasses.fields(RunConfig) if f.type in ("int", "float", "int | None",
                                                                           "float | None")}
-    assert numeric - {"dataset_size"} == set(RANGES)
+    assert numeric == set(RANGES)
     for name, valid in RANGES.items():
         bad = math.nan if valid.kind is float else valid.low - 1
         cfg = RunConfig(stage="sft", output_dir="out", **{name: bad})
@@ -63,3 +64,52 @@ def test_other_launchers_refuse_numbers_out_of_range(tmp_path):
     res = run([sys.executable, "data_prep/prepare.py", "--data", "x.json", "--model", "m", "--output",
                str(tmp_path / "p"), "--max-length", "0"], timeout=120)
     assert res.returncode == 2 and "--max-length must be a whole number >= 1, got 0" in res.stderr
+
+
+def test_every_field_has_its_flag_with_the_dataclass_default():
+    parser = build_parser("sft", "")
+    actions = {a.dest: a for a in parser._actions if a.dest not in ("help", "local_rank")}
+    fields = {f.name: f for f in dataclasses.fields(RunConfig)}
+    assert set(actions) == set(fields) - {"stage"}  # the stage is the launcher's own
+    for name, a in actions.items():
+        assert a.default == fields[name].default, name
+        assert a.help and a.option_strings == [f"--{name.replace('_', '-')}"] + (
+            [f"--no-{name.replace('_', '-')}"] if a.nargs == 0 and "--no-" + name.replace("_", "-") in
+            a.option_strings else [])
+
+
+@pytest.mark.parametrize("stage", ["pretrain", "sft"])
+def test_every_help_default_is_the_one_resolve_applies(tmp_path, stage):
+    """The help of each flag states the default; resolve() on a config without the flag gives exactly that."""
+    helps = {a.dest: a.help for a in build_parser(stage, "")._actions}
+    demo = RunConfig(stage=stage, output_dir=str(tmp_path / "o")).resolve()
+
+    def shown(v) -> str:
+        return ("on" if v else "off") if isinstance(v, bool) else f"{v:g}" if isinstance(v, float) else str(v)
+    for f in dataclasses.fields(RunConfig):
+        if f.name == "stage":
+            continue
+        if f.metadata.get("stages"):
+            want = f.metadata["stages"][stage]
+            assert getattr(demo, f.name) == want
+            assert f"(default: {shown(want)} for stage {1 if stage == 'pretrain' else 2})" in helps[f.name]
+        elif f.default is not None:
+            assert helps[f.name].endswith(f"(default: {shown(f.default)})"), f.name
+            assert getattr(demo, f.name) == f.default or f.name in ("data", "eval_data")
+    # The computed defaults: learning rates per stage, model and tuner, and the aspect ratio per family.
+    for tuner in ("full", "lora"):
+        d = RunConfig(stage=stage, output_dir="o", tuner=tuner).resolve()
+        m = RunConfig(stage=stage, output_dir="o", tuner=tuner, model=str(tmp_path), data="d.json").resolve()
+        for cfg, on_demo in ((d, True), (m, False)):
+            lr = {("pretrain", False): 1e-3, ("sft", False): 2e-4 if tuner == "lora" else 2e-5,
+                  ("pretrain", True): 3e-3, ("sft", True): 1e-2 if tuner == "lora" else 1e-3}[stage, on_demo]
+            assert cfg.lr == lr and f"{lr:g}" in helps["lr"]
+            want = (1e-3 if on_demo else 2e-5) if tuner == "lora" else lr
+            assert cfg.projector_lr == want and f"{want:g}" in helps["projector_lr"] + helps["lr"]
+    name = "stage 1" if stage == "pretrain" else "stage 2"
+    part = next(p for p in helps["image_aspect_ratio"].split("; ") if name in p)
+    for model_type, aspect in (("llava", "square" if stage == "pretrain" else "pad"), ("qwen2_vl", "square")):
+        (tmp_path / "config.json").write_text(f'{{"model_type": "{model_type}"}}')
+        cfg = RunConfig(stage=stage, output_dir="o", model=str(tmp_path), data="d.json").resolve()
+        assert cfg.image_aspect_ratio == aspect
+        assert re.search(rf"{aspect} \([^)]*\b{model_type}\b", part), (part, model_type)

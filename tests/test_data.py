@@ -13,10 +13,10 @@ def test_text_only_batch_gets_masked_dummy_image():
     import torch
 
     from lvlm_region.data import collate
-    from lvlm_region.image_inputs import ImageLayout
+    from lvlm_region.families.llava import FixedImages
     batch = [{"input_ids": torch.tensor([1, 5, 6]), "labels": torch.tensor([IGNORE, 6, 2])},
              {"input_ids": torch.tensor([1, 7]), "labels": torch.tensor([IGNORE, 7])}]
-    dummy = ImageLayout("fixed", image_token_id=4, n_image_tokens=2, image_size=8).dummy()
+    dummy = FixedImages(image_token_id=4, n_image_tokens=2, image_size=8).dummy()
     out = collate(batch, pad_token_id=0, dummy=dummy)
     assert out["input_ids"].tolist() == [[1, 5, 6, 4, 4], [1, 7, 0, 0, 0]]
     assert out["attention_mask"].tolist() == [[1, 1, 1, 0, 0], [1, 1, 0, 0, 0]]
@@ -98,8 +98,8 @@ def test_packed_batch_gives_the_padded_batch_loss_and_gradients(demo_dir, attn):
     from transformers import LlavaForConditionalGeneration
 
     from lvlm_region.data import collate, collate_packed
-    from lvlm_region.image_inputs import ImageLayout
-    from lvlm_region.model import token_loss_sum
+    from lvlm_region.families.llava import FixedImages
+    from lvlm_region.loss import token_loss_sum
     model = LlavaForConditionalGeneration.from_pretrained(demo_dir / "base_model", attn_implementation=attn)
     g = torch.Generator().manual_seed(0)
     image_id = model.config.image_token_id
@@ -136,7 +136,7 @@ def test_packed_batch_gives_the_padded_batch_loss_and_gradients(demo_dir, attn):
     for k in grads_a:  # equal up to fp32 summation order (key biases have analytically zero gradients: noise)
         assert float((grads_b[k] - grads_a[k]).abs().max()) <= 1e-5 * scale, k
     # A text-only packed micro-batch gets the dummy image as a separate, unlabelled sample at the end.
-    text = collate_packed([samples[1]], dummy=ImageLayout("fixed", image_id, 4, image_size=32).dummy())
+    text = collate_packed([samples[1]], dummy=FixedImages(image_id, 4, image_size=32).dummy())
     assert text["input_ids"][0, 5:].tolist() == [image_id] * 4 and text["position_ids"][0, 5:].tolist() == [0, 1, 2, 3]
     assert (text["labels"][0, 5:] == IGNORE).all() and text["real_images"] == 0
     loss_c, _ = loss_and_grads(text)
@@ -151,14 +151,14 @@ def test_generation_from_text_only_prompts_with_the_dummy_image_is_unchanged(dem
     from transformers import AutoModelForImageTextToText, AutoTokenizer
 
     from lvlm_region.data import collate
-    from lvlm_region.image_inputs import for_config
+    from lvlm_region import families
 
     base = demo_dir / "base_model"
     model = AutoModelForImageTextToText.from_pretrained(base).eval()
     tok = AutoTokenizer.from_pretrained(base)
     long, short = torch.tensor(tok("what color is the shape").input_ids), torch.tensor(tok("what color").input_ids)
     batch = [{"input_ids": long, "labels": long}, {"input_ids": short, "labels": short}]
-    dummy = for_config(model.config, None, "pad").dummy()
+    dummy = families.get("llava").image_layout(model.config, None, "pad").dummy()
     outs = []
     for d in (dummy, None):
         b = collate(batch, tok.pad_token_id, left_pad=True, dummy=d)

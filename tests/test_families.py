@@ -7,7 +7,8 @@ import pytest
 import transformers as T
 from torch import nn
 
-from lvlm_region.model import apply_region, count_parameters, find_parts
+from lvlm_region.families import find_parts
+from lvlm_region.trainable import apply_region, count_parameters
 from lvlm_region.regions import resolve
 
 TEXT = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=6, num_attention_heads=4, num_key_value_heads=2,

@@ -3,8 +3,11 @@ import pytest
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
+from lvlm_region.families import flop_model
 from lvlm_region.flops import BatchShape, Block, FlopModel
-from lvlm_region.model import apply_region, build_demo_model, enable_checkpointing
+from lvlm_region.demo import build_demo_model
+from lvlm_region.model import enable_checkpointing
+from lvlm_region.trainable import apply_region
 from lvlm_region.regions import resolve
 
 
@@ -41,7 +44,7 @@ def model():
 
 def test_block_shapes_of_the_demo_model_by_hand(model):
     apply_region(model, resolve("uniform25", 8))
-    fm = FlopModel.from_model(model)
+    fm = flop_model(model)
     by = {b.name: b for b in fm.blocks}
     # text: h 128, ffn 256, 4 heads x 32, 2 kv heads: q 128x128, k/v 128x64, o 128x128, gate/up/down 128x256
     assert by["layer.0"].macs == 16384 + 8192 + 8192 + 16384 + 3 * 32768 == 147456
@@ -73,7 +76,7 @@ def test_matches_torch_flop_counter(model, spec, ckpt):
     apply_region(model, resolve(spec, 8))
     if ckpt:
         enable_checkpointing(model)
-    fm = FlopModel.from_model(model)
+    fm = flop_model(model)
     ours = fm.micro_batch(BatchShape(rows=2, seq_len=12, images=2))
     assert ours.hardware == counted(model, 2, 12, 2)
     assert (ours.recompute > 0) == ckpt
@@ -93,12 +96,12 @@ def test_lora_counted_as_what_it_is(model, ckpt):
         p.requires_grad_(True)
     if ckpt:
         enable_checkpointing(model)
-    by = {b.name: b for b in FlopModel.from_model(model).blocks}
+    by = {b.name: b for b in flop_model(model).blocks}
     per_token_lora = sum(4 * (i + o) for i, o in [(128, 128), (128, 64), (128, 64), (128, 128), (128, 256),
                                                     (128, 256), (256, 128)])  # A: in x r, B: r x out
     assert by["layer.0"].trainable_macs == per_token_lora and by["layer.1"].trainable_macs == 0
     assert by["layer.0"].macs == 147456 + per_token_lora
-    ours = FlopModel.from_model(model).micro_batch(BatchShape(rows=2, seq_len=12, images=2))
+    ours = flop_model(model).micro_batch(BatchShape(rows=2, seq_len=12, images=2))
     assert ours.hardware == counted(model, 2, 12, 2)
 
 
@@ -128,7 +131,7 @@ def test_qwen_vision_per_image_grids_match_torch_flop_counter(family, spec, ckpt
         logits = model(input_ids=ids, attention_mask=torch.ones_like(ids), pixel_values=pixels,
                        image_grid_thw=torch.tensor(grids), mm_token_type_ids=(ids == c.image_token_id).long()).logits
         logits.float().sum().backward()
-    fm = FlopModel.from_model(model)
+    fm = flop_model(model)
     if family == "qwen2_5_vl":
         assert [b.windowed for b in fm.blocks if b.kind == "vision"] == [True, False] and fm.grid.window == 2
     ours = fm.micro_batch(BatchShape(rows=2, seq_len=T, images=2, grids=grids))
@@ -138,7 +141,7 @@ def test_qwen_vision_per_image_grids_match_torch_flop_counter(family, spec, ckpt
 
 @pytest.mark.parametrize("spec", ["uniform25", "full+lm_head"])
 def test_lm_head_on_the_trained_positions_only_matches_torch_flop_counter(model, spec):
-    from lvlm_region.model import loss_positions, token_loss_sum
+    from lvlm_region.loss import loss_positions, token_loss_sum
     apply_region(model, resolve(spec, 8))
     torch.manual_seed(0)
     ids = torch.randint(10, 160, (2, 12))
@@ -150,7 +153,7 @@ def test_lm_head_on_the_trained_positions_only_matches_torch_flop_counter(model,
                        logits_to_keep=loss_positions(labels)).logits
         token_loss_sum(logits, labels).backward()
     model.zero_grad(set_to_none=True)
-    fm = FlopModel.from_model(model)
+    fm = flop_model(model)
     ours = fm.micro_batch(BatchShape(rows=2, seq_len=12, images=2, head_tokens=6))
     assert ours.hardware == counter.get_total_flops()
     head = next(b for b in fm.blocks if b.kind == "lm_head")

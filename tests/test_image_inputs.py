@@ -14,10 +14,10 @@ from PIL import Image
 
 from conftest import run
 from helpers import qwen
-from lvlm_region import prepare as P
+from lvlm_region import prepare
 from lvlm_region.data import ImageTextDataset, collate
 from lvlm_region.images import ImageLoader
-from lvlm_region.model import token_loss_sum
+from lvlm_region.loss import token_loss_sum
 from lvlm_region.templates import IGNORE
 
 
@@ -34,7 +34,7 @@ def data(tmp_path_factory):
 
 @pytest.mark.parametrize("aspect", ["square", "pad"])
 def test_token_count_from_the_header_is_what_the_processor_makes_of_the_image(ckpt, tmp_path, aspect):
-    enc, tok, _ = P.for_model(ckpt, "auto", 512, aspect=aspect)
+    enc, tok, _ = prepare.for_model(ckpt, "auto", 512, aspect=aspect)
     layout = enc.layout
     load = ImageLoader(qwen.image_processor(), aspect)
     seen = set()
@@ -62,8 +62,8 @@ def test_prepared_samples_wrap_each_image_in_vision_tokens(ckpt, data, tmp_path)
     res = run([sys.executable, "data_prep/prepare.py", "--data", path, "--model", ckpt, "--output", str(out),
                "--image-aspect-ratio", "square"], timeout=300)
     assert res.returncode == 0, res.stderr[-2000:]
-    ds, meta = P.load_prepared(str(out))
-    enc, tok, _ = P.for_model(ckpt, "auto", 2048, aspect="square")
+    ds, meta = prepare.load_prepared(str(out))
+    enc, tok, _ = prepare.for_model(ckpt, "auto", 2048, aspect="square")
     assert meta["identity"]["n_image_tokens"] == "grid" and meta["identity"]["pad_to_square"] is False
     load = ImageLoader(qwen.image_processor(), "square")
     samples = json.loads(open(path).read())
@@ -82,15 +82,15 @@ def test_prepared_samples_wrap_each_image_in_vision_tokens(ckpt, data, tmp_path)
         assert text[start:start + n + 2] == ["<|vision_start|>"] + ["<|image_pad|>"] * n + ["<|vision_end|>"]
         assert text.count("<|image_pad|>") == n
     # A run that pads images to squares gets other token counts: the prepared directory is refused, naming why.
-    enc_pad, _, _ = P.for_model(ckpt, "auto", 2048, aspect="pad")
+    enc_pad, _, _ = prepare.for_model(ckpt, "auto", 2048, aspect="pad")
     with pytest.raises(ValueError, match=r"pad_to_square: prepared False, this run True"):
-        P.check_matches(meta, str(out), enc_pad, tok)
+        prepare.check_matches(meta, str(out), enc_pad, tok)
 
 
 def batches(ckpt, data, aspect="square"):
     path, folder = data
-    enc, tok, _ = P.for_model(ckpt, "auto", 2048, aspect=aspect)
-    ds = P.prepare(path, folder, enc, tok, os.path.join(folder, f"prepared-{aspect}"))
+    enc, tok, _ = prepare.for_model(ckpt, "auto", 2048, aspect=aspect)
+    ds = prepare.prepare(path, folder, enc, tok, os.path.join(folder, f"prepared-{aspect}"))
     items = ImageTextDataset(ds, folder, ImageLoader(qwen.image_processor(), aspect), enc.layout)
     return enc.layout, tok, items
 
@@ -150,12 +150,12 @@ def test_a_processor_template_in_chat_template_json_is_used_and_exported(ckpt, t
     """Older Qwen2-VL checkpoints keep the template in chat_template.json (the processor's file)."""
     import shutil
 
-    from lvlm_region.image_inputs import SplitProcessor
+    from lvlm_region.families.qwen2_vl import SplitProcessor
     src = tmp_path / "legacy"
     shutil.copytree(ckpt, src)
     os.remove(src / "chat_template.jinja")
     (src / "chat_template.json").write_text(json.dumps({"chat_template": qwen.QWEN_TEMPLATE}))
-    enc, tok, processor = P.for_model(str(src), "auto", 512)
+    enc, tok, processor = prepare.for_model(str(src), "auto", 512)
     assert isinstance(processor, SplitProcessor) and enc.template.source == qwen.QWEN_TEMPLATE
     assert tok.chat_template is None  # the template came from the processor's file
     out = tmp_path / "export"
@@ -180,10 +180,10 @@ def test_an_image_qwen_cannot_resize_is_dropped_with_its_reason(ckpt, tmp_path):
         {"from": "human", "value": "<image>\nWhat color is the shape?"}, {"from": "gpt", "value": "red"}]}
         for name in ("strip", "ok")]
     (tmp_path / "d.json").write_text(json.dumps(samples))
-    enc, tok, _ = P.for_model(ckpt, "auto", 512, aspect="square")
-    ds = P.prepare(str(tmp_path / "d.json"), str(tmp_path), enc, tok, str(tmp_path / "p"), max_bad_fraction=1.0)
+    enc, tok, _ = prepare.for_model(ckpt, "auto", 512, aspect="square")
+    ds = prepare.prepare(str(tmp_path / "d.json"), str(tmp_path), enc, tok, str(tmp_path / "p"), max_bad_fraction=1.0)
     assert ds["id"] == ["ok"]
-    report = json.loads((tmp_path / "p" / P.REPORT).read_text())
+    report = json.loads((tmp_path / "p" / prepare.REPORT).read_text())
     assert report["dropped_by_reason"] == {"image_aspect_ratio": 1}
     detail = report["dropped_samples"][0]["detail"]
     assert "strip.png is 2000x8" in detail and "aspect ratio must be smaller than 200" in detail
@@ -201,7 +201,7 @@ def test_a_hub_style_preprocessor_config_counts_the_same(ckpt, tmp_path):
         "min_pixels": 3136, "max_pixels": 28 * 28 * 30, "patch_size": 14, "temporal_patch_size": 2, "merge_size": 2,
         "image_mean": [0.48145466, 0.4578275, 0.40821073], "image_std": [0.26862954, 0.26130258, 0.27577711],
         "image_processor_type": "Qwen2VLImageProcessor", "processor_class": "Qwen2VLProcessor"}))
-    enc, _, _ = P.for_model(str(src), "auto", 512, aspect="square")
+    enc, _, _ = prepare.for_model(str(src), "auto", 512, aspect="square")
     load = ImageLoader(AutoImageProcessor.from_pretrained(src), "square")
     counts = []
     for w, h in [(60, 40), (300, 200), (1000, 700), (90, 1400)]:
@@ -221,5 +221,5 @@ def test_qwen_keeps_the_aspect_ratio_by_default(ckpt, tmp_path):
         assert parse(stage, "", flags).resolve().image_aspect_ratio == "square"
     assert parse("sft", "", ["--output-dir", str(tmp_path)]).resolve().image_aspect_ratio == "pad"  # the demo Llava
     assert parse("pretrain", "", ["--output-dir", str(tmp_path)]).resolve().image_aspect_ratio == "square"
-    enc, _, _ = P.for_model(ckpt, "auto", 512)
+    enc, _, _ = prepare.for_model(ckpt, "auto", 512)
     assert enc.layout.pad is False

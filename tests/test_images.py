@@ -7,7 +7,7 @@ from PIL import Image
 from transformers import CLIPImageProcessor
 
 from lvlm_region.data import ImageTextDataset, collate
-from lvlm_region.image_inputs import ImageLayout
+from lvlm_region.families.llava import FixedImages
 from lvlm_region.images import ImageLoader, expand_to_square, to_rgb
 
 
@@ -70,7 +70,7 @@ def test_an_image_that_fails_to_decode_is_replaced_by_the_next_sample_and_counte
     rows = [{"id": "a", "images": ["ok.png"], "input_ids": [1, 9, 9, 2], "labels": [-100, -100, -100, 2]},
             {"id": "b", "images": ["broken.png"], "input_ids": [3, 9, 9, 4], "labels": [-100, -100, -100, 4]},
             {"id": "c", "images": [], "input_ids": [5, 6, 7], "labels": [-100, 6, 7]}]
-    layout = ImageLayout("fixed", image_token_id=9, n_image_tokens=2, image_size=16)
+    layout = FixedImages(image_token_id=9, n_image_tokens=2, image_size=16)
     ds = ImageTextDataset(rows, str(tmp_path), ImageLoader(processor(), "pad"), layout)
     item = ds[1]
     assert item["replaced"] == 1 and item["input_ids"].tolist() == [5, 6, 7] and "pixel_values" not in item

@@ -13,7 +13,10 @@ from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForCon
 
 from conftest import deepspeed_cmd, run
 from lvlm_region import lora
-from lvlm_region.model import PROJECTOR_FILE, apply_region, build_demo_model, count_parameters, find_parts
+from lvlm_region.demo import build_demo_model
+from lvlm_region.families import find_parts
+from lvlm_region.projector import PROJECTOR_FILE
+from lvlm_region.trainable import apply_region, count_parameters
 from lvlm_region.regions import resolve
 
 

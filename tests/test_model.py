@@ -5,8 +5,10 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from lvlm_region.model import (PROJECTOR_FILE, apply_region, build_demo_model, find_parts,
-                               load_projector, save_projector)
+from lvlm_region.demo import build_demo_model
+from lvlm_region.families import find_parts
+from lvlm_region.projector import PROJECTOR_FILE, export_projector, load_projector
+from lvlm_region.trainable import apply_region
 from lvlm_region.regions import resolve
 
 
@@ -55,7 +57,7 @@ def test_region_depth_mismatch_is_refused(model):
 
 def test_projector_round_trip_and_errors(model, tmp_path):
     src = build_demo_model(vocab_size=160, image_token_id=4, pad_token_id=3, seed=1)
-    save_projector(src, src.state_dict(), str(tmp_path))
+    export_projector(src, src.state_dict(), str(tmp_path))
     load_projector(model, str(tmp_path))
     for (k, a), b in zip(find_parts(model).projector.state_dict().items(),
                          find_parts(src).projector.state_dict().values()):
@@ -92,7 +94,8 @@ def llava_mm_projector(path, shapes, dtype=torch.bfloat16, seed=0):
 
 
 def test_llava_mm_projector_imports_onto_linear_1_and_2(tmp_path):
-    from lvlm_region.model import import_projector, read_mm_projector, skeleton
+    from lvlm_region.model import skeleton
+    from lvlm_region.projector import import_projector, read_mm_projector
     model = build_demo_model(vocab_size=160, image_token_id=4, pad_token_id=3, seed=0)
     src = llava_mm_projector(tmp_path / "mm_projector.bin", [(128, 64), (128, 128)])  # vision 64 -> LLM 128
     tensors = read_mm_projector(str(tmp_path / "mm_projector.bin"), find_parts(skeleton(model.config)).projector)
@@ -104,7 +107,8 @@ def test_llava_mm_projector_imports_onto_linear_1_and_2(tmp_path):
 
 
 def test_mm_projector_of_another_model_is_refused_with_the_shapes(tmp_path):
-    from lvlm_region.model import read_mm_projector, skeleton
+    from lvlm_region.model import skeleton
+    from lvlm_region.projector import read_mm_projector
     model = build_demo_model(vocab_size=160, image_token_id=4, pad_token_id=3, seed=0)
     file = tmp_path / "mm_projector.bin"
     llava_mm_projector(file, [(4096, 1024), (4096, 4096)])  # LLaVA-1.5-7B's: CLIP-L 1024 -> Vicuna 4096
@@ -145,7 +149,7 @@ def test_token_loss_sum_counts_only_labelled_positions():
     import torch
     import torch.nn.functional as F
 
-    from lvlm_region.model import token_loss_sum, valid_tokens
+    from lvlm_region.loss import token_loss_sum, valid_tokens
     g = torch.Generator().manual_seed(0)
     logits = torch.randn(2, 6, 11, generator=g, dtype=torch.bfloat16, requires_grad=True)
     labels = torch.tensor([[-100, -100, 3, 4, -100, 5], [-100, 7, -100, -100, -100, -100]])
@@ -166,7 +170,7 @@ def test_logits_only_at_trained_positions_give_the_same_loss_and_gradients():
     loss and every gradient equal those of full [B, T, V] logits; a batch with nothing trained gives 0."""
     import torch
 
-    from lvlm_region.model import loss_positions, token_loss_sum, valid_tokens
+    from lvlm_region.loss import loss_positions, token_loss_sum, valid_tokens
     model = build_demo_model(vocab_size=160, image_token_id=4, pad_token_id=3, seed=0)
     g = torch.Generator().manual_seed(0)
     ids = torch.randint(10, 150, (3, 14), generator=g)

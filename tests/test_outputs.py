@@ -12,7 +12,7 @@ import pytest
 
 from conftest import ROOT, run
 from lvlm_region import checkpoint, demo, outputs
-from lvlm_region import prepare as P
+from lvlm_region import prepare
 
 
 def user_dir(path):
@@ -55,15 +55,15 @@ def test_replace_dir_replaces_only_its_own_kind(tmp_path):
     earlier.mkdir()
     (earlier / "prepare.json").write_text('{"old": 1}')
     (earlier / "data-00000.arrow").write_text("old rows")
-    outputs.replace_dir(str(staged), str(earlier), P.MARKER, "preparation", "--output")
+    outputs.replace_dir(str(staged), str(earlier), prepare.MARKER, "preparation", "--output")
     assert snapshot(earlier) == {"prepare.json": b"{}"}
     failed = tmp_path / "failed"  # a failed preparation leaves only its report: replaced too
     failed.mkdir()
-    (failed / P.REPORT).write_text("{}")
-    P.check_output(str(failed))
+    (failed / prepare.REPORT).write_text("{}")
+    prepare.check_output(str(failed))
     theirs = user_dir(tmp_path / "theirs")
     with pytest.raises(outputs.OutputError, match="no prepare.json, so it is not an earlier preparation"):
-        P.check_output(str(theirs))
+        prepare.check_output(str(theirs))
 
 
 def test_demo_builder_refuses_a_directory_it_did_not_write(tmp_path):
@@ -228,6 +228,6 @@ def test_ranks_waiting_for_a_killed_preparing_rank_stop_within_the_timeout(tmp_p
 def _wait(fn, out):
     try:
         fn("data.json", out, {"never": "matches"}, timeout=2.0)
-    except P.DataError as e:
+    except prepare.DataError as e:
         return str(e)
     return "returned"

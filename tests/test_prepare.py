@@ -10,15 +10,15 @@ from PIL import Image
 
 from helpers.word_tokenizer import word_tokenizer
 from lvlm_region import formats
-from lvlm_region import prepare as P
-from lvlm_region.image_inputs import ImageLayout
+from lvlm_region import prepare
+from lvlm_region.families.llava import FixedImages
 from lvlm_region.templates import IGNORE, resolve
 
 WORDS = "USER: ASSISTANT: SYS what is it red blue a square circle long"
 
 
 def encoding(tok, max_length=40):
-    return P.Encoding(resolve("vicuna_v1", tok, "t"), ImageLayout("fixed", image_token_id=4, n_image_tokens=2),
+    return prepare.Encoding(resolve("vicuna_v1", tok, "t"), FixedImages(image_token_id=4, n_image_tokens=2),
                       max_length=max_length)
 
 
@@ -73,7 +73,7 @@ def write_mixed(path):
 def test_every_bad_sample_is_dropped_counted_and_listed(tmp_path, folder):
     tok = word_tokenizer(WORDS)
     data = write_mixed(tmp_path / "mixed.jsonl")
-    ds = P.prepare(str(data), str(folder), encoding(tok), tok, str(tmp_path / "prep"), max_bad_fraction=1.0)
+    ds = prepare.prepare(str(data), str(folder), encoding(tok), tok, str(tmp_path / "prep"), max_bad_fraction=1.0)
     assert ds["id"] == ["g1", "g2", "g3"] and ds["line"] == [1, 2, 14]
     assert ds["modality"] == ["image", "text", "image"] and ds["images"] == [["good.png"], [], ["full.jpg"]]
     # g1: <s> SYS USER: <image> <image> what is it ASSISTANT: [a red square </s>]
@@ -100,8 +100,8 @@ def test_every_bad_sample_is_dropped_counted_and_listed(tmp_path, folder):
 
 def test_header_only_verification_keeps_the_truncated_file(tmp_path, folder):
     tok = word_tokenizer(WORDS)
-    enc = P.Encoding(resolve("vicuna_v1", tok, "t"), ImageLayout("fixed", 4, 2), 40, verify_images="header")
-    ds = P.prepare(str(write_mixed(tmp_path / "m.jsonl")), str(folder), enc, tok, str(tmp_path / "p"),
+    enc = prepare.Encoding(resolve("vicuna_v1", tok, "t"), FixedImages(4, 2), 40, verify_images="header")
+    ds = prepare.prepare(str(write_mixed(tmp_path / "m.jsonl")), str(folder), enc, tok, str(tmp_path / "p"),
                    max_bad_fraction=1.0)
     assert "tr" in ds["id"] and "ni" not in ds["id"]  # a text file is not an image even by its header
 
@@ -109,19 +109,20 @@ def test_header_only_verification_keeps_the_truncated_file(tmp_path, folder):
 def test_too_many_bad_samples_stop_before_training_with_a_summary(tmp_path, folder):
     tok = word_tokenizer(WORDS)
     data = write_mixed(tmp_path / "mixed.jsonl")
-    with pytest.raises(P.DataError, match=r"11 of 14 samples \(78.6%\) are bad, more than --max-bad-fraction 5.0%: "
-                                          r"empty_reply 1, .*unreadable_image 2; every dropped sample is listed in "
-                                          + str(tmp_path / "prep" / "report.json")):
-        P.prepare(str(data), str(folder), encoding(tok), tok, str(tmp_path / "prep"))
+    with pytest.raises(prepare.DataError,
+                       match=r"11 of 14 samples \(78.6%\) are bad, more than --max-bad-fraction 5.0%: "
+                             r"empty_reply 1, .*unreadable_image 2; every dropped sample is listed in "
+                             + str(tmp_path / "prep" / "report.json")):
+        prepare.prepare(str(data), str(folder), encoding(tok), tok, str(tmp_path / "prep"))
     assert json.loads((tmp_path / "prep" / "report.json").read_text())["dropped"] == 11
-    assert not P.is_prepared(str(tmp_path / "prep"))
+    assert not prepare.is_prepared(str(tmp_path / "prep"))
 
 
 def test_on_bad_sample_error_names_the_first_bad_line(tmp_path, folder):
     tok = word_tokenizer(WORDS)
-    with pytest.raises(P.DataError, match=r"--on-bad-sample error: .*mixed.jsonl line/row 3 \(id ''\) is bad: "
+    with pytest.raises(prepare.DataError, match=r"--on-bad-sample error: .*mixed.jsonl line/row 3 \(id ''\) is bad: "
                                           r"malformed_json: .*\(11 bad samples in all\)"):
-        P.prepare(str(write_mixed(tmp_path / "mixed.jsonl")), str(folder), encoding(tok), tok,
+        prepare.prepare(str(write_mixed(tmp_path / "mixed.jsonl")), str(folder), encoding(tok), tok,
                   str(tmp_path / "prep"), on_bad_sample="error", max_bad_fraction=1.0)
 
 
@@ -130,19 +131,19 @@ def test_second_run_reuses_and_a_changed_input_rebuilds(tmp_path, folder, caplog
     data = tmp_path / "d.jsonl"
     data.write_text(json.dumps(llava("a", "<image>\nwhat", "red", image="good.png")) + "\n")
     out = str(tmp_path / "prep")
-    P.prepare(str(data), str(folder), encoding(tok), tok, out)
+    prepare.prepare(str(data), str(folder), encoding(tok), tok, out)
     arrow = [f for f in os.listdir(out) if f.endswith(".arrow")][0]
     before = os.stat(os.path.join(out, arrow)).st_mtime_ns
     with caplog.at_level(logging.INFO, logger="lvlm_region.prepare"):
-        assert len(P.prepare(str(data), str(folder), encoding(tok), tok, out)) == 1
+        assert len(prepare.prepare(str(data), str(folder), encoding(tok), tok, out)) == 1
     assert "already prepared" in caplog.text
     assert os.stat(os.path.join(out, arrow)).st_mtime_ns == before
     with data.open("a") as f:
         f.write(json.dumps(llava("b", "what", "blue")) + "\n")
-    assert P.prepare(str(data), str(folder), encoding(tok), tok, out)["id"] == ["a", "b"]
+    assert prepare.prepare(str(data), str(folder), encoding(tok), tok, out)["id"] == ["a", "b"]
     # another max length is another preparation
     # (a: <s> SYS USER: <image> <image> what ASSISTANT: red </s> is 9 tokens, b 7)
-    assert P.prepare(str(data), str(folder), encoding(tok, max_length=8), tok, out,
+    assert prepare.prepare(str(data), str(folder), encoding(tok, max_length=8), tok, out,
                      max_bad_fraction=0.5)["id"] == ["b"]
 
 
@@ -151,13 +152,13 @@ def test_a_prepared_directory_for_another_model_is_refused(tmp_path, folder):
     data = tmp_path / "d.jsonl"
     data.write_text(json.dumps(llava("a", "what", "red")) + "\n")
     out = str(tmp_path / "prep")
-    P.prepare(str(data), str(folder), encoding(tok), tok, out)
-    _, meta = P.load_prepared(out)
-    P.check_matches(meta, out, encoding(tok), tok)
+    prepare.prepare(str(data), str(folder), encoding(tok), tok, out)
+    _, meta = prepare.load_prepared(out)
+    prepare.check_matches(meta, out, encoding(tok), tok)
     other = word_tokenizer(WORDS + " extra")
     with pytest.raises(ValueError, match=r"was prepared for another model or settings \(tokenizer_digest: .*; "
                                          r"max_length: prepared 40, this run 64\); prepare it again"):
-        P.check_matches(meta, out, encoding(other, max_length=64), other)
+        prepare.check_matches(meta, out, encoding(other, max_length=64), other)
 
 
 def test_json_list_is_read_element_by_element_with_line_numbers(tmp_path, monkeypatch):
@@ -225,7 +226,7 @@ def test_image_paths_leaving_the_folder_are_dropped_unopened(tmp_path, folder):
             llava("ok", "<image>\nwhat", "red", image="sub/../good.png")]
     data = tmp_path / "d.jsonl"
     data.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    ds = P.prepare(str(data), str(folder), encoding(tok), tok, str(tmp_path / "prep"), max_bad_fraction=1.0)
+    ds = prepare.prepare(str(data), str(folder), encoding(tok), tok, str(tmp_path / "prep"), max_bad_fraction=1.0)
     assert ds["id"] == ["ok"]
     report = json.loads((tmp_path / "prep" / "report.json").read_text())
     assert report["dropped_by_reason"] == {"image_outside_folder": 4}
@@ -234,8 +235,8 @@ def test_image_paths_leaving_the_folder_are_dropped_unopened(tmp_path, folder):
         detail["abs"]
     assert "size" not in detail["abs"]  # never opened: nothing about the file is reported
     # --allow-outside-images: data sets that use absolute paths keep them.
-    enc = P.Encoding(encoding(tok).template, encoding(tok).layout, 40, allow_outside_images=True)
-    ds = P.prepare(str(data), str(folder), enc, tok, str(tmp_path / "prep2"), max_bad_fraction=1.0)
+    enc = prepare.Encoding(encoding(tok).template, encoding(tok).layout, 40, allow_outside_images=True)
+    ds = prepare.prepare(str(data), str(folder), enc, tok, str(tmp_path / "prep2"), max_bad_fraction=1.0)
     assert ds["id"] == ["up", "up2", "ln", "ok"]  # /etc/hostname is opened now, and is no image: unreadable_image
     assert json.loads((tmp_path / "prep2" / "report.json").read_text())["dropped_by_reason"] == {"unreadable_image": 1}
 
@@ -246,7 +247,7 @@ def test_text_the_tokenizer_cannot_reproduce_is_counted_with_an_example(tmp_path
     data = tmp_path / "d.jsonl"
     data.write_text("".join(json.dumps(r) + "\n" for r in rows))
     with caplog.at_level(logging.WARNING):
-        ds = P.prepare(str(data), str(tmp_path), encoding(tok), tok, str(tmp_path / "prep"))
+        ds = prepare.prepare(str(data), str(tmp_path), encoding(tok), tok, str(tmp_path / "prep"))
     assert len(ds) == 3 and "lossy" not in ds.column_names  # kept: a warning, not a bad sample
     report = json.loads((tmp_path / "prep" / "report.json").read_text())
     assert report["lossy_text"] == 1 and report["lossy_text_example"] == {"line": 2, "id": "k2", "text": "red Zürich"}

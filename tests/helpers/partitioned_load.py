@@ -13,18 +13,20 @@ import sys
 import torch
 from transformers import AutoConfig
 
-from lvlm_region import engine as E
-from lvlm_region.model import (find_parts, import_projector, load_model, projector_parameters, read_mm_projector,
-                               skeleton)
+from lvlm_region import engine
+from lvlm_region.families import find_parts
+from lvlm_region.model import load_model, skeleton
+from lvlm_region.projector import import_projector, read_mm_projector
+from lvlm_region.trainable import projector_parameters
 
 
 def main() -> None:
     model_dir, projector_file, out = [a for a in sys.argv[1:] if not a.startswith("--local_rank")]
-    E.init_distributed()
+    engine.init_distributed()
     # As the trainer: the file is read and checked (against a meta skeleton) before ZeRO-3 loading starts.
     tensors = read_mm_projector(projector_file, find_parts(skeleton(AutoConfig.from_pretrained(model_dir))).projector)
     reference = load_model(model_dir, torch.float32).state_dict()  # a plain load, for comparison
-    loading = E.PartitionedLoading(E.build_ds_config(3, None, 1, 1, 1.0, "fp32"))
+    loading = engine.PartitionedLoading(engine.build_ds_config(3, None, 1, 1, 1.0, "fp32"))
     model = load_model(model_dir, torch.float32)
     params = dict(model.named_parameters())
     report = {"partitioned": all(hasattr(p, "ds_id") and p.numel() == 0 for p in params.values()),
@@ -33,13 +35,13 @@ def main() -> None:
     with loading.writable(projector_parameters(model)):
         import_projector(model, tensors)
     loading.close()
-    with E.gathered(params.values(), True):
+    with engine.gathered(params.values(), True):
         state = {k: v.detach().clone() for k, v in model.state_dict().items()}
     prefix = next(n for n, m in model.named_modules() if m is find_parts(model).projector) + "."
     report["checkpoint_equal"] = state.keys() == reference.keys() and all(
         torch.equal(state[k], reference[k]) for k in reference if not k.startswith(prefix))
     report["projector_imported"] = all(torch.equal(state[prefix + k], t.float()) for k, t in tensors.items())
-    with open(os.path.join(out, f"rank{E.rank()}.json"), "w") as f:
+    with open(os.path.join(out, f"rank{engine.rank()}.json"), "w") as f:
         json.dump(report, f)
 
 

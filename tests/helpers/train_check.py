@@ -15,9 +15,10 @@ import torch
 from safetensors.torch import load_file
 from transformers import AutoModelForImageTextToText
 
-from lvlm_region import checkpoint, engine as E
+from lvlm_region import checkpoint, engine
 from lvlm_region.cli import parse
-from lvlm_region.model import PROJECTOR_FILE, find_parts
+from lvlm_region.families import find_parts
+from lvlm_region.projector import PROJECTOR_FILE
 from lvlm_region.trainer import train
 
 
@@ -27,11 +28,11 @@ def main() -> None:
     stage, report_path, flags = argv[0], argv[1], argv[argv.index("--") + 1:]
     cfg = parse(stage, "", flags)
     result = train(cfg)
-    engine = result.engine
-    trained = {n: p.requires_grad for n, p in engine.module.named_parameters()}
-    final = E.full_state_dict(engine)  # the engine's weights, gathered under ZeRO-3
-    size_estimate = checkpoint.checkpoint_bytes(engine)  # what the first save's free-space check asks for
-    if E.rank() != 0:
+    ds_engine = result.engine
+    trained = {n: p.requires_grad for n, p in ds_engine.module.named_parameters()}
+    final = engine.full_state_dict(ds_engine)  # the engine's weights, gathered under ZeRO-3
+    size_estimate = checkpoint.checkpoint_bytes(ds_engine)  # what the first save's free-space check asks for
+    if engine.rank() != 0:
         return
     start = AutoModelForImageTextToText.from_pretrained(cfg.model_path).state_dict()
     if cfg.init:

@@ -1,0 +1,108 @@
+"""The protocol every model family implements, and the parts it locates (as module objects, never by name)."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from torch import nn
+from transformers import AutoProcessor, PreTrainedModel
+
+from ..flops import VisionFlops
+from ..image_inputs import ImageLayout
+
+TIED = "embed=lm_head (tied)"  # the part name of a tied input-embedding / LM-head tensor
+
+
+@dataclass
+class Parts:
+    """The model's parts as module objects; every parameter belongs to exactly one.
+
+    ``projector_extra``: parameters that train with the projector but live on the model itself (LLaVA-NeXT's
+    ``image_newline``). The projector may sit inside the vision module (Qwen2-VL's ``visual.merger``); it is
+    then its own part, not the vision tower's.
+    """
+
+    vision: nn.Module
+    projector: nn.Module
+    embed: nn.Module
+    layers: nn.ModuleList  # the LLM's decoder layers, in depth order
+    norm: nn.Module
+    lm_head: nn.Module
+    projector_extra: tuple = ()
+
+    def named_parts(self) -> dict[str, nn.Module]:
+        """Outer parts before the parts nested in them (vision before a projector inside it)."""
+        out = {"vision": self.vision, "projector": self.projector, "embed": self.embed,
+               "norm": self.norm, "lm_head": self.lm_head}
+        out.update({f"layer.{i}": layer for i, layer in enumerate(self.layers)})
+        return out
+
+    def owners(self) -> dict[int, str]:
+        """id(parameter) -> part name; a parameter of a nested part belongs to the inner part."""
+        owner: dict[int, str] = {}
+        for name, module in self.named_parts().items():
+            for p in module.parameters():
+                owner[id(p)] = "layers" if name.startswith("layer.") else name  # later (inner) parts win
+        owner.update({id(p): "projector" for p in self.projector_extra})
+        if self.tied:  # one tensor, counted and logged once, under a name that says so
+            owner[id(self.embed.weight)] = TIED
+        return owner
+
+    @property
+    def tied(self) -> bool:
+        """Whether the input embeddings and the LM head are one tensor (tie_word_embeddings)."""
+        return self.lm_head is not None and getattr(self.embed, "weight", None) is getattr(self.lm_head, "weight", 1)
+
+
+def _get(obj, dotted: str):
+    for attr in dotted.split("."):
+        obj = getattr(obj, attr, None)
+    return obj
+
+
+class Family:
+    """One model family of transformers' image-text-to-text models (one module in families/ each).
+
+    A family that does not train (``trains = False``) still locates its parts, so regions resolve and count on
+    it; its data path (image inputs, processor) is what is missing, and ``not_trainable`` says why.
+    """
+
+    model_types: tuple[str, ...] = ()  # transformers' config.model_type values this family covers
+    title: str = ""  # for people: "Llava (LLaVA-1.5, Bunny, llava-hf checkpoints, ...)"
+    # Where the vision encoder and the projector sit relative to the inner model (``model.model``), and the
+    # parameters on the inner model that train with the projector.
+    vision_attr: str = "vision_tower"
+    projector_attr: str = "multi_modal_projector"
+    projector_extra_attrs: tuple[str, ...] = ()
+    trains: bool = False
+    no_packing: str = ""  # why packed sequences (per-sample position ids) are invalid for it; "" = they are valid
+    not_trainable: str = ""  # trains = False: the inputs its data path would need
+
+    def matches(self, model: PreTrainedModel) -> bool:
+        """Whether ``model`` has this family's vision encoder and projector where the family keeps them."""
+        inner = getattr(model, "model", None)
+        return isinstance(_get(inner, self.vision_attr), nn.Module) and isinstance(_get(inner, self.projector_attr),
+                                                                                    nn.Module)
+
+    def parts(self, model: PreTrainedModel, layers: nn.ModuleList, norm: nn.Module) -> Parts:
+        inner = model.model
+        extra = tuple(p for p in (getattr(inner, x, None) for x in self.projector_extra_attrs)
+                      if isinstance(p, nn.Parameter))
+        return Parts(vision=_get(inner, self.vision_attr), projector=_get(inner, self.projector_attr),
+                     embed=model.get_input_embeddings(), layers=layers, norm=norm,
+                     lm_head=model.get_output_embeddings(), projector_extra=extra)
+
+    def default_aspect(self, stage: str) -> str:
+        """--image-aspect-ratio when not given: as LLaVA-1.5, square crops for stage 1, padding for SFT."""
+        return "square" if stage == "pretrain" else "pad"
+
+    def load_processor(self, path: str):
+        """The checkpoint's processor (tokenizer + image processor)."""
+        return AutoProcessor.from_pretrained(path)
+
+    def image_layout(self, config, image_processor, aspect: str) -> ImageLayout:
+        """How this family's images become tokens and model inputs (trainable families)."""
+        raise NotImplementedError(f"{self.title}: no image layout ({self.not_trainable})")
+
+    def vision_flops(self, model: PreTrainedModel, parts: Parts) -> VisionFlops:
+        """The vision side's blocks for the FLOP model (trainable families)."""
+        raise NotImplementedError(f"{self.title}: no FLOP model of its vision side")

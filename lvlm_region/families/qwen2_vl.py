@@ -1,0 +1,157 @@
+"""Qwen2-VL and Qwen2.5-VL: an image keeps its aspect ratio and, within the image processor's min / max pixels,
+its resolution.
+
+It becomes ``<|vision_start|>`` + k image tokens + ``<|vision_end|>`` with k = (H/14)(W/14)/merge² for the size
+the processor resizes it to, which its own ``get_number_of_image_patches`` gives from the header size alone
+(preparation never decodes an image to count). The tensors are the flattened patches ``pixel_values``
+[patches, 3·2·14·14] and ``image_grid_thw`` [1, 3]; the model also reads ``mm_token_type_ids`` (1 on image
+tokens) to build its 3-D rotary positions, which is also why packed sequences are refused.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from ..flops import (Block, GridVision, VisionFlops, any_trainable, is_checkpointed, last_linear_macs, linear_macs,
+                     projector_block)
+from ..image_inputs import DummyImage, ImageLayout
+from .base import Family
+
+
+@dataclass(frozen=True)
+class GridImages(ImageLayout):
+    """Tokens from each image's size; flattened patches and image_grid_thw as tensors."""
+
+    image_token_id: int
+    start_id: int  # <|vision_start|>, written before each image's tokens
+    end_id: int  # <|vision_end|>
+    image_processor: object = field(compare=False, repr=False)  # counts tokens from a size
+    pad: bool = False  # --image-aspect-ratio pad (the processor sees the padded square, so more tokens)
+
+    @property
+    def merge(self) -> int:
+        return self.image_processor.merge_size
+
+    def token_ids(self, size: tuple[int, int]) -> list[int]:
+        w, h = size
+        if self.pad:
+            w = h = max(w, h)
+        n = self.image_processor.get_number_of_image_patches(h, w, {}) // self.merge ** 2
+        return [self.start_id] + [self.image_token_id] * n + [self.end_id]
+
+    def tokens_in(self, tensors: dict) -> int:
+        return int(tensors["image_grid_thw"].prod(-1).sum()) // self.merge ** 2
+
+    def identity(self) -> dict:
+        settings = self.image_processor.to_dict()  # JSON-able (the prepared directory's prepare.json holds it)
+        resize = {k: settings.get(k) for k in ("size", "min_pixels", "max_pixels", "patch_size", "merge_size",
+                                               "temporal_patch_size")}
+        return {"image_token_id": self.image_token_id, "n_image_tokens": "grid", "vision_start_id": self.start_id,
+                "vision_end_id": self.end_id, "pad_to_square": self.pad, "image_processor": resize}
+
+    def dummy(self) -> DummyImage:
+        p = self.image_processor
+        side = p.patch_size * self.merge  # smart_resize raises it to the processor's min_pixels
+        ids = self.token_ids((side, side))
+        cells = (len(ids) - 2) * self.merge ** 2  # patches
+        h = w = int(round(cells ** 0.5))
+        if h * w != cells:  # min_pixels gave a non-square grid: never with a square input, but do not guess
+            raise ValueError(f"the image processor resizes a {side}x{side} image to {cells} patches, not a square grid")
+        dim = 3 * p.temporal_patch_size * p.patch_size ** 2
+        grid = torch.tensor([[1, h, w]])
+        return DummyImage(tuple(ids), {"pixel_values": torch.zeros(cells, dim), "image_grid_thw": grid})
+
+    def extra_inputs(self, batch: dict) -> dict:
+        # 1 on image tokens: Qwen2-VL builds its 3-D rotary positions from it
+        return {"mm_token_type_ids": (batch["input_ids"] == self.image_token_id).long()}
+
+
+# Files of a processor that the tokenizer and the image processor do not write themselves.
+PROCESSOR_FILES = ("processor_config.json", "video_preprocessor_config.json")
+
+
+class SplitProcessor:
+    """A checkpoint's tokenizer and image processor, loaded and saved without transformers' processor class.
+
+    Qwen2-VL's processor cannot even be constructed without torchvision (it checks its video processor's class),
+    which CPU machines and many GPU images lack; training needs only the tokenizer and the image processor
+    (whose PIL backend transformers picks when torchvision is missing). ``save_pretrained`` writes both, the run's
+    chat template as chat_template.jinja, and copies the processor's other files from the source checkpoint, so
+    the output loads with ``AutoProcessor`` where torchvision is installed.
+    """
+
+    def __init__(self, path: str):
+        from transformers import AutoImageProcessor, AutoTokenizer
+        self.source = path
+        self.tokenizer = AutoTokenizer.from_pretrained(path)
+        self.image_processor = AutoImageProcessor.from_pretrained(path)
+        legacy = os.path.join(path, "chat_template.json")  # older processors keep their template here
+        self.chat_template = self.tokenizer.chat_template
+        if self.chat_template is None and os.path.isfile(legacy):
+            with open(legacy) as f:
+                self.chat_template = json.load(f).get("chat_template")
+
+    def save_pretrained(self, out: str) -> None:
+        if self.chat_template:
+            self.tokenizer.chat_template = self.chat_template
+        self.tokenizer.save_pretrained(out)
+        self.image_processor.save_pretrained(out)
+        for name in PROCESSOR_FILES:
+            if os.path.isfile(os.path.join(self.source, name)):
+                shutil.copy2(os.path.join(self.source, name), os.path.join(out, name))
+
+
+class Qwen2VL(Family):
+    model_types = ("qwen2_vl", "qwen2_5_vl")
+    title = "Qwen2-VL and Qwen2.5-VL checkpoints"
+    vision_attr = "visual"
+    projector_attr = "visual.merger"  # the merger is the projector
+    trains = True
+    no_packing = ("computes its own 3-D rotary positions per sample (from image_grid_thw), which packed position ids "
+                  "would replace")
+
+    def default_aspect(self, stage: str) -> str:
+        """Each image keeps its aspect ratio (its own resize; padding would only add tokens)."""
+        return "square"
+
+    def load_processor(self, path: str) -> SplitProcessor:
+        return SplitProcessor(path)
+
+    def image_layout(self, config, image_processor, aspect: str) -> GridImages:
+        for attr in ("image_token_id", "vision_start_token_id", "vision_end_token_id"):
+            if getattr(config, attr, None) is None:
+                raise ValueError(f"a {config.model_type} config needs {attr}; the checkpoint's config.json lacks it")
+        if not hasattr(image_processor, "get_number_of_image_patches"):
+            raise ValueError(f"a {config.model_type} model needs its Qwen2-VL image processor "
+                             f"(preprocessor_config.json), got {type(image_processor).__name__}")
+        return GridImages(config.image_token_id, config.vision_start_token_id, config.vision_end_token_id,
+                          image_processor, pad=aspect == "pad")
+
+    def vision_flops(self, model, parts) -> VisionFlops:
+        """The 3-D patch convolution, the vision blocks (every one feeds the merger) and the merger; Qwen2.5-VL's
+        blocks outside fullatt_block_indexes attend within windows."""
+        vision, vcfg = parts.vision, model.config.vision_config
+        conv = next(m for m in vision.modules() if isinstance(m, nn.Conv3d))
+        conv_macs = conv.in_channels * math.prod(conv.kernel_size) * conv.out_channels
+        blocks = [Block("vision.embed", "vision_embed", conv_macs, conv_macs if conv.weight.requires_grad else 0,
+                        input_macs=conv_macs, trainable=any_trainable(conv))]
+        window = getattr(vcfg, "window_size", 0) or 0
+        full = set(getattr(vcfg, "fullatt_block_indexes", None) or ())
+        merge = vcfg.spatial_merge_size
+        for i, layer in enumerate(vision.blocks):
+            heads = layer.attn.num_heads
+            blocks.append(Block(f"vision.{i}", "vision", linear_macs(layer), linear_macs(layer, True), heads=heads,
+                                head_dim=layer.attn.qkv.out_features // 3 // heads, trainable=any_trainable(layer),
+                                checkpointed=is_checkpointed(vision) and vision.training,
+                                tail_macs=last_linear_macs(layer), windowed=bool(window) and i not in full))
+        blocks.append(projector_block(parts))
+        return VisionFlops(blocks, grid=GridVision(merge, window // merge // vcfg.patch_size if window else 0))
+
+
+FAMILY = Qwen2VL()

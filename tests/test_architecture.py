@@ -1,0 +1,108 @@
+"""The house rules, checked on the source: a one-way import graph that docs/architecture.md describes, one module
+that owns DeepSpeed, family knowledge only in families/, and short functions."""
+import ast
+import re
+from pathlib import Path
+
+from lvlm_region import families
+
+ROOT = Path(__file__).resolve().parents[1]
+PKG = ROOT / "lvlm_region"
+
+
+def module_name(f: Path) -> str:
+    parts = list(f.relative_to(PKG).with_suffix("").parts)
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts) or "__init__"
+
+
+def sources() -> dict[str, ast.Module]:
+    return {module_name(f): ast.parse(f.read_text()) for f in sorted(PKG.rglob("*.py"))}
+
+
+def imports(name: str, tree: ast.Module) -> set[str]:
+    """Package modules ``name`` imports anywhere in its body (function-level imports included)."""
+    is_package = (PKG / name.replace(".", "/") / "__init__.py").is_file()
+    package = name.split(".") if is_package else name.split(".")[:-1]
+    out = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.ImportFrom) and node.level:
+            anchor = package[:len(package) - node.level + 1]
+            if node.module:
+                out.add(".".join(anchor + node.module.split(".")))
+            else:
+                out.update(".".join(anchor + [a.name]) for a in node.names)
+        elif isinstance(node, ast.ImportFrom) and (node.module or "").startswith("lvlm_region."):
+            out.add(node.module.removeprefix("lvlm_region."))
+    return {m for m in out if m != name}
+
+
+def layers() -> dict[str, int]:
+    """module -> layer, from the map in docs/architecture.md (rows: | layer | `module` | what it does |)."""
+    rows = re.findall(r"^\| (\d+) \| `([\w.*]+)` \|", (ROOT / "docs" / "architecture.md").read_text(), re.M)
+    assert rows, "docs/architecture.md has no module map"
+    found = {}
+    for layer, mod in rows:
+        assert mod not in found, f"{mod} is listed twice in docs/architecture.md"
+        found[mod] = int(layer)
+    return found
+
+
+def test_the_map_lists_every_module_and_every_import_points_down():
+    trees, layer = sources(), layers()
+    wildcard = layer.pop("families.*")  # a family module not listed by name (a new family) is covered by it
+    layer.update({m: wildcard for m in trees if m.startswith("families.") and m not in layer})
+    assert set(layer) == set(trees) - {"__init__"}, "docs/architecture.md must list every module, and only those"
+    for name, tree in trees.items():
+        for dep in imports(name, tree):
+            dep = dep if dep in layer else dep.rsplit(".", 1)[0]  # `from .families import x` where x is a name
+            assert layer[dep] <= layer[name] if name != "__init__" else True, \
+                f"{name} (layer {layer[name]}) imports {dep} (layer {layer[dep]}): imports must point down"
+
+
+def test_no_import_cycles():
+    graph = {n: {d if d in sources() else d.rsplit(".", 1)[0] for d in imports(n, t)} for n, t in sources().items()}
+
+    def reaches(a, b, seen):
+        for n in graph.get(a, ()):
+            if n == b or (n not in seen and not seen.add(n) and reaches(n, b, seen)):
+                return True
+        return False
+
+    assert sorted((a, b) for a in graph for b in graph[a] if reaches(b, a, set())) == []
+
+
+def test_only_engine_touches_deepspeed_and_torch_distributed():
+    offenders = []
+    for name, tree in sources().items():
+        for node in ast.walk(tree):
+            names = ([a.name for a in node.names] if isinstance(node, ast.Import) else
+                     [node.module or ""] if isinstance(node, ast.ImportFrom) and not node.level else [])
+            if any(n.startswith(("deepspeed", "torch.distributed")) for n in names) and name != "engine":
+                offenders.append(f"{name}: {names}")
+        if name != "engine" and re.search(r"\b(torch\.distributed|dist)\.\w+\(", ast.unparse(tree)):
+            offenders.append(f"{name} calls torch.distributed")
+    assert offenders == []
+
+
+def test_family_names_appear_only_in_families():
+    """No model_type of a registered family as a string outside families/ (no `== "qwen2_vl"` checks)."""
+    types = set(families.REGISTRY)
+    found = [(name, node.value) for name, tree in sources().items() if not name.startswith("families")
+             for node in ast.walk(tree) if isinstance(node, ast.Constant) and node.value in types]
+    assert found == []
+
+
+def test_no_function_over_100_lines():
+    long = [(name, n.name, n.end_lineno - n.lineno + 1) for name, tree in sources().items() for n in ast.walk(tree)
+            if isinstance(n, (ast.FunctionDef, ast.AsyncFunctionDef)) and n.end_lineno - n.lineno + 1 > 100]
+    assert long == []
+
+
+def test_every_family_module_is_registered():
+    """Adding a family is adding its module to families/ (the registry finds it); the trainable ones come first."""
+    mods = {f.stem for f in (PKG / "families").glob("*.py")} - {"__init__", "base"}
+    registered = {type(f).__module__.rsplit(".", 1)[1] for f in families.FAMILIES}
+    assert registered == mods
+    assert families.trainable() == ["llava", "qwen2_vl", "qwen2_5_vl"]
+    assert set(families.REGISTRY) == {"llava", "qwen2_vl", "qwen2_5_vl", "llava_next", "llava_onevision",
+                                      "paligemma", "gemma3", "idefics3"}
