@@ -27,7 +27,8 @@ from lvlm_region.config import RunConfig
 from lvlm_region.data import BatchStream, ImageTextDataset
 from lvlm_region.data import run_loader
 from lvlm_region.families import flop_model as build_flop_model
-from lvlm_region.trainer import batch_shapes, obtain_data, setup, train
+from lvlm_region.run_setup import obtain_data, setup
+from lvlm_region.trainer import batch_shapes, train
 
 
 def main() -> None:

@@ -25,7 +25,8 @@ from lvlm_region.config import DEMO_DIR, RunConfig  # noqa: E402
 from lvlm_region.data import BatchStream, ImageTextDataset  # noqa: E402
 from lvlm_region.templates import IGNORE  # noqa: E402
 from lvlm_region.data import run_loader  # noqa: E402
-from lvlm_region.trainer import obtain_data, setup, train  # noqa: E402
+from lvlm_region.run_setup import obtain_data, setup  # noqa: E402
+from lvlm_region.trainer import train  # noqa: E402
 
 
 def make_prepared(out: str, n: int, seed: int = 0) -> str:

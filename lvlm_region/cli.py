@@ -58,10 +58,22 @@ def build_parser(stage: str, doc: str) -> argparse.ArgumentParser:
     """One flag per RunConfig field (except stage, the launcher's own): its help, default and, for numbers, its
     Range come from the field (config.setting), so flag and config cannot drift apart."""
     p = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_flags(p, stage)
+    p.add_argument("--local_rank", type=int, default=0, help=argparse.SUPPRESS)  # added by the deepspeed launcher
+    return p
+
+
+def add_flags(p: argparse.ArgumentParser, stage: str, names: tuple[str, ...] | None = None,
+              unset: dict[str, str] | None = None) -> None:
+    """The flags of RunConfig fields ``names`` (default: all but stage). ``unset``: fields whose flag defaults to
+    None (the caller fills them) -> what the help says the default is."""
+    unset = unset or {}
     for f in dataclasses.fields(RunConfig):
-        if not f.metadata.get("flag", True):
+        if not f.metadata.get("flag", True) or (names is not None and f.name not in names):
             continue
         kw = {"help": help_text(f, stage), "default": f.default}
+        if f.name in unset:
+            kw.update(default=None, help=f"{f.metadata['help']} (default: {unset[f.name]})")
         if f.metadata.get("metavar"):
             kw["metavar"] = f.metadata["metavar"]
         if f.type == "bool":
@@ -70,11 +82,9 @@ def build_parser(stage: str, doc: str) -> argparse.ArgumentParser:
             kw["action"] = argparse.BooleanOptionalAction
         elif f.name in RANGES:
             kw["type"] = number(f.name)
-        if f.name == "output_dir":
+        if f.name == "output_dir" and "output_dir" not in unset:
             kw["required"] = True
         p.add_argument(flag(f.name), **kw)
-    p.add_argument("--local_rank", type=int, default=0, help=argparse.SUPPRESS)  # added by the deepspeed launcher
-    return p
 
 
 def parse(stage: str, doc: str, argv: list[str] | None = None) -> RunConfig:

@@ -320,7 +320,20 @@ class PartitionedLoading:
 
 
 def is_zero3(engine) -> bool:
-    return engine.zero_optimization_partition_weights()
+    """Whether ``engine`` partitions its parameters (ZeRO-3); a plain model (inference_model) does not."""
+    return hasattr(engine, "zero_optimization_partition_weights") and engine.zero_optimization_partition_weights()
+
+
+def inference_model(model: torch.nn.Module, ds_config: dict):
+    """``model`` (frozen) ready for evaluation on this rank: under ZeRO-3 a DeepSpeed engine without optimizer,
+    which gathers each layer's partitioned weights as it runs (the model must have been built under
+    PartitionedLoading); otherwise the model itself on this rank's device, whole on every rank."""
+    model.requires_grad_(False)
+    if zero_stage(ds_config) == 3:
+        ds_engine, *_ = deepspeed.initialize(model=model, config=ds_config)
+        ds_engine.eval()
+        return ds_engine
+    return model.to(device()).eval()
 
 
 def full_state_dict(engine) -> dict | None:

@@ -26,8 +26,9 @@ def normalize(text: str) -> str:
 
 @torch.no_grad()
 def evaluate(ds_engine, eval_ds, image_folder: str, s, cfg, dtype: torch.dtype, device: torch.device) -> dict:
-    """Held-out loss and answer accuracy of ``ds_engine``'s model; ``s``: the run's trainer.Setup."""
-    model = ds_engine.module
+    """Held-out loss and answer accuracy of the model ``ds_engine`` runs (a DeepSpeed engine, or the model itself:
+    engine.inference_model), with up to 5 right and 5 wrong answers; ``s``: the run's run_setup.Setup."""
+    model = getattr(ds_engine, "module", ds_engine)
     was_training = model.training
     model.eval()
     if cfg.eval_max_samples:
@@ -53,21 +54,24 @@ def evaluate(ds_engine, eval_ds, image_folder: str, s, cfg, dtype: torch.dtype, 
 
     # Greedy answers, compared after normalisation with the reference reply.
     prompts = PromptDataset(eval_ds, image_folder, load, s.encoding, tokenizer)
-    results: list[tuple[int, bool, str]] = []
+    results: list[dict] = []
     zero3 = engine.is_zero3(ds_engine)
     for b in loader(prompts, left_pad=True):
-        index, answers = b.pop("index"), b.pop("answer")
+        meta = {k: b.pop(k) for k in ("index", "answer", "question", "id")}
         b = to_device(b, device, dtype)
         gen = model.generate(**layout.model_inputs(b), max_new_tokens=cfg.max_new_tokens, do_sample=False,
                              pad_token_id=pad_id, eos_token_id=stop_ids, synced_gpus=zero3)
         texts = tokenizer.batch_decode(gen[:, b["input_ids"].shape[1]:], skip_special_tokens=True)
-        results += [(i, normalize(t) == normalize(a), t) for i, t, a in zip(index, texts, answers)]
-    gathered = engine.all_gather_object(results)
-    unique = {i: (ok, t) for part in gathered for i, ok, t in part}  # drop shard-padding duplicates
-    correct = sum(ok for ok, _ in unique.values())
+        results += [{"index": i, "id": sid, "question": q, "reference": a, "output": t,
+                     "right": normalize(t) == normalize(a)}
+                    for i, sid, q, a, t in zip(meta["index"], meta["id"], meta["question"], meta["answer"], texts)]
+    unique = {r["index"]: r for part in engine.all_gather_object(results) for r in part}  # no shard-padding twins
+    rows = [unique[i] for i in sorted(unique)]
+    correct = sum(r["right"] for r in rows)
     model.train(was_training)
-    return {"loss": loss_sum / max(n_valid, 1.0), "accuracy": correct / len(unique), "correct": correct,
-            "samples": len(unique), "examples": [unique[i][1] for i in sorted(unique)[:5]]}
+    return {"loss": loss_sum / max(n_valid, 1.0), "accuracy": correct / len(rows), "correct": correct,
+            "samples": len(rows),
+            "right": [r for r in rows if r["right"]][:5], "wrong": [r for r in rows if not r["right"]][:5]}
 
 
 class PromptDataset(ImageTextDataset):
@@ -86,5 +90,6 @@ class PromptDataset(ImageTextDataset):
                                     allow_outside=self.encoding.allow_outside_images)
         ids = tokenize([(prompt, False)], self.tokenizer, image_ids)["input_ids"]
         item["input_ids"] = item["labels"] = torch.tensor(ids)
-        item["answer"], item["index"] = messages[-1]["content"], i
+        item["answer"], item["index"], item["id"] = messages[-1]["content"], i, ex["id"]
+        item["question"] = messages[-2]["content"] if len(messages) > 1 else ""
         return item

@@ -200,7 +200,7 @@ with Heartbeat(sys.argv[1], every=0.2):
 
 
 def test_ranks_waiting_for_a_killed_preparing_rank_stop_within_the_timeout(tmp_path):
-    from lvlm_region.trainer import wait_for_preparation
+    from lvlm_region.run_setup import wait_for_preparation
     out = str(tmp_path / "prepared" / "train")
     os.makedirs(os.path.dirname(out))
     holder = subprocess.Popen([sys.executable, "-c", HOLDER, out + ".heartbeat"], cwd=ROOT, stdout=subprocess.PIPE,

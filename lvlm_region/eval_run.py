@@ -1,0 +1,100 @@
+"""Standalone evaluation of a model directory (launch/evaluate.py): held-out loss, answer accuracy and examples,
+with the code and the numbers of a run's end-of-run evaluation, on 1..N ranks (ZeRO-3: partitioned weights).
+
+Writes OUTPUT_DIR/eval.json and a short eval.md. A model trained here is evaluated with the template, aspect
+handling and length limit its run.json records (unless given), so it sees the prompts it was trained on.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+
+from . import checkpoint, engine
+from .config import RunConfig
+from .evaluate import evaluate
+from .model import load_model
+from .run_setup import obtain_data, setup
+
+log = logging.getLogger(__name__)
+
+# Settings a model's run.json supplies when the command line leaves them unset (how it was trained).
+FROM_RUN = ("template", "image_aspect_ratio", "max_length")
+
+
+def trained_with(model_dir: str) -> dict | None:
+    """The run.json of the run that wrote ``model_dir``, when there is one."""
+    path = os.path.join(model_dir, "run.json")
+    if not os.path.isfile(path):
+        return None
+    with open(path) as f:
+        return json.load(f)
+
+
+def evaluation_config(model: str, data: str, output_dir: str | None = None, **flags) -> RunConfig:
+    """The run config of an evaluation: ``data`` is the held-out set; unset FROM_RUN fields come from the model's
+    run.json. ``output_dir`` defaults to MODEL/eval."""
+    run = trained_with(model)
+    given = {k: v for k, v in flags.items() if v is not None}
+    if run is not None:
+        given.update({k: run["config"][k] for k in FROM_RUN if k not in given and run["config"].get(k) is not None})
+    return RunConfig(stage="sft", model=model, data=data, eval_data=data, export_model=False,
+                     output_dir=output_dir or os.path.join(model, "eval"), **given)
+
+
+def evaluate_model(cfg: RunConfig) -> dict:
+    """Evaluate ``cfg.model`` on ``cfg.eval_data``; returns what eval.json holds (written by rank 0)."""
+    start = time.perf_counter()
+    s = setup(cfg)
+    eval_ds, folder = obtain_data(cfg.eval_data, cfg.image_folder, "eval", s)
+    dtype = engine.torch_dtype(s.precision)
+    loading = engine.PartitionedLoading(s.ds_config)  # ZeRO-3: built and loaded in partitions
+    model = load_model(cfg.model_path, dtype, s.attn)
+    loading.close()
+    runner = engine.inference_model(model, s.ds_config)
+    result = evaluate(runner, eval_ds, folder, s, cfg, dtype, engine.device())
+    run = trained_with(cfg.model_path)
+    out = {"model": os.path.abspath(cfg.model_path), "data": os.path.abspath(cfg.eval_data),
+           "trained": None if run is None else {
+               "stage": run["config"]["stage"], "region": run.get("region"), "tuner": run["config"].get("tuner"),
+               "parameters": run.get("parameters"), "status": run.get("status"),
+               "eval_at_end": run.get("eval", {}).get("accuracy")},
+           "template": cfg.template, "image_aspect_ratio": cfg.image_aspect_ratio, "max_length": cfg.max_length,
+           "world_size": engine.world_size(), "zero_stage": engine.zero_stage(s.ds_config), "precision": s.precision,
+           **result, "seconds": time.perf_counter() - start}
+    if engine.rank() == 0:
+        os.makedirs(cfg.output_dir, exist_ok=True)
+        checkpoint.write_json_atomic(os.path.join(cfg.output_dir, "eval.json"), out)
+        with open(os.path.join(cfg.output_dir, "eval.md"), "w") as f:
+            f.write(report_md(out))
+        log.info("held-out loss %.4f | answer accuracy %.3f (%d/%d) -> %s", out["loss"], out["accuracy"],
+                 out["correct"], out["samples"], os.path.join(cfg.output_dir, "eval.json"))
+    engine.barrier()
+    return out
+
+
+def report_md(e: dict) -> str:
+    """eval.md: the numbers, what was evaluated, and the right and wrong examples."""
+    t = e["trained"]
+    lines = [f"# Evaluation of `{e['model']}`", "",
+             f"Data `{e['data']}`: {e['samples']} samples. **Answer accuracy {e['accuracy']:.3f}** "
+             f"({e['correct']}/{e['samples']}, normalised exact match of the greedy answer), held-out token loss "
+             f"{e['loss']:.4f}.", "",
+             f"Template `{e['template']}`, image aspect `{e['image_aspect_ratio']}`, {e['world_size']} rank(s), "
+             f"ZeRO stage {e['zero_stage']}, {e['precision']}, {e['seconds']:.1f} s."]
+    if t is not None:
+        region = (t.get("region") or {}).get("spec")
+        trainable = ((t.get("parameters") or {}).get("all") or {}).get("trainable")
+        lines += ["", f"Trained here: stage {t['stage']}, region `{region}`, tuner {t['tuner']}, "
+                      f"{trainable} trainable parameters; its end-of-run accuracy was {t['eval_at_end']}."]
+    for name in ("right", "wrong"):
+        lines += ["", f"## {name.capitalize()} answers", "", "| id | question | reference | output |",
+                  "|---|---|---|---|"]
+        lines += [f"| {r['id']} | {_cell(r['question'])} | {_cell(r['reference'])} | {_cell(r['output'])} |"
+                  for r in e[name]]
+    return "\n".join(lines) + "\n"
+
+
+def _cell(text: str) -> str:
+    return " ".join(str(text).split()).replace("|", "\\|")

@@ -1,0 +1,165 @@
+"""What a run needs before its first weight loads, checked and built in that order: the run config, the output
+directory, the checkpoint to resume, the process group, the DeepSpeed JSON, the demo or an assembled model, the
+region, the template and image layout, prepared data on every rank (``obtain_data``). Training (trainer) and
+standalone evaluation (eval_run) both start here.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import datasets
+import torch
+from transformers import AutoConfig, AutoTokenizer
+
+from . import assemble, checkpoint, demo, engine, families, formats, outputs, prepare, regions, templates, timing
+from .config import DEMO_DIR, RunConfig
+from .families import find_parts
+from .images import ImageLoader
+from .model import num_decoder_layers, resolve_attention, skeleton
+from .projector import read_mm_projector
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Setup:
+    """Everything a run needs before its first step."""
+
+    cfg: RunConfig
+    region: regions.Region
+    precision: str
+    ds_config: dict
+    processor: object
+    tokenizer: object
+    encoding: prepare.Encoding  # template, image layout and max length: how samples become token ids
+    load_image: ImageLoader  # the processor with the run's aspect-ratio handling
+    attn: str  # the attention implementation actually used
+    projector: dict | None = None  # --init-projector's tensors, keyed as the projector's state_dict
+    resume_from: Path | None = None  # the checkpoint to continue from (None: a fresh start)
+
+
+def setup(cfg: RunConfig) -> Setup:
+    """Validate everything that can be checked without loading weights: config, region, DeepSpeed JSON, data."""
+    cfg.resolve()
+    # The output directory, the inputs and the DeepSpeed JSON are checked before the demo or an assembly is built
+    # and before any weights load.
+    outputs.check_run_dir(cfg.output_dir, {"--model": cfg.model, "--init": cfg.init, "--init-projector":
+                                           cfg.init_projector, "--llm": cfg.llm, "--vision": cfg.vision,
+                                           "--data": cfg.data, "--eval-data": cfg.eval_data,
+                                           "--image-folder": cfg.image_folder},
+                          fresh=cfg.resume in (None, "none"), overwrite=cfg.overwrite)
+    resume_from = checkpoint.resolve_resume(cfg.resume, cfg.output_dir, cfg.overwrite)
+    engine.init_distributed(cfg.dist_timeout)
+    precision = engine.resolve_precision(cfg.precision)
+    ds_config = engine.build_ds_config(cfg.zero, cfg.ds_config, cfg.micro_batch, cfg.grad_accum, cfg.grad_clip,
+                                       precision)
+    if cfg.is_demo:
+        if engine.rank() == 0:
+            demo.ensure(DEMO_DIR)
+        engine.barrier()
+        if engine.rank() == 0 and cfg.stage == "sft" and cfg.init is None:
+            log.info("no --init given: stage 2 starts from the embedded demo model's random projector "
+                     "(run launch/pretrain.py first and pass --init to start from a trained one)")
+    if cfg.llm is not None:  # every rank checks the parts' configs; rank 0 builds the model once
+        assemble.check(cfg.llm, cfg.vision, cfg.projector)
+        # The template must render with the LLM's own tokenizer before anything is built (auto needs one of its own);
+        # a built-in one is written into the assembled tokenizer, so the output carries what it was trained with.
+        fmt = templates.resolve(cfg.template, AutoTokenizer.from_pretrained(cfg.llm), f"--llm {cfg.llm}")
+        chat_template = fmt.source if fmt.conversational else None
+        if engine.rank() == 0 and not assemble.is_assembled(cfg.model_path, cfg.llm, cfg.vision, cfg.projector,
+                                                            cfg.seed, chat_template):
+            assemble.assemble(cfg.llm, cfg.vision, cfg.projector, cfg.model_path, cfg.seed, chat_template)
+        engine.barrier()
+    if not os.path.isfile(os.path.join(cfg.model_path, "config.json")):
+        raise FileNotFoundError(f"--model {cfg.model_path}: no config.json; give a local transformers checkpoint dir")
+    model_config = AutoConfig.from_pretrained(cfg.model_path)
+    shape = skeleton(model_config)  # on the meta device: no weights
+    region = regions.resolve(cfg.region, num_decoder_layers(model_config), tied=find_parts(shape).tied)
+    if cfg.tuner == "lora" and not region.layers:
+        raise ValueError(f"--tuner lora: region {region.spec!r} selects no decoder layer, so there is nothing to put "
+                         "LoRA on; give a region with layers (e.g. --region uniform25) or use --tuner full")
+    attn, why = resolve_attention(cfg.attn, not engine.on_cpu(), precision)
+    if why and engine.rank() == 0:
+        log.warning("--attn: %s", why)
+    if torch.cuda.is_available() and not cfg.peak_tflops:
+        timing.peak_for_gpu(torch.cuda.get_device_name())  # an unknown GPU fails here, on every rank, not at step 1
+    encoding, tokenizer, processor = prepare.for_model(cfg.model_path, cfg.template, cfg.max_length, cfg.verify_images,
+                                                 cfg.image_aspect_ratio, cfg.allow_outside_images)
+    family = families.get(model_config.model_type)
+    if cfg.packing and family.no_packing:
+        raise ValueError(f"--packing: {model_config.model_type} {family.no_packing}; train it without --packing")
+    if tokenizer.pad_token_id is None:
+        raise ValueError(f"the tokenizer of {cfg.model_path} has no pad token; set one and save it")
+    fmt = encoding.template
+    if fmt.conversational and fmt.name != "auto":  # the exported model formats prompts as it was trained
+        tokenizer.chat_template = processor.chat_template = fmt.source
+    for path in (cfg.data, cfg.eval_data):  # a prepared directory must match this model and template
+        if path and prepare.is_prepared(path):
+            prepare.check_matches(prepare.read_meta(path), path, encoding, tokenizer)
+        elif path:
+            formats.kind(path)
+    projector = None
+    if cfg.init_projector:  # read and checked against the config's shapes before any weights load
+        projector = read_mm_projector(cfg.init_projector, find_parts(shape).projector)
+    load_image = ImageLoader(processor.image_processor, cfg.image_aspect_ratio)
+    return Setup(cfg, region, precision, ds_config, processor, tokenizer, encoding, load_image, attn, projector,
+                 resume_from)
+
+
+def obtain_data(path: str, image_folder: str | None, name: str, s: Setup):
+    """(prepared dataset, image folder) for --data / --eval-data.
+
+    A prepared directory is used as it is. A raw file is prepared once, by rank 0, into OUTPUT_DIR/prepared/NAME
+    (reused by a rerun or resume with the same inputs) while the other ranks wait for it on the file system: a
+    collective would time out on a data set that takes longer than the process group's timeout to prepare.
+    """
+    if prepare.is_prepared(path):
+        ds, meta = prepare.load_prepared(path)
+        return ds, image_folder or meta["identity"]["image_folder"]
+    cfg = s.cfg
+    folder = image_folder or os.path.dirname(os.path.abspath(path))
+    out = os.path.join(cfg.output_dir, "prepared", name)
+    failed, beat = out + ".failed", out + ".heartbeat"
+    if engine.rank() == 0:
+        os.makedirs(os.path.dirname(out), exist_ok=True)
+        if os.path.exists(failed):
+            os.remove(failed)
+        open(beat, "w").close()  # fresh before anyone waits on it
+    engine.barrier()
+    if engine.rank() == 0:
+        try:
+            with outputs.Heartbeat(beat):
+                ds = prepare.prepare(path, folder, s.encoding, s.tokenizer, out, cfg.on_bad_sample,
+                                     cfg.max_bad_fraction, cfg.prep_workers)
+        except Exception as e:
+            with open(failed, "w") as f:
+                f.write(str(e))
+            raise
+        return ds, folder
+    wait_for_preparation(path, out, prepare.identity(path, folder, s.encoding, s.tokenizer), cfg.prep_timeout)
+    return datasets.load_from_disk(out), folder
+
+
+def wait_for_preparation(path: str, out: str, want: dict, timeout: float) -> None:
+    """Wait (on the file system, see obtain_data) until rank 0 has prepared ``path`` into ``out``. Raises DataError
+    when rank 0 reports a failure, or when its heartbeat file has not changed for ``timeout`` seconds (rank 0 was
+    killed, e.g. by the OOM killer, and can report nothing)."""
+    failed, beat = out + ".failed", out + ".heartbeat"
+    start = last_log = time.time()
+    while not (prepare.is_prepared(out) and prepare.read_meta(out)["identity"] == want):
+        if os.path.exists(failed):
+            raise prepare.DataError(f"rank 0 failed to prepare {path}: {open(failed).read()}")
+        silent = outputs.silence(beat, start)
+        if silent > timeout:
+            raise prepare.DataError(f"rank {engine.rank()}: rank 0 has given no sign of life for {silent:.0f} s while "
+                                    f"preparing {path} (its heartbeat {beat} stopped changing): it probably died "
+                                    f"(killed, out of memory); see its log, then rerun (--prep-timeout, now "
+                                    f"{timeout:g} s, sets this wait)")
+        time.sleep(1.0)
+        if time.time() - last_log > 120:
+            last_log = time.time()
+            log.info("rank %d: waiting for rank 0 to prepare %s (%.0f s)", engine.rank(), path, last_log - start)
