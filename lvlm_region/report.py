@@ -72,6 +72,7 @@ def load_run(path: str) -> dict:
         "hardware_tflops_per_step": t.get("hardware_tflops_per_step"),
         "peak_memory_gb": t.get("peak_memory_gb_rank0"), "memory_estimate_gb": t.get("memory_estimate_gb"),
         "final_loss": run.get("final_loss"), "accuracy": run.get("eval", {}).get("accuracy"),
+        "eval_loss": run.get("eval", {}).get("loss"), "seed": cfg.get("seed"),
         "grad_ckpt": cfg.get("grad_ckpt"), "micro_batch": cfg.get("micro_batch"), "zero": cfg.get("zero"),
         "curve": curve, "compare_full": run.get("compare_full"),
     }
@@ -156,6 +157,40 @@ def build(paths: list[str], baseline: str | None = None, price: float = 2.0,
             "projection": projections, "problems": problems, "notes": notes}
 
 
+def by_region(rows: list[dict], baseline: str = "full") -> list[dict]:
+    """One row per region over its runs (seeds, in the order the regions first appear): trainable parameters,
+    held-out accuracy (mean, sample standard deviation, min, max), accuracy relative to the ``baseline`` region's
+    mean, held-out loss, steady-state step time and GPU-hours (means) and GPU-hours relative to the baseline."""
+    groups: dict[str, list[dict]] = {}
+    for r in rows:
+        groups.setdefault(r["region"], []).append(r)
+
+    def mean(rs, key):
+        vals = [r[key] for r in rs if r[key] is not None]
+        return sum(vals) / len(vals) if vals else None
+
+    out = []
+    for region, rs in groups.items():
+        acc = [r["accuracy"] for r in rs if r["accuracy"] is not None]
+        m = mean(rs, "accuracy")
+        std = (sum((a - m) ** 2 for a in acc) / (len(acc) - 1)) ** 0.5 if len(acc) > 1 else (0.0 if acc else None)
+        out.append({"region": region, "runs": [r["name"] for r in rs], "seeds": [r["seed"] for r in rs],
+                    "trainable_params": rs[0]["trainable_params"], "accuracy": m, "accuracy_std": std,
+                    "accuracy_min": min(acc) if acc else None, "accuracy_max": max(acc) if acc else None,
+                    "eval_loss": mean(rs, "eval_loss"), "step_seconds": mean(rs, "step_seconds"),
+                    "gpu_hours": mean(rs, "gpu_hours")})
+    base = next((g for g in out if g["region"] == baseline), None)
+    for g in out:
+        g["accuracy_vs_full"] = _ratio(g["accuracy"], base["accuracy"]) if base else None
+        g["gpu_hours_vs_full"] = _ratio(g["gpu_hours"], base["gpu_hours"]) if base else None
+        g["step_time_vs_full"] = _ratio(g["step_seconds"], base["step_seconds"]) if base else None
+    return out
+
+
+REGION_COLUMNS = ["region", "seeds", "trainable_params", "accuracy", "accuracy_std", "accuracy_vs_full", "eval_loss",
+                  "step_seconds", "step_time_vs_full", "gpu_hours", "gpu_hours_vs_full"]
+
+
 COLUMNS = ["name", "status", "region", "tuner", "trainable_params", "hardware", "ranks", "steps", "tokens",
            "wall_hours", "gpu_hours", "tokens_per_s_per_gpu", "mfu", "final_loss", "accuracy"]
 
@@ -198,6 +233,17 @@ def _plots(report: dict) -> dict[str, bytes]:
     ax.bar(names, [r["gpu_hours"] or 0.0 for r in runs])
     ax.set_ylabel("GPU-hours (wall x ranks)"), ax.set_title("GPU-hours per run")
     out["gpu_hours.png"] = _png(fig)
+
+    shown = [g for g in report.get("regions", []) if g["accuracy"] is not None and g["gpu_hours"] is not None]
+    if shown:
+        fig, ax = plt.subplots(figsize=(6, 3.5))
+        for g in shown:
+            ax.errorbar(g["gpu_hours"], g["accuracy"], yerr=g["accuracy_std"] or 0.0, fmt="o", capsize=3)
+            ax.annotate(g["region"], (g["gpu_hours"], g["accuracy"]), fontsize=8, xytext=(4, 4),
+                        textcoords="offset points")
+        ax.set_xlabel("GPU-hours per run (mean over seeds)"), ax.set_ylabel("held-out answer accuracy")
+        ax.set_title("Accuracy against GPU-hours per region")
+        out["accuracy_vs_gpu_hours.png"] = _png(fig)
     plt.close("all")
     return out
 
@@ -210,8 +256,12 @@ def _png(fig) -> bytes:
 
 
 def _markdown(report: dict, images: list[str]) -> str:
-    lines = ["# Cost report", "", "Measured from the run directories below; the projection section is a projection.",
-             "", "## Runs", "", "| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
+    lines = ["# Cost report", "", "Measured from the run directories below; the projection section is a projection."]
+    if report.get("regions"):
+        lines += ["", "## Regions (mean over seeds; relative to region full)", "",
+                  "| " + " | ".join(REGION_COLUMNS) + " |", "|" + "---|" * len(REGION_COLUMNS)]
+        lines += ["| " + " | ".join(_fmt(g[c]) for c in REGION_COLUMNS) + " |" for g in report["regions"]]
+    lines += ["", "## Runs", "", "| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
     for r in report["runs"]:
         lines.append("| " + " | ".join(_fmt(r[c]) for c in COLUMNS) + " |")
     if report["comparisons"]:

@@ -1,0 +1,55 @@
+"""Compare regions: stage 2 once per region and seed from the same stage-1 projector, data and schedule, then one
+report with a row per region (accuracy and its spread over seeds, relative to full, held-out loss, step time,
+GPU-hours and relative to full) and plots.
+
+    python launch/compare.py --regions full,uniform25,first25,last25,middle25 --init runs/pretrain \\
+        --output-dir runs/compare                                     # the demo, one CPU rank per arm
+    python launch/compare.py --regions full,uniform25 --seeds 1,2,3 --gpus 8 --model CKPT --init runs/pretrain \\
+        --data mix.json --image-folder IMG --eval-data eval.json --zero 3 --output-dir runs/compare
+
+Every flag after the known ones goes to launch/sft.py unchanged, the same for every arm (compare sets --region,
+--seed and --output-dir per arm). Writes OUTPUT_DIR/report.{md,html,json,csv} and OUTPUT_DIR/arms/<region>-seed<S>/.
+Run again: finished arms are reused, an interrupted one continues (with --save-every, from its checkpoint).
+The accuracy is each arm's end-of-run evaluation on --eval-data (the code launch/evaluate.py runs).
+Exit status: 0 done, 2 bad input or a failed arm.
+"""
+import argparse
+import logging
+import sys
+
+from lvlm_region.cli import number
+from lvlm_region.config import AT_LEAST_1, RANGES
+
+
+def main(argv=None) -> int:
+    # No abbreviations: --region and --seed must reach the arms' check (refused there), not become --regions / --seeds.
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
+                                allow_abbrev=False)
+    p.add_argument("--regions", required=True, help="comma-separated region specs, e.g. full,uniform25,first25")
+    p.add_argument("--seeds", default="0", help="comma-separated seeds; each region trains once per seed (default 0)")
+    p.add_argument("--gpus", type=number("gpus", AT_LEAST_1), default=1, help="ranks per arm (default 1)")
+    p.add_argument("--output-dir", required=True, help="where the arms and the report go")
+    args, passthrough = p.parse_known_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+                        stream=sys.stdout)
+    from lvlm_region.compare import compare, split_regions  # after logging is set up
+
+    try:
+        seeds = [RANGES["seed"].parse("--seeds", s.strip()) for s in args.seeds.split(",") if s.strip()]
+        rep = compare(split_regions(args.regions), seeds, args.output_dir, args.gpus, passthrough)
+    except ValueError as e:  # CompareError, a bad seed
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    for g in rep["regions"]:
+        print(f"{g['region']}: accuracy {g['accuracy']:.3f} (relative to full {_f(g['accuracy_vs_full'])}), "
+              f"GPU-hours {g['gpu_hours']:.4g} (relative to full {_f(g['gpu_hours_vs_full'])})")
+    print(f"report: {args.output_dir}/report.md")
+    return 0
+
+
+def _f(v) -> str:
+    return "n/a" if v is None else f"{v:.3f}"
+
+
+if __name__ == "__main__":
+    sys.exit(main())

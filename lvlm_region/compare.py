@@ -1,0 +1,146 @@
+"""The region comparison (launch/compare.py): stage 2 once per region and seed from the same stage-1 projector,
+data, schedule and batch, each arm its own DeepSpeed launch of launch/sft.py; then one report with a row per
+region (report.by_region) through the cost report generator.
+
+Each arm lives in OUTPUT_DIR/arms/<region>-seed<S>/ with the command it was started with (compare.json). Run
+again, a finished arm with the same command is reused, an unfinished one continues (--resume auto), one started
+with another command is refused. Every spec is resolved against the model before any arm starts.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+from transformers import AutoConfig
+
+from . import demo, regions, report
+from .config import DEMO_DIR
+from .families import find_parts
+from .model import num_decoder_layers, skeleton
+
+log = logging.getLogger(__name__)
+
+SFT = Path(__file__).resolve().parents[1] / "launch" / "sft.py"
+OWNED = ("--region", "--seed", "--output-dir", "--resume", "--overwrite")  # flags compare sets per arm
+ARM_FILE = "compare.json"
+
+
+class CompareError(ValueError):
+    """A comparison that cannot run as asked, with what to change."""
+
+
+def split_regions(text: str) -> list[str]:
+    """``full,uniform25,layers:1,5,9`` -> ['full', 'uniform25', 'layers:1,5,9']: a bare number continues the
+    ``layers:`` list before it (specs are otherwise comma-free)."""
+    specs: list[str] = []
+    for part in (p.strip() for p in text.split(",")):
+        if specs and re.fullmatch(r"\d+([+-]\w+)*", part) and specs[-1].startswith("layers:"):
+            specs[-1] += "," + part
+        elif part:
+            specs.append(part)
+    if not specs:
+        raise CompareError("--regions is empty; give e.g. full,uniform25,first25,last25,middle25")
+    if len(set(specs)) != len(specs):
+        raise CompareError(f"--regions names a region twice: {specs}")
+    return specs
+
+
+def check_specs(specs: list[str], passthrough: list[str]) -> int:
+    """Resolve every spec against the model (its config only; the demo's is built first if needed), before any arm
+    starts; returns the model's depth."""
+    owned = sorted({a.split("=")[0] for a in passthrough if a.split("=")[0] in OWNED})
+    if owned:
+        raise CompareError(f"{', '.join(owned)}: launch/compare.py sets these per arm (--regions, --seeds, "
+                           "--output-dir); leave them out")
+    if "--llm" in passthrough:
+        raise CompareError("--llm/--vision: assemble the model once (launch/pretrain.py) and compare with --model "
+                           "OUTPUT_DIR/base_model and --init OUTPUT_DIR")
+    model = _flag(passthrough, "--model")
+    if model is None:
+        model = os.path.join(demo.ensure(DEMO_DIR), "base_model")
+    if not os.path.isfile(os.path.join(model, "config.json")):
+        raise CompareError(f"--model {model}: no config.json; give a local transformers checkpoint dir")
+    config = AutoConfig.from_pretrained(model)
+    depth = num_decoder_layers(config)
+    tied = find_parts(skeleton(config)).tied
+    for spec in specs:
+        try:
+            regions.resolve(spec, depth, tied=tied)
+        except ValueError as e:
+            raise CompareError(f"--regions: {e}") from None
+    return depth
+
+
+def _flag(args: list[str], name: str) -> str | None:
+    for i, a in enumerate(args):
+        if a == name and i + 1 < len(args):
+            return args[i + 1]
+        if a.startswith(name + "="):
+            return a.split("=", 1)[1]
+    return None
+
+
+def arm_name(spec: str, seed: int) -> str:
+    return re.sub(r"[^A-Za-z0-9]+", "_", spec).strip("_") + f"-seed{seed}"
+
+
+def arm_command(spec: str, seed: int, arm_dir: str, gpus: int, passthrough: list[str]) -> list[str]:
+    with socket.socket() as s:  # a free port per launch: arms run one after another, never sharing one
+        s.bind(("127.0.0.1", 0))
+        port = str(s.getsockname()[1])
+    return [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", str(gpus), "--master_port", port,
+            str(SFT), "--region", spec, "--seed", str(seed), "--output-dir", arm_dir, *passthrough]
+
+
+def run_arm(spec: str, seed: int, out: str, gpus: int, passthrough: list[str]) -> dict:
+    """Train one arm (or reuse / continue it); returns {name, dir, status: reused | trained | continued}."""
+    name = arm_name(spec, seed)
+    arm_dir = os.path.join(out, "arms", name)
+    settings = {"region": spec, "seed": seed, "gpus": gpus, "flags": passthrough}
+    marker = os.path.join(arm_dir, ARM_FILE)
+    run_json = os.path.join(arm_dir, "run.json")
+    status = "trained"
+    if os.path.isfile(marker):
+        with open(marker) as f:
+            before = json.load(f)
+        if before != settings:
+            raise CompareError(f"arm {arm_dir} was started with other settings ({before}, now {settings}); use "
+                               "another --output-dir, or move that arm away to train it again")
+        if os.path.isfile(run_json) and json.load(open(run_json)).get("status") == "complete":
+            log.info("arm %s: reused (finished with the same command; %s)", name, run_json)
+            return {"name": name, "dir": arm_dir, "status": "reused"}
+        status = "continued"
+    elif os.path.exists(arm_dir) and os.listdir(arm_dir):
+        raise CompareError(f"{arm_dir} exists and was not written by launch/compare.py ({ARM_FILE} missing); use "
+                           "another --output-dir")
+    os.makedirs(arm_dir, exist_ok=True)
+    with open(marker, "w") as f:
+        json.dump(settings, f, indent=1)
+    cmd = arm_command(spec, seed, arm_dir, gpus, passthrough) + (["--resume", "auto"] if status == "continued" else [])
+    log.info("arm %s: %s", name, " ".join(cmd))
+    res = subprocess.run(cmd, cwd=SFT.parents[1])
+    if res.returncode != 0:
+        raise CompareError(f"arm {name} failed (exit {res.returncode}); its log is above. Run the same command "
+                           "again to continue it and the arms after it")
+    with open(run_json) as f:
+        if json.load(f).get("status") != "complete":
+            raise CompareError(f"arm {name} stopped before its end ({run_json}); run the same command again to "
+                               "continue it")
+    return {"name": name, "dir": arm_dir, "status": status}
+
+
+def compare(specs: list[str], seeds: list[int], out: str, gpus: int, passthrough: list[str]) -> dict:
+    """Every arm, then the report (report.{json,md,html,csv} in ``out``); returns the report's data."""
+    check_specs(specs, passthrough)
+    arms = [run_arm(spec, seed, out, gpus, passthrough) for spec in specs for seed in seeds]
+    rep = report.build([a["dir"] for a in arms], baseline=None)
+    rep["regions"] = report.by_region(rep["runs"])
+    rep["arms"] = arms
+    report.write(rep, out)
+    return rep

@@ -1,0 +1,92 @@
+"""launch/compare.py on the demo: one arm per region, a report row per region that matches its runs, finished arms
+reused on a rerun, and bad specs refused before any arm starts."""
+import json
+import os
+import sys
+
+import pytest
+
+from conftest import run
+from lvlm_region.compare import CompareError, split_regions
+from lvlm_region.report import by_region
+
+ARM_FLAGS = ["--max-steps", "3", "--micro-batch", "4", "--num-workers", "0", "--allow-outside-images"]
+
+
+@pytest.fixture
+def small_demo(demo_dir, tmp_path):
+    """48 training and 6 held-out samples of the demo (each arm prepares its data: keep that short), the images
+    reached through a link (hence --allow-outside-images)."""
+    d = tmp_path / "data"
+    d.mkdir()
+    (d / "images").symlink_to((demo_dir / "images").resolve())
+    for name, n in (("sft_train.json", 48), ("sft_eval.json", 6)):
+        (d / name).write_text(json.dumps(json.loads((demo_dir / name).read_text())[:n]))
+    return ["--data", str(d / "sft_train.json"), "--eval-data", str(d / "sft_eval.json")]
+
+
+def test_split_regions_keeps_layer_lists_together():
+    assert split_regions("full, uniform25,layers:1,5,9,first:2") == ["full", "uniform25", "layers:1,5,9", "first:2"]
+    assert split_regions("layers:0,7+lm_head,last25") == ["layers:0,7+lm_head", "last25"]
+    with pytest.raises(CompareError, match="names a region twice"):
+        split_regions("full,full")
+
+
+def test_by_region_means_spreads_and_ratios_by_hand():
+    rows = [{"name": n, "region": reg, "seed": s, "trainable_params": p, "accuracy": a, "eval_loss": loss,
+             "step_seconds": t, "gpu_hours": h}
+            for n, reg, s, p, a, loss, t, h in [("f1", "full", 1, 100, 0.9, 1.0, 2.0, 4.0),
+                                                 ("f2", "full", 2, 100, 0.7, 1.2, 2.0, 4.0),
+                                                 ("u1", "uniform25", 1, 30, 0.6, 1.5, 1.5, 3.0),
+                                                 ("u2", "uniform25", 2, 30, 0.8, 1.3, 1.5, 3.0)]]
+    full, u25 = by_region(rows)
+    assert full["region"] == "full" and full["accuracy"] == pytest.approx(0.8)
+    assert full["accuracy_std"] == pytest.approx(0.1414213, rel=1e-5) and full["accuracy_vs_full"] == 1.0
+    assert u25["accuracy"] == pytest.approx(0.7) and u25["accuracy_vs_full"] == pytest.approx(0.875)
+    assert u25["gpu_hours_vs_full"] == pytest.approx(0.75) and u25["step_time_vs_full"] == pytest.approx(0.75)
+    assert (u25["seeds"], u25["runs"], u25["trainable_params"]) == ([1, 2], ["u1", "u2"], 30)
+    assert u25["eval_loss"] == pytest.approx(1.4) and (u25["accuracy_min"], u25["accuracy_max"]) == (0.6, 0.8)
+
+
+def test_two_regions_then_a_rerun_reuses_both_arms(small_demo, tmp_path):
+    out = tmp_path / "cmp"
+    cmd = [sys.executable, "launch/compare.py", "--regions", "full,uniform25", "--output-dir", str(out), *small_demo,
+           *ARM_FLAGS]
+    res = run(cmd, timeout=900)
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-2000:]
+    rep = json.loads((out / "report.json").read_text())
+    assert [g["region"] for g in rep["regions"]] == ["full", "uniform25"]
+    for g in rep["regions"]:
+        arm = json.loads((out / "arms" / f"{g['region']}-seed0" / "run.json").read_text())
+        assert g["accuracy"] == arm["eval"]["accuracy"] and g["eval_loss"] == arm["eval"]["loss"]
+        assert g["trainable_params"] == arm["parameters"]["all"]["trainable"]
+        assert g["gpu_hours"] == pytest.approx(arm["time"]["gpu_seconds"] / 3600)
+        assert arm["region"]["spec"] == g["region"] and arm["steps_done"] == 3 and arm["eval"]["samples"] == 6
+    full, u25 = rep["regions"]
+    assert full["accuracy_vs_full"] in (1.0, None) and u25["trainable_params"] < full["trainable_params"]
+    assert u25["gpu_hours_vs_full"] == pytest.approx(u25["gpu_hours"] / full["gpu_hours"])
+    for name in ("report.md", "report.html", "report.csv", "accuracy_vs_gpu_hours.png", "loss_curves.png"):
+        assert (out / name).is_file()
+    assert "## Regions (mean over seeds; relative to region full)" in (out / "report.md").read_text()
+
+    stamps = {p: os.stat(out / "arms" / p / "run.json").st_mtime_ns for p in ("full-seed0", "uniform25-seed0")}
+    res = run(cmd, timeout=600)
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-2000:]
+    assert res.stdout.count("reused (finished with the same command") == 2
+    assert stamps == {p: os.stat(out / "arms" / p / "run.json").st_mtime_ns for p in stamps}  # not retrained
+    assert [a["status"] for a in json.loads((out / "report.json").read_text())["arms"]] == ["reused", "reused"]
+
+    res = run([*cmd[:-len(ARM_FLAGS)], "--max-steps", "4"], timeout=300)  # same arms, another command: refused
+    assert res.returncode == 2 and "was started with other settings" in res.stderr
+
+
+@pytest.mark.parametrize("regions,flags,message", [
+    ("full,layers:1,99", [], "--regions: invalid region spec 'layers:1,99': layer index 99 is out of range 0..7"),
+    ("full,paper32", [], "paper32 is defined for 32-layer LLMs only"),
+    ("full", ["--seed", "3"], "--seed: launch/compare.py sets these per arm"),
+])
+def test_bad_comparisons_fail_before_any_arm(demo_dir, tmp_path, regions, flags, message):
+    res = run([sys.executable, "launch/compare.py", "--regions", regions, "--output-dir", str(tmp_path / "c"),
+               *flags], timeout=300)
+    assert res.returncode == 2 and message in res.stderr, res.stderr[-2000:]
+    assert not (tmp_path / "c" / "arms").exists()
