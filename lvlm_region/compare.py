@@ -112,7 +112,7 @@ def run_arm(spec: str, seed: int, out: str, gpus: int, passthrough: list[str]) -
         if before != settings:
             raise CompareError(f"arm {arm_dir} was started with other settings ({before}, now {settings}); use "
                                "another --output-dir, or move that arm away to train it again")
-        if os.path.isfile(run_json) and json.load(open(run_json)).get("status") == "complete":
+        if _status(run_json) == "complete":
             log.info("arm %s: reused (finished with the same command; %s)", name, run_json)
             return {"name": name, "dir": arm_dir, "status": "reused"}
         status = "continued"
@@ -128,11 +128,18 @@ def run_arm(spec: str, seed: int, out: str, gpus: int, passthrough: list[str]) -
     if res.returncode != 0:
         raise CompareError(f"arm {name} failed (exit {res.returncode}); its log is above. Run the same command "
                            "again to continue it and the arms after it")
-    with open(run_json) as f:
-        if json.load(f).get("status") != "complete":
-            raise CompareError(f"arm {name} stopped before its end ({run_json}); run the same command again to "
-                               "continue it")
+    if _status(run_json) != "complete":
+        raise CompareError(f"arm {name} stopped before its end ({run_json}); run the same command again to "
+                           "continue it")
     return {"name": name, "dir": arm_dir, "status": status}
+
+
+def _status(run_json: str) -> str | None:
+    """run.json's status (complete, interrupted, ...), None when there is none."""
+    if not os.path.isfile(run_json):
+        return None
+    with open(run_json) as f:
+        return json.load(f).get("status")
 
 
 def compare(specs: list[str], seeds: list[int], out: str, gpus: int, passthrough: list[str]) -> dict:
