@@ -1,6 +1,7 @@
 """Compare regions: stage 2 once per region and seed from the same stage-1 projector, data and schedule, then one
-report with a row per region (accuracy and its spread over seeds, relative to full, held-out loss, step time,
-GPU-hours and relative to full) and plots.
+report with a row per region (accuracy and its spread over seeds, relative to full, per category, text retention,
+held-out loss, step time, GPU-hours and relative to full) and plots, beside the starting model evaluated the same
+way (OUTPUT_DIR/stage1/eval.json).
 
     python launch/compare.py --regions full,uniform25,first25,last25,middle25 --init runs/pretrain \\
         --output-dir runs/compare                                     # the demo, one CPU rank per arm

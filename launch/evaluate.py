@@ -1,4 +1,5 @@
-"""Evaluate a model directory on held-out data: token loss, answer accuracy, right and wrong examples.
+"""Evaluate a model directory on held-out data: token loss, answer accuracy (overall and per `category` when the
+samples carry one), text retention (--text-eval-data: text-only questions), right and wrong examples.
 
     python launch/evaluate.py --model runs/sft-u25 --data data/demo/sft_eval.json            # one process
     deepspeed --num_gpus 2 launch/evaluate.py --model runs/sft-u25 --data EVAL --zero 3 --output-dir runs/eval-u25
@@ -18,10 +19,10 @@ import sys
 
 from lvlm_region.cli import add_flags
 
-FLAGS = ("model", "data", "image_folder", "output_dir", "template", "image_aspect_ratio", "max_length", "micro_batch",
-         "zero", "eval_max_samples", "max_new_tokens", "precision", "attn", "num_workers", "seed", "verify_images",
-         "on_bad_sample", "max_bad_fraction", "allow_outside_images", "prep_workers", "prep_timeout",
-         "dist_timeout")
+FLAGS = ("model", "data", "text_eval_data", "image_folder", "output_dir", "template", "image_aspect_ratio",
+         "max_length", "micro_batch", "zero", "eval_max_samples", "max_new_tokens", "precision", "attn", "num_workers",
+         "seed", "verify_images", "on_bad_sample", "max_bad_fraction", "allow_outside_images", "prep_workers",
+         "prep_timeout", "dist_timeout")
 FROM_RUN = "the model's run.json when it has one, else as stage 2 does"
 
 

@@ -20,13 +20,14 @@ from pathlib import Path
 from transformers import AutoConfig
 
 from . import demo, regions, report
-from .config import DEMO_DIR
+from .config import DEMO_DIR, TEXT_EVAL
 from .families import find_parts
 from .model import num_decoder_layers, skeleton
 
 log = logging.getLogger(__name__)
 
 SFT = Path(__file__).resolve().parents[1] / "launch" / "sft.py"
+EVALUATE = SFT.parent / "evaluate.py"
 OWNED = ("--region", "--seed", "--output-dir", "--resume", "--overwrite")  # flags compare sets per arm
 ARM_FILE = "compare.json"
 
@@ -142,12 +143,49 @@ def _status(run_json: str) -> str | None:
         return json.load(f).get("status")
 
 
+def stage1_baseline(out: str, passthrough: list[str]) -> dict | None:
+    """Where stage 2 starts (the --init stage-1 model, else the base model), evaluated as the arms are (their
+    held-out and text-retention data, their template), so a region's text retention shows what it forgot. None
+    without text-retention data. Reused when OUTPUT_DIR/stage1/eval.json exists for the same inputs."""
+    init = (_flag(passthrough, "--init") or _flag(passthrough, "--model")
+            or os.path.join(DEMO_DIR, "base_model"))
+    demo_data = _flag(passthrough, "--data") is None
+    text = _flag(passthrough, "--text-eval-data") or (os.path.join(DEMO_DIR, TEXT_EVAL) if demo_data else None)
+    held_out = _flag(passthrough, "--eval-data") or (os.path.join(DEMO_DIR, "sft_eval.json") if demo_data else None)
+    if text is None or held_out is None:
+        return None
+    eval_dir = os.path.join(out, "stage1")
+    result = os.path.join(eval_dir, "eval.json")
+    if os.path.isfile(result):
+        with open(result) as f:
+            before = json.load(f)
+        if before["model"] == os.path.abspath(init) and before["text_data"] == os.path.abspath(text):
+            return before
+    cmd = [sys.executable, str(EVALUATE), "--model", init, "--data", held_out, "--text-eval-data", text,
+           "--template", _flag(passthrough, "--template") or "auto", "--output-dir", eval_dir]
+    for name in ("--image-folder", "--max-length", "--image-aspect-ratio", "--max-new-tokens", "--precision",
+                 "--eval-max-samples", "--num-workers", "--allow-outside-images"):
+        if name == "--allow-outside-images" and name in passthrough:
+            cmd.append(name)
+        elif _flag(passthrough, name) is not None:
+            cmd += [name, _flag(passthrough, name)]
+    log.info("the model stage 2 starts from, evaluated as the arms are: %s", " ".join(cmd))
+    if subprocess.run(cmd, cwd=SFT.parents[1]).returncode != 0:
+        raise CompareError(f"evaluating {init} (where stage 2 starts) failed; its log is above")
+    with open(result) as f:
+        return json.load(f)
+
+
 def compare(specs: list[str], seeds: list[int], out: str, gpus: int, passthrough: list[str]) -> dict:
     """Every arm, then the report (report.{json,md,html,csv} in ``out``); returns the report's data."""
     check_specs(specs, passthrough)
     arms = [run_arm(spec, seed, out, gpus, passthrough) for spec in specs for seed in seeds]
+    stage1 = stage1_baseline(out, passthrough)
     rep = report.build([a["dir"] for a in arms], baseline=None)
     rep["regions"] = report.by_region(rep["runs"])
+    rep["stage1"] = None if stage1 is None else {
+        "model": stage1["model"], "accuracy": stage1["accuracy"], "text_retention": stage1["text_eval"]["accuracy"],
+        "accuracy_by_category": {k: v["accuracy"] for k, v in stage1["by_category"].items()}}
     rep["arms"] = arms
     report.write(rep, out)
     return rep

@@ -18,6 +18,7 @@ from .images import ASPECTS
 from .templates import NAMES
 
 DEMO_DIR = "data/demo"  # relative to the working directory; created on first use
+TEXT_EVAL = "text_eval.json"  # the demo's text-retention set (demo.generate writes it)
 
 
 @dataclass(frozen=True)
@@ -84,10 +85,21 @@ STAGES = ("pretrain", "sft")
 # vs 2e-5).
 LR_DEFAULTS = {("pretrain", False, "full"): 1e-3, ("pretrain", False, "lora"): 1e-3,
                ("sft", False, "full"): 2e-5, ("sft", False, "lora"): 2e-4,
-               ("pretrain", True, "full"): 3e-3, ("pretrain", True, "lora"): 3e-3,
+               ("pretrain", True, "full"): 1e-2, ("pretrain", True, "lora"): 1e-2,
                ("sft", True, "full"): 1e-3, ("sft", True, "lora"): 1e-2}
 # The projector's LR with --tuner lora (with full tuning it follows --lr): (on the demo model) -> LR.
 LORA_PROJECTOR_LR = {False: 2e-5, True: 1e-3}
+
+
+# Passes over the data when --epochs is not given: (stage, on the demo model) -> epochs. The demo's stage 1 aligns a
+# projector to a tiny LLM from 2,400 captions: one pass leaves it at loss ~0.9, too weak for stage 2 to start from.
+EPOCH_DEFAULTS = {("pretrain", False): 1.0, ("sft", False): 1.0, ("pretrain", True): 4.0, ("sft", True): 1.0}
+
+
+def _epochs_help() -> str:
+    t = EPOCH_DEFAULTS
+    return (f"{t['pretrain', False]:g} for both stages; on the demo model stage 1 {t['pretrain', True]:g}, stage 2 "
+            f"{t['sft', True]:g}")
 
 
 def _lr_help() -> str:
@@ -143,6 +155,10 @@ class RunConfig:
                                              "a prepared dir: its own)")
     eval_data: str | None = setting(None, "held-out data (as --data) for loss and answer accuracy at the end "
                                           "(default: the demo's held-out file when training on demo data)")
+    text_eval_data: str | None = setting(None, "text-only held-out data (as --data, no images) whose answer accuracy "
+                                               "at the end is the text-retention score, what stage 2 kept of the "
+                                               "LLM's text skills (default: the demo's text_eval.json when training "
+                                               "on demo data)")
     template: str | None = setting(None, "plain | auto (the tokenizer's own chat template) | vicuna_v1 | llama3 | "
                                          "phi3 | chatml", stages={"pretrain": "plain", "sft": "auto"})
     image_aspect_ratio: str | None = setting(None, "pad (to a square in the mean colour, as LLaVA-1.5 SFT) | square",
@@ -164,7 +180,8 @@ class RunConfig:
     zero: int = setting(2, "ZeRO stage 2 or 3 (ds_configs/zero{N}.json)")
     ds_config: str | None = setting(None, "a DeepSpeed JSON to use instead of ds_configs/zero{N}.json")
     max_steps: int | None = setting(None, "optimizer steps (overrides --epochs)")
-    epochs: float = setting(1.0, "passes over the training data when --max-steps is not given")
+    epochs: float | None = setting(None, "passes over the training data when --max-steps is not given",
+                                   default_help=_epochs_help())
     lr: float | None = setting(None, "peak learning rate (linear warmup, then cosine to zero)",
                                default_help=_lr_help())
     warmup_ratio: float = setting(0.03, "share of the steps spent in linear warmup")
@@ -233,6 +250,8 @@ class RunConfig:
             raise ValueError(f"--tuner must be full or lora, got {self.tuner!r}")
         if self.lr is None:
             self.lr = LR_DEFAULTS[self.stage, demo, self.tuner]
+        if self.epochs is None:
+            self.epochs = EPOCH_DEFAULTS[self.stage, demo]
         if self.projector_lr is None:
             self.projector_lr = LORA_PROJECTOR_LR[demo] if self.tuner == "lora" else self.lr
         for name, valid in RANGES.items():  # the flags parse through the same ranges (cli)
@@ -244,6 +263,8 @@ class RunConfig:
             self.data = os.path.join(DEMO_DIR, "pretrain.json" if self.stage == "pretrain" else "sft_train.json")
             if self.stage == "sft" and self.eval_data is None:
                 self.eval_data = os.path.join(DEMO_DIR, "sft_eval.json")
+            if self.stage == "sft" and self.text_eval_data is None:
+                self.text_eval_data = os.path.join(DEMO_DIR, TEXT_EVAL)
         if self.precision not in ("auto", "bf16", "fp16", "fp32"):
             raise ValueError(f"--precision must be auto, bf16, fp16 or fp32, got {self.precision!r}")
         if self.compare_full is not None:

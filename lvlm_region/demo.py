@@ -6,13 +6,16 @@ Layout of the directory it writes (all of it deterministic for a given seed)::
     images/*.png            48x48 RGB, one coloured shape in one quadrant
     pretrain.json           stage 1: caption per image ("a red circle at the top left")
     sft_train.json          stage 2: one or two questions per image (color / shape / position)
-    sft_eval.json           held-out images, one question each
+    sft_eval.json           held-out images, one question each, with its category (color / shape / position)
+    text_eval.json          the same held-out scenes and questions without an image: the scene written in the
+                            scene tokens the LLM's text pretraining read (the text-retention set)
     base_model/             LlavaForConditionalGeneration + tokenizer + processor (save_pretrained)
 """
 from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import random
 import tempfile
@@ -25,6 +28,7 @@ from transformers import (AutoTokenizer, CLIPVisionConfig, LlamaConfig, LlamaTok
                           LlavaForConditionalGeneration, LlavaProcessor)
 
 from . import outputs
+from .config import TEXT_EVAL
 from .families.llava import class_tokens, image_seq_length
 from .formats import normalize
 from .loss import token_loss_sum, valid_tokens
@@ -39,9 +43,9 @@ POSITIONS = ("top left", "top right", "bottom left", "bottom right")
 QUESTIONS = {"color": "What color is the shape?", "shape": "Which shape is in the image?",
              "position": "Where is the shape?"}
 IMAGE_SIZE = 32  # with 16-pixel patches: one image token per quadrant
-DONE_MARKER = "COMPLETE-4"  # bumped when the demo's contents change, so an older directory is rebuilt
+DONE_MARKER = "COMPLETE-5"  # bumped when the demo's contents change, so an older directory is rebuilt
 # Every marker the demo has written: a directory with one of them is the demo's own (outputs.check_replaceable).
-MARKERS = ("COMPLETE", "COMPLETE-2", "COMPLETE-3", DONE_MARKER)
+MARKERS = ("COMPLETE", "COMPLETE-2", "COMPLETE-3", "COMPLETE-4", DONE_MARKER)
 
 
 def chance_accuracy() -> float:
@@ -75,18 +79,22 @@ def _qa(kind: str, attrs: dict, first: bool) -> list[dict]:
     return [{"from": "human", "value": f"<image>\n{q}" if first else q}, {"from": "gpt", "value": attrs[kind]}]
 
 
+def caption_of(attrs: dict) -> str:
+    return f"a {attrs['color']} {attrs['shape']} at the {attrs['position']}"
+
+
 def generate(out_dir: str, n_train: int = 2400, n_eval: int = 240, seed: int = 0) -> None:
     """Write images and the three JSON files. Eval images are drawn separately from training images."""
     rng = random.Random(seed)
     os.makedirs(os.path.join(out_dir, "images"), exist_ok=True)
-    pretrain, train, evals = [], [], []
+    pretrain, train, evals, texts = [], [], [], []
     kinds = list(QUESTIONS)
     for i in tqdm(range(n_train + n_eval), desc="demo 1/3: drawing images", mininterval=2):
         attrs = {"color": rng.choice(list(COLORS)), "shape": rng.choice(SHAPES), "position": rng.choice(POSITIONS)}
         name = f"images/{i:05d}.png"
         draw(attrs["color"], attrs["shape"], attrs["position"], rng).save(os.path.join(out_dir, name))
         if i < n_train:
-            caption = f"a {attrs['color']} {attrs['shape']} at the {attrs['position']}"
+            caption = caption_of(attrs)
             pretrain.append({"id": f"cap{i}", "image": name,
                              "conversations": [{"from": "human", "value": "<image>\nDescribe the image."},
                                                {"from": "gpt", "value": caption}]})
@@ -95,19 +103,27 @@ def generate(out_dir: str, n_train: int = 2400, n_eval: int = 240, seed: int = 0
             train.append({"id": f"sft{i}", "image": name, "conversations": conv})
         else:
             k = kinds[i % len(kinds)]
-            evals.append({"id": f"eval{i}", "image": name, "conversations": _qa(k, attrs, True)})
-    for fname, rows in (("pretrain.json", pretrain), ("sft_train.json", train), ("sft_eval.json", evals)):
+            evals.append({"id": f"eval{i}", "category": k, "image": name, "conversations": _qa(k, attrs, True)})
+            scene = "".join(scene_slots(caption_of(attrs)))  # the same held-out scene, written in scene tokens
+            texts.append({"id": f"text{i}", "category": k, "conversations": [
+                {"from": "human", "value": f"{scene}\n{QUESTIONS[k]}"}, {"from": "gpt", "value": attrs[k]}]})
+    for fname, rows in (("pretrain.json", pretrain), ("sft_train.json", train), ("sft_eval.json", evals),
+                        (TEXT_EVAL, texts)):
         with open(os.path.join(out_dir, fname), "w") as f:
             json.dump(rows, f, indent=1)
 
 
-def train_tokenizer(out_dir: str, vocab_size: int = 416) -> str:  # 256 byte pieces, 160 learnt
+def train_tokenizer(out_dir: str, vocab_size: int = 512) -> str:  # 256 byte pieces, 256 learnt
     """Train a sentencepiece BPE model on the generated corpus; returns a transformers tokenizer dir."""
     log.info("demo 2/3: training its tokenizer")
-    lines = [VICUNA_SYSTEM, "USER: ASSISTANT:", *QUESTIONS.values()]
+    lines = [*QUESTIONS.values()]
     for fname in ("pretrain.json", "sft_train.json"):
         with open(os.path.join(out_dir, fname)) as f:
-            lines += [t["value"].replace("<image>\n", "") for s in json.load(f) for t in s["conversations"]]
+            rows = json.load(f)
+        lines += [t["value"].replace("<image>\n", "") for s in rows for t in s["conversations"]]
+    # Every stage-2 sample starts with the system prompt and has the role words: weighted as the model reads them,
+    # so BPE learns them as words (the prompt is ~25 tokens, not 118 spelt out in characters).
+    lines += [f"{VICUNA_SYSTEM} USER: ASSISTANT:"] * len(rows)
     tok_dir = os.path.join(out_dir, "tokenizer")
     os.makedirs(tok_dir, exist_ok=True)
     with tempfile.TemporaryDirectory() as tmp:
@@ -137,7 +153,7 @@ def scene_slots(caption: str) -> list[str]:
     return [f"<{color}_{shape}>" if q == " ".join(pos) else "<empty>" for q in POSITIONS]
 
 
-def pretrain_language(model, tok, out_dir: str, seed: int, steps: int = 600, batch: int = 32) -> float:
+def pretrain_language(model, tok, out_dir: str, seed: int, steps: int = 1500, batch: int = 32) -> float:
     """Make the tiny LLM a base LLM for the demo: it learns the corpus's language, and to caption and answer
     from a *symbolic* scene (four quadrant tokens, see slot_tokens) placed where the four image tokens go.
 
@@ -154,23 +170,32 @@ def pretrain_language(model, tok, out_dir: str, seed: int, steps: int = 600, bat
     with open(os.path.join(out_dir, "pretrain.json")) as f:
         captions = {s["image"]: s["conversations"][-1]["value"] for s in json.load(f)}
     image_id = tok.convert_tokens_to_ids("<image>")
+    rng = random.Random(seed)
     rows = []
-    for fname, template in (("pretrain.json", "plain"), ("sft_train.json", "vicuna_v1")):
-        fmt = resolve(template, tok, "the demo tokenizer")
-        with open(os.path.join(out_dir, fname)) as f:
-            for s in json.load(f):
-                sample = normalize(json.dumps(s))
-                images = [[image_id] * n_image] * len(sample["images"])
-                row = tokenize(fmt.segments(tok, sample["messages"]), tok, images)
-                slots = iter(tok.convert_tokens_to_ids(scene_slots(captions[s["image"]])))
-                row["input_ids"] = [next(slots) if i == image_id else i for i in row["input_ids"]]
-                rows.append(row)
+    # Each training scene twice: its caption (plain), and all three questions in a random order (vicuna_v1).
+    for image, caption in captions.items():
+        _, color, shape, _, _, *pos = caption.split()
+        attrs = {"color": color, "shape": shape, "position": " ".join(pos)}
+        asked = rng.sample(list(QUESTIONS), len(QUESTIONS))
+        chat = {"image": image, "conversations": [t for j, k in enumerate(asked) for t in _qa(k, attrs, j == 0)]}
+        plain = {"image": image, "conversations": [{"from": "human", "value": "<image>\nDescribe the image."},
+                                                   {"from": "gpt", "value": caption}]}
+        for template, s in (("plain", plain), ("vicuna_v1", chat)):
+            sample = normalize(json.dumps(s))
+            row = tokenize(resolve(template, tok, "the demo tokenizer").segments(tok, sample["messages"]), tok,
+                           [[image_id] * n_image])
+            slots = iter(tok.convert_tokens_to_ids(scene_slots(caption)))
+            row["input_ids"] = [next(slots) if i == image_id else i for i in row["input_ids"]]
+            rows.append(row)
     lm = model.get_decoder()
     params = list(lm.parameters()) + list(model.get_output_embeddings().parameters())
     opt = torch.optim.AdamW(params, lr=3e-3)
+    warmup = steps // 20  # linear warmup, then cosine decay to zero
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda k: min(1.0, (k + 1) / max(warmup, 1)) * 0.5 * (
+        1 + math.cos(math.pi * min(k, steps) / steps)))
     gen = torch.Generator().manual_seed(seed)
     loss = float("nan")
-    for _ in tqdm(range(steps), desc="demo 3/3: pretraining the tiny LLM on text", mininterval=2):
+    for step in tqdm(range(steps), desc="demo 3/3: pretraining the tiny LLM on text", mininterval=2):
         picked = [rows[i] for i in torch.randint(len(rows), (batch,), generator=gen).tolist()]
         T = max(len(r["input_ids"]) for r in picked)
         ids = torch.full((batch, T), tok.pad_token_id)
@@ -183,8 +208,12 @@ def pretrain_language(model, tok, out_dir: str, seed: int, steps: int = 600, bat
         lsum = token_loss_sum(logits, labels) / valid_tokens(labels)
         opt.zero_grad()
         lsum.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()
+        sched.step()
         loss = float(lsum.detach())
+        if (step + 1) % 100 == 0:
+            log.debug("tiny LLM language pretraining: step %d, loss %.4f", step + 1, loss)
     log.info("tiny LLM language pretraining: %d steps, final loss %.3f", steps, loss)
     return loss
 

@@ -54,8 +54,12 @@ def evaluate_model(cfg: RunConfig) -> dict:
     loading.close()
     runner = engine.inference_model(model, s.ds_config)
     result = evaluate(runner, eval_ds, folder, s, cfg, dtype, engine.device())
+    if cfg.text_eval_data:  # text retention: the same evaluation on text-only questions
+        result["text_eval"] = evaluate(runner, obtain_data(cfg.text_eval_data, None, "text", s)[0], "", s, cfg,
+                                       dtype, engine.device())
     run = trained_with(cfg.model_path)
     out = {"model": os.path.abspath(cfg.model_path), "data": os.path.abspath(cfg.eval_data),
+           "text_data": cfg.text_eval_data and os.path.abspath(cfg.text_eval_data),
            "trained": None if run is None else {
                "stage": run["config"]["stage"], "region": run.get("region"), "tuner": run["config"].get("tuner"),
                "parameters": run.get("parameters"), "status": run.get("status"),
@@ -88,6 +92,13 @@ def report_md(e: dict) -> str:
         trainable = ((t.get("parameters") or {}).get("all") or {}).get("trainable")
         lines += ["", f"Trained here: stage {t['stage']}, region `{region}`, tuner {t['tuner']}, "
                       f"{trainable} trainable parameters; its end-of-run accuracy was {t['eval_at_end']}."]
+    if e["by_category"]:
+        lines += ["", "| category | accuracy | correct / samples |", "|---|---|---|"]
+        lines += [f"| {k} | {v['accuracy']:.3f} | {v['correct']}/{v['samples']} |" for k, v in e["by_category"].items()]
+    if e.get("text_eval"):
+        t = e["text_eval"]
+        lines += ["", f"Text retention (`{e['text_data']}`, text-only questions): accuracy {t['accuracy']:.3f} "
+                      f"({t['correct']}/{t['samples']})."]
     for name in ("right", "wrong"):
         lines += ["", f"## {name.capitalize()} answers", "", "| id | question | reference | output |",
                   "|---|---|---|---|"]

@@ -57,21 +57,33 @@ def evaluate(ds_engine, eval_ds, image_folder: str, s, cfg, dtype: torch.dtype, 
     results: list[dict] = []
     zero3 = engine.is_zero3(ds_engine)
     for b in loader(prompts, left_pad=True):
-        meta = {k: b.pop(k) for k in ("index", "answer", "question", "id")}
+        meta = {k: b.pop(k) for k in ("index", "answer", "question", "id", "category")}
         b = to_device(b, device, dtype)
         gen = model.generate(**layout.model_inputs(b), max_new_tokens=cfg.max_new_tokens, do_sample=False,
                              pad_token_id=pad_id, eos_token_id=stop_ids, synced_gpus=zero3)
         texts = tokenizer.batch_decode(gen[:, b["input_ids"].shape[1]:], skip_special_tokens=True)
-        results += [{"index": i, "id": sid, "question": q, "reference": a, "output": t,
+        results += [{"index": i, "id": sid, "category": c, "question": q, "reference": a, "output": t,
                      "right": normalize(t) == normalize(a)}
-                    for i, sid, q, a, t in zip(meta["index"], meta["id"], meta["question"], meta["answer"], texts)]
+                    for i, sid, c, q, a, t in zip(meta["index"], meta["id"], meta["category"], meta["question"],
+                                                  meta["answer"], texts)]
     unique = {r["index"]: r for part in engine.all_gather_object(results) for r in part}  # no shard-padding twins
     rows = [unique[i] for i in sorted(unique)]
     correct = sum(r["right"] for r in rows)
     model.train(was_training)
     return {"loss": loss_sum / max(n_valid, 1.0), "accuracy": correct / len(rows), "correct": correct,
-            "samples": len(rows),
+            "samples": len(rows), "by_category": by_category(rows),
             "right": [r for r in rows if r["right"]][:5], "wrong": [r for r in rows if not r["right"]][:5]}
+
+
+def by_category(rows: list[dict]) -> dict:
+    """{category: {"accuracy", "correct", "samples"}} over the rows that carry a category (sorted by name)."""
+    out: dict = {}
+    for r in rows:
+        if r["category"]:
+            c = out.setdefault(r["category"], {"correct": 0, "samples": 0})
+            c["correct"] += r["right"]
+            c["samples"] += 1
+    return {k: {"accuracy": v["correct"] / v["samples"], **v} for k, v in sorted(out.items())}
 
 
 class PromptDataset(ImageTextDataset):
@@ -91,5 +103,6 @@ class PromptDataset(ImageTextDataset):
         ids = tokenize([(prompt, False)], self.tokenizer, image_ids)["input_ids"]
         item["input_ids"] = item["labels"] = torch.tensor(ids)
         item["answer"], item["index"], item["id"] = messages[-1]["content"], i, ex["id"]
+        item["category"] = ex.get("category") or ""  # prepared before VERSION 3: no column
         item["question"] = messages[-2]["content"] if len(messages) > 1 else ""
         return item

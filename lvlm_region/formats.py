@@ -174,7 +174,9 @@ def _holds_images(feature) -> bool:
 
 
 def normalize(text: str) -> dict:
-    """One raw record -> {"id", "images", "messages"}; raises BadSample naming what is wrong."""
+    """One raw record -> {"id", "images", "messages", "category"}; raises BadSample naming what is wrong.
+    ``category`` (optional, any string): the group evaluation reports accuracy per (e.g. the demo's color /
+    shape / position)."""
     try:
         rec = json.loads(text)
     except json.JSONDecodeError as e:
@@ -214,4 +216,6 @@ def normalize(text: str) -> dict:
         raise BadSample("image_count_mismatch", f"{n} {IMAGE_PLACEHOLDER} placeholders but {len(images)} images")
     if any(IMAGE_PLACEHOLDER in m["content"] for m in messages if m["role"] != "user"):
         raise BadSample("image_count_mismatch", f"{IMAGE_PLACEHOLDER} outside a user turn")
-    return {"id": str(rec.get("id", "")), "images": images, "messages": messages}
+    category = rec.get("category", "")
+    return {"id": str(rec.get("id", "")), "images": images, "messages": messages,
+            "category": category if isinstance(category, str) else str(category)}

@@ -33,11 +33,13 @@ from .templates import IMAGE_PLACEHOLDER, ChatFormat, TemplateError, resolve, to
 
 log = logging.getLogger(__name__)
 
-VERSION = 2  # bump when the encoding changes, so older prepared directories are rebuilt (2: one-string tokenization)
+VERSION = 3  # bump when the encoding changes, so older prepared directories are rebuilt (2: one-string tokenization,
+#             3: the category column)
 MARKER = "prepare.json"
 REPORT = "report.json"
 FEATURES = datasets.Features({
-    "line": datasets.Value("int64"), "id": datasets.Value("string"), "messages": datasets.Value("string"),
+    "line": datasets.Value("int64"), "id": datasets.Value("string"), "category": datasets.Value("string"),
+    "messages": datasets.Value("string"),
     "images": datasets.Sequence(datasets.Value("string")), "input_ids": datasets.Sequence(datasets.Value("int32")),
     "labels": datasets.Sequence(datasets.Value("int32")), "length": datasets.Value("int32"),
     "modality": datasets.Value("string"), "reason": datasets.Value("string"), "detail": datasets.Value("string"),
@@ -153,11 +155,11 @@ def image_token_ids(paths: list[str], image_folder: str, layout: ImageLayout, de
 
 def encode(row: dict, image_folder: str, enc: Encoding, tokenizer) -> dict:
     """One raw record -> its encoded row; a bad sample gets a ``reason`` (and empty ids) instead of raising."""
-    out = {"line": row["line"], "id": "", "messages": "", "images": [], "input_ids": [], "labels": [], "length": 0,
-           "modality": "", "reason": "", "detail": "", "lossy": ""}
+    out = {"line": row["line"], "id": "", "category": "", "messages": "", "images": [], "input_ids": [], "labels": [],
+           "length": 0, "modality": "", "reason": "", "detail": "", "lossy": ""}
     try:
         s = formats.normalize(row["raw"])
-        out["id"] = s["id"]
+        out["id"], out["category"] = s["id"], s["category"]
         image_ids = image_token_ids(s["images"], image_folder, enc.layout, decode=enc.verify_images == "decode",
                                     allow_outside=enc.allow_outside_images)
         try:

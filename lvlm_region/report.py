@@ -73,6 +73,8 @@ def load_run(path: str) -> dict:
         "peak_memory_gb": t.get("peak_memory_gb_rank0"), "memory_estimate_gb": t.get("memory_estimate_gb"),
         "final_loss": run.get("final_loss"), "accuracy": run.get("eval", {}).get("accuracy"),
         "eval_loss": run.get("eval", {}).get("loss"), "seed": cfg.get("seed"),
+        "accuracy_by_category": {k: v["accuracy"] for k, v in run.get("eval", {}).get("by_category", {}).items()},
+        "text_retention": run.get("text_eval", {}).get("accuracy"),
         "grad_ckpt": cfg.get("grad_ckpt"), "micro_batch": cfg.get("micro_batch"), "zero": cfg.get("zero"),
         "curve": curve, "compare_full": run.get("compare_full"),
     }
@@ -160,7 +162,8 @@ def build(paths: list[str], baseline: str | None = None, price: float = 2.0,
 def by_region(rows: list[dict], baseline: str = "full") -> list[dict]:
     """One row per region over its runs (seeds, in the order the regions first appear): trainable parameters,
     held-out accuracy (mean, sample standard deviation, min, max), accuracy relative to the ``baseline`` region's
-    mean, held-out loss, steady-state step time and GPU-hours (means) and GPU-hours relative to the baseline."""
+    mean, per-category accuracy and text retention, held-out loss, steady-state step time and GPU-hours (means)
+    and GPU-hours relative to the baseline."""
     groups: dict[str, list[dict]] = {}
     for r in rows:
         groups.setdefault(r["region"], []).append(r)
@@ -178,7 +181,10 @@ def by_region(rows: list[dict], baseline: str = "full") -> list[dict]:
                     "trainable_params": rs[0]["trainable_params"], "accuracy": m, "accuracy_std": std,
                     "accuracy_min": min(acc) if acc else None, "accuracy_max": max(acc) if acc else None,
                     "eval_loss": mean(rs, "eval_loss"), "step_seconds": mean(rs, "step_seconds"),
-                    "gpu_hours": mean(rs, "gpu_hours")})
+                    "gpu_hours": mean(rs, "gpu_hours"), "text_retention": mean(rs, "text_retention"),
+                    "accuracy_by_category": {c: sum(r["accuracy_by_category"][c] for r in rs) / len(rs)
+                                             for c in rs[0]["accuracy_by_category"]
+                                             if all(c in r["accuracy_by_category"] for r in rs)}})
     base = next((g for g in out if g["region"] == baseline), None)
     for g in out:
         g["accuracy_vs_full"] = _ratio(g["accuracy"], base["accuracy"]) if base else None
@@ -187,8 +193,9 @@ def by_region(rows: list[dict], baseline: str = "full") -> list[dict]:
     return out
 
 
-REGION_COLUMNS = ["region", "seeds", "trainable_params", "accuracy", "accuracy_std", "accuracy_vs_full", "eval_loss",
-                  "step_seconds", "step_time_vs_full", "gpu_hours", "gpu_hours_vs_full"]
+REGION_COLUMNS = ["region", "seeds", "trainable_params", "accuracy", "accuracy_std", "accuracy_vs_full",
+                  "by_category", "text_retention", "eval_loss", "step_seconds", "step_time_vs_full", "gpu_hours",
+                  "gpu_hours_vs_full"]
 
 
 COLUMNS = ["name", "status", "region", "tuner", "trainable_params", "hardware", "ranks", "steps", "tokens",
@@ -203,6 +210,12 @@ def _fmt(v) -> str:
     if isinstance(v, int) and abs(v) >= 10000:
         return f"{v:,}"
     return str(v)
+
+
+def _region_cell(row: dict, column: str) -> str:
+    if column == "by_category":
+        return ", ".join(f"{k} {v:.3f}" for k, v in row["accuracy_by_category"].items()) or "n/a"
+    return _fmt(row[column])
 
 
 def _plots(report: dict) -> dict[str, bytes]:
@@ -260,7 +273,13 @@ def _markdown(report: dict, images: list[str]) -> str:
     if report.get("regions"):
         lines += ["", "## Regions (mean over seeds; relative to region full)", "",
                   "| " + " | ".join(REGION_COLUMNS) + " |", "|" + "---|" * len(REGION_COLUMNS)]
-        lines += ["| " + " | ".join(_fmt(g[c]) for c in REGION_COLUMNS) + " |" for g in report["regions"]]
+        lines += ["| " + " | ".join(_region_cell(g, c) for c in REGION_COLUMNS) + " |" for g in report["regions"]]
+        s1 = report.get("stage1")
+        if s1:
+            lines += ["", f"Before stage 2 (`{s1['model']}`, where the arms start, evaluated the same way): accuracy "
+                          f"{s1['accuracy']:.3f} ({_region_cell(s1, 'by_category')}), text retention "
+                          f"{s1['text_retention']:.3f}. A region's text retention below this is what its stage 2 "
+                          "forgot."]
     lines += ["", "## Runs", "", "| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
     for r in report["runs"]:
         lines.append("| " + " | ".join(_fmt(r[c]) for c in COLUMNS) + " |")

@@ -50,6 +50,7 @@ def setup(cfg: RunConfig) -> Setup:
     outputs.check_run_dir(cfg.output_dir, {"--model": cfg.model, "--init": cfg.init, "--init-projector":
                                            cfg.init_projector, "--llm": cfg.llm, "--vision": cfg.vision,
                                            "--data": cfg.data, "--eval-data": cfg.eval_data,
+                                           "--text-eval-data": cfg.text_eval_data,
                                            "--image-folder": cfg.image_folder},
                           fresh=cfg.resume in (None, "none"), overwrite=cfg.overwrite)
     resume_from = checkpoint.resolve_resume(cfg.resume, cfg.output_dir, cfg.overwrite)
@@ -97,7 +98,7 @@ def setup(cfg: RunConfig) -> Setup:
     fmt = encoding.template
     if fmt.conversational and fmt.name != "auto":  # the exported model formats prompts as it was trained
         tokenizer.chat_template = processor.chat_template = fmt.source
-    for path in (cfg.data, cfg.eval_data):  # a prepared directory must match this model and template
+    for path in (cfg.data, cfg.eval_data, cfg.text_eval_data):  # a prepared dir must match this model and template
         if path and prepare.is_prepared(path):
             prepare.check_matches(prepare.read_meta(path), path, encoding, tokenizer)
         elif path:
@@ -111,7 +112,7 @@ def setup(cfg: RunConfig) -> Setup:
 
 
 def obtain_data(path: str, image_folder: str | None, name: str, s: Setup):
-    """(prepared dataset, image folder) for --data / --eval-data.
+    """(prepared dataset, image folder) for --data / --eval-data / --text-eval-data.
 
     A prepared directory is used as it is. A raw file is prepared once, by rank 0, into OUTPUT_DIR/prepared/NAME
     (reused by a rerun or resume with the same inputs) while the other ranks wait for it on the file system: a

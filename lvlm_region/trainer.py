@@ -79,6 +79,7 @@ class Trainer:
         train_ds, train_folder = obtain_data(cfg.data, cfg.image_folder, "train", s)
         self.dataset_size = len(train_ds)
         self.eval_ds, self.eval_folder = obtain_data(cfg.eval_data, None, "eval", s) if cfg.eval_data else (None, None)
+        self.text_ds = obtain_data(cfg.text_eval_data, None, "text", s)[0] if cfg.text_eval_data else None
         self.loader = run_loader(ImageTextDataset(train_ds, train_folder, s.load_image, s.encoding.layout), cfg,
                                  s.tokenizer.pad_token_id, s.encoding.layout.dummy(), engine.rank(),
                                  engine.world_size(), shuffle=True, drop_last=True, training=True)
@@ -280,6 +281,11 @@ class Trainer:
                 log.info("held-out loss %.4f | answer accuracy %.3f (%d/%d)", ev["loss"], ev["accuracy"],
                          ev["correct"], ev["samples"])
                 self.metrics.write(json.dumps({"step": self.total, "eval": ev}) + "\n")
+        if self.text_ds is not None:  # text retention: the same evaluation on text-only questions
+            summary["text_eval"] = ev = evaluate(self.engine, self.text_ds, "", self.s, cfg, self.dtype, self.device)
+            if self.rank0:
+                log.info("text retention: answer accuracy %.3f (%d/%d) on text-only questions", ev["accuracy"],
+                         ev["correct"], ev["samples"])
         summary["status"] = "complete"
 
 

@@ -102,10 +102,14 @@ def test_every_help_default_is_the_one_resolve_applies(tmp_path, stage):
         m = RunConfig(stage=stage, output_dir="o", tuner=tuner, model=str(tmp_path), data="d.json").resolve()
         for cfg, on_demo in ((d, True), (m, False)):
             lr = {("pretrain", False): 1e-3, ("sft", False): 2e-4 if tuner == "lora" else 2e-5,
-                  ("pretrain", True): 3e-3, ("sft", True): 1e-2 if tuner == "lora" else 1e-3}[stage, on_demo]
+                  ("pretrain", True): 1e-2, ("sft", True): 1e-2 if tuner == "lora" else 1e-3}[stage, on_demo]
             assert cfg.lr == lr and f"{lr:g}" in helps["lr"]
             want = (1e-3 if on_demo else 2e-5) if tuner == "lora" else lr
             assert cfg.projector_lr == want and f"{want:g}" in helps["projector_lr"] + helps["lr"]
+    own = RunConfig(stage=stage, output_dir="o", model=str(tmp_path), data="d.json").resolve()
+    assert own.epochs == 1.0 and helps["epochs"].endswith("(default: 1 for both stages; on the demo model stage 1 "
+                                                          "4, stage 2 1)")
+    assert demo.epochs == (4.0 if stage == "pretrain" else 1.0)
     name = "stage 1" if stage == "pretrain" else "stage 2"
     part = next(p for p in helps["image_aspect_ratio"].split("; ") if name in p)
     for model_type, aspect in (("llava", "square" if stage == "pretrain" else "pad"), ("qwen2_vl", "square")):

@@ -20,9 +20,10 @@ def small_demo(demo_dir, tmp_path):
     d = tmp_path / "data"
     d.mkdir()
     (d / "images").symlink_to((demo_dir / "images").resolve())
-    for name, n in (("sft_train.json", 48), ("sft_eval.json", 6)):
+    for name, n in (("sft_train.json", 48), ("sft_eval.json", 6), ("text_eval.json", 6)):
         (d / name).write_text(json.dumps(json.loads((demo_dir / name).read_text())[:n]))
-    return ["--data", str(d / "sft_train.json"), "--eval-data", str(d / "sft_eval.json")]
+    return ["--data", str(d / "sft_train.json"), "--eval-data", str(d / "sft_eval.json"), "--text-eval-data",
+            str(d / "text_eval.json")]
 
 
 def test_split_regions_keeps_layer_lists_together():
@@ -34,7 +35,7 @@ def test_split_regions_keeps_layer_lists_together():
 
 def test_by_region_means_spreads_and_ratios_by_hand():
     rows = [{"name": n, "region": reg, "seed": s, "trainable_params": p, "accuracy": a, "eval_loss": loss,
-             "step_seconds": t, "gpu_hours": h}
+             "step_seconds": t, "gpu_hours": h, "text_retention": a / 2, "accuracy_by_category": {"color": a}}
             for n, reg, s, p, a, loss, t, h in [("f1", "full", 1, 100, 0.9, 1.0, 2.0, 4.0),
                                                  ("f2", "full", 2, 100, 0.7, 1.2, 2.0, 4.0),
                                                  ("u1", "uniform25", 1, 30, 0.6, 1.5, 1.5, 3.0),
@@ -46,6 +47,7 @@ def test_by_region_means_spreads_and_ratios_by_hand():
     assert u25["gpu_hours_vs_full"] == pytest.approx(0.75) and u25["step_time_vs_full"] == pytest.approx(0.75)
     assert (u25["seeds"], u25["runs"], u25["trainable_params"]) == ([1, 2], ["u1", "u2"], 30)
     assert u25["eval_loss"] == pytest.approx(1.4) and (u25["accuracy_min"], u25["accuracy_max"]) == (0.6, 0.8)
+    assert u25["text_retention"] == pytest.approx(0.35) and u25["accuracy_by_category"] == {"color": pytest.approx(0.7)}
 
 
 def test_two_regions_then_a_rerun_reuses_both_arms(small_demo, tmp_path):
@@ -62,17 +64,27 @@ def test_two_regions_then_a_rerun_reuses_both_arms(small_demo, tmp_path):
         assert g["trainable_params"] == arm["parameters"]["all"]["trainable"]
         assert g["gpu_hours"] == pytest.approx(arm["time"]["gpu_seconds"] / 3600)
         assert arm["region"]["spec"] == g["region"] and arm["steps_done"] == 3 and arm["eval"]["samples"] == 6
+        assert g["text_retention"] == arm["text_eval"]["accuracy"] and arm["text_eval"]["samples"] == 6
+        assert g["accuracy_by_category"] == {k: v["accuracy"] for k, v in arm["eval"]["by_category"].items()}
+        assert sorted(g["accuracy_by_category"]) == ["color", "position", "shape"]
     full, u25 = rep["regions"]
     assert full["accuracy_vs_full"] in (1.0, None) and u25["trainable_params"] < full["trainable_params"]
     assert u25["gpu_hours_vs_full"] == pytest.approx(u25["gpu_hours"] / full["gpu_hours"])
     for name in ("report.md", "report.html", "report.csv", "accuracy_vs_gpu_hours.png", "loss_curves.png"):
         assert (out / name).is_file()
-    assert "## Regions (mean over seeds; relative to region full)" in (out / "report.md").read_text()
+    md = (out / "report.md").read_text()
+    assert "## Regions (mean over seeds; relative to region full)" in md
+    # Where the arms start (no --init: the base model), evaluated as the arms are: its text retention is the LLM's.
+    start = json.loads((out / "stage1" / "eval.json").read_text())
+    assert start["model"] == os.path.abspath("data/demo/base_model") and start["text_eval"]["samples"] == 6
+    assert rep["stage1"]["text_retention"] == start["text_eval"]["accuracy"]
+    assert f"text retention {start['text_eval']['accuracy']:.3f}" in md
 
     stamps = {p: os.stat(out / "arms" / p / "run.json").st_mtime_ns for p in ("full-seed0", "uniform25-seed0")}
     res = run(cmd, timeout=600)
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-2000:]
     assert res.stdout.count("reused (finished with the same command") == 2
+    assert "evaluated as the arms are" not in res.stdout  # the start's evaluation is reused too
     assert stamps == {p: os.stat(out / "arms" / p / "run.json").st_mtime_ns for p in stamps}  # not retrained
     assert [a["status"] for a in json.loads((out / "report.json").read_text())["arms"]] == ["reused", "reused"]
 

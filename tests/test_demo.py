@@ -1,6 +1,7 @@
 """The README demo, as written: stage 1 then `deepspeed launch/sft.py --region uniform25 --init ...`.
 
-The held-out answer accuracy must be well above chance (0.222) after the default budget.
+The held-out answer accuracy must be well above chance (0.222) after the default budget, and the LLM must keep
+most of what it answered from text before stage 2.
 """
 import json
 
@@ -8,7 +9,8 @@ from conftest import deepspeed_cmd, run
 
 from lvlm_region.demo import chance_accuracy
 
-MIN_ACCURACY = 0.35  # measured 0.425 on this CPU machine (README, "What the demo does and prints")
+MIN_ACCURACY = 0.70  # measured 0.796 on this CPU machine (README, "What the demo does and prints")
+MIN_TEXT_RETENTION = 0.90  # measured 0.988 (1.000 before stage 2)
 
 
 def test_demo_learns(demo_dir, tmp_path):
@@ -22,3 +24,7 @@ def test_demo_learns(demo_dir, tmp_path):
     assert ev["samples"] == 240
     assert round(chance_accuracy(), 3) == 0.222
     assert ev["accuracy"] >= MIN_ACCURACY, ev
+    assert sorted(ev["by_category"]) == ["color", "position", "shape"]
+    assert {v["samples"] for v in ev["by_category"].values()} == {80}
+    text = json.loads((sft / "run.json").read_text())["text_eval"]
+    assert text["samples"] == 240 and text["accuracy"] >= MIN_TEXT_RETENTION, text

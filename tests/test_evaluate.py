@@ -6,6 +6,7 @@ import sys
 import pytest
 
 from conftest import deepspeed_cmd, run
+from lvlm_region.demo import COLORS, POSITIONS, SHAPES
 
 EVAL = "data/demo/sft_eval.json"
 N = 6  # held-out samples: even, so 2 ranks need no shard padding
@@ -18,25 +19,40 @@ def trained(demo_dir, tmp_path_factory):
                             "3", "--micro-batch", "4", "--num-workers", "0", "--eval-max-samples", str(N)),
               timeout=600)
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-2000:]
-    return out, json.loads((out / "run.json").read_text())["eval"]
+    run_json = json.loads((out / "run.json").read_text())
+    return out, run_json["eval"], run_json["text_eval"]
 
 
 def same_evaluation(got: dict, want: dict) -> None:
     assert (got["samples"], got["correct"], got["accuracy"]) == (want["samples"], want["correct"], want["accuracy"])
     assert got["samples"] == N
     assert got["loss"] == pytest.approx(want["loss"], rel=1e-6)
+    assert got["by_category"] == want["by_category"]
     for key in ("right", "wrong"):
         assert [(r["id"], r["output"], r["right"]) for r in got[key]] == \
                [(r["id"], r["output"], r["right"]) for r in want[key]]
 
 
+def test_end_of_run_evaluation_has_categories_and_text_retention(trained):
+    _, at_end, text = trained
+    # The demo's held-out questions cycle color, shape, position; the text-retention set asks the same ones.
+    assert {k: v["samples"] for k, v in at_end["by_category"].items()} == {"color": 2, "position": 2, "shape": 2}
+    for ev in (at_end, text):
+        assert sum(v["correct"] for v in ev["by_category"].values()) == ev["correct"]
+        assert all(v["accuracy"] == v["correct"] / v["samples"] for v in ev["by_category"].values())
+    assert text["samples"] == N and all("<image>" not in r["question"] for r in text["right"] + text["wrong"])
+    words = {*COLORS, *SHAPES, *POSITIONS}
+    assert all(r["reference"] in words for r in text["right"] + text["wrong"])
+
+
 def test_one_process_equals_the_end_of_run_evaluation(trained):
-    model, at_end = trained
+    model, at_end, text = trained
     res = run([sys.executable, "launch/evaluate.py", "--model", str(model), "--data", EVAL, "--eval-max-samples",
-               str(N), "--num-workers", "0"], timeout=600)
+               str(N), "--num-workers", "0", "--text-eval-data", "data/demo/text_eval.json"], timeout=600)
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-2000:]
     e = json.loads((model / "eval" / "eval.json").read_text())  # default output: MODEL/eval
     same_evaluation(e, at_end)
+    same_evaluation(e["text_eval"], text)
     assert (e["world_size"], e["zero_stage"]) == (1, 2)
     assert e["template"] == "auto" and e["image_aspect_ratio"] == "pad" and e["max_length"] == 2048  # its run.json
     assert e["trained"]["stage"] == "sft" and e["trained"]["region"]["spec"] == "uniform25"
@@ -45,11 +61,13 @@ def test_one_process_equals_the_end_of_run_evaluation(trained):
     md = (model / "eval" / "eval.md").read_text()
     assert f"**Answer accuracy {e['accuracy']:.3f}** ({e['correct']}/{N}," in md
     assert "Trained here: stage sft, region `uniform25`" in md and "## Wrong answers" in md
+    assert f"Text retention (`{e['text_data']}`, text-only questions): accuracy {text['accuracy']:.3f}" in md
+    assert f"| color | {at_end['by_category']['color']['accuracy']:.3f} |" in md
     assert f"held-out answer accuracy {e['accuracy']:.3f} ({e['correct']}/{N})" in res.stdout
 
 
 def test_two_ranks_zero3_equal_the_end_of_run_evaluation(trained, tmp_path):
-    model, at_end = trained
+    model, at_end, _ = trained
     out = tmp_path / "e3"
     res = run(deepspeed_cmd(2, "launch/evaluate.py", "--model", str(model), "--data", EVAL, "--eval-max-samples",
                             str(N), "--num-workers", "0", "--zero", "3", "--output-dir", str(out)), timeout=600)
