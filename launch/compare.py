@@ -12,14 +12,15 @@ Every flag after the known ones goes to launch/sft.py unchanged, the same for ev
 --seed and --output-dir per arm). Writes OUTPUT_DIR/report.{md,html,json,csv} and OUTPUT_DIR/arms/<region>-seed<S>/.
 Run again: finished arms are reused, an interrupted one continues (with --save-every, from its checkpoint).
 The accuracy is each arm's end-of-run evaluation on --eval-data (the code launch/evaluate.py runs).
-Exit status: 0 done, 2 bad input or a failed arm.
+On SLURM, launch/slurm/compare.sbatch runs the arms as an array job (--arm) and the report after them
+(--report-only). Exit status: 0 done, 2 bad input or a failed arm.
 """
 import argparse
 import logging
 import sys
 
 from lvlm_region.cli import number
-from lvlm_region.config import AT_LEAST_1, RANGES
+from lvlm_region.config import AT_LEAST_0, AT_LEAST_1, RANGES
 
 
 def main(argv=None) -> int:
@@ -30,17 +31,30 @@ def main(argv=None) -> int:
     p.add_argument("--seeds", default="0", help="comma-separated seeds; each region trains once per seed (default 0)")
     p.add_argument("--gpus", type=number("gpus", AT_LEAST_1), default=1, help="ranks per arm (default 1)")
     p.add_argument("--output-dir", required=True, help="where the arms and the report go")
+    p.add_argument("--list-arms", action="store_true", help="check the specs, print the arms ('arm NAME', one per "
+                                                            "line, regions x seeds order) and exit")
+    p.add_argument("--arm", type=number("arm", AT_LEAST_0), default=None,
+                   help="train only this arm (index in --list-arms order) and write no report: a SLURM array task")
+    p.add_argument("--report-only", action="store_true", help="train nothing; report arms other jobs finished")
     args, passthrough = p.parse_known_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
                         stream=sys.stdout)
-    from lvlm_region.compare import compare, split_regions  # after logging is set up
+    from lvlm_region.compare import arm_name, check_specs, compare, split_regions  # after logging is set up
 
     try:
         seeds = [RANGES["seed"].parse("--seeds", s.strip()) for s in args.seeds.split(",") if s.strip()]
-        rep = compare(split_regions(args.regions), seeds, args.output_dir, args.gpus, passthrough)
+        specs = split_regions(args.regions)
+        if args.list_arms:
+            check_specs(specs, passthrough)
+            print("\n".join(f"arm {arm_name(spec, seed)}" for spec in specs for seed in seeds))
+            return 0
+        rep = compare(specs, seeds, args.output_dir, args.gpus, passthrough, args.arm, args.report_only)
     except ValueError as e:  # CompareError, a bad seed
         print(f"error: {e}", file=sys.stderr)
         return 2
+    if args.arm is not None:
+        print(f"arm {rep['arms'][0]['name']}: {rep['arms'][0]['status']}")
+        return 0
     for g in rep["regions"]:
         print(f"{g['region']}: accuracy {g['accuracy']:.3f} (relative to full {_f(g['accuracy_vs_full'])}), "
               f"GPU-hours {g['gpu_hours']:.4g} (relative to full {_f(g['gpu_hours_vs_full'])})")

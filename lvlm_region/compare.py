@@ -176,10 +176,37 @@ def stage1_baseline(out: str, passthrough: list[str]) -> dict | None:
         return json.load(f)
 
 
-def compare(specs: list[str], seeds: list[int], out: str, gpus: int, passthrough: list[str]) -> dict:
-    """Every arm, then the report (report.{json,md,html,csv} in ``out``); returns the report's data."""
+def finished_arm(spec: str, seed: int, out: str, passthrough: list[str]) -> dict:
+    """An arm a separate job trained (SLURM array task): it must be complete with this command (ranks aside)."""
+    name = arm_name(spec, seed)
+    arm_dir = os.path.join(out, "arms", name)
+    marker = os.path.join(arm_dir, ARM_FILE)
+    if not os.path.isfile(marker) or _status(os.path.join(arm_dir, "run.json")) != "complete":
+        raise CompareError(f"arm {name} has not finished ({arm_dir}); run its array task again (or launch/compare.py "
+                           "without --report-only, which trains what is missing)")
+    with open(marker) as f:
+        before = json.load(f)
+    if (before["region"], before["seed"], before["flags"]) != (spec, seed, passthrough):
+        raise CompareError(f"arm {arm_dir} was trained with other settings ({before}); report with the flags it "
+                           "was trained with")
+    return {"name": name, "dir": arm_dir, "status": "reused"}
+
+
+def compare(specs: list[str], seeds: list[int], out: str, gpus: int, passthrough: list[str], arm: int | None = None,
+            report_only: bool = False) -> dict:
+    """Every arm, then the report (report.{json,md,html,csv} in ``out``); returns the report's data.
+    ``arm``: train only that arm (its index in regions x seeds order: an array task) and write no report;
+    ``report_only``: train nothing, report arms that other jobs finished."""
     check_specs(specs, passthrough)
-    arms = [run_arm(spec, seed, out, gpus, passthrough) for spec in specs for seed in seeds]
+    pairs = [(spec, seed) for spec in specs for seed in seeds]
+    if arm is not None:
+        if not 0 <= arm < len(pairs):
+            raise CompareError(f"--arm {arm}: there are {len(pairs)} arms (0..{len(pairs) - 1}), regions x seeds")
+        return {"arms": [run_arm(*pairs[arm], out, gpus, passthrough)]}
+    if report_only:
+        arms = [finished_arm(spec, seed, out, passthrough) for spec, seed in pairs]
+    else:
+        arms = [run_arm(spec, seed, out, gpus, passthrough) for spec, seed in pairs]
     stage1 = stage1_baseline(out, passthrough)
     rep = report.build([a["dir"] for a in arms], baseline=None)
     rep["regions"] = report.by_region(rep["runs"])

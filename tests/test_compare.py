@@ -96,6 +96,8 @@ def test_two_regions_then_a_rerun_reuses_both_arms(small_demo, tmp_path):
     ("full,layers:1,99", [], "--regions: invalid region spec 'layers:1,99': layer index 99 is out of range 0..7"),
     ("full,paper32", [], "paper32 is defined for 32-layer LLMs only"),
     ("full", ["--seed", "3"], "--seed: launch/compare.py sets these per arm"),
+    ("full,uniform25", ["--arm", "2"], "--arm 2: there are 2 arms (0..1), regions x seeds"),
+    ("full", ["--report-only"], "arm full-seed0 has not finished"),
 ])
 def test_bad_comparisons_fail_before_any_arm(demo_dir, tmp_path, regions, flags, message):
     res = run([sys.executable, "launch/compare.py", "--regions", regions, "--output-dir", str(tmp_path / "c"),

@@ -125,3 +125,51 @@ def test_report_sbatch(uninterrupted, tmp_path):
     assert "launch/report.py" in log.splitlines()[1] and "wrote report.json" in log
     rows = json.loads((tmp_path / "report" / "report.json").read_text())["runs"]
     assert rows[0]["steps"] == 4 and rows[0]["ranks"] == 2
+
+
+def compare_sbatch(tmp: Path, *args: str) -> tuple[subprocess.CompletedProcess, Path]:
+    env = {**os.environ, "PATH": f"{FAKE}:{os.environ['PATH']}", "PYTHON": sys.executable, "PYTHONUNBUFFERED": "1"}
+    res = subprocess.run([str(FAKE / "sbatch"), "--output", str(tmp / "%x-%j.log"), "launch/slurm/compare.sbatch",
+                          *args], cwd=tmp, env={**env, "COMPARE_ARM_OPTS": f"--output={tmp}/%x-%A_%a.log"},
+                         capture_output=True, text=True, timeout=900)
+    return res, Path(json.loads(re.search(r"fake-sbatch: (\{.*\})", res.stdout).group(1))["output"])
+
+
+def test_compare_sbatch_runs_the_arms_as_an_array_then_the_report(demo_dir, tmp_path):
+    """The driver job checks the specs, submits one array task per arm and the report after them."""
+    data = tmp_path / "data"
+    data.mkdir()
+    (data / "images").symlink_to((demo_dir / "images").resolve())
+    for name, n in (("sft_train.json", 48), ("sft_eval.json", 6), ("text_eval.json", 6)):
+        (data / name).write_text(json.dumps(json.loads((demo_dir / name).read_text())[:n]))
+    (tmp_path / "launch").symlink_to(ROOT / "launch")  # submitted from a directory with the repository's launchers
+    (tmp_path / "data" / "demo").symlink_to(demo_dir.resolve())
+    out = tmp_path / "cmp"
+    res, log = compare_sbatch(tmp_path, "--regions", "full,uniform25", "--output-dir", str(out), "--model",
+                              str(demo_dir / "base_model"), "--data", str(data / "sft_train.json"), "--eval-data",
+                              str(data / "sft_eval.json"), "--text-eval-data", str(data / "text_eval.json"),
+                              "--max-steps", "3", "--micro-batch", "4", "--num-workers", "0",
+                              "--allow-outside-images")
+    driver = log.read_text()
+    assert res.returncode == 0, driver + res.stderr[-3000:]
+    assert "2 arm(s): full-seed0 uniform25-seed0" in driver
+    array, report = re.search(r"arms: array job (\d+); report: job (\d+)", driver).groups()
+    for task, region in ((0, "full"), (1, "uniform25")):
+        task_log = (tmp_path / f"lvlm-compare-arm-{array}_{task}.log").read_text()
+        assert f"--arm {task}" in task_log and f"arm {region}-seed0: trained" in task_log
+        assert json.loads((out / "arms" / f"{region}-seed0" / "run.json").read_text())["status"] == "complete"
+    report_log = (tmp_path / f"lvlm-compare-report-{report}.log").read_text()
+    assert "--report-only" in report_log.splitlines()[1]
+    rep = json.loads((out / "report.json").read_text())
+    assert [g["region"] for g in rep["regions"]] == ["full", "uniform25"]
+    assert [a["status"] for a in rep["arms"]] == ["reused", "reused"]  # the report job trained nothing
+
+
+def test_compare_sbatch_refuses_a_bad_spec_before_queueing(demo_dir, tmp_path):
+    (tmp_path / "launch").symlink_to(ROOT / "launch")
+    (tmp_path / "data").mkdir()
+    (tmp_path / "data" / "demo").symlink_to(demo_dir.resolve())
+    res, log = compare_sbatch(tmp_path, "--regions", "full,layers:1,99", "--output-dir", str(tmp_path / "c"))
+    text = log.read_text()
+    assert res.returncode != 0 and "layer index 99 is out of range 0..7" in text
+    assert "array job" not in text and not (tmp_path / "c").exists()
