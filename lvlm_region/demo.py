@@ -147,10 +147,16 @@ def slot_tokens() -> list[str]:
     return ["<empty>"] + [f"<{c}_{s}>" for c in COLORS for s in SHAPES]
 
 
+def attrs_of(caption: str) -> dict:
+    """{color, shape, position} of a caption of generate() (caption_of's inverse)."""
+    _, color, shape, _, _, *pos = caption.split()
+    return {"color": color, "shape": shape, "position": " ".join(pos)}
+
+
 def scene_slots(caption: str) -> list[str]:
     """The four quadrant tokens (row-major, as the vision tower's patches) for a caption of generate()."""
-    _, color, shape, _, _, *pos = caption.split()
-    return [f"<{color}_{shape}>" if q == " ".join(pos) else "<empty>" for q in POSITIONS]
+    a = attrs_of(caption)
+    return [f"<{a['color']}_{a['shape']}>" if q == a["position"] else "<empty>" for q in POSITIONS]
 
 
 def pretrain_language(model, tok, out_dir: str, seed: int, steps: int = 1500, batch: int = 32) -> float:
@@ -172,18 +178,17 @@ def pretrain_language(model, tok, out_dir: str, seed: int, steps: int = 1500, ba
     image_id = tok.convert_tokens_to_ids("<image>")
     rng = random.Random(seed)
     rows = []
+    fmts = {name: resolve(name, tok, "the demo tokenizer") for name in ("plain", "vicuna_v1")}
     # Each training scene twice: its caption (plain), and all three questions in a random order (vicuna_v1).
     for image, caption in captions.items():
-        _, color, shape, _, _, *pos = caption.split()
-        attrs = {"color": color, "shape": shape, "position": " ".join(pos)}
+        attrs = attrs_of(caption)
         asked = rng.sample(list(QUESTIONS), len(QUESTIONS))
         chat = {"image": image, "conversations": [t for j, k in enumerate(asked) for t in _qa(k, attrs, j == 0)]}
         plain = {"image": image, "conversations": [{"from": "human", "value": "<image>\nDescribe the image."},
                                                    {"from": "gpt", "value": caption}]}
         for template, s in (("plain", plain), ("vicuna_v1", chat)):
             sample = normalize(json.dumps(s))
-            row = tokenize(resolve(template, tok, "the demo tokenizer").segments(tok, sample["messages"]), tok,
-                           [[image_id] * n_image])
+            row = tokenize(fmts[template].segments(tok, sample["messages"]), tok, [[image_id] * n_image])
             slots = iter(tok.convert_tokens_to_ids(scene_slots(caption)))
             row["input_ids"] = [next(slots) if i == image_id else i for i in row["input_ids"]]
             rows.append(row)
