@@ -146,7 +146,8 @@ def _status(run_json: str) -> str | None:
 def stage1_baseline(out: str, passthrough: list[str]) -> dict | None:
     """Where stage 2 starts (the --init stage-1 model, else the base model), evaluated as the arms are (their
     held-out and text-retention data, their template), so a region's text retention shows what it forgot. None
-    without text-retention data. Reused when OUTPUT_DIR/stage1/eval.json exists for the same inputs."""
+    without text-retention data. Reused when OUTPUT_DIR/stage1/eval.json exists for the same model, data, text data
+    and template."""
     init = (_flag(passthrough, "--init") or _flag(passthrough, "--model")
             or os.path.join(DEMO_DIR, "base_model"))
     demo_data = _flag(passthrough, "--data") is None
@@ -154,15 +155,17 @@ def stage1_baseline(out: str, passthrough: list[str]) -> dict | None:
     held_out = _flag(passthrough, "--eval-data") or (os.path.join(DEMO_DIR, "sft_eval.json") if demo_data else None)
     if text is None or held_out is None:
         return None
+    template = _flag(passthrough, "--template") or "auto"
     eval_dir = os.path.join(out, "stage1")
     result = os.path.join(eval_dir, "eval.json")
     if os.path.isfile(result):
         with open(result) as f:
             before = json.load(f)
-        if before["model"] == os.path.abspath(init) and before["text_data"] == os.path.abspath(text):
+        same = (os.path.abspath(init), os.path.abspath(held_out), os.path.abspath(text), template)
+        if (before["model"], before["data"], before["text_data"], before["template"]) == same:
             return before
     cmd = [sys.executable, str(EVALUATE), "--model", init, "--data", held_out, "--text-eval-data", text,
-           "--template", _flag(passthrough, "--template") or "auto", "--output-dir", eval_dir]
+           "--template", template, "--output-dir", eval_dir]
     for name in ("--image-folder", "--max-length", "--image-aspect-ratio", "--max-new-tokens", "--precision",
                  "--eval-max-samples", "--num-workers", "--allow-outside-images"):
         if name == "--allow-outside-images" and name in passthrough:
@@ -212,7 +215,7 @@ def compare(specs: list[str], seeds: list[int], out: str, gpus: int, passthrough
     rep["regions"] = report.by_region(rep["runs"])
     rep["stage1"] = None if stage1 is None else {
         "model": stage1["model"], "accuracy": stage1["accuracy"], "text_retention": stage1["text_eval"]["accuracy"],
-        "accuracy_by_category": {k: v["accuracy"] for k, v in stage1["by_category"].items()}}
+        "accuracy_by_category": report.category_accuracy(stage1)}
     rep["arms"] = arms
     report.write(rep, out)
     return rep

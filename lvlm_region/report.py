@@ -73,7 +73,7 @@ def load_run(path: str) -> dict:
         "peak_memory_gb": t.get("peak_memory_gb_rank0"), "memory_estimate_gb": t.get("memory_estimate_gb"),
         "final_loss": run.get("final_loss"), "accuracy": run.get("eval", {}).get("accuracy"),
         "eval_loss": run.get("eval", {}).get("loss"), "seed": cfg.get("seed"),
-        "accuracy_by_category": {k: v["accuracy"] for k, v in run.get("eval", {}).get("by_category", {}).items()},
+        "accuracy_by_category": category_accuracy(run.get("eval", {})),
         "text_retention": run.get("text_eval", {}).get("accuracy"),
         "grad_ckpt": cfg.get("grad_ckpt"), "micro_batch": cfg.get("micro_batch"), "zero": cfg.get("zero"),
         "curve": curve, "compare_full": run.get("compare_full"),
@@ -157,6 +157,11 @@ def build(paths: list[str], baseline: str | None = None, price: float = 2.0,
     projections = [project(r, projection) for r in rows] if projection else []
     return {"runs": rows, "baseline": base["name"] if base else None, "comparisons": comparisons,
             "projection": projections, "problems": problems, "notes": notes}
+
+
+def category_accuracy(evaluation: dict) -> dict:
+    """{category: accuracy} of an evaluation's ``by_category`` (empty when it has none)."""
+    return {k: v["accuracy"] for k, v in evaluation.get("by_category", {}).items()}
 
 
 def by_region(rows: list[dict], baseline: str = "full") -> list[dict]:
