@@ -53,4 +53,7 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    code = main()
+    from lvlm_region.engine import exit_process  # after main: a rank leaves the process group cleanly
+
+    exit_process(code)

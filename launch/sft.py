@@ -8,9 +8,11 @@
 
 Flags: python launch/sft.py --help.
 """
-import sys
 
 from lvlm_region.cli import main
 
 if __name__ == "__main__":
-    sys.exit(main("sft", __doc__))
+    code = main("sft", __doc__)
+    from lvlm_region.engine import exit_process  # after main: a rank leaves the process group cleanly
+
+    exit_process(code)

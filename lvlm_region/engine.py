@@ -13,6 +13,7 @@ import math
 import os
 import platform
 import socket
+import sys
 from pathlib import Path
 
 import datasets
@@ -67,6 +68,30 @@ def _leave_process_group() -> None:
             dist.destroy_process_group()
         except Exception:  # noqa: BLE001 - exiting anyway; nothing to recover
             pass
+
+
+def exit_process(code: int | None) -> None:
+    """End a process that joined the process group, its work done and written: run the exit hooks (the process group
+    torn down, the shared-memory buffer unlinked, data workers stopped, logs flushed), then leave without
+    interpreter finalization.
+
+    Finalization is where a finished rank aborted in CI ("terminate called without an active exception", status -6,
+    twice in one suite, both ZeRO-3): DeepSpeed keeps references to the process groups and their async work, so
+    gloo's C++ objects outlive destroy_process_group and are torn down with the interpreter half gone, which torch
+    does not support (pytorch/pytorch#179291). A run that had trained, saved and evaluated was then reported failed
+    by the launcher. Nothing is left to lose at this point: every file is closed and the streams are flushed here.
+    A process that never joined a group exits normally.
+    """
+    code = 0 if code is None else int(code)
+    if not dist.is_initialized():
+        sys.exit(code)
+    atexit._run_exitfuncs()  # noqa: SLF001 - the hooks registered above and by logging/multiprocessing, run once
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (OSError, ValueError):
+            pass
+    os._exit(code)
 
 
 def shm_buffer_path() -> str:

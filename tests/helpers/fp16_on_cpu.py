@@ -16,3 +16,4 @@ get_accelerator().is_fp16_supported = lambda: True
 
 if __name__ == "__main__":
     train_check.main()
+    train_check.engine.exit_process(0)

@@ -32,8 +32,12 @@ def main() -> None:
     trained = {n: p.requires_grad for n, p in ds_engine.module.named_parameters()}
     final = engine.full_state_dict(ds_engine)  # the engine's weights, gathered under ZeRO-3
     size_estimate = checkpoint.checkpoint_bytes(ds_engine)  # what the first save's free-space check asks for
-    if engine.rank() != 0:
-        return
+    if engine.rank() == 0:
+        write_report(cfg, result, trained, final, size_estimate, report_path)
+    engine.barrier()  # the ranks end together, as the launchers' do
+
+
+def write_report(cfg, result, trained: dict, final: dict, size_estimate: int, report_path: str) -> None:
     start = AutoModelForImageTextToText.from_pretrained(cfg.model_path).state_dict()
     if cfg.init:
         proj = load_file(os.path.join(cfg.init, PROJECTOR_FILE))
@@ -82,3 +86,4 @@ def export_names_against_save_pretrained(out: str) -> dict:
 
 if __name__ == "__main__":
     main()
+    engine.exit_process(0)
