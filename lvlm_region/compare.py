@@ -79,12 +79,14 @@ def check_specs(specs: list[str], passthrough: list[str]) -> int:
 
 
 def _flag(args: list[str], name: str) -> str | None:
+    """The value the arms' launcher will see for ``name``: the last occurrence, as argparse takes it."""
+    value = None
     for i, a in enumerate(args):
         if a == name and i + 1 < len(args):
-            return args[i + 1]
-        if a.startswith(name + "="):
-            return a.split("=", 1)[1]
-    return None
+            value = args[i + 1]
+        elif a.startswith(name + "="):
+            value = a.split("=", 1)[1]
+    return value
 
 
 def arm_name(spec: str, seed: int) -> str:

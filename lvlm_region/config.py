@@ -86,7 +86,7 @@ STAGES = ("pretrain", "sft")
 LR_DEFAULTS = {("pretrain", False, "full"): 1e-3, ("pretrain", False, "lora"): 1e-3,
                ("sft", False, "full"): 2e-5, ("sft", False, "lora"): 2e-4,
                ("pretrain", True, "full"): 1e-2, ("pretrain", True, "lora"): 1e-2,
-               ("sft", True, "full"): 1e-3, ("sft", True, "lora"): 1e-2}
+               ("sft", True, "full"): 2e-3, ("sft", True, "lora"): 1e-2}
 # The projector's LR with --tuner lora (with full tuning it follows --lr): (on the demo model) -> LR.
 LORA_PROJECTOR_LR = {False: 2e-5, True: 1e-3}
 

@@ -5,7 +5,7 @@ Layout of the directory it writes (all of it deterministic for a given seed)::
 
     images/*.png            48x48 RGB, one coloured shape in one quadrant
     pretrain.json           stage 1: caption per image ("a red circle at the top left")
-    sft_train.json          stage 2: one or two questions per image (color / shape / position)
+    sft_train.json          stage 2: the three questions per image (color / shape / position), random order
     sft_eval.json           held-out images, one question each, with its category (color / shape / position)
     text_eval.json          the same held-out scenes and questions without an image: the scene written in the
                             scene tokens the LLM's text pretraining read (the text-retention set)
@@ -43,9 +43,9 @@ POSITIONS = ("top left", "top right", "bottom left", "bottom right")
 QUESTIONS = {"color": "What color is the shape?", "shape": "Which shape is in the image?",
              "position": "Where is the shape?"}
 IMAGE_SIZE = 32  # with 16-pixel patches: one image token per quadrant
-DONE_MARKER = "COMPLETE-5"  # bumped when the demo's contents change, so an older directory is rebuilt
+DONE_MARKER = "COMPLETE-6"  # bumped when the demo's contents change, so an older directory is rebuilt
 # Every marker the demo has written: a directory with one of them is the demo's own (outputs.check_replaceable).
-MARKERS = ("COMPLETE", "COMPLETE-2", "COMPLETE-3", "COMPLETE-4", DONE_MARKER)
+MARKERS = ("COMPLETE", "COMPLETE-2", "COMPLETE-3", "COMPLETE-4", "COMPLETE-5", DONE_MARKER)
 
 
 def chance_accuracy() -> float:
@@ -98,7 +98,7 @@ def generate(out_dir: str, n_train: int = 2400, n_eval: int = 240, seed: int = 0
             pretrain.append({"id": f"cap{i}", "image": name,
                              "conversations": [{"from": "human", "value": "<image>\nDescribe the image."},
                                                {"from": "gpt", "value": caption}]})
-            asked = rng.sample(kinds, rng.choice((1, 2)))
+            asked = rng.sample(kinds, len(kinds))  # every question, in random order
             conv = [t for j, k in enumerate(asked) for t in _qa(k, attrs, j == 0)]
             train.append({"id": f"sft{i}", "image": name, "conversations": conv})
         else:

@@ -102,7 +102,7 @@ def test_every_help_default_is_the_one_resolve_applies(tmp_path, stage):
         m = RunConfig(stage=stage, output_dir="o", tuner=tuner, model=str(tmp_path), data="d.json").resolve()
         for cfg, on_demo in ((d, True), (m, False)):
             lr = {("pretrain", False): 1e-3, ("sft", False): 2e-4 if tuner == "lora" else 2e-5,
-                  ("pretrain", True): 1e-2, ("sft", True): 1e-2 if tuner == "lora" else 1e-3}[stage, on_demo]
+                  ("pretrain", True): 1e-2, ("sft", True): 1e-2 if tuner == "lora" else 2e-3}[stage, on_demo]
             assert cfg.lr == lr and f"{lr:g}" in helps["lr"]
             want = (1e-3 if on_demo else 2e-5) if tuner == "lora" else lr
             assert cfg.projector_lr == want and f"{want:g}" in helps["projector_lr"] + helps["lr"]

@@ -7,7 +7,7 @@ import sys
 import pytest
 
 from conftest import run
-from lvlm_region.compare import CompareError, split_regions
+from lvlm_region.compare import CompareError, split_regions, stage1_baseline
 from lvlm_region.report import by_region
 
 ARM_FLAGS = ["--max-steps", "3", "--micro-batch", "4", "--num-workers", "0", "--allow-outside-images"]
@@ -90,6 +90,25 @@ def test_two_regions_then_a_rerun_reuses_both_arms(small_demo, tmp_path):
 
     res = run([*cmd[:-len(ARM_FLAGS)], "--max-steps", "4"], timeout=300)  # same arms, another command: refused
     assert res.returncode == 2 and "was started with other settings" in res.stderr
+
+
+def test_start_evaluation_reused_only_for_the_same_model_data_and_template(tmp_path):
+    """OUTPUT_DIR/stage1/eval.json answers for the model the arms start from only when it was made with the same
+    model, held-out data, text data and template; any other one is evaluated again (here: a model that does not
+    exist, so the new evaluation fails, which shows it was attempted instead of the stale result returned). A flag
+    given twice counts as the arms' launcher reads it: the last one."""
+    model, held_out, text = (str(tmp_path / n) for n in ("missing_model", "held.json", "text.json"))
+    flags = ["--init", model, "--data", "train.json", "--eval-data", held_out, "--text-eval-data", text]
+    (tmp_path / "stage1").mkdir()
+    before = {"model": model, "data": held_out, "text_data": text, "template": "auto", "accuracy": 0.5,
+              "text_eval": {"accuracy": 1.0}}
+    (tmp_path / "stage1" / "eval.json").write_text(json.dumps(before))
+    assert stage1_baseline(str(tmp_path), flags) == before
+    for changed in (["--eval-data", str(tmp_path / "other.json")], ["--text-eval-data", str(tmp_path / "t2.json")],
+                    ["--template", "plain"], ["--init", str(tmp_path / "other_model")]):
+        with pytest.raises(CompareError, match="where stage 2 starts\\) failed"):
+            stage1_baseline(str(tmp_path), flags + changed)
+    assert json.loads((tmp_path / "stage1" / "eval.json").read_text()) == before  # a failed evaluation keeps it
 
 
 @pytest.mark.parametrize("regions,flags,message", [

@@ -9,8 +9,8 @@ from conftest import deepspeed_cmd, run
 
 from lvlm_region.demo import chance_accuracy
 
-MIN_ACCURACY = 0.70  # measured 0.796 on this CPU machine (README, "What the demo does and prints")
-MIN_TEXT_RETENTION = 0.90  # measured 0.988 (1.000 before stage 2)
+MIN_ACCURACY = 0.90  # measured 0.958 on this CPU machine, seed 0; 0.954-0.975 over seeds 0-2 (README)
+MIN_TEXT_RETENTION = 0.85  # measured 0.946, seed 0; 0.904-0.946 over seeds 0-2 (1.000 before stage 2)
 
 
 def test_demo_learns(demo_dir, tmp_path):
