@@ -1,13 +1,18 @@
-"""launch/compare.py on the demo: one arm per region, a report row per region that matches its runs, finished arms
-reused on a rerun, and bad specs refused before any arm starts."""
+"""launch/compare.py on the demo: one arm per region, a report row per region that matches its runs, an interrupted
+arm continued and finished arms reused on a rerun, and bad specs refused before any arm starts."""
 import json
 import os
+import signal
+import subprocess
 import sys
+import time
+from pathlib import Path
 
 import pytest
 
-from conftest import run
-from lvlm_region.compare import CompareError, split_regions, stage1_baseline
+from conftest import ROOT, run
+from lvlm_region.checkpoint import STOP_FILE
+from lvlm_region.compare import ARM_FILE, CompareError, split_regions, stage1_baseline
 from lvlm_region.report import by_region
 
 ARM_FLAGS = ["--max-steps", "3", "--micro-batch", "4", "--num-workers", "0", "--allow-outside-images"]
@@ -50,12 +55,39 @@ def test_by_region_means_spreads_and_ratios_by_hand():
     assert u25["text_retention"] == pytest.approx(0.35) and u25["accuracy_by_category"] == {"color": pytest.approx(0.7)}
 
 
-def test_two_regions_then_a_rerun_reuses_both_arms(small_demo, tmp_path):
+def interrupt_second_arm(cmd: list[str], arm_dir: Path, log: Path) -> int:
+    """Run the comparison and ask its second arm to stop (the STOP file a SLURM preemption writes) as soon as
+    compare has set that arm up; returns the exit status."""
+    with open(log, "w") as f, subprocess.Popen(cmd, cwd=ROOT, stdout=f, stderr=subprocess.STDOUT, text=True,
+                                                start_new_session=True) as proc:
+        deadline = time.time() + 600
+        while not (arm_dir / ARM_FILE).exists():
+            assert proc.poll() is None and time.time() < deadline, log.read_text()[-3000:]
+            time.sleep(0.1)
+        (arm_dir / STOP_FILE).touch()  # before its first step: the arm still prepares its data and loads the model
+        try:
+            return proc.wait(timeout=600)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            raise
+
+
+def test_two_regions_interrupted_continued_then_reused(small_demo, tmp_path):
     out = tmp_path / "cmp"
     cmd = [sys.executable, "launch/compare.py", "--regions", "full,uniform25", "--output-dir", str(out), *small_demo,
            *ARM_FLAGS]
-    res = run(cmd, timeout=900)
+    u25 = out / "arms" / "uniform25-seed0"
+    code = interrupt_second_arm(cmd, u25, tmp_path / "first.log")
+    first = (tmp_path / "first.log").read_text()
+    assert code == 2 and f"arm uniform25-seed0 stopped before its end ({u25 / 'run.json'})" in first, first[-3000:]
+    stopped = json.loads((u25 / "run.json").read_text())
+    assert stopped["status"] == "interrupted" and stopped["steps_done"] < 3 and not (out / "report.json").exists()
+
+    res = run(cmd, timeout=900)  # the same command again: full reused, uniform25 continued from its checkpoint
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-2000:]
+    assert res.stdout.count("reused (finished with the same command") == 1
+    assert f"resumed from {u25 / 'checkpoints'}" in res.stdout + res.stderr
+    assert [a["status"] for a in json.loads((out / "report.json").read_text())["arms"]] == ["reused", "continued"]
     rep = json.loads((out / "report.json").read_text())
     assert [g["region"] for g in rep["regions"]] == ["full", "uniform25"]
     for g in rep["regions"]:
