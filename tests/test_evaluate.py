@@ -57,7 +57,8 @@ def test_one_process_equals_the_end_of_run_evaluation(trained):
     assert e["template"] == "auto" and e["image_aspect_ratio"] == "pad" and e["max_length"] == 2048  # its run.json
     assert e["trained"]["stage"] == "sft" and e["trained"]["region"]["spec"] == "uniform25"
     assert e["trained"]["eval_at_end"] == at_end["accuracy"]
-    assert len(e["right"]) + len(e["wrong"]) == min(N, 5 + 5) and all(r["reference"] for r in e["right"] + e["wrong"])
+    assert (len(e["right"]), len(e["wrong"])) == (min(e["correct"], 5), min(N - e["correct"], 5))  # up to 5 of each
+    assert all(r["reference"] for r in e["right"] + e["wrong"])
     md = (model / "eval" / "eval.md").read_text()
     assert f"**Answer accuracy {e['accuracy']:.3f}** ({e['correct']}/{N}," in md
     assert "Trained here: stage sft, region `uniform25`" in md and "## Wrong answers" in md
