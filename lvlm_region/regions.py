@@ -8,6 +8,7 @@ layer indices plus an on/off switch for every other part of the model. Grammar::
                | ("uniform" | "first" | "last" | "middle") P        P percent, 0 < P <= 100
                | ("uniform" | "first" | "last" | "middle") ":" K    K layers, 1 <= K <= L
                | "layers:" i ("," i)*                               explicit 0-based indices
+               | ("top" | "bottom") (P | ":" K) "@" FILE             by importance scores (below)
     part      := "projector" | "vision" | "embed" | "norm" | "lm_head"
 
 Defaults: the projector trains; vision tower, token embeddings, final norm and LM head are frozen.
@@ -19,9 +20,17 @@ and last layers are always included and consecutive gaps are floor or ceil of (L
 by at most one. k = 1 picks the middle layer floor((L-1)/2). For L=32, k=8: 0,4,9,13,18,22,27,31.
 ``paper32`` is the list of the paper's released code for 32-layer LLMs (1,5,9,13,19,23,27,31); it is
 refused for other depths.
+
+Scores: ``top25@runs/scores.json`` takes the k highest-scoring layers of a ``launch/importance.py`` scores file
+(``bottom``: the k lowest), k counted as above. Ties go to the lower layer index (stated in the file's order: a
+stable sort). The file is read when the spec resolves, before any weights load; it must hold one finite score per
+decoder layer of this LLM. The path runs to the end of the spec, or to a trailing ``+part`` / ``-part``.
 """
 from __future__ import annotations
 
+import json
+import math
+import os
 import re
 from dataclasses import dataclass, field
 from fractions import Fraction
@@ -30,11 +39,14 @@ PARTS = ("projector", "vision", "embed", "norm", "lm_head")
 DEFAULT_PARTS = {"projector": True, "vision": False, "embed": False, "norm": False, "lm_head": False}
 PAPER32 = (1, 5, 9, 13, 19, 23, 27, 31)
 PLACEMENTS = ("uniform", "first", "last", "middle")
+BY_SCORE = ("top", "bottom")
 
 VALID_FORMS = (
     "valid region specs: full | none | paper32 (the paper's list, 32-layer LLMs only) | "
     "uniform<P> | first<P> | last<P> | middle<P> (P percent of the layers, 0 < P <= 100, e.g. uniform25) | "
-    "uniform:<K> | first:<K> | last:<K> | middle:<K> (K layers) | layers:<i>,<j>,... (0-based) ; "
+    "uniform:<K> | first:<K> | last:<K> | middle:<K> (K layers) | layers:<i>,<j>,... (0-based) | "
+    "top<P>@FILE | top:<K>@FILE | bottom<P>@FILE | bottom:<K>@FILE (the highest / lowest scoring layers of a "
+    "launch/importance.py scores file) ; "
     "optionally followed by +part / -part with part in " + ", ".join(PARTS) + " (e.g. uniform25+lm_head)"
 )
 
@@ -97,7 +109,47 @@ def _place(placement: str, k: int, num_layers: int) -> list[int]:
     return list(range(start, start + k))
 
 
-def _layers(spec: str, body: str, num_layers: int) -> list[int]:
+def _size(spec: str, name: str, rest: str, num_layers: int, where: str = "") -> int:
+    """k from what follows a selection's name: ``:K`` layers or ``P`` percent."""
+    if rest.startswith(":"):
+        return _count(spec, rest[1:], num_layers)
+    if rest:
+        return _percent(spec, rest, num_layers)
+    raise RegionError(spec, f"{name} needs a percentage or :count{where}")
+
+
+def read_scores(spec: str, path: str, num_layers: int) -> list[float]:
+    """The per-layer scores of a launch/importance.py file, checked against the LLM's depth."""
+    if not os.path.isfile(path):
+        raise RegionError(spec, f"scores file {path} does not exist (write one with launch/importance.py)")
+    try:
+        with open(path, encoding="utf-8") as f:
+            scores = json.load(f).get("scores")
+    except (ValueError, AttributeError) as e:
+        raise RegionError(spec, f"scores file {path} is not a launch/importance.py scores.json ({e})") from None
+    if not isinstance(scores, list) or not all(isinstance(x, (int, float)) and math.isfinite(x) for x in scores):
+        raise RegionError(spec, f"scores file {path} has no list of finite per-layer 'scores'")
+    if len(scores) != num_layers:
+        raise RegionError(spec, f"scores file {path} scores {len(scores)} layers but this LLM has {num_layers}; "
+                                "score this model's layers with launch/importance.py")
+    return [float(x) for x in scores]
+
+
+def by_score(scores: list[float], k: int, highest: bool) -> list[int]:
+    """The k highest (or lowest) scoring layer indices, sorted; ties go to the lower index."""
+    order = sorted(range(len(scores)), key=lambda i: (-scores[i] if highest else scores[i], i))
+    return sorted(order[:k])
+
+
+def _layers(spec: str, body: str, num_layers: int, scores_file: str | None = None) -> list[int]:
+    if scores_file is not None:
+        which = next((w for w in BY_SCORE if body.startswith(w)), None)
+        if which is None:
+            raise RegionError(spec, f"@FILE follows top<P> / top:<K> / bottom<P> / bottom:<K> only, not {body!r}")
+        k = _size(spec, which, body[len(which):], num_layers, " before @FILE")
+        return by_score(read_scores(spec, scores_file, num_layers), k, which == "top")
+    if body.startswith(BY_SCORE):
+        raise RegionError(spec, f"{body!r} needs the scores file: {body}@FILE (launch/importance.py writes one)")
     if body == "full":
         return list(range(num_layers))
     if body == "none":
@@ -121,14 +173,7 @@ def _layers(spec: str, body: str, num_layers: int) -> list[int]:
         return sorted(idx)
     for placement in PLACEMENTS:
         if body.startswith(placement):
-            rest = body[len(placement):]
-            if rest.startswith(":"):
-                k = _count(spec, rest[1:], num_layers)
-            elif rest:
-                k = _percent(spec, rest, num_layers)
-            else:
-                raise RegionError(spec, f"{placement} needs a percentage or :count")
-            return _place(placement, k, num_layers)
+            return _place(placement, _size(spec, placement, body[len(placement):], num_layers), num_layers)
     raise RegionError(spec, f"unknown layer selection {body!r}")
 
 
@@ -146,7 +191,14 @@ def resolve(spec: str, num_layers: int, tied: bool = False) -> Region:
         raise ValueError(f"num_layers must be a positive int, got {num_layers!r}")
     if not isinstance(spec, str):
         raise RegionError(repr(spec), "a region spec is a string")
-    text = re.sub(r"\s*([+,:-])\s*", r"\1", spec.strip().lower())  # "uniform25 + lm_head" reads as written
+    text, scores_file = spec.strip(), None
+    if "@" in text:  # the scores file keeps its case and its own + and - characters
+        head, _, tail = text.partition("@")
+        mods = re.search(r"((?:\s*[+-]\s*(?:" + "|".join(PARTS) + r"))*)\s*$", tail)
+        scores_file, text = tail[:mods.start()].strip(), head + mods.group(1)
+        if not scores_file:
+            raise RegionError(spec, "@ is followed by no scores file")
+    text = re.sub(r"\s*([+,:-])\s*", r"\1", text.lower())  # "uniform25 + lm_head" reads as written
     if not text:
         raise RegionError(spec, "the spec is empty")
     if re.search(r"\s", text):
@@ -166,7 +218,7 @@ def resolve(spec: str, num_layers: int, tied: bool = False) -> Region:
                                     "train while the other stays frozen; use +embed (or +lm_head) to train the tied "
                                     "tensor, or neither")
         parts["embed"] = parts["lm_head"] = parts["embed"] or parts["lm_head"]
-    layers = _layers(spec, body, num_layers)
+    layers = _layers(spec, body, num_layers, scores_file)
     if not layers and not any(parts.values()):
         raise RegionError(spec, "it selects nothing to train")
     return Region(spec=spec.strip(), num_layers=num_layers, layers=tuple(layers), parts=parts)

@@ -1,4 +1,6 @@
 """Region spec resolution: presets, counts, explicit lists, parts, and every invalid form's error."""
+import json
+
 import pytest
 
 from lvlm_region.regions import PAPER32, RegionError, resolve, uniform_indices
@@ -102,3 +104,36 @@ def test_invalid_specs_fail_with_valid_forms(spec, depth, problem):
     msg = str(e.value)
     assert problem in msg
     assert "valid region specs: full | none | paper32" in msg and "layers:<i>,<j>" in msg
+
+
+def test_layers_by_importance_scores(tmp_path):
+    d = tmp_path / "Run-A+b"  # the path keeps its case and its own + and - characters
+    d.mkdir()
+    f = d / "scores.json"
+    f.write_text(json.dumps({"method": "bi", "scores": [0.1, 0.5, 0.5, 0.05, 0.3, 0.2, 0.5, 0.9]}))
+    assert resolve(f"top25@{f}", 8).layers == (1, 7)  # 0.9 then the first of three tied 0.5s
+    assert resolve(f"top:4@{f}", 8).layers == (1, 2, 6, 7)
+    assert resolve(f"bottom:2@{f}", 8).layers == (0, 3)
+    assert resolve(f"bottom50@{f}", 8).layers == (0, 3, 4, 5)
+    r = resolve(f"top:1@{f} + lm_head - projector", 8)
+    assert (r.layers, r.parts["lm_head"], r.parts["projector"]) == ((7,), True, False)
+    assert r.spec == f"top:1@{f} + lm_head - projector"
+
+
+@pytest.mark.parametrize("spec,depth,problem", [
+    ("top25@{f}", 9, "scores file {f} scores 8 layers but this LLM has 9"),
+    ("top25@{f}.missing", 8, "scores file {f}.missing does not exist (write one with launch/importance.py)"),
+    ("top25@{bad}", 8, "scores file {bad} has no list of finite per-layer 'scores'"),
+    ("top25", 8, "'top25' needs the scores file: top25@FILE"),
+    ("uniform25@{f}", 8, "@FILE follows top<P> / top:<K> / bottom<P> / bottom:<K> only, not 'uniform25'"),
+    ("top:9@{f}", 8, "layer count 9 is outside 1..8"),
+    ("top25@", 8, "@ is followed by no scores file"),
+])
+def test_bad_score_specs(tmp_path, spec, depth, problem):
+    f, bad = tmp_path / "scores.json", tmp_path / "bad.json"
+    f.write_text(json.dumps({"scores": [0.1] * 8}))
+    bad.write_text(json.dumps({"scores": [0.1, float("nan")]}))
+    with pytest.raises(RegionError) as e:
+        resolve(spec.format(f=f, bad=bad), depth)
+    assert problem.format(f=f, bad=bad) in str(e.value)
+    assert "top<P>@FILE" in str(e.value)

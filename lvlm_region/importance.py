@@ -1,0 +1,215 @@
+"""Layer importance of a model's LLM: block influence from hidden states, or relative weight change against a base.
+
+``bi`` (block influence, the paper's score): BI_i = 1 - mean over tokens of cos(h_in_i, h_out_i), with h_in_i and
+h_out_i the hidden states entering and leaving decoder layer i, read by forward hooks on the decoder layers (found
+as module objects) in the model's precision and accumulated in fp64. A layer that changes its input little scores
+near 0. Runs on 1..N ranks: each rank takes every N-th sample, the per-layer sums are all-reduced; under ZeRO-3 the
+weights stay partitioned and a rank with one sample fewer runs a masked repeat so every rank makes the same calls.
+
+``delta``: ||W_i - W_base_i|| / ||W_base_i|| over all parameters of decoder layer i, between a fine-tuned model and
+its base: where tuning actually moved the LLM (the paper's way of locating the visual region).
+"""
+from __future__ import annotations
+
+import logging
+import math
+import os
+import random
+import time
+
+import torch
+
+from . import checkpoint, engine
+from .config import RunConfig
+from .data import ImageTextDataset, run_loader, to_device
+from .eval_run import trained_with
+from .families import find_parts
+from .model import load_model, skeleton
+from .run_setup import obtain_data, setup
+
+log = logging.getLogger(__name__)
+
+METHODS = ("bi", "delta")
+TOKENS = ("all", "text", "image")
+
+
+class BlockInfluence:
+    """Forward hooks on ``layers`` that add up, per layer, cos(h_in, h_out) over the tokens ``mask`` selects (fp64),
+    and the number of those tokens. Set ``mask`` ([batch, seq] bool) before each forward; None counts nothing."""
+
+    def __init__(self, layers):
+        self.sums = torch.zeros(len(layers), dtype=torch.float64)
+        self.counts = torch.zeros(len(layers), dtype=torch.float64)
+        self.mask: torch.Tensor | None = None
+        self._handles = [layer.register_forward_hook(self._hook(i), with_kwargs=True) for i, layer in enumerate(layers)]
+
+    def _hook(self, i: int):
+        def hook(module, args, kwargs, output):
+            if self.mask is None:
+                return
+            h_in = args[0] if args else kwargs["hidden_states"]
+            h_out = output[0] if isinstance(output, tuple) else output
+            cos = torch.nn.functional.cosine_similarity(h_in.double(), h_out.double(), dim=-1)  # [batch, seq]
+            self.sums[i] += cos[self.mask].sum().cpu()
+            self.counts[i] += float(self.mask.sum())
+        return hook
+
+    def close(self) -> None:
+        for h in self._handles:
+            h.remove()
+
+
+def bi_scores(sums: list[float], counts: list[float]) -> list[float]:
+    return [1.0 - s / c if c else float("nan") for s, c in zip(sums, counts)]
+
+
+def token_mask(batch: dict, tokens: str, image_token_id: int | None) -> torch.Tensor:
+    """The positions whose hidden states count: real (attention mask) tokens, all / text only / image only."""
+    mask = batch["attention_mask"].bool()
+    if tokens == "all":
+        return mask
+    image = batch["input_ids"] == image_token_id if image_token_id is not None else torch.zeros_like(mask)
+    return mask & image if tokens == "image" else mask & ~image
+
+
+def image_token_id(config) -> int | None:
+    return getattr(config, "image_token_id", None) or getattr(config, "image_token_index", None)
+
+
+def sample_indices(n: int, samples: int | None, seed: int) -> list[int]:
+    """Which of the data's ``n`` samples are scored: all, or ``samples`` of them drawn with ``seed`` (in order)."""
+    if not samples or samples >= n:
+        return list(range(n))
+    return sorted(random.Random(seed).sample(range(n), samples))
+
+
+def check_layers(model_dir: str) -> int:
+    """The LLM's depth, found from the config alone (a meta-device skeleton): refuses, before any weights load, a
+    model whose decoder layers cannot be found."""
+    from transformers import AutoConfig
+
+    if not os.path.isfile(os.path.join(model_dir, "config.json")):
+        raise FileNotFoundError(f"--model {model_dir}: no config.json there; give a local transformers checkpoint")
+    try:
+        return len(find_parts(skeleton(AutoConfig.from_pretrained(model_dir))).layers)
+    except (ValueError, KeyError) as e:
+        raise ValueError(f"--model {model_dir}: cannot find its LLM's decoder layers, so they cannot be scored ({e})"
+                         ) from None
+
+
+@torch.no_grad()
+def block_influence(cfg: RunConfig, samples: int | None, tokens: str) -> dict:
+    """BI of every decoder layer of ``cfg.model`` on ``cfg.data`` (``samples`` of it, drawn with cfg.seed)."""
+    s = setup(cfg)
+    ds, folder = obtain_data(cfg.data, cfg.image_folder, "importance", s)
+    chosen = sample_indices(len(ds), samples, cfg.seed)
+    if not chosen:
+        raise ValueError(f"--data {cfg.data} has no samples left after preparation: nothing to score")
+    rank, world = engine.rank(), engine.world_size()
+    mine = chosen[rank::world]
+    per_rank = math.ceil(len(chosen) / world)
+    real = len(mine)
+    mine += [chosen[0]] * (per_rank - real)  # equal calls on every rank (ZeRO-3 gathers); the repeat is masked out
+    dtype = engine.torch_dtype(s.precision)
+    loading = engine.PartitionedLoading(s.ds_config)
+    model = load_model(cfg.model_path, dtype, s.attn)
+    loading.close()
+    runner = engine.inference_model(model, s.ds_config)
+    hooks = BlockInfluence(find_parts(model).layers)
+    img_id = image_token_id(model.config)
+    layout = s.encoding.layout
+    loader = run_loader(ImageTextDataset(ds.select(mine), folder, s.load_image, layout), cfg,
+                        s.tokenizer.pad_token_id, layout.dummy(), 0, 1, shuffle=False, drop_last=False)
+    position = 0
+    try:
+        for b in loader:
+            b = to_device(b, engine.device(), dtype)
+            rows = b["input_ids"].shape[0]
+            keep = torch.arange(position, position + rows, device=b["input_ids"].device) < real
+            hooks.mask = token_mask(b, tokens, img_id) & keep[:, None]
+            runner(**layout.model_inputs(b), logits_to_keep=1)
+            position += rows
+    finally:
+        hooks.close()
+    n_layers = len(hooks.sums)
+    totals = engine.all_reduce_sum(hooks.sums.tolist() + hooks.counts.tolist())
+    sums, counts = totals[:n_layers], totals[n_layers:]
+    if not counts[0]:
+        raise ValueError(f"no {tokens} tokens in the {len(chosen)} samples scored; use --tokens all or data with "
+                         f"{tokens} tokens")
+    return {"scores": bi_scores(sums, counts), "samples": len(chosen), "tokens": tokens, "token_count": int(counts[0]),
+            "data": os.path.abspath(cfg.data), "precision": s.precision, "zero_stage": engine.zero_stage(s.ds_config),
+            "world_size": world}
+
+
+@torch.no_grad()
+def weight_delta(model_dir: str, base_dir: str) -> dict:
+    """||W_i - W_base_i|| / ||W_base_i|| per decoder layer i (all its parameters together), in fp64."""
+    tuned, base = load_model(model_dir, torch.float32), load_model(base_dir, torch.float32)
+    layers, base_layers = find_parts(tuned).layers, find_parts(base).layers
+    if len(layers) != len(base_layers):
+        raise ValueError(f"--base {base_dir} has {len(base_layers)} decoder layers, --model {model_dir} "
+                         f"{len(layers)}: compare a model with the base it was tuned from")
+    scores = []
+    for i, (layer, ref) in enumerate(zip(layers, base_layers)):
+        a, b = dict(layer.named_parameters()), dict(ref.named_parameters())
+        if a.keys() != b.keys() or any(a[k].shape != b[k].shape for k in a):
+            raise ValueError(f"decoder layer {i} of --model {model_dir} and --base {base_dir} differ in parameters "
+                             "or shapes: compare a model with the base it was tuned from")
+        diff = sum(float((a[k].double() - b[k].double()).pow(2).sum()) for k in a)
+        norm = sum(float(b[k].double().pow(2).sum()) for k in a)
+        scores.append(math.sqrt(diff) / math.sqrt(norm) if norm else float("nan"))
+    return {"scores": scores, "base": os.path.abspath(base_dir)}
+
+
+def score(cfg: RunConfig, method: str, output: str, samples: int | None = None, tokens: str = "all",
+          base: str | None = None) -> dict:
+    """Score ``cfg.model``'s decoder layers; rank 0 writes ``output`` (scores.json) and scores.png beside it."""
+    if method not in METHODS:
+        raise ValueError(f"--method {method!r}: choose one of {', '.join(METHODS)}")
+    if tokens not in TOKENS:
+        raise ValueError(f"--tokens {tokens!r}: choose one of {', '.join(TOKENS)}")
+    if method == "delta" and not base:
+        raise ValueError("--method delta needs --base BASE_DIR: the model the scored one was tuned from")
+    depth = check_layers(cfg.model_path)
+    if base:
+        check_layers(base)
+    start = time.perf_counter()
+    if method == "bi":
+        result = block_influence(cfg, samples, tokens)
+    else:
+        engine.init_distributed(cfg.dist_timeout)
+        result = weight_delta(cfg.model_path, base) if engine.rank() == 0 else {"scores": []}
+    run = trained_with(cfg.model_path)
+    region = (run or {}).get("region")
+    out = {"method": method, "model": os.path.abspath(cfg.model_path), "layers": depth, **result,
+           "seed": cfg.seed, "region": region, "seconds": time.perf_counter() - start}
+    if engine.rank() == 0:
+        os.makedirs(os.path.dirname(os.path.abspath(output)), exist_ok=True)
+        checkpoint.write_json_atomic(output, out)
+        plot(out, os.path.splitext(output)[0] + ".png")
+        log.info("%s scores of %d layers -> %s", method, depth, output)
+    engine.barrier()
+    return out
+
+
+def plot(out: dict, path: str) -> None:
+    """A bar per layer; the layers of the region the model was trained with (its run.json) in another colour."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    trained = set((out.get("region") or {}).get("layers") or [])
+    fig, ax = plt.subplots(figsize=(max(4.0, 0.35 * out["layers"]), 3.0))
+    colours = ["tab:orange" if i in trained else "tab:blue" for i in range(out["layers"])]
+    ax.bar(range(out["layers"]), out["scores"], color=colours)
+    ax.set_xlabel("decoder layer")
+    ax.set_ylabel({"bi": "block influence", "delta": "relative weight change"}[out["method"]])
+    title = os.path.basename(out["model"].rstrip("/"))
+    if trained:
+        title += f" (orange: trained region {out['region']['spec']})"
+    ax.set_title(title, fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
