@@ -50,8 +50,10 @@ class BlockInfluence:
             h_in = args[0] if args else kwargs["hidden_states"]
             h_out = output[0] if isinstance(output, tuple) else output
             cos = torch.nn.functional.cosine_similarity(h_in.double(), h_out.double(), dim=-1)  # [batch, seq]
-            self.sums[i] += cos[self.mask].sum().cpu()
-            self.counts[i] += float(self.mask.sum())
+            if self.sums.device != cos.device:  # summed where the model runs: no device sync per layer and batch
+                self.sums, self.counts = self.sums.to(cos.device), self.counts.to(cos.device)
+            self.sums[i] += cos[self.mask].sum()
+            self.counts[i] += self.mask.sum()
         return hook
 
     def close(self) -> None:
