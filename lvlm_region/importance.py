@@ -74,10 +74,6 @@ def token_mask(batch: dict, tokens: str, image_token_id: int | None) -> torch.Te
     return mask & image if tokens == "image" else mask & ~image
 
 
-def image_token_id(config) -> int | None:
-    return getattr(config, "image_token_id", None) or getattr(config, "image_token_index", None)
-
-
 def sample_indices(n: int, samples: int | None, seed: int) -> list[int]:
     """Which of the data's ``n`` samples are scored: all, or ``samples`` of them drawn with ``seed`` (in order)."""
     if not samples or samples >= n:
@@ -118,7 +114,6 @@ def block_influence(cfg: RunConfig, samples: int | None, tokens: str) -> dict:
     loading.close()
     runner = engine.inference_model(model, s.ds_config)
     hooks = BlockInfluence(find_parts(model).layers)
-    img_id = image_token_id(model.config)
     layout = s.encoding.layout
     loader = run_loader(ImageTextDataset(ds.select(mine), folder, s.load_image, layout), cfg,
                         s.tokenizer.pad_token_id, layout.dummy(), 0, 1, shuffle=False, drop_last=False)
@@ -128,7 +123,7 @@ def block_influence(cfg: RunConfig, samples: int | None, tokens: str) -> dict:
             b = to_device(b, engine.device(), dtype)
             rows = b["input_ids"].shape[0]
             keep = torch.arange(position, position + rows, device=b["input_ids"].device) < real
-            hooks.mask = token_mask(b, tokens, img_id) & keep[:, None]
+            hooks.mask = token_mask(b, tokens, layout.image_token_id) & keep[:, None]
             runner(**layout.model_inputs(b), logits_to_keep=1)
             position += rows
     finally:
