@@ -32,13 +32,24 @@ def trained_with(model_dir: str) -> dict | None:
         return json.load(f)
 
 
+def trained_settings(model_dir: str) -> dict:
+    """The FROM_RUN settings ``model_dir`` was trained with: its run.json's, or for a model launch/prune.py wrote, those
+    its prune.json carried over from the source (empty when neither says)."""
+    run = trained_with(model_dir)
+    if run is not None:
+        return {k: run["config"].get(k) for k in FROM_RUN}
+    path = os.path.join(model_dir, "prune.json")
+    if os.path.isfile(path):
+        with open(path) as f:
+            return dict(json.load(f).get("settings") or {})
+    return {}
+
+
 def evaluation_config(model: str, data: str, output_dir: str | None = None, **flags) -> RunConfig:
     """The run config of an evaluation: ``data`` is the held-out set; unset FROM_RUN fields come from the model's
-    run.json. ``output_dir`` defaults to MODEL/eval."""
-    run = trained_with(model)
+    run.json (a pruned model's: its source's). ``output_dir`` defaults to MODEL/eval."""
     given = {k: v for k, v in flags.items() if v is not None}
-    if run is not None:
-        given.update({k: run["config"][k] for k in FROM_RUN if k not in given and run["config"].get(k) is not None})
+    given.update({k: v for k, v in trained_settings(model).items() if k not in given and v is not None})
     return RunConfig(stage="sft", model=model, data=data, eval_data=data, export_model=False,
                      output_dir=output_dir or os.path.join(model, "eval"), **given)
 

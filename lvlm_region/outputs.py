@@ -62,7 +62,7 @@ def replace_dir(staged: str, path: str, marker: str | tuple[str, ...], what: str
     os.rename(staged, path)
 
 
-def _inside(child: str, parent: str) -> bool:
+def inside(child: str, parent: str) -> bool:
     child, parent = os.path.realpath(child), os.path.realpath(parent)
     return child == parent or child.startswith(parent.rstrip(os.sep) + os.sep)
 
@@ -75,9 +75,9 @@ def check_run_dir(output_dir: str, inputs: dict[str, str | None], fresh: bool, o
     """
     owned = [os.path.join(output_dir, d) for d in RUN_OWNED]
     for flag, path in inputs.items():
-        if path is None or any(_inside(path, o) for o in owned):
+        if path is None or any(inside(path, o) for o in owned):
             continue
-        if _inside(path, output_dir):
+        if inside(path, output_dir):
             raise OutputError(f"--output-dir {output_dir} contains {flag} {path}: the run writes its model, "
                               f"run.json and checkpoints there and could overwrite what it reads; choose an output "
                               "directory outside the inputs")

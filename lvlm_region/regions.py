@@ -118,21 +118,28 @@ def _size(spec: str, name: str, rest: str, num_layers: int, where: str = "") -> 
     raise RegionError(spec, f"{name} needs a percentage or :count{where}")
 
 
-def read_scores(spec: str, path: str, num_layers: int) -> list[float]:
-    """The per-layer scores of a launch/importance.py file, checked against the LLM's depth."""
+def load_scores(path: str, num_layers: int, what: str = "scores file") -> list[float]:
+    """The per-layer scores of a launch/importance.py file, checked against the LLM's depth (ValueError if not)."""
     if not os.path.isfile(path):
-        raise RegionError(spec, f"scores file {path} does not exist (write one with launch/importance.py)")
+        raise ValueError(f"{what} {path} does not exist (write one with launch/importance.py)")
     try:
         with open(path, encoding="utf-8") as f:
             scores = json.load(f).get("scores")
     except (ValueError, AttributeError) as e:
-        raise RegionError(spec, f"scores file {path} is not a launch/importance.py scores.json ({e})") from None
+        raise ValueError(f"{what} {path} is not a launch/importance.py scores.json ({e})") from None
     if not isinstance(scores, list) or not all(isinstance(x, (int, float)) and math.isfinite(x) for x in scores):
-        raise RegionError(spec, f"scores file {path} has no list of finite per-layer 'scores'")
+        raise ValueError(f"{what} {path} has no list of finite per-layer 'scores'")
     if len(scores) != num_layers:
-        raise RegionError(spec, f"scores file {path} scores {len(scores)} layers but this LLM has {num_layers}; "
-                                "score this model's layers with launch/importance.py")
+        raise ValueError(f"{what} {path} scores {len(scores)} layers but this LLM has {num_layers}; score this "
+                         "model's layers with launch/importance.py")
     return [float(x) for x in scores]
+
+
+def read_scores(spec: str, path: str, num_layers: int) -> list[float]:
+    try:
+        return load_scores(path, num_layers)
+    except ValueError as e:
+        raise RegionError(spec, str(e)) from None
 
 
 def by_score(scores: list[float], k: int, highest: bool) -> list[int]:

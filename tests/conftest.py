@@ -33,6 +33,18 @@ def demo_dir(repo_cwd) -> Path:
     return Path(demo.ensure(DEMO_DIR))
 
 
+@pytest.fixture(scope="session")
+def sft_uniform25(demo_dir, tmp_path_factory) -> Path:
+    """A short real stage-2 uniform25 run on the demo (3 steps, end-of-run evaluation of 6 held-out samples), shared
+    by the tests of what reads a trained model (evaluation, pruning). Tests write their outputs elsewhere."""
+    out = tmp_path_factory.mktemp("sft_uniform25") / "sft"
+    res = run(deepspeed_cmd(1, "launch/sft.py", "--region", "uniform25", "--output-dir", str(out), "--max-steps",
+                            "3", "--micro-batch", "4", "--num-workers", "0", "--eval-max-samples", "6"),
+              timeout=600)
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-2000:]
+    return out
+
+
 def run(cmd: list[str], timeout: int = 600, env: dict | None = None) -> subprocess.CompletedProcess:
     """Run a command from the repo root, capturing output; the caller asserts on the result.
 

@@ -9,18 +9,13 @@ from conftest import deepspeed_cmd, run
 from lvlm_region.demo import COLORS, POSITIONS, SHAPES
 
 EVAL = "data/demo/sft_eval.json"
-N = 6  # held-out samples: even, so 2 ranks need no shard padding
+N = 6  # held-out samples (as conftest's sft_uniform25 ran): even, so 2 ranks need no shard padding
 
 
 @pytest.fixture(scope="module")
-def trained(demo_dir, tmp_path_factory):
-    out = tmp_path_factory.mktemp("evaluate") / "sft"
-    res = run(deepspeed_cmd(1, "launch/sft.py", "--region", "uniform25", "--output-dir", str(out), "--max-steps",
-                            "3", "--micro-batch", "4", "--num-workers", "0", "--eval-max-samples", str(N)),
-              timeout=600)
-    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-2000:]
-    run_json = json.loads((out / "run.json").read_text())
-    return out, run_json["eval"], run_json["text_eval"]
+def trained(sft_uniform25):
+    run_json = json.loads((sft_uniform25 / "run.json").read_text())
+    return sft_uniform25, run_json["eval"], run_json["text_eval"]
 
 
 def same_evaluation(got: dict, want: dict) -> None:
