@@ -127,7 +127,7 @@ def run_arm(spec: str, seed: int, out: str, gpus: int, passthrough: list[str]) -
         json.dump(settings, f, indent=1)
     cmd = arm_command(spec, seed, arm_dir, gpus, passthrough) + (["--resume", "auto"] if status == "continued" else [])
     log.info("arm %s: %s", name, " ".join(cmd))
-    res = subprocess.run(cmd, cwd=SFT.parents[1])
+    res = subprocess.run(cmd)  # in our working directory: relative paths (--data, @FILE, the demo) mean the same
     if res.returncode != 0:
         raise CompareError(f"arm {name} failed (exit {res.returncode}); its log is above. Run the same command "
                            "again to continue it and the arms after it")
@@ -175,7 +175,7 @@ def stage1_baseline(out: str, passthrough: list[str]) -> dict | None:
         elif _flag(passthrough, name) is not None:
             cmd += [name, _flag(passthrough, name)]
     log.info("the model stage 2 starts from, evaluated as the arms are: %s", " ".join(cmd))
-    if subprocess.run(cmd, cwd=SFT.parents[1]).returncode != 0:
+    if subprocess.run(cmd).returncode != 0:
         raise CompareError(f"evaluating {init} (where stage 2 starts) failed; its log is above")
     with open(result) as f:
         return json.load(f)

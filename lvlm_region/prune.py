@@ -250,13 +250,13 @@ def check_output(output: str, plan: Plan) -> None:
     outputs.check_replaceable(output, MARKERS, "launch/prune.py output", "--output")
 
 
-def evaluate_all(rows: list[dict], eval_args: list[str], cwd: str) -> None:
+def evaluate_all(rows: list[dict], eval_args: list[str]) -> None:
     """launch/evaluate.py on each row's model (one process each) into row['eval_dir']; adds eval.json's numbers."""
     for row in rows:
         # a pruned model is evaluated with its source's template, aspect and length (prune.json carries them)
         cmd = [sys.executable, str(EVALUATE), "--model", row["dir"], "--output-dir", row["eval_dir"], *eval_args]
         log.info("evaluating %s: %s", row["name"], " ".join(cmd))
-        if subprocess.run(cmd, cwd=cwd).returncode != 0:
+        if subprocess.run(cmd).returncode != 0:  # our working directory: relative flags mean the same there
             raise RuntimeError(f"evaluating {row['dir']} failed (its log is above); the pruned models are written")
         with open(os.path.join(row["eval_dir"], "eval.json")) as f:
             e = json.load(f)
@@ -372,7 +372,7 @@ def run(model: str, scores_file: str, drops: list[int], protect: str | None, out
              "dropped": [], "layers": plan.depth, "parameters": first["parameters_before"]}]
     rows += [{"name": f"drop{r['drop']}", "dir": r["dir"], "eval_dir": os.path.join(r["dir"], "eval"),
               "dropped": r["dropped"], "layers": r["layers_after"], "parameters": r["parameters"]} for r in records]
-    evaluate_all(rows, args, str(EVALUATE.parents[1]))
+    evaluate_all(rows, args)
     cfg = evaluation_config(plan.model, os.path.abspath(eval_data), os.path.join(os.path.abspath(output), "speed"),
                             **{k: v for k, v in flags.items() if k != "text_eval_data"})
     speed = generation_speed(rows, cfg, speed_tokens, speed_repeats)
