@@ -45,8 +45,11 @@ def main() -> int:
         print(f"left out: {problem}", file=sys.stderr)
     for c in report["comparisons"]:
         if c["gpu_hours_saved"] is not None:
+            doubt = (f" -- NOT TO BE TRUSTED ({', '.join(f['check'] for f in c['flags'])}: see report.md; remedy: "
+                     "--compare-full)" if c["flags"] else "")
             print(f"{c['run']}: {c['gpu_hours_saved']:.4g} GPU-hours saved ({c['gpu_hours_saved_pct']:.1f}%) against "
-                  f"{c['baseline']}; step-time ratio {c['step_time_ratio']:.3f} (FLOP model {c['ideal_ratio']:.3f})")
+                  f"{c['baseline']}; step-time ratio {c['step_time_ratio']:.3f} (FLOP model {c['ideal_ratio']:.3f})"
+                  f"{doubt}")
     print(f"wrote {', '.join(files)} to {args.output}")
     return 0
 

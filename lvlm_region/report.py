@@ -92,9 +92,10 @@ def compare(row: dict, base: dict, price: float) -> dict:
     if base_gpu_h is not None and row["steps"] and base["steps"] and row["steps"] != base["steps"]:
         base_gpu_h = base_gpu_h * row["steps"] / base["steps"]
         notes.append(f"baseline GPU-hours scaled from its {base['steps']} to this run's {row['steps']} steps")
-    for key in ("micro_batch", "zero", "grad_ckpt", "ranks", "hardware"):
+    for key in ("micro_batch", "zero", "grad_ckpt"):
         if row[key] != base[key]:
-            notes.append(f"{key} differs from the baseline ({row[key]} vs {base[key]}): not like for like")
+            notes.append(f"{key} differs from the baseline ({row[key]} vs {base[key]}): a system saving, not like "
+                         "for like")
     saved = base_gpu_h - row["gpu_hours"] if base_gpu_h is not None and row["gpu_hours"] is not None else None
     return {
         "run": row["name"], "baseline": base["name"],
@@ -110,8 +111,49 @@ def compare(row: dict, base: dict, price: float) -> dict:
             if base["memory_estimate_gb"] is not None and row["memory_estimate_gb"] is not None else None),
         "accuracy_delta": (row["accuracy"] - base["accuracy"]
                            if row["accuracy"] is not None and base["accuracy"] is not None else None),
-        "notes": notes,
+        "notes": notes, "flags": trust_flags(row, base),
     }
+
+
+REMEDY = ("measure both arms in one allocation, back to back: launch/sft.py --compare-full (the full-tuning arm is "
+          "timed on the same GPUs right after the run)")
+# How far a like-for-like measurement may stray from the FLOP model before the comparison is flagged: the measured
+# step-time ratio lies between the FLOP model's ratio (all work scales) and 1 (fixed costs dominate).
+RATIO_SLACK = (0.85, 1.15)
+MFU_SPREAD = 2.0  # each run's MFU counts its own FLOPs: like for like they differ by much less than this
+FORWARD_SPREAD = 1.25  # the forward pass is the same work in both arms
+
+
+def trust_flags(row: dict, base: dict) -> list[dict]:
+    """Why a run's comparison with the baseline cannot be trusted, each with its likely cause and the remedy."""
+    flags = []
+
+    def flag(check: str, detail: str, cause: str) -> None:
+        flags.append({"check": check, "detail": detail, "cause": cause, "remedy": REMEDY})
+
+    if row["hardware"] != base["hardware"]:
+        flag("hardware", f"measured on {row['hardware']}, the baseline on {base['hardware']}",
+             "different GPUs (another node type) run at other speeds")
+    if row["ranks"] != base["ranks"]:
+        flag("world size", f"{row['ranks']} ranks, the baseline {base['ranks']}",
+             "other communication and per-GPU batch: the step times do not compare")
+    measured = _ratio(row["step_seconds"], base["step_seconds"])
+    ideal = _ratio(row["hardware_tflops_per_step"], base["hardware_tflops_per_step"])
+    if measured is not None and ideal is not None and not (
+            ideal * RATIO_SLACK[0] <= measured <= max(1.0, ideal) * RATIO_SLACK[1]):
+        flag("step-time ratio", f"measured {measured:.3g} against the FLOP model's {ideal:.3g} (like for like it lies "
+                                f"between {ideal * RATIO_SLACK[0]:.3g} and {max(1.0, ideal) * RATIO_SLACK[1]:.3g})",
+             "the runs did not run under the same conditions: another job on the node, a straggler rank, "
+             "throttling, or other data")
+    if row["mfu"] and base["mfu"] and not 1 / MFU_SPREAD <= row["mfu"] / base["mfu"] <= MFU_SPREAD:
+        flag("MFU", f"{row['mfu']:.3g} against the baseline's {base['mfu']:.3g}",
+             "one run got a far smaller share of the same hardware (a shared node, a slow rank)")
+    fwd, base_fwd = ((r.get("phase_seconds") or {}).get("forward") for r in (row, base))
+    if fwd and base_fwd and not 1 / FORWARD_SPREAD <= fwd / base_fwd <= FORWARD_SPREAD:
+        flag("forward time", f"{fwd:.3g} s per step against the baseline's {base_fwd:.3g} s, though the forward pass "
+                             "is the same work in both",
+             "the machine ran at another speed for one of the runs (another job, a straggler, another node)")
+    return flags
 
 
 def project(row: dict, p: Projection) -> dict:
@@ -295,11 +337,14 @@ def _markdown(report: dict, images: list[str]) -> str:
                   "|---|---|---|---|---|---|---|---|---|---|"]
         for c in report["comparisons"]:
             lines.append(f"| {c['run']} | {_fmt(c['gpu_hours'])} | {_fmt(c['baseline_gpu_hours'])} | "
-                         f"{_fmt(c['gpu_hours_saved'])} | {_fmt(c['gpu_hours_saved_pct'])} | "
+                         f"{_fmt(c['gpu_hours_saved'])}{' (flagged)' if c['flags'] else ''} | "
+                         f"{_fmt(c['gpu_hours_saved_pct'])} | "
                          f"{_fmt(c['cost_saved'])} at {c['price_per_gpu_hour']}/GPU-h | {_fmt(c['step_time_ratio'])} | "
                          f"{_fmt(c['ideal_ratio'])} | {_fmt(c['peak_memory_saved_gb'])} | "
                          f"{_fmt(c['accuracy_delta'])} |")
             lines += [f"- {c['run']}: {n}" for n in c["notes"]]
+            lines += [f"- **{c['run']}: not to be trusted ({f['check']})**: {f['detail']}. Likely cause: {f['cause']}. "
+                      f"Remedy: {f['remedy']}." for f in c["flags"]]
     in_run = [r for r in report["runs"] if r.get("compare_full")]
     if in_run:
         lines += ["", "## Full-tuning arm timed in the same allocation (--compare-full)", ""]

@@ -169,18 +169,27 @@ class Totals:
                 "hfu": self.hardware_flops / (self.seconds * world * peak)}
 
 
-def memory_estimate(total_params: int, trainable_params: int, zero_stage: int, world: int, precision: str,
-                    offload_optimizer: bool) -> dict:
-    """Model-state bytes per rank before training (activations not included).
+def model_states(total_params: int, trainable_params: int, zero_stage: int, world: int, precision: str,
+                 offload_optimizer: bool, largest: int = 0) -> dict:
+    """Model-state bytes per rank (activations not included): a run's logged estimate and the planner's (plan.py).
 
-    Weights in the compute dtype (partitioned under ZeRO-3); gradients of trainable weights in the compute
-    dtype (partitioned under ZeRO-2/3); Adam state: fp32 master copy (mixed precision only) + m + v,
-    partitioned, on the CPU when offloaded. Frozen weights cost only their weights.
+    DeepSpeed's own accounting (estimate_zero2/3_model_states_mem_needs count exactly this for full tuning),
+    applied per parameter, so frozen ones cost only their weights. 16-bit weights (fp32: 4 bytes), partitioned
+    under ZeRO-3. A trainable parameter adds, with mixed precision: ZeRO-2 its 16-bit gradient partition and the
+    fp32 copy of it the optimizer steps on, ZeRO-3 the fp32 gradient partition it reduces into (6 / 4 bytes); the fp32
+    master weight and Adam's two moments (12 bytes). In fp32: the gradient (4) and the moments (8). Gradients are
+    partitioned from ZeRO-2 on, optimizer state from ZeRO-1 on; offload keeps gradients and optimizer state on the
+    CPU. ZeRO-3 gathers a module's weights and gradients into buffers sized by the largest module (``largest``
+    parameters: 2 x 16-bit). With mixed precision, ZeRO-2: 2 N + 18 T / world; ZeRO-3: 4 L + (2 N + 16 T) / world.
     """
     w = 2 if precision in ("bf16", "fp16") else 4
-    weights = total_params * w / (world if zero_stage >= 3 else 1)
-    grads = trainable_params * w / (world if zero_stage >= 2 else 1)
-    optim = trainable_params * ((4 if w == 2 else 0) + 8) / (world if zero_stage >= 1 else 1)
-    device_optim = 0 if offload_optimizer else optim
-    return {"weights": weights, "gradients": grads, "optimizer": optim, "optimizer_on_device": device_optim,
-            "total_on_device": weights + grads + device_optim}
+    mixed = w == 2
+    zero3 = zero_stage >= 3
+    weights = total_params * w / (world if zero3 else 1)
+    grad_bytes = (4 if zero3 else 6) if mixed else 4
+    grads = trainable_params * grad_bytes / (world if zero_stage >= 2 else 1)
+    optim = trainable_params * (12 if mixed else 8) / (world if zero_stage >= 1 else 1)
+    gather = 2 * w * largest if zero3 else 0
+    on_device = weights + gather + (0 if offload_optimizer else grads + optim)
+    return {"weights": weights, "gradients": grads, "optimizer": optim, "gather_buffer": gather,
+            "optimizer_on_device": 0 if offload_optimizer else optim, "total_on_device": on_device}

@@ -66,3 +66,10 @@ def projector_parameters(model: PreTrainedModel) -> list[nn.Parameter]:
     """The projector's parameters and those that train with it (LLaVA-NeXT's image_newline)."""
     parts = find_parts(model)
     return list(parts.projector.parameters()) + list(parts.projector_extra)
+
+
+def largest_module(model: nn.Module) -> int:
+    """Parameters of the largest single module (its own, not its children's): DeepSpeed's ``largest_layer_params``,
+    which sizes ZeRO-3's gather buffers. ``ds_numel`` when ZeRO-3 has partitioned them."""
+    return max((sum(getattr(p, "ds_numel", p.numel()) for p in m.parameters(recurse=False)) for m in model.modules()),
+               default=0)

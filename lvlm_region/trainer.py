@@ -29,7 +29,7 @@ from .loss import loss_positions, token_loss_sum, valid_tokens
 from .model import enable_checkpointing, load_model, skeleton
 from .projector import PROJECTOR_FILE, export_projector, import_projector, load_projector
 from .run_setup import Setup, obtain_data, setup
-from .trainable import apply_region, projector_parameters
+from .trainable import apply_region, largest_module, projector_parameters
 
 log = logging.getLogger(__name__)
 
@@ -99,8 +99,9 @@ class Trainer:
         self.dtype = engine.torch_dtype(s.precision)
         model, self.adapters, self.counts = build_model(s, self.dtype)
         offload = engine.optimizer_offload(s.ds_config) != "none"
-        self.mem = timing.memory_estimate(self.counts["all"]["total"], self.counts["all"]["trainable"],
-                                          engine.zero_stage(s.ds_config), engine.world_size(), s.precision, offload)
+        self.mem = timing.model_states(self.counts["all"]["total"], self.counts["all"]["trainable"],
+                                       engine.zero_stage(s.ds_config), engine.world_size(), s.precision, offload,
+                                       largest=largest_module(model))
         if self.rank0:
             mem = self.mem
             log.info("model state per rank (estimate, before activations): weights %.3f GB, gradients %.3f GB, "

@@ -262,8 +262,6 @@ def test_sweep_evaluates_and_times_every_model_and_a_pruned_model_heals(demo_dir
         same = all(torch.equal(x, y) for x, y in zip(a.state_dict().values(), b.state_dict().values()))
         assert same == (i != 1), i  # only the region's layer changed
     # a rerun replaces the earlier sweep (its marker), and nothing else
-    res = run([sys.executable, "launch/prune.py", "--model", str(trained), "--scores", str(scores_file), "--drop", "2",
-               "--output", str(out)], timeout=300)
-    assert res.returncode == 0, res.stderr[-2000:]
+    prune.run(str(trained), str(scores_file), [2], None, str(out))
     assert json.loads((out / prune.PRUNE_FILE).read_text())["dropped"] == sorted(free[:2])
     assert not (out / "drop1").exists()

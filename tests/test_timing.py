@@ -25,19 +25,23 @@ def test_totals_skip_warmup_and_restore_across_sessions():
     assert resumed.summary(2, 1e12)["steady_steps"] == 3 and resumed.seconds == 3.0
 
 
-def test_memory_estimate_by_hand():
-    # Llama-3-8B-sized full tuning in bf16 on one rank: 2 (weight) + 2 (grad) + 12 (fp32 master, m, v) = 16 B/param
-    full = timing.memory_estimate(8_000_000_000, 8_000_000_000, zero_stage=0, world=1, precision="bf16",
-                                  offload_optimizer=False)
-    assert full["total_on_device"] == 128e9
-    # 8 of 32 layers trainable (~1.75B), ZeRO-2 on 8 ranks: full weights, gradients and Adam state split 8 ways
-    sel = timing.memory_estimate(8_000_000_000, 1_750_000_000, zero_stage=2, world=8, precision="bf16",
-                                 offload_optimizer=False)
-    assert sel == {"weights": 16e9, "gradients": 1_750_000_000 * 2 / 8, "optimizer": 1_750_000_000 * 12 / 8,
-                   "optimizer_on_device": 1_750_000_000 * 12 / 8,
-                   "total_on_device": 16e9 + 1_750_000_000 * 14 / 8}
-    off = timing.memory_estimate(100, 10, zero_stage=3, world=2, precision="fp32", offload_optimizer=True)
-    assert off["weights"] == 200 and off["optimizer"] == 40 and off["total_on_device"] == 200 + 20
+def test_model_states_by_hand():
+    # Llama-3-8B-sized full tuning in bf16 on one rank: 2 (weight) + 6 (16-bit and fp32 gradient) + 12 (fp32 master,
+    # m, v) = 20 B/param, as DeepSpeed's ZeRO-2 estimator counts it (2 N + 18 N / world)
+    full = timing.model_states(8_000_000_000, 8_000_000_000, zero_stage=2, world=1, precision="bf16",
+                               offload_optimizer=False)
+    assert full["total_on_device"] == 160e9
+    # 8 of 32 layers trainable (~1.75B), ZeRO-2 on 8 ranks: full 16-bit weights, the trainable state split 8 ways
+    sel = timing.model_states(8_000_000_000, 1_750_000_000, zero_stage=2, world=8, precision="bf16",
+                              offload_optimizer=False)
+    assert sel == {"weights": 16e9, "gradients": 1_750_000_000 * 6 / 8, "optimizer": 1_750_000_000 * 12 / 8,
+                   "gather_buffer": 0, "optimizer_on_device": 1_750_000_000 * 12 / 8,
+                   "total_on_device": 16e9 + 1_750_000_000 * 18 / 8}
+    # ZeRO-3: weights partitioned too, the fp32 gradient partition only, the largest module's gather buffers
+    z3 = timing.model_states(1000, 100, zero_stage=3, world=4, precision="bf16", offload_optimizer=False, largest=50)
+    assert z3["total_on_device"] == 4 * 50 + (2 * 1000 + 16 * 100) / 4
+    off = timing.model_states(100, 10, zero_stage=3, world=2, precision="fp32", offload_optimizer=True, largest=5)
+    assert off["weights"] == 200 and off["optimizer"] == 40 and off["total_on_device"] == 200 + 2 * 4 * 5
 
 
 def test_cpu_peak_is_measured():

@@ -1,0 +1,426 @@
+"""The planner (launch/plan.py): memory per GPU and step time of every ZeRO stage / offload / checkpointing /
+micro-batch for a region on a GPU allocation, from the model's config alone (a meta-device skeleton, no weights).
+
+Memory per GPU, in three parts:
+- ``model_states`` (timing.model_states, the same code as a run's own logged estimate): DeepSpeed's accounting
+  for bf16 mixed precision and Adam, applied per parameter: every weight in 16 bits (partitioned under ZeRO-3);
+  a trainable one adds 16-bit and fp32 gradients, an fp32 master copy and Adam's two moments (18 bytes in all with
+  the weight, partitioned), moved to the CPU with optimizer offload; ZeRO-3 adds the gather buffer of the largest
+  module (4 bytes per parameter). For full tuning this is exactly DeepSpeed's estimate_zero{2,3}_model_states_mem_needs.
+- ``activations``: what autograd keeps for the backward pass, counted by running the model's own modules on the
+  meta device under ``torch.autograd.graph.saved_tensors_hooks`` with the region's requires_grad: the decoder
+  layers (each trainable, frozen on the backward path, or checkpointed: then only its input, plus one layer's
+  worth while it is recomputed), the projector, the final norm, and the LM head and the fp32 loss on the trained
+  positions only (as the trainer runs them). Nothing below the lowest trainable parameter keeps anything.
+  Attention is counted as flash / memory-efficient attention keeps it (q, k, v, output, log-sum-exp), what
+  flash-attn and torch's sdpa keep on GPU and on CPU alike; eager attention's T x T weights are not modelled.
+- ``allowance``: ALLOWANCE_GIB for the CUDA context, NCCL and DeepSpeed's communication buckets, plus
+  FRAGMENTATION of the rest for the caching allocator's fragmentation (stated assumptions, not measurements).
+
+Step time: the project's FLOP model (flops.py, hardware FLOPs: recomputation included) over the micro-batches of a
+step at an assumed MFU (ASSUMED_MFU) or one a finished run measured, plus stated transfer terms for ZeRO-3's
+parameter gathers and optimizer offload.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import weakref
+from dataclasses import asdict, dataclass, field
+
+import torch
+from torch import nn
+from transformers import AttentionInterface, AutoConfig
+
+from . import regions, timing
+from .families import find_parts, flop_model
+from .flops import BatchShape
+from .model import skeleton
+from .trainable import apply_region, largest_module
+
+GIB = 2 ** 30
+# memory (GiB) and dense bf16 peak (TFLOP/s, the data sheets': timing.PEAK_TFLOPS) per GPU
+GPUS = {"A100-40GB": (40, 312.0), "A100-80GB": (80, 312.0), "H100-80GB": (80, 989.0), "H200": (141, 989.0),
+        "L40S": (48, 362.0), "A10": (24, 125.0)}
+ALLOWANCE_GIB = 2.0  # CUDA context (~0.5-1 GiB), NCCL buffers, DeepSpeed's reduce / all-gather buckets
+FRAGMENTATION = 0.10  # of model states + activations: the caching allocator's fragmentation
+# MFU assumed when no run calibrates it: LLaVA-style training on transformers + DeepSpeed (this project's stack)
+# reaches about 0.20-0.27 of the bf16 peak (LLaVA-1.5-7B's published ~10 h on 8 A100s, by arithmetic); tuned
+# stacks reach 0.5-0.6 on dense text models. --calibrate replaces it with what a run of yours measured.
+ASSUMED_MFU = 0.25
+NVLINK_GBPS = 150.0  # effective all-gather / reduce-scatter bandwidth per GPU within a node (assumed)
+PCIE_GBPS = 12.0  # effective host-device bandwidth per GPU (optimizer offload: gradients down, weights up)
+CPU_ADAM_PARAMS_PER_S = 1.0e9  # DeepSpeedCPUAdam updates per second per GPU's share of host cores (assumed)
+MICRO_BATCHES = (1, 2, 4, 8, 16, 32, 64)
+ATTENTION = "lvlm_region_planner"  # the attention function registered below (transformers' AttentionInterface)
+
+
+class PlanError(ValueError):
+    """A plan that cannot be made as asked, with what to change."""
+
+
+class _FlashSaved(torch.autograd.Function):
+    """Attention that keeps what flash / memory-efficient attention keeps for its backward: q, k, v, the output and
+    the log-sum-exp per head and position. Runs on the meta device only (shapes, no values)."""
+
+    @staticmethod
+    def forward(ctx, q, k, v):  # [B, H, T, D], k / v with their own (KV) head count
+        out = torch.empty_like(q)
+        lse = torch.empty(q.shape[:-1], dtype=torch.float32, device=q.device)
+        ctx.save_for_backward(q, k, v, out, lse)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad):  # never called: the planner only counts what the forward keeps
+        raise RuntimeError("the planner's attention has no backward")
+
+
+def _planner_attention(module, query, key, value, attention_mask, dropout=0.0, scaling=None, **kwargs):
+    out = _FlashSaved.apply(query, key, value)
+    return out.transpose(1, 2).contiguous(), None
+
+
+AttentionInterface.register(ATTENTION, _planner_attention)
+
+
+def saved_bytes(run, params: list[nn.Parameter]) -> int:
+    """Bytes of the distinct tensors autograd still keeps when ``run()`` returns (saved by an operation whose graph
+    is alive; parameters and their views excluded: they exist anyway). A tensor saved by several operations, or
+    viewed by several saved tensors, counts once."""
+    own = {id(p) for p in params}
+    saved: list[weakref.ref] = []
+
+    def pack(t):
+        base = t._base if t._base is not None else t
+        if id(base) not in own and id(t) not in own:
+            saved.append(weakref.ref(base))
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        keep = run()  # the outputs keep their graph (and what it saved) alive until counted
+    alive = {id(t): t for t in (r() for r in saved) if t is not None}
+    del keep
+    return sum(t.numel() * t.element_size() for t in alive.values())
+
+
+@dataclass
+class Setting:
+    """What a plan is made for: the model, the region, the allocation and the data's shape."""
+
+    model: str
+    region: str = "uniform25"
+    tuner: str = "full"
+    lora_r: int = 128  # the trainer's default (config.py: the paper's released recipe)
+    gpus: int = 8
+    gpu: str = "A100-80GB"
+    gpu_memory_gb: float | None = None
+    peak_tflops: float | None = None
+    seq_len: int = 2048
+    images: int = 1  # images per sample
+    trained_fraction: float = 1.0  # positions the loss reads (replies): the LM head runs there only
+    samples: int = 665_000
+    global_batch: int = 128
+    mfu: float = ASSUMED_MFU
+    mfu_source: str = "assumed"
+    image_size: int | None = None  # Qwen2-VL: the side images are resized to (default 448)
+
+    def memory_bytes(self) -> float:
+        if self.gpu_memory_gb is not None:
+            return self.gpu_memory_gb * GIB
+        return GPUS[self.gpu][0] * GIB
+
+    def peak(self) -> float:
+        return (self.peak_tflops or GPUS[self.gpu][1]) * 1e12
+
+
+@dataclass
+class Candidate:
+    zero: int
+    offload: bool
+    grad_ckpt: bool
+    micro_batch: int
+    grad_accum: int
+    memory_gb: dict = field(default_factory=dict)  # model_states, activations, allowance, total (GiB)
+    fits: bool = False
+    step_s: float = 0.0
+    gpu_hours: float = 0.0
+
+
+class Shapes:
+    """The model on the meta device, its parts and parameter counts, and per-region activation and FLOP figures."""
+
+    def __init__(self, setting: Setting):
+        if not os.path.isfile(os.path.join(setting.model, "config.json")):
+            raise PlanError(f"--model {setting.model}: no config.json; give a transformers checkpoint directory "
+                            "(only its config.json is read)")
+        self.s = setting
+        self.config = AutoConfig.from_pretrained(setting.model)
+        self.model = skeleton(self.config).to(torch.bfloat16)
+        self.model.set_attn_implementation(ATTENTION)
+        self.parts = find_parts(self.model)
+        self.depth = len(self.parts.layers)
+        self.total = sum(p.numel() for p in {id(p): p for p in self.model.parameters()}.values())
+        self.largest = largest_module(self.model)  # the embeddings or the LM head
+
+    def region(self, spec: str):
+        return regions.resolve(spec, self.depth, tied=self.parts.tied)
+
+    def trainable(self, spec: str) -> int:
+        counts = apply_region(self.model, self.region(spec), "full")
+        if self.s.tuner == "full":
+            return counts["all"]["trainable"]
+        region = self.region(spec)  # LoRA: r x (in + out) per linear of the region's layers, plus the other parts
+        lora = sum(self.s.lora_r * (m.in_features + m.out_features) for i in region.layers
+                   for m in self.parts.layers[i].modules() if isinstance(m, nn.Linear))
+        return counts["all"]["trainable"] - counts["layers"]["trainable"] + lora if "layers" in counts else lora
+
+    def tokens(self) -> tuple[int, tuple]:
+        """Tokens one image becomes in the LLM, and its patch grid (Qwen2-VL; () otherwise)."""
+        v = self.config.vision_config
+        if hasattr(v, "spatial_merge_size"):
+            side = (self.s.image_size or 448) // v.patch_size
+            return side * side // v.spatial_merge_size ** 2, ((1, side, side),)
+        from .families.llava import image_seq_length
+        return image_seq_length(self.config), ()
+
+    def activations(self, spec: str, grad_ckpt: bool, rows: int) -> tuple[int, int]:
+        """(bytes autograd keeps for one micro-batch of ``rows`` samples, bytes of one checkpointed layer's
+        activations while the backward pass recomputes it: 0 without checkpointing). See the module docstring."""
+        s, model, parts = self.s, self.model, self.parts
+        region = self.region(spec)
+        apply_region(model, region, "full")
+        if s.tuner == "lora":  # adapters keep their input and r-dim output; the base weights stay frozen
+            for i in region.layers:
+                parts.layers[i].requires_grad_(False)
+        model.train()
+        if grad_ckpt:
+            model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+        else:
+            model.activation_checkpointing_disable()
+        tcfg = self.config.get_text_config()
+        hidden, seq = tcfg.hidden_size, s.seq_len
+        below = any(p.requires_grad for m in (parts.vision, parts.projector, parts.embed) for p in m.parameters())
+        params = list(model.parameters())
+        meta = dict(device="meta", dtype=torch.bfloat16)
+        total = 0
+        # the projector over every image's features (what it reads needs no gradient unless the tower trains)
+        feats = self.projector_input(rows)
+        if feats is not None and any(p.requires_grad for p in parts.projector.parameters()):
+            total += saved_bytes(lambda: parts.projector(feats), params)
+        # the decoder layers, bottom to top, the hidden state needing a gradient from the lowest trainable one up
+        h = torch.empty(rows, seq, hidden, **meta).requires_grad_(below)
+        decoder = model.get_decoder()
+        position_ids = torch.zeros((3, rows, seq) if self.tokens()[1] else (rows, seq), dtype=torch.long,
+                                   device="meta")
+        cos_sin = decoder.rotary_emb(h, position_ids)
+        per_layer = []
+        for i, layer in enumerate(parts.layers):
+            trains = any(p.requires_grad for p in layer.parameters()) or (s.tuner == "lora" and i in region.layers)
+            if s.tuner == "lora" and i in region.layers:
+                layer_bytes = self._lora_layer(layer, h, cos_sin, position_ids, params)
+                h = h.detach().requires_grad_(True)
+            elif h.requires_grad or trains:
+                x = h if h.requires_grad else h.detach().requires_grad_(False)
+                out = {}
+                layer_bytes = saved_bytes(lambda: out.update(y=layer(x, position_embeddings=cos_sin,
+                                                                      position_ids=position_ids)), params)
+                h = (out["y"][0] if isinstance(out["y"], tuple) else out["y"])
+            else:
+                layer_bytes = 0
+            per_layer.append(layer_bytes)
+            total += layer_bytes
+        recompute = 0
+        if grad_ckpt and any(per_layer):  # one checkpointed layer's activations while it is recomputed
+            model.activation_checkpointing_disable()
+            x = torch.empty(rows, seq, hidden, **meta).requires_grad_(True)
+            recompute = saved_bytes(lambda: parts.layers[self.depth - 1](x, position_embeddings=cos_sin,
+                                                                          position_ids=position_ids), params)
+        # final norm, then the LM head and the fp32 loss on the trained positions only
+        if h.requires_grad:
+            n = max(1, int(rows * seq * s.trained_fraction))
+            target = torch.empty(n, dtype=torch.long, device="meta")
+
+            def head():
+                normed = parts.norm(h)
+                logits = parts.lm_head(normed.reshape(-1, hidden)[:n])
+                return torch.nn.functional.cross_entropy(logits.float(), target, reduction="sum")
+            total += saved_bytes(head, params)
+        model.activation_checkpointing_disable()
+        return total, recompute
+
+    def _lora_layer(self, layer, h, cos_sin, position_ids, params) -> int:
+        """A LoRA layer: the frozen layer's own activations plus each adapted linear's input and its r-dim output."""
+        x = h if h.requires_grad else h.detach().requires_grad_(False)
+        base = saved_bytes(lambda: layer(x, position_embeddings=cos_sin, position_ids=position_ids), params)
+        tokens = h.shape[0] * h.shape[1]
+        extra = sum(tokens * (m.in_features + self.s.lora_r) * 2 for m in layer.modules() if isinstance(m, nn.Linear))
+        return base + extra
+
+    def projector_input(self, rows: int):
+        """The projector's input for ``rows`` samples' images, on the meta device (None when it cannot be shaped)."""
+        first = next((m for m in self.parts.projector.modules() if isinstance(m, nn.Linear)), None)
+        if first is None:
+            return None
+        per_image, grids = self.tokens()
+        if grids:  # Qwen2-VL's merger reads the patches (its norm before the 2x2 merge)
+            dim = self.config.vision_config.embed_dim if hasattr(self.config.vision_config, "embed_dim") else \
+                self.config.vision_config.hidden_size
+            n = sum(t * h * w for t, h, w in grids) * rows * self.s.images
+            return torch.empty(n, dim, device="meta", dtype=torch.bfloat16)
+        return torch.empty(rows * self.s.images, per_image, first.in_features, device="meta", dtype=torch.bfloat16)
+
+    def step_flops(self, spec: str, grad_ckpt: bool, rows: int) -> float:
+        """Hardware FLOPs of one micro-batch of ``rows`` samples (recomputation included)."""
+        apply_region(self.model, self.region(spec), "full")
+        fm = flop_model(self.model).for_region(self.region(spec), checkpointing=grad_ckpt)
+        _, grids = self.tokens()
+        shape = BatchShape(rows=rows, seq_len=self.s.seq_len, images=rows * self.s.images,
+                           grids=grids * rows * self.s.images,
+                           head_tokens=max(1, int(rows * self.s.seq_len * self.s.trained_fraction)))
+        return fm.micro_batch(shape).hardware
+
+
+def candidates(shapes: Shapes, spec: str) -> list[Candidate]:
+    """Every ZeRO stage x offload x checkpointing x micro-batch whose accumulation fills the global batch."""
+    s = shapes.s
+    trainable = shapes.trainable(spec)
+    out = []
+    act = {(ck, mb): shapes.activations(spec, ck, mb) for ck in (False, True) for mb in (1, 2)}
+    flops1 = {ck: shapes.step_flops(spec, ck, 1) for ck in (False, True)}
+    for zero in (2, 3):
+        for offload in (False, True):
+            states = timing.model_states(shapes.total, trainable, zero, s.gpus, "bf16", offload,
+                                         largest=shapes.largest)["total_on_device"]
+            for ck in (False, True):
+                # both grow linearly with the micro-batch: a + b x micro-batch from micro-batches 1 and 2
+                per_row = [two - one for one, two in zip(act[(ck, 1)], act[(ck, 2)])]
+                fixed = [one - b for one, b in zip(act[(ck, 1)], per_row)]
+                for mb in MICRO_BATCHES:
+                    if s.global_batch % (mb * s.gpus):
+                        continue
+                    accum = s.global_batch // (mb * s.gpus)
+                    acts, recompute = (a + b * mb for a, b in zip(fixed, per_row))
+                    allowance = ALLOWANCE_GIB * GIB + FRAGMENTATION * (states + acts + recompute)
+                    total = states + acts + recompute + allowance
+                    compute = flops1[ck] * mb * accum / (s.peak() * s.mfu)
+                    step = compute + transfer_seconds(shapes.total, trainable, zero, offload, accum, s.gpus)
+                    steps = math.ceil(s.samples / s.global_batch)
+                    out.append(Candidate(zero, offload, ck, mb, accum,
+                                         {"model_states": states / GIB, "activations": acts / GIB,
+                                          "recompute": recompute / GIB, "allowance": allowance / GIB,
+                                          "total": total / GIB},
+                                         total <= s.memory_bytes(), step, step * steps * s.gpus / 3600))
+    return out
+
+
+def transfer_seconds(total: int, trainable: int, zero: int, offload: bool, accum: int, gpus: int) -> float:
+    """Stated transfer terms of a step (bandwidths above are assumptions): every micro-batch reduce-scatters the
+    trainable parameters' 16-bit gradients (ZeRO-2 and 3 keep only their partition) and, under ZeRO-3, gathers every
+    16-bit weight twice (forward and backward); offload moves the trainable gradients down and weights up and runs
+    Adam on the CPU, once a step."""
+    t = 0.0
+    if gpus > 1:
+        share = (gpus - 1) / gpus
+        t += accum * 2 * trainable * share / (NVLINK_GBPS * 1e9)
+        if zero == 3:
+            t += accum * 2 * 2 * total * share / (NVLINK_GBPS * 1e9)
+    if offload:
+        part = trainable / gpus
+        t += part * (2 + 2) / (PCIE_GBPS * 1e9) + part / CPU_ADAM_PARAMS_PER_S
+    return t
+
+
+def best(cands: list[Candidate]) -> Candidate | None:
+    """The fastest candidate that fits (ties: the least memory)."""
+    fitting = [c for c in cands if c.fits]
+    return min(fitting, key=lambda c: (c.step_s, c.memory_gb["total"])) if fitting else None
+
+
+def calibrated_mfu(run_dir: str) -> float:
+    """The MFU a finished run measured (run.json's timing)."""
+    path = os.path.join(run_dir, "run.json")
+    if not os.path.isfile(path):
+        raise PlanError(f"--calibrate {run_dir}: no run.json there; give a finished run's output directory")
+    with open(path) as f:
+        mfu = (json.load(f).get("timing") or {}).get("mfu")
+    if not mfu or not math.isfinite(mfu) or mfu <= 0:
+        raise PlanError(f"--calibrate {run_dir}: its run.json has no measured MFU (an unfinished or failed run?)")
+    return float(mfu)
+
+
+def plan(setting: Setting) -> dict:
+    """Candidates for the region and for full tuning, the best of each and the ratio of their GPU-hours."""
+    if setting.gpu not in GPUS and (setting.gpu_memory_gb is None or setting.peak_tflops is None):
+        raise PlanError(f"--gpu {setting.gpu!r} is not in the table ({', '.join(GPUS)}); give --gpu-memory-gb and "
+                        "--peak-tflops for another GPU")
+    if setting.gpus < 1 or setting.global_batch < setting.gpus or setting.global_batch % setting.gpus:
+        raise PlanError(f"--global-batch {setting.global_batch} must be a positive multiple of --gpus {setting.gpus}")
+    shapes = Shapes(setting)
+    try:
+        shapes.region(setting.region)
+    except ValueError as e:
+        raise PlanError(f"--region: {e}") from None
+    mine, full = candidates(shapes, setting.region), candidates(shapes, "full")
+    b, fb = best(mine), best(full)
+    described = {**asdict(setting), "memory_gib": setting.memory_bytes() / GIB, "peak_tflops": setting.peak() / 1e12}
+    return {"setting": described, "parameters": {"total": shapes.total,
+                                                       "trainable": shapes.trainable(setting.region),
+                                                       "trainable_full": shapes.trainable("full")},
+            "candidates": [asdict(c) for c in mine], "full_candidates": [asdict(c) for c in full],
+            "best": b and asdict(b), "full_best": fb and asdict(fb),
+            "gpu_hours_ratio": b.gpu_hours / fb.gpu_hours if b and fb else None}
+
+
+def from_prepared(path: str, sample: int = 10_000) -> tuple[int, float]:
+    """(sequence length, trained fraction) of a prepared data set: the 95th-percentile sample length (what a padded
+    micro-batch mostly runs at) and the share of positions whose label trains (over up to ``sample`` samples drawn
+    with a fixed seed: reading every label of 665K samples would take minutes)."""
+    import random
+
+    from .prepare import is_prepared, load_prepared
+
+    if not is_prepared(path):
+        raise PlanError(f"--data {path} is not a prepared directory (data_prep/prepare.py writes one); or give "
+                        "--seq-len")
+    ds, _ = load_prepared(path)
+    lengths = sorted(ds["length"])
+    if len(ds) > sample:
+        ds = ds.select(sorted(random.Random(0).sample(range(len(ds)), sample)))
+    labels = ds["labels"]
+    trained = sum(sum(1 for x in row if x != -100) for row in labels)
+    return lengths[min(len(lengths) - 1, int(0.95 * len(lengths)))], trained / max(1, sum(len(row) for row in labels))
+
+
+def table(out: dict) -> str:
+    """For the region and for full tuning: the fastest fitting micro-batch of each ZeRO / offload / checkpointing
+    combination, then the two bests and their GPU-hours ratio."""
+    s = out["setting"]
+    lines = [f"{s['gpus']} x {s['gpu']} ({s['memory_gib']:.0f} GiB, {s['peak_tflops']:.0f} TFLOP/s bf16), "
+             f"{s['samples']:,} samples, global batch {s['global_batch']}, {s['seq_len']} tokens "
+             f"(trained fraction {s['trained_fraction']:.2f}), MFU {s['mfu']:.2f} ({s['mfu_source']})", "",
+             "| region | zero | offload | grad ckpt | micro-batch | accum | states GiB | activations GiB | total GiB "
+             "| fits | step s | GPU-hours |", "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    for name, key in ((s["region"], "candidates"), ("full", "full_candidates")):
+        groups: dict = {}
+        for c in out[key]:
+            groups.setdefault((c["zero"], c["offload"], c["grad_ckpt"]), []).append(c)
+        for combo, cs in groups.items():
+            fitting = [c for c in cs if c["fits"]]
+            c = min(fitting, key=lambda c: c["step_s"]) if fitting else min(cs, key=lambda c: c["memory_gb"]["total"])
+            m = c["memory_gb"]
+            lines.append(f"| {name} | {c['zero']} | {'yes' if c['offload'] else 'no'} | "
+                         f"{'yes' if c['grad_ckpt'] else 'no'} | {c['micro_batch']} | {c['grad_accum']} | "
+                         f"{m['model_states']:.1f} | {m['activations'] + m['recompute']:.1f} | {m['total']:.1f} | "
+                         f"{'yes' if c['fits'] else 'no'} | {c['step_s']:.2f} | {c['gpu_hours']:.1f} |")
+    lines.append("")
+    for label, key in (("best", "best"), ("best full", "full_best")):
+        c = out[key]
+        lines.append(f"{label}: " + ("nothing fits" if c is None else
+                                     f"ZeRO-{c['zero']}, offload {'on' if c['offload'] else 'off'}, checkpointing "
+                                     f"{'on' if c['grad_ckpt'] else 'off'}, micro-batch {c['micro_batch']} x "
+                                     f"accumulation {c['grad_accum']}: {c['memory_gb']['total']:.1f} GiB, "
+                                     f"{c['step_s']:.2f} s/step, {c['gpu_hours']:.1f} GPU-hours"))
+    if out["gpu_hours_ratio"] is not None:
+        lines.append(f"gpu_hours_ratio (best / best full): {out['gpu_hours_ratio']:.3f}")
+    return "\n".join(lines) + "\n"

@@ -1,0 +1,202 @@
+"""The planner (launch/plan.py): model states against DeepSpeed's own estimators on LLaVA-1.5-7B / 13B configs,
+activations against what autograd really keeps in a real tiny Llava and Qwen2-VL (bf16, CPU, several regions, with
+and without checkpointing), and the plan itself: candidates, the best fitting one, full tuning, the ratio, refusals."""
+import importlib.util
+import json
+import sys
+import weakref
+
+import pytest
+import torch
+from deepspeed.runtime.zero.stage3 import estimate_zero3_model_states_mem_needs
+from deepspeed.runtime.zero.stage_1_and_2 import estimate_zero2_model_states_mem_needs
+from transformers import AutoModelForImageTextToText
+
+from conftest import ROOT, run
+from helpers import qwen
+from lvlm_region import plan, regions, timing
+from lvlm_region.families.llava import image_seq_length
+from lvlm_region.loss import loss_positions, token_loss_sum
+from lvlm_region.model import enable_checkpointing
+from lvlm_region.trainable import apply_region
+
+CONFIGS = ROOT / "docs" / "configs"
+
+
+def launcher():
+    """launch/plan.py's main, called in this process (the planner starts no process group and loads no weights)."""
+    spec = importlib.util.spec_from_file_location("plan_launcher", ROOT / "launch" / "plan.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.main
+
+
+@pytest.mark.parametrize("name,params", [("llava-1.5-7b", 7.06e9), ("llava-1.5-13b", 13.35e9)])
+def test_full_tuning_model_states_equal_deepspeeds_estimators(name, params):
+    shapes = plan.Shapes(plan.Setting(model=str(CONFIGS / name)))
+    n, largest = shapes.total, shapes.largest
+    assert n == pytest.approx(params, rel=0.01)  # LLaVA-1.5's published sizes (vision tower included)
+    assert largest == 32064 * shapes.config.text_config.hidden_size  # the LM head (or the embeddings)
+    for gpus in (1, 8, 16):
+        states = {(z, off): timing.model_states(n, n, z, gpus, "bf16", off, largest=largest)["total_on_device"]
+                  for z in (2, 3) for off in (False, True)}
+        # DeepSpeed's estimators assume every parameter trains; rounding: they truncate to whole bytes
+        assert states[(2, False)] == pytest.approx(estimate_zero2_model_states_mem_needs(n, gpus, 1, False)[1], abs=1)
+        assert states[(2, True)] == pytest.approx(estimate_zero2_model_states_mem_needs(n, gpus, 1, True)[1], abs=1)
+        assert states[(3, False)] == pytest.approx(
+            estimate_zero3_model_states_mem_needs(n, largest, gpus, 1, cpu_offload=False)[1], abs=1)
+        assert states[(3, True)] == pytest.approx(
+            estimate_zero3_model_states_mem_needs(n, largest, gpus, 1, cpu_offload=True, cpu_offload_params=False)[1],
+            abs=1)
+    # a region: frozen parameters keep only their 16-bit weights (what the estimators cannot express)
+    t = shapes.trainable("uniform25")
+    layers = regions.resolve("uniform25", shapes.depth).layers
+    projector = sum(p.numel() for p in shapes.parts.projector.parameters())
+    assert t == sum(p.numel() for i in layers for p in shapes.parts.layers[i].parameters()) + projector
+    assert timing.model_states(n, t, 2, 8, "bf16", False)["total_on_device"] == 2 * n + 18 * t / 8
+
+
+def measured_saved_bytes(model, inputs: dict, labels: torch.Tensor) -> int:
+    """What autograd really keeps for the trainer's forward and loss: the distinct storages of the saved tensors
+    still alive when the loss is computed, parameters aside."""
+    params = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(weakref.ref(t)) or t, lambda t: t):
+        loss = token_loss_sum(model(**inputs, logits_to_keep=loss_positions(labels)).logits, labels)
+    alive = {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes() for t in (r() for r in saved)
+             if t is not None}
+    del loss
+    return sum(n for ptr, n in alive.items() if ptr not in params)
+
+
+def compare(path, inputs, labels, seq, specs, **setting):
+    """{(spec, checkpointing): estimated / measured}; each measurement on a freshly loaded model, as a run starts
+    (what autograd keeps depends on what earlier enable / disable calls left behind)."""
+    shapes = plan.Shapes(plan.Setting(model=str(path), seq_len=seq, trained_fraction=(seq - 1) / seq, **setting))
+    rows = labels.shape[0]
+    out = {}
+    for spec in specs:
+        for ckpt in (False, True):
+            model = AutoModelForImageTextToText.from_pretrained(path, dtype=torch.bfloat16, attn_implementation="sdpa")
+            apply_region(model, regions.resolve(spec, shapes.depth), "full")
+            if ckpt:
+                enable_checkpointing(model)
+            model.train()
+            real = measured_saved_bytes(model, inputs, labels)
+            kept, recompute = shapes.activations(spec, ckpt, rows)
+            out[(spec, ckpt)] = kept / real
+            assert (recompute > 0) == ckpt
+    return out
+
+
+def test_llava_activations_match_what_autograd_keeps(demo_dir):
+    base = demo_dir / "base_model"
+    model = AutoModelForImageTextToText.from_pretrained(base, dtype=torch.bfloat16, attn_implementation="sdpa")
+    cfg = model.config
+    rows, seq, n = 2, 64, image_seq_length(cfg)
+    g = torch.Generator().manual_seed(0)
+    ids = torch.cat([torch.full((rows, n), cfg.image_token_id), torch.randint(10, 200, (rows, seq - n), generator=g)],
+                    1)
+    size = cfg.vision_config.image_size
+    inputs = {"input_ids": ids, "attention_mask": torch.ones_like(ids),
+              "pixel_values": torch.randn(rows, 3, size, size, generator=g).bfloat16()}
+    ratios = compare(base, inputs, ids.clone(), seq,
+                     ("uniform25", "full", "none", "middle25-projector", "last25-projector"))
+    assert all(0.85 <= r <= 1.15 for r in ratios.values()), sorted(ratios.items())
+
+
+def test_qwen2_vl_activations_match_what_autograd_keeps(tmp_path):
+    from PIL import Image
+
+    path = qwen.build(str(tmp_path / "q"))
+    model = AutoModelForImageTextToText.from_pretrained(path, dtype=torch.bfloat16, attn_implementation="sdpa")
+    cfg = model.config
+    px = qwen.image_processor()(images=[Image.new("RGB", (112, 112), "red")] * 2, return_tensors="pt")
+    per_image = int(px["image_grid_thw"][0].prod()) // 4  # 112 px: 8 x 8 patches, merged 2 x 2
+    rows, seq = 2, 48
+    g = torch.Generator().manual_seed(0)
+    text = torch.randint(5, 30, (rows, seq - per_image - 2), generator=g)
+    ids = torch.cat([torch.full((rows, 1), cfg.vision_start_token_id),
+                     torch.full((rows, per_image), cfg.image_token_id),
+                     torch.full((rows, 1), cfg.vision_end_token_id), text], 1)
+    inputs = {"input_ids": ids, "attention_mask": torch.ones_like(ids),
+              "pixel_values": px["pixel_values"].bfloat16(), "image_grid_thw": px["image_grid_thw"],
+              "mm_token_type_ids": (ids == cfg.image_token_id).long()}
+    ratios = compare(path, inputs, ids.clone(), seq, ("uniform25", "full", "last25-projector"),
+                     image_size=112)
+    assert all(0.85 <= r <= 1.15 for r in ratios.values()), sorted(ratios.items())
+
+
+def test_the_plan_for_llava_7b_on_8_a100s(tmp_path, capsys):
+    code = launcher()(["--model", str(CONFIGS / "llava-1.5-7b"), "--gpus", "8", "--gpu", "A100-80GB", "--region",
+                       "uniform25", "--seq-len", "2048", "--json", str(tmp_path / "p.json")])
+    stdout = capsys.readouterr().out
+    assert code == 0
+    out = json.loads((tmp_path / "p.json").read_text())
+    cands, full = out["candidates"], out["full_candidates"]
+    assert len(cands) == len(full) == 2 * 2 * 2 * 5  # micro-batch 1..16: 128 samples on 8 GPUs
+    for c in cands + full:
+        assert c["micro_batch"] * c["grad_accum"] * 8 == 128
+        m = c["memory_gb"]
+        assert m["total"] == pytest.approx(m["model_states"] + m["activations"] + m["recompute"] + m["allowance"])
+        assert c["fits"] == (m["total"] <= 80)
+        assert (m["recompute"] > 0) == c["grad_ckpt"]
+    best = out["best"]
+    assert best == min((c for c in cands if c["fits"]), key=lambda c: (c["step_s"], c["memory_gb"]["total"]))
+    assert out["full_best"] == min((c for c in full if c["fits"]),
+                                   key=lambda c: (c["step_s"], c["memory_gb"]["total"]))
+    assert out["gpu_hours_ratio"] == pytest.approx(best["gpu_hours"] / out["full_best"]["gpu_hours"])
+    assert 0.6 < out["gpu_hours_ratio"] < 0.9  # a quarter of the layers' backward, less gradient traffic
+    # the region frees memory: its best fits a micro-batch without checkpointing that full tuning's ZeRO-2 cannot
+    def at(cs, **k):
+        return next(c for c in cs if all(c[x] == v for x, v in k.items()))
+    same = dict(zero=2, offload=False, grad_ckpt=False, micro_batch=4)
+    assert at(cands, **same)["fits"] and not at(full, **same)["fits"]
+    assert at(cands, **same)["memory_gb"]["model_states"] < at(full, **same)["memory_gb"]["model_states"]
+    # activations grow with the micro-batch, checkpointing cuts them, ZeRO-3 shrinks the model states
+    assert at(cands, **{**same, "micro_batch": 8})["memory_gb"]["activations"] == pytest.approx(
+        2 * at(cands, **same)["memory_gb"]["activations"], rel=1e-6)
+    assert at(cands, **{**same, "grad_ckpt": True})["memory_gb"]["activations"] < \
+        at(cands, **same)["memory_gb"]["activations"] / 4
+    assert at(cands, **{**same, "zero": 3})["memory_gb"]["model_states"] < at(cands, **same)["memory_gb"][
+        "model_states"] / 2
+    assert "gpu_hours_ratio (best / best full):" in stdout and "| uniform25 | 2 | no | no |" in stdout
+    # a smaller GPU: fewer candidates fit
+    assert launcher()(["--model", str(CONFIGS / "llava-1.5-7b"), "--gpu-memory-gb", "24", "--gpu", "other",
+                       "--peak-tflops", "100", "--json", str(tmp_path / "s.json")]) == 0
+    small = json.loads((tmp_path / "s.json").read_text())
+    assert sum(c["fits"] for c in small["candidates"]) < sum(c["fits"] for c in cands)
+    assert small["setting"]["peak_tflops"] == 100
+
+
+def test_a_run_calibrates_the_mfu_and_prepared_data_the_shape(sft_uniform25):
+    run_json = json.loads((sft_uniform25 / "run.json").read_text())
+    assert plan.calibrated_mfu(str(sft_uniform25)) == run_json["timing"]["mfu"]
+    prepared = sft_uniform25 / "prepared" / "train"
+    seq, fraction = plan.from_prepared(str(prepared))
+    from lvlm_region.prepare import load_prepared
+
+    ds, _ = load_prepared(str(prepared))
+    lengths = sorted(ds["length"])
+    assert seq == lengths[int(0.95 * len(lengths))]
+    labels = ds["labels"]  # fewer than 10,000 samples: all of them are read
+    assert fraction == pytest.approx(sum(sum(x != -100 for x in lab) for lab in labels) / sum(map(len, labels)))
+    assert 0 < fraction < 0.5  # the demo's replies are a few words after a long prompt and the image
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--gpu", "B200"], "--gpu 'B200' is not in the table"),
+    (["--global-batch", "12"], "--global-batch 12 must be a positive multiple of --gpus 8"),
+    (["--region", "uniform200"], "--region: invalid region spec"),
+    (["--calibrate", "nowhere"], "--calibrate nowhere: no run.json there"),
+    (["--assumed-mfu", "0"], "--assumed-mfu must be in (0, 1]"),
+    (["--data", "docs"], "--data docs is not a prepared directory"),
+])
+def test_bad_input_is_refused(args, message, capsys):
+    assert launcher()(["--model", str(CONFIGS / "llava-1.5-7b"), *args]) == 2
+    assert message in capsys.readouterr().err
+
+
+def test_a_model_without_config_is_refused(tmp_path):
+    res = run([sys.executable, "launch/plan.py", "--model", str(tmp_path)], timeout=120)  # the real command line
+    assert res.returncode == 2 and "no config.json" in res.stderr and not list(tmp_path.iterdir())
