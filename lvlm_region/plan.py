@@ -110,8 +110,6 @@ class Setting:
 
     model: str
     region: str = "uniform25"
-    tuner: str = "full"
-    lora_r: int = 128  # the trainer's default (config.py: the paper's released recipe)
     gpus: int = 8
     gpu: str = "A100-80GB"
     gpu_memory_gb: float | None = None
@@ -167,13 +165,7 @@ class Shapes:
         return regions.resolve(spec, self.depth, tied=self.parts.tied)
 
     def trainable(self, spec: str) -> int:
-        counts = apply_region(self.model, self.region(spec), "full")
-        if self.s.tuner == "full":
-            return counts["all"]["trainable"]
-        region = self.region(spec)  # LoRA: r x (in + out) per linear of the region's layers, plus the other parts
-        lora = sum(self.s.lora_r * (m.in_features + m.out_features) for i in region.layers
-                   for m in self.parts.layers[i].modules() if isinstance(m, nn.Linear))
-        return counts["all"]["trainable"] - counts["layers"]["trainable"] + lora if "layers" in counts else lora
+        return apply_region(self.model, self.region(spec), "full")["all"]["trainable"]
 
     def tokens(self) -> tuple[int, tuple]:
         """Tokens one image becomes in the LLM, and its patch grid (Qwen2-VL; () otherwise)."""
@@ -190,9 +182,6 @@ class Shapes:
         s, model, parts = self.s, self.model, self.parts
         region = self.region(spec)
         apply_region(model, region, "full")
-        if s.tuner == "lora":  # adapters keep their input and r-dim output; the base weights stay frozen
-            for i in region.layers:
-                parts.layers[i].requires_grad_(False)
         model.train()
         if grad_ckpt:
             model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
@@ -216,11 +205,8 @@ class Shapes:
         cos_sin = decoder.rotary_emb(h, position_ids)
         per_layer = []
         for i, layer in enumerate(parts.layers):
-            trains = any(p.requires_grad for p in layer.parameters()) or (s.tuner == "lora" and i in region.layers)
-            if s.tuner == "lora" and i in region.layers:
-                layer_bytes = self._lora_layer(layer, h, cos_sin, position_ids, params)
-                h = h.detach().requires_grad_(True)
-            elif h.requires_grad or trains:
+            trains = any(p.requires_grad for p in layer.parameters())
+            if h.requires_grad or trains:
                 x = h if h.requires_grad else h.detach().requires_grad_(False)
                 out = {}
                 layer_bytes = saved_bytes(lambda: out.update(y=layer(x, position_embeddings=cos_sin,
@@ -248,14 +234,6 @@ class Shapes:
             total += saved_bytes(head, params)
         model.activation_checkpointing_disable()
         return total, recompute
-
-    def _lora_layer(self, layer, h, cos_sin, position_ids, params) -> int:
-        """A LoRA layer: the frozen layer's own activations plus each adapted linear's input and its r-dim output."""
-        x = h if h.requires_grad else h.detach().requires_grad_(False)
-        base = saved_bytes(lambda: layer(x, position_embeddings=cos_sin, position_ids=position_ids), params)
-        tokens = h.shape[0] * h.shape[1]
-        extra = sum(tokens * (m.in_features + self.s.lora_r) * 2 for m in layer.modules() if isinstance(m, nn.Linear))
-        return base + extra
 
     def projector_input(self, rows: int):
         """The projector's input for ``rows`` samples' images, on the meta device (None when it cannot be shaped)."""
@@ -358,9 +336,12 @@ def plan(setting: Setting) -> dict:
         raise PlanError(f"--global-batch {setting.global_batch} must be a positive multiple of --gpus {setting.gpus}")
     shapes = Shapes(setting)
     try:
-        shapes.region(setting.region)
+        region = shapes.region(setting.region)
     except ValueError as e:
         raise PlanError(f"--region: {e}") from None
+    if region.parts.get("vision"):
+        raise PlanError(f"--region {setting.region}: the planner does not count a trainable vision tower's activations "
+                        "yet; plan without +vision (the paper's recipe freezes it)")
     mine, full = candidates(shapes, setting.region), candidates(shapes, "full")
     b, fb = best(mine), best(full)
     described = {**asdict(setting), "memory_gib": setting.memory_bytes() / GIB, "peak_tflops": setting.peak() / 1e12}

@@ -188,6 +188,7 @@ def test_a_run_calibrates_the_mfu_and_prepared_data_the_shape(sft_uniform25):
     (["--gpu", "B200"], "--gpu 'B200' is not in the table"),
     (["--global-batch", "12"], "--global-batch 12 must be a positive multiple of --gpus 8"),
     (["--region", "uniform200"], "--region: invalid region spec"),
+    (["--region", "uniform25+vision"], "does not count a trainable vision tower's activations yet"),
     (["--calibrate", "nowhere"], "--calibrate nowhere: no run.json there"),
     (["--assumed-mfu", "0"], "--assumed-mfu must be in (0, 1]"),
     (["--data", "docs"], "--data docs is not a prepared directory"),
