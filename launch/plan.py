@@ -5,8 +5,6 @@ activation checkpointing and micro-batch, for a region and for full tuning, from
         --global-batch 128 --json plan.json
     python launch/plan.py --model CKPT --gpus 4 --gpu H100-80GB --data runs/sft/prepared/train --calibrate runs/sft
 
-The full tuner only: LoRA's activations are not counted yet.
-
 Memory: model states as DeepSpeed counts them (per parameter, frozen ones only their 16-bit weights), the
 activations autograd keeps (counted on the meta device with the region's requires_grad), an allowance for buffers
 and fragmentation. Step time: the project's FLOP model at an assumed MFU (--assumed-mfu) or the one a finished run
@@ -31,6 +29,10 @@ def main(argv=None) -> int:
     p.add_argument("--gpu-memory-gb", type=float, help="memory per GPU in GiB (overrides the table)")
     p.add_argument("--peak-tflops", type=float, help="dense bf16 peak per GPU in TFLOP/s (overrides the table)")
     p.add_argument("--region", default="uniform25", help="region spec (default uniform25); compared with full")
+    p.add_argument("--tuner", default="full", choices=("full", "lora"),
+                   help="full (default) or lora: the region's layers train rank-r adapters; compared with full tuning")
+    p.add_argument("--lora-r", type=int, default=128, help="LoRA rank (default 128, the trainer's)")
+    p.add_argument("--lora-dropout", type=float, default=0.05, help="LoRA dropout (default 0.05, the trainer's)")
     p.add_argument("--data", help="a prepared data directory: its 95th-percentile length and trained fraction")
     p.add_argument("--seq-len", type=int, default=2048, help="tokens per sample when no --data (default 2048)")
     p.add_argument("--trained-fraction", type=float, default=1.0,
@@ -47,7 +49,7 @@ def main(argv=None) -> int:
     logging.basicConfig(level=logging.WARNING, stream=sys.stderr)
     from lvlm_region.plan import PlanError, Setting, calibrated_mfu, from_prepared, plan, table
 
-    for name in ("gpus", "seq_len", "images", "samples", "global_batch"):
+    for name in ("gpus", "seq_len", "images", "samples", "global_batch", "lora_r"):
         if getattr(args, name) < 1:
             print(f"error: --{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}", file=sys.stderr)
             return 2
@@ -59,7 +61,8 @@ def main(argv=None) -> int:
         seq_len, fraction = (from_prepared(args.data) if args.data else (args.seq_len, args.trained_fraction))
         mfu, source = ((calibrated_mfu(args.calibrate), f"measured by {args.calibrate}") if args.calibrate
                        else (args.assumed_mfu, "assumed"))
-        out = plan(Setting(model=args.model, region=args.region, gpus=args.gpus, gpu=args.gpu,
+        out = plan(Setting(model=args.model, region=args.region, tuner=args.tuner, lora_r=args.lora_r,
+                           lora_dropout=args.lora_dropout, gpus=args.gpus, gpu=args.gpu,
                            gpu_memory_gb=args.gpu_memory_gb,
                            peak_tflops=args.peak_tflops, seq_len=seq_len, images=args.images,
                            trained_fraction=fraction, samples=args.samples, global_batch=args.global_batch, mfu=mfu,

@@ -27,7 +27,7 @@ import json
 import math
 import os
 import weakref
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 
 import torch
 from torch import nn
@@ -110,6 +110,10 @@ class Setting:
 
     model: str
     region: str = "uniform25"
+    tuner: str = "full"  # lora: the region's layers train rank-r adapters (the trainer's defaults below)
+    lora_r: int = 128
+    lora_alpha: int = 256
+    lora_dropout: float = 0.05
     gpus: int = 8
     gpu: str = "A100-80GB"
     gpu_memory_gb: float | None = None
@@ -160,12 +164,32 @@ class Shapes:
         self.depth = len(self.parts.layers)
         self.total = sum(p.numel() for p in {id(p): p for p in self.model.parameters()}.values())
         self.largest = largest_module(self.model)  # the embeddings or the LM head
+        self._lora: dict = {}
 
     def region(self, spec: str):
         return regions.resolve(spec, self.depth, tied=self.parts.tied)
 
+    def tuned(self, spec: str):
+        """(model, parts, tuner) the region trains with: with --tuner lora (and a region other than full, the
+        baseline), a meta skeleton with peft's adapters in the region's layers, made by peft on the meta device."""
+        if self.s.tuner != "lora" or spec == "full":
+            return self.model, self.parts, "full"
+        if spec not in self._lora:
+            from peft.tuners.lora import LoraModel
+
+            from .lora import peft_config
+
+            model = skeleton(self.config).to(torch.bfloat16)
+            model.set_attn_implementation(ATTENTION)
+            config = peft_config(model, self.region(spec), self.s.lora_r, self.s.lora_alpha, self.s.lora_dropout)
+            LoraModel(model, config, "default", low_cpu_mem_usage=True)  # adapters on the meta device too
+            model.to(torch.bfloat16)  # peft makes adapters in fp32; the trainer runs them in the model's dtype
+            self._lora[spec] = (model, find_parts(model), "lora")
+        return self._lora[spec]
+
     def trainable(self, spec: str) -> int:
-        return apply_region(self.model, self.region(spec), "full")["all"]["trainable"]
+        model, _, tuner = self.tuned(spec)
+        return apply_region(model, self.region(spec), tuner)["all"]["trainable"]
 
     def tokens(self) -> tuple[int, tuple]:
         """Tokens one image becomes in the LLM, and its patch grid (Qwen2-VL; () otherwise)."""
@@ -179,9 +203,10 @@ class Shapes:
     def activations(self, spec: str, grad_ckpt: bool, rows: int) -> tuple[int, int]:
         """(bytes autograd keeps for one micro-batch of ``rows`` samples, bytes of one checkpointed layer's
         activations while the backward pass recomputes it: 0 without checkpointing). See the module docstring."""
-        s, model, parts = self.s, self.model, self.parts
+        s = self.s
+        model, parts, tuner = self.tuned(spec)
         region = self.region(spec)
-        apply_region(model, region, "full")
+        apply_region(model, region, tuner)
         model.train()
         if grad_ckpt:
             model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
@@ -250,8 +275,13 @@ class Shapes:
 
     def step_flops(self, spec: str, grad_ckpt: bool, rows: int) -> float:
         """Hardware FLOPs of one micro-batch of ``rows`` samples (recomputation included)."""
-        apply_region(self.model, self.region(spec), "full")
-        fm = flop_model(self.model).for_region(self.region(spec), checkpointing=grad_ckpt)
+        model, _, tuner = self.tuned(spec)
+        apply_region(model, self.region(spec), tuner)
+        fm = flop_model(model)
+        if tuner == "full":
+            fm = fm.for_region(self.region(spec), checkpointing=grad_ckpt)
+        else:  # the blocks as the model has them (adapters' own matmuls train), with the checkpointing asked for
+            fm = replace(fm, blocks=[replace(b, checkpointed=grad_ckpt) if b.kind == "llm" else b for b in fm.blocks])
         _, grids = self.tokens()
         shape = BatchShape(rows=rows, seq_len=self.s.seq_len, images=rows * self.s.images,
                            grids=grids * rows * self.s.images,

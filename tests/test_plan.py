@@ -14,7 +14,7 @@ from transformers import AutoModelForImageTextToText
 
 from conftest import ROOT, run
 from helpers import qwen
-from lvlm_region import plan, regions, timing
+from lvlm_region import lora, plan, regions, timing
 from lvlm_region.families.llava import image_seq_length
 from lvlm_region.loss import loss_positions, token_loss_sum
 from lvlm_region.model import enable_checkpointing
@@ -69,16 +69,22 @@ def measured_saved_bytes(model, inputs: dict, labels: torch.Tensor) -> int:
     return sum(n for ptr, n in alive.items() if ptr not in params)
 
 
-def compare(path, inputs, labels, seq, specs, **setting):
+def compare(path, inputs, labels, seq, specs, lora_r=None, **setting):
     """{(spec, checkpointing): estimated / measured}; each measurement on a freshly loaded model, as a run starts
     (what autograd keeps depends on what earlier enable / disable calls left behind)."""
+    if lora_r:
+        setting.update(tuner="lora", lora_r=lora_r, lora_alpha=2 * lora_r, lora_dropout=0.05)
     shapes = plan.Shapes(plan.Setting(model=str(path), seq_len=seq, trained_fraction=(seq - 1) / seq, **setting))
     rows = labels.shape[0]
     out = {}
     for spec in specs:
         for ckpt in (False, True):
             model = AutoModelForImageTextToText.from_pretrained(path, dtype=torch.bfloat16, attn_implementation="sdpa")
-            apply_region(model, regions.resolve(spec, shapes.depth), "full")
+            region = regions.resolve(spec, shapes.depth)
+            if lora_r:
+                lora.inject(model, lora.peft_config(model, region, lora_r, 2 * lora_r, 0.05))
+            counts = apply_region(model, region, "lora" if lora_r else "full")
+            assert counts["all"]["trainable"] == shapes.trainable(spec)
             if ckpt:
                 enable_checkpointing(model)
             model.train()
@@ -89,7 +95,8 @@ def compare(path, inputs, labels, seq, specs, **setting):
     return out
 
 
-def test_llava_activations_match_what_autograd_keeps(demo_dir):
+@pytest.mark.parametrize("lora_r", [None, 8])
+def test_llava_activations_match_what_autograd_keeps(demo_dir, lora_r):
     base = demo_dir / "base_model"
     model = AutoModelForImageTextToText.from_pretrained(base, dtype=torch.bfloat16, attn_implementation="sdpa")
     cfg = model.config
@@ -100,8 +107,9 @@ def test_llava_activations_match_what_autograd_keeps(demo_dir):
     size = cfg.vision_config.image_size
     inputs = {"input_ids": ids, "attention_mask": torch.ones_like(ids),
               "pixel_values": torch.randn(rows, 3, size, size, generator=g).bfloat16()}
-    ratios = compare(base, inputs, ids.clone(), seq,
-                     ("uniform25", "full", "none", "middle25-projector", "last25-projector"))
+    specs = ("uniform25", "last25-projector") if lora_r else ("uniform25", "full", "none", "middle25-projector",
+                                                                "last25-projector")
+    ratios = compare(base, inputs, ids.clone(), seq, specs, lora_r=lora_r)
     assert all(0.85 <= r <= 1.15 for r in ratios.values()), sorted(ratios.items())
 
 
@@ -201,3 +209,23 @@ def test_bad_input_is_refused(args, message, capsys):
 def test_a_model_without_config_is_refused(tmp_path):
     res = run([sys.executable, "launch/plan.py", "--model", str(tmp_path)], timeout=120)  # the real command line
     assert res.returncode == 2 and "no config.json" in res.stderr and not list(tmp_path.iterdir())
+
+
+def test_a_lora_plan_counts_the_adapters_and_compares_with_full_tuning(tmp_path, capsys):
+    assert launcher()(["--model", str(CONFIGS / "llava-1.5-7b"), "--tuner", "lora", "--lora-r", "128", "--json",
+                       str(tmp_path / "l.json")]) == 0
+    out = json.loads((tmp_path / "l.json").read_text())
+    shapes = plan.Shapes(plan.Setting(model=str(CONFIGS / "llava-1.5-7b")))
+    layers = regions.resolve("uniform25", shapes.depth).layers
+    adapters = sum(128 * (m.in_features + m.out_features) for i in layers for m in shapes.parts.layers[i].modules()
+                   if isinstance(m, torch.nn.Linear))
+    projector = sum(p.numel() for p in shapes.parts.projector.parameters())
+    assert out["parameters"]["trainable"] == adapters + projector  # r x (in + out) per linear of the 8 layers
+    assert out["parameters"]["trainable_full"] == shapes.trainable("full")
+    full_tuned = json.loads((tmp_path / "l.json").read_text())["full_candidates"]
+    same = next(c for c in out["candidates"] if (c["zero"], c["offload"], c["grad_ckpt"], c["micro_batch"]) ==
+                (2, False, False, 4))
+    base = next(c for c in full_tuned if (c["zero"], c["offload"], c["grad_ckpt"], c["micro_batch"]) ==
+                (2, False, False, 4))
+    assert same["memory_gb"]["model_states"] < base["memory_gb"]["model_states"] / 1.5
+    assert out["gpu_hours_ratio"] < 1
