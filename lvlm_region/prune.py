@@ -353,7 +353,6 @@ def run(model: str, scores_file: str, drops: list[int], protect: str | None, out
     ``eval_flags``: RunConfig fields for the evaluations ({"text_eval_data": ..., "precision": ...}), given to
     launch/evaluate.py as flags and to the speed measurement's run config."""
     plan = make_plan(model, scores_file, drops, protect)
-    check_output(output, plan)
     if eval_data is not None and not os.path.exists(eval_data):
         raise FileNotFoundError(f"--eval-data {eval_data} does not exist")
     records = prune(plan, output)
