@@ -33,11 +33,12 @@ def main(argv=None) -> int:
                    help="full (default) or lora: the region's layers train rank-r adapters; compared with full tuning")
     p.add_argument("--lora-r", type=int, default=128, help="LoRA rank (default 128, the trainer's)")
     p.add_argument("--lora-dropout", type=float, default=0.05, help="LoRA dropout (default 0.05, the trainer's)")
-    p.add_argument("--data", help="a prepared data directory: its 95th-percentile length and trained fraction")
+    p.add_argument("--data", help="a prepared data directory: its 95th-percentile length (step time), longest "
+                                   "sample (memory), trained fraction and images per sample")
     p.add_argument("--seq-len", type=int, default=2048, help="tokens per sample when no --data (default 2048)")
     p.add_argument("--trained-fraction", type=float, default=1.0,
                    help="share of positions the loss reads when no --data (default 1.0: an upper bound)")
-    p.add_argument("--images", type=int, default=1, help="images per sample (default 1)")
+    p.add_argument("--images", type=int, default=1, help="images per sample when no --data (default 1)")
     p.add_argument("--image-size", type=int, help="Qwen2-VL: the side images are resized to (default 448)")
     p.add_argument("--samples", type=int, default=665_000, help="samples of one epoch (default 665,000: LLaVA-665K)")
     p.add_argument("--global-batch", type=int, default=128, help="samples per optimizer step (default 128)")
@@ -58,15 +59,15 @@ def main(argv=None) -> int:
             print(f"error: {name} must be in (0, 1], got {value}", file=sys.stderr)
             return 2
     try:
-        seq_len, fraction = (from_prepared(args.data) if args.data else (args.seq_len, args.trained_fraction))
+        shape = (from_prepared(args.data) if args.data else
+                 {"seq_len": args.seq_len, "trained_fraction": args.trained_fraction, "images": args.images})
         mfu, source = ((calibrated_mfu(args.calibrate), f"measured by {args.calibrate}") if args.calibrate
                        else (args.assumed_mfu, "assumed"))
         out = plan(Setting(model=args.model, region=args.region, tuner=args.tuner, lora_r=args.lora_r,
                            lora_dropout=args.lora_dropout, gpus=args.gpus, gpu=args.gpu,
-                           gpu_memory_gb=args.gpu_memory_gb,
-                           peak_tflops=args.peak_tflops, seq_len=seq_len, images=args.images,
-                           trained_fraction=fraction, samples=args.samples, global_batch=args.global_batch, mfu=mfu,
-                           mfu_source=source, image_size=args.image_size))
+                           gpu_memory_gb=args.gpu_memory_gb, peak_tflops=args.peak_tflops, **shape,
+                           samples=args.samples, global_batch=args.global_batch, mfu=mfu, mfu_source=source,
+                           image_size=args.image_size))
     except (PlanError, ValueError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -88,10 +88,15 @@ def add_flags(p: argparse.ArgumentParser, stage: str, names: tuple[str, ...] | N
 
 
 def parse(stage: str, doc: str, argv: list[str] | None = None) -> RunConfig:
-    args = vars(build_parser(stage, doc).parse_args(argv))
+    parser = build_parser(stage, doc)
+    args = vars(parser.parse_args(argv))
     args.pop("local_rank")
     fields = {f.name for f in dataclasses.fields(RunConfig)}
-    return RunConfig(stage=stage, **{k: v for k, v in args.items() if k in fields})
+    for action in parser._actions:  # parsed again without defaults: what remains was given on the command line
+        action.default = argparse.SUPPRESS
+        action.required = False
+    given = set(vars(parser.parse_args(argv))) & fields
+    return RunConfig(stage=stage, explicit=tuple(sorted(given)), **{k: v for k, v in args.items() if k in fields})
 
 
 def main(stage: str, doc: str, argv: list[str] | None = None) -> int:

@@ -71,8 +71,11 @@ RANGES = {
     "projector_lr": POSITIVE, "max_length": AT_LEAST_1, "seed": Range(int, 0, 2 ** 32 - 1), "log_every": AT_LEAST_1,
     "num_workers": AT_LEAST_0, "eval_max_samples": AT_LEAST_0, "max_new_tokens": AT_LEAST_1,
     "save_every": AT_LEAST_0, "keep_checkpoints": AT_LEAST_0, "peak_tflops": POSITIVE,
-    "dist_timeout": POSITIVE, "prep_timeout": POSITIVE, "zero": Range(int, 2, 3),
+    "dist_timeout": POSITIVE, "prep_timeout": POSITIVE, "zero": Range(int, 2, 3), "gpu_memory_gb": POSITIVE,
+    "global_batch": AT_LEAST_1,
 }
+# The fields --plan auto chooses (each one given explicitly on the command line keeps its value; see ``explicit``).
+PLANNED = ("zero", "offload", "micro_batch", "grad_accum", "grad_ckpt")
 
 
 def flag(name: str) -> str:
@@ -179,6 +182,8 @@ class RunConfig:
                                    "each sample")
     zero: int = setting(2, "ZeRO stage 2 or 3 (ds_configs/zero{N}.json)")
     ds_config: str | None = setting(None, "a DeepSpeed JSON to use instead of ds_configs/zero{N}.json")
+    offload: bool = setting(False, "optimizer offload: fp32 master weights, Adam state and step on the CPU "
+                                   "(DeepSpeedCPUAdam), added to the ZeRO JSON")
     max_steps: int | None = setting(None, "optimizer steps (overrides --epochs)")
     epochs: float | None = setting(None, "passes over the training data when --max-steps is not given",
                                    default_help=_epochs_help())
@@ -188,6 +193,15 @@ class RunConfig:
     weight_decay: float = setting(0.0, "AdamW weight decay")
     micro_batch: int = setting(16, "samples per rank per micro-step")
     grad_accum: int = setting(1, "micro-steps per optimizer step")
+    global_batch: int | None = setting(None, "samples per optimizer step over all ranks: sets --grad-accum (or, "
+                                             "with --plan auto, the split into micro-batch x accumulation)",
+                                       default_help="--micro-batch x --grad-accum x ranks")
+    plan: str = setting("off", "auto: the planner (launch/plan.py) picks the fastest ZeRO stage, optimizer offload, "
+                               "activation checkpointing and micro-batch that fit the GPU's memory, for this model, "
+                               "region, data and rank count; --zero, --grad-ckpt, --micro-batch, --grad-accum and "
+                               "--ds-config given on the command line keep their values | off")
+    gpu_memory_gb: float | None = setting(None, "memory per GPU (GiB) --plan auto fits the run in",
+                                          default_help="the GPU's own; required on CPU")
     grad_clip: float = setting(1.0, "max global gradient norm (0: no clipping)")
     tuner: str = setting("full", "full: the region's layers train whole | lora: LoRA (peft) on every linear of the "
                                  "region's layers, projector whole")
@@ -222,6 +236,8 @@ class RunConfig:
                                         "(process-group timeout; DeepSpeed's default)")
     peak_tflops: float | None = setting(None, "peak TFLOP/s per GPU for MFU",
                                         default_help="bf16 data sheet by GPU name; on CPU a measured matmul")
+    explicit: tuple = setting((), "the flags given on the command line (cli.parse): --plan auto leaves them as given",
+                              flag=False)
 
     def resolve(self) -> "RunConfig":
         """Fill stage defaults and validate; raises ValueError naming the field and the fix."""
@@ -265,6 +281,10 @@ class RunConfig:
                 self.eval_data = os.path.join(DEMO_DIR, "sft_eval.json")
             if self.stage == "sft" and self.text_eval_data is None:
                 self.text_eval_data = os.path.join(DEMO_DIR, TEXT_EVAL)
+        if self.plan not in ("off", "auto"):
+            raise ValueError(f"--plan must be auto or off, got {self.plan!r}")
+        if self.gpu_memory_gb is not None and self.plan != "auto":
+            raise ValueError("--gpu-memory-gb is what --plan auto fits the run in; add --plan auto or drop it")
         if self.precision not in ("auto", "bf16", "fp16", "fp32"):
             raise ValueError(f"--precision must be auto, bf16, fp16 or fp32, got {self.precision!r}")
         if self.compare_full is not None:
@@ -295,6 +315,12 @@ class RunConfig:
         if self.llm is not None:
             return os.path.join(self.output_dir, "base_model")
         return self.model or os.path.join(DEMO_DIR, "base_model")
+
+    def given(self, name: str) -> bool:
+        """Whether field ``name`` was set by the user: on the command line, or (a config built in code) to a value
+        other than its default."""
+        default = next(f.default for f in dataclasses.fields(self) if f.name == name)
+        return name in self.explicit or getattr(self, name) != default
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)

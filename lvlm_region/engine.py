@@ -197,8 +197,10 @@ def torch_dtype(precision: str) -> torch.dtype:
 
 
 def build_ds_config(zero: int, ds_config_path: str | None, micro_batch: int, grad_accum: int,
-                    grad_clip: float, precision: str) -> dict:
-    """Read the ZeRO JSON and fill in what the run config owns, leaving no "auto" behind."""
+                    grad_clip: float, precision: str, offload: bool = False) -> dict:
+    """Read the ZeRO JSON and fill in what the run config owns, leaving no "auto" behind. ``offload`` (--offload,
+    or --plan auto's choice): the optimizer state and step on the CPU (DeepSpeedCPUAdam), unless the JSON already
+    says where they go."""
     path = Path(ds_config_path) if ds_config_path else DS_CONFIG_DIR / f"zero{zero}.json"
     if not path.is_file():
         raise FileNotFoundError(f"DeepSpeed config {path} not found; ship ds_configs/ or pass --ds-config")
@@ -229,6 +231,8 @@ def build_ds_config(zero: int, ds_config_path: str | None, micro_batch: int, gra
     autos = [k for k, v in _walk(cfg) if v == "auto"]
     if autos:
         raise ValueError(f"{path}: 'auto' is not resolved for {', '.join(autos)}; give explicit values")
+    if offload:
+        cfg.setdefault("zero_optimization", {}).setdefault("offload_optimizer", {"device": "cpu", "pin_memory": True})
     cfg.setdefault("steps_per_print", 10 ** 9)  # we log ourselves
     cfg.setdefault("wall_clock_breakdown", False)
     try:  # DeepSpeed's own validation (unknown or mistyped keys), now rather than after the weights load

@@ -118,7 +118,8 @@ class Setting:
     gpu: str = "A100-80GB"
     gpu_memory_gb: float | None = None
     peak_tflops: float | None = None
-    seq_len: int = 2048
+    seq_len: int = 2048  # tokens per sample the step time is estimated at
+    fit_len: int | None = None  # tokens per sample the memory must fit (default seq_len): the longest sample
     images: int = 1  # images per sample
     trained_fraction: float = 1.0  # positions the loss reads (replies): the LM head runs there only
     samples: int = 665_000
@@ -134,6 +135,9 @@ class Setting:
 
     def peak(self) -> float:
         return (self.peak_tflops or GPUS[self.gpu][1]) * 1e12
+
+    def memory_len(self) -> int:
+        return self.fit_len or self.seq_len
 
 
 @dataclass
@@ -213,7 +217,7 @@ class Shapes:
         else:
             model.activation_checkpointing_disable()
         tcfg = self.config.get_text_config()
-        hidden, seq = tcfg.hidden_size, s.seq_len
+        hidden, seq = tcfg.hidden_size, s.memory_len()
         below = any(p.requires_grad for m in (parts.vision, parts.projector, parts.embed) for p in m.parameters())
         params = list(model.parameters())
         meta = dict(device="meta", dtype=torch.bfloat16)
@@ -340,9 +344,12 @@ def transfer_seconds(total: int, trainable: int, zero: int, offload: bool, accum
 
 
 def best(cands: list[Candidate]) -> Candidate | None:
-    """The fastest candidate that fits (ties: the least memory)."""
+    """The fastest candidate that fits. Ties (the FLOP model at one MFU cannot tell them apart: one GPU, where no
+    transfer term differs) go to the simpler and, on a real GPU, faster setup: ZeRO-2, no offload, no
+    checkpointing, then the larger micro-batch (fewer, fuller kernels), then the least memory."""
     fitting = [c for c in cands if c.fits]
-    return min(fitting, key=lambda c: (c.step_s, c.memory_gb["total"])) if fitting else None
+    return min(fitting, key=lambda c: (round(c.step_s, 9), c.zero, c.offload, c.grad_ckpt, -c.micro_batch,
+                                       c.memory_gb["total"])) if fitting else None
 
 
 def calibrated_mfu(run_dir: str) -> float:
@@ -364,14 +371,7 @@ def plan(setting: Setting) -> dict:
                         "--peak-tflops for another GPU")
     if setting.gpus < 1 or setting.global_batch < setting.gpus or setting.global_batch % setting.gpus:
         raise PlanError(f"--global-batch {setting.global_batch} must be a positive multiple of --gpus {setting.gpus}")
-    shapes = Shapes(setting)
-    try:
-        region = shapes.region(setting.region)
-    except ValueError as e:
-        raise PlanError(f"--region: {e}") from None
-    if region.parts.get("vision"):
-        raise PlanError(f"--region {setting.region}: the planner does not count a trainable vision tower's activations "
-                        "yet; plan without +vision (the paper's recipe freezes it)")
+    shapes = _shapes(setting)
     mine, full = candidates(shapes, setting.region), candidates(shapes, "full")
     b, fb = best(mine), best(full)
     described = {**asdict(setting), "memory_gib": setting.memory_bytes() / GIB, "peak_tflops": setting.peak() / 1e12}
@@ -383,35 +383,78 @@ def plan(setting: Setting) -> dict:
             "gpu_hours_ratio": b.gpu_hours / fb.gpu_hours if b and fb else None}
 
 
-def from_prepared(path: str, sample: int = 10_000) -> tuple[int, float]:
-    """(sequence length, trained fraction) of a prepared data set: the 95th-percentile sample length (what a padded
-    micro-batch mostly runs at) and the share of positions whose label trains (over up to ``sample`` samples drawn
-    with a fixed seed: reading every label of 665K samples would take minutes)."""
+def _shapes(setting: Setting) -> Shapes:
+    shapes = Shapes(setting)
+    try:
+        region = shapes.region(setting.region)
+    except ValueError as e:
+        raise PlanError(f"--region: {e}") from None
+    if region.parts.get("vision"):
+        raise PlanError(f"--region {setting.region}: the planner does not count a trainable vision tower's activations "
+                        "yet; plan without +vision (the paper's recipe freezes it)")
+    return shapes
+
+
+def choose(setting: Setting, fixed: dict) -> tuple[Candidate | None, list[Candidate]]:
+    """For a run's --plan auto: the fastest fitting candidate of the region among those that agree with ``fixed``
+    (Candidate field -> value: what the user set), and those candidates."""
+    if setting.gpus < 1 or setting.global_batch % setting.gpus:
+        raise PlanError(f"the global batch {setting.global_batch} is not a multiple of the {setting.gpus} ranks; set "
+                        "--global-batch (or --micro-batch x --grad-accum) to a multiple of the rank count")
+    cands = [c for c in candidates(_shapes(setting), setting.region)
+             if all(getattr(c, k) == v for k, v in fixed.items())]
+    return best(cands), cands
+
+
+def data_shape(ds, sample: int = 10_000) -> dict:
+    """The shape a prepared data set gives a plan: ``seq_len``, the 95th-percentile sample length (what a padded
+    micro-batch mostly runs at: the step time); ``fit_len``, the longest sample (a length-grouped micro-batch of
+    the longest samples must fit); ``trained_fraction``, the share of positions whose label trains; ``images``, the
+    most images one sample has (at least 1: a text-only batch carries a dummy image). Labels and images are read
+    over up to ``sample`` samples drawn with a fixed seed: reading every label of 665K samples would take minutes."""
     import random
 
-    from .prepare import is_prepared, load_prepared
-
-    if not is_prepared(path):
-        raise PlanError(f"--data {path} is not a prepared directory (data_prep/prepare.py writes one); or give "
-                        "--seq-len")
-    ds, _ = load_prepared(path)
     lengths = sorted(ds["length"])
     if len(ds) > sample:
         ds = ds.select(sorted(random.Random(0).sample(range(len(ds)), sample)))
     labels = ds["labels"]
     trained = sum(sum(1 for x in row if x != -100) for row in labels)
-    return lengths[min(len(lengths) - 1, int(0.95 * len(lengths)))], trained / max(1, sum(len(row) for row in labels))
+    return {"seq_len": lengths[min(len(lengths) - 1, int(0.95 * len(lengths)))], "fit_len": lengths[-1],
+            "trained_fraction": trained / max(1, sum(len(row) for row in labels)),
+            "images": max(1, max(len(x) for x in ds["images"]))}
+
+
+def from_prepared(path: str, sample: int = 10_000) -> dict:
+    """data_shape of a prepared data directory (launch/plan.py --data)."""
+    from .prepare import is_prepared, load_prepared
+
+    if not is_prepared(path):
+        raise PlanError(f"--data {path} is not a prepared directory (data_prep/prepare.py writes one); or give "
+                        "--seq-len")
+    return data_shape(load_prepared(path)[0], sample)
+
+
+def row(name: str, c: dict) -> str:
+    """One candidate (asdict of a Candidate) as a row of table()."""
+    m = c["memory_gb"]
+    return (f"| {name} | {c['zero']} | {'yes' if c['offload'] else 'no'} | {'yes' if c['grad_ckpt'] else 'no'} | "
+            f"{c['micro_batch']} | {c['grad_accum']} | {m['model_states']:.1f} | "
+            f"{m['activations'] + m['recompute']:.1f} | {m['total']:.1f} | {'yes' if c['fits'] else 'no'} | "
+            f"{c['step_s']:.2f} | {c['gpu_hours']:.1f} |")
+
+
+HEADER = ("| region | zero | offload | grad ckpt | micro-batch | accum | states GiB | activations GiB | total GiB "
+          "| fits | step s | GPU-hours |\n|---|---|---|---|---|---|---|---|---|---|---|---|")
 
 
 def table(out: dict) -> str:
     """For the region and for full tuning: the fastest fitting micro-batch of each ZeRO / offload / checkpointing
     combination, then the two bests and their GPU-hours ratio."""
     s = out["setting"]
+    longest = f"(memory for the longest, {s['fit_len']}) " if s.get("fit_len") else ""
     lines = [f"{s['gpus']} x {s['gpu']} ({s['memory_gib']:.0f} GiB, {s['peak_tflops']:.0f} TFLOP/s bf16), "
-             f"{s['samples']:,} samples, global batch {s['global_batch']}, {s['seq_len']} tokens "
-             f"(trained fraction {s['trained_fraction']:.2f}), MFU {s['mfu']:.2f} ({s['mfu_source']})", "",
-             "| region | zero | offload | grad ckpt | micro-batch | accum | states GiB | activations GiB | total GiB "
-             "| fits | step s | GPU-hours |", "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+             f"{s['samples']:,} samples, global batch {s['global_batch']}, {s['seq_len']} tokens {longest}"
+             f"(trained fraction {s['trained_fraction']:.2f}), MFU {s['mfu']:.2f} ({s['mfu_source']})", "", HEADER]
     for name, key in ((s["region"], "candidates"), ("full", "full_candidates")):
         groups: dict = {}
         for c in out[key]:
@@ -419,11 +462,7 @@ def table(out: dict) -> str:
         for combo, cs in groups.items():
             fitting = [c for c in cs if c["fits"]]
             c = min(fitting, key=lambda c: c["step_s"]) if fitting else min(cs, key=lambda c: c["memory_gb"]["total"])
-            m = c["memory_gb"]
-            lines.append(f"| {name} | {c['zero']} | {'yes' if c['offload'] else 'no'} | "
-                         f"{'yes' if c['grad_ckpt'] else 'no'} | {c['micro_batch']} | {c['grad_accum']} | "
-                         f"{m['model_states']:.1f} | {m['activations'] + m['recompute']:.1f} | {m['total']:.1f} | "
-                         f"{'yes' if c['fits'] else 'no'} | {c['step_s']:.2f} | {c['gpu_hours']:.1f} |")
+            lines.append(row(name, c))
     lines.append("")
     for label, key in (("best", "best"), ("best full", "full_best")):
         c = out[key]

@@ -8,15 +8,15 @@ from __future__ import annotations
 import logging
 import os
 import time
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import datasets
 import torch
 from transformers import AutoConfig, AutoTokenizer
 
-from . import assemble, checkpoint, demo, engine, families, formats, outputs, prepare, regions, templates, timing
-from .config import DEMO_DIR, RunConfig
+from . import assemble, checkpoint, demo, engine, families, formats, outputs, plan, prepare, regions, templates, timing
+from .config import DEMO_DIR, PLANNED, RunConfig, flag
 from .families import find_parts
 from .images import ImageLoader
 from .model import num_decoder_layers, resolve_attention, skeleton
@@ -55,9 +55,14 @@ def setup(cfg: RunConfig) -> Setup:
                           fresh=cfg.resume in (None, "none"), overwrite=cfg.overwrite)
     resume_from = checkpoint.resolve_resume(cfg.resume, cfg.output_dir, cfg.overwrite)
     engine.init_distributed(cfg.dist_timeout)
+    if cfg.plan == "auto" and cfg.gpu_memory_gb is None and engine.on_cpu():
+        raise ValueError("--plan auto on CPU needs --gpu-memory-gb: the memory per GPU to fit the run in (there is no "
+                         "GPU whose memory it could read)")
+    if cfg.global_batch is not None and cfg.plan != "auto":
+        cfg.grad_accum = accumulation(cfg, cfg.global_batch)
     precision = engine.resolve_precision(cfg.precision)
     ds_config = engine.build_ds_config(cfg.zero, cfg.ds_config, cfg.micro_batch, cfg.grad_accum, cfg.grad_clip,
-                                       precision)
+                                       precision, cfg.offload)
     if cfg.is_demo:
         if engine.rank() == 0:
             demo.ensure(DEMO_DIR)
@@ -109,6 +114,63 @@ def setup(cfg: RunConfig) -> Setup:
     load_image = ImageLoader(processor.image_processor, cfg.image_aspect_ratio)
     return Setup(cfg, region, precision, ds_config, processor, tokenizer, encoding, load_image, attn, projector,
                  resume_from)
+
+
+def accumulation(cfg: RunConfig, global_batch: int) -> int:
+    """--grad-accum for --global-batch without a plan: the global batch over --micro-batch x ranks."""
+    per_step = cfg.micro_batch * engine.world_size()
+    if global_batch % per_step:
+        raise ValueError(f"--global-batch {global_batch} is not a multiple of --micro-batch {cfg.micro_batch} x "
+                         f"{engine.world_size()} ranks; change one of them (or let --plan auto split it)")
+    if cfg.given("grad_accum") and cfg.grad_accum != global_batch // per_step:
+        raise ValueError(f"--global-batch {global_batch} = --micro-batch {cfg.micro_batch} x {engine.world_size()} "
+                         f"ranks x accumulation {global_batch // per_step}, but --grad-accum {cfg.grad_accum} was "
+                         "given; drop one of them")
+    return global_batch // per_step
+
+
+def plan_run(s: Setup, train_ds) -> dict:
+    """--plan auto: the planner's fastest fitting ZeRO stage, offload, checkpointing and micro-batch for this model,
+    region, tuner, rank count and GPU memory, on the prepared training data's shape (plan.data_shape). Fields the
+    user set (RunConfig.given; --ds-config fixes the ZeRO stage and offload) keep their values and restrict the
+    candidates. Sets them in ``s.cfg`` and rebuilds ``s.ds_config``; returns what run.json records. Raises
+    ValueError, before any weights load, when nothing fits."""
+    cfg = s.cfg
+    world = engine.world_size()
+    global_batch = cfg.global_batch or cfg.micro_batch * cfg.grad_accum * world
+    fixed = {name: getattr(cfg, name) for name in PLANNED if cfg.given(name)}
+    if cfg.ds_config is not None:  # the user's JSON decides the stage (and the offload, when it has one)
+        fixed["zero"] = engine.zero_stage(s.ds_config)
+        if engine.optimizer_offload(s.ds_config) != "none":
+            fixed["offload"] = True
+    on_gpu = torch.cuda.is_available() and not engine.on_cpu()
+    memory = cfg.gpu_memory_gb or torch.cuda.get_device_properties(engine.device()).total_memory / plan.GIB
+    peak = cfg.peak_tflops or timing.peak_flops(None, engine.torch_dtype(s.precision))[0] / 1e12
+    setting = plan.Setting(model=cfg.model_path, region=cfg.region, tuner=cfg.tuner, lora_r=cfg.lora_r,
+                           lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout, gpus=world,
+                           gpu=timing.device_name() if on_gpu else "cpu", gpu_memory_gb=memory, peak_tflops=peak,
+                           **plan.data_shape(train_ds), samples=len(train_ds), global_batch=global_batch)
+    chosen, cands = plan.choose(setting, fixed)
+    kept = [flag(n) for n in PLANNED if cfg.given(n)] + (["--ds-config"] if cfg.ds_config is not None else [])
+    if chosen is None:
+        smallest = min(cands, key=lambda c: c.memory_gb["total"], default=None)
+        need = (f"the smallest, {plan.row(cfg.region, asdict(smallest))}, needs {smallest.memory_gb['total']:.2f} GiB"
+                if smallest else "no candidate agrees with the flags given")
+        rank_text = f"{world} rank{'s' if world > 1 else ''}"
+        raise ValueError(f"--plan auto: nothing fits {memory:g} GiB per GPU with global batch {global_batch} on "
+                         f"{rank_text} ({need}); use more GPUs, a smaller --global-batch, a smaller region, or drop "
+                         f"flags that fix the choice ({', '.join(kept) or 'none given'})")
+    for name in PLANNED:
+        setattr(cfg, name, getattr(chosen, name))
+    s.ds_config = engine.build_ds_config(cfg.zero, cfg.ds_config, cfg.micro_batch, cfg.grad_accum, cfg.grad_clip,
+                                         s.precision, cfg.offload)
+    record = {"chosen": asdict(chosen), "kept": kept, "setting": asdict(setting),
+              "candidates": len(cands), "fitting": sum(c.fits for c in cands)}
+    if engine.rank() == 0:
+        log.info("--plan auto (%d of %d candidates fit %.2f GiB; kept as given: %s):\n%s\n%s", record["fitting"],
+                 len(cands), memory, ", ".join(kept) or "nothing", plan.HEADER,
+                 plan.row(cfg.region, record["chosen"]))
+    return record
 
 
 def obtain_data(path: str, image_folder: str | None, name: str, s: Setup):

@@ -28,7 +28,7 @@ from .image_inputs import count_images
 from .loss import loss_positions, token_loss_sum, valid_tokens
 from .model import enable_checkpointing, load_model, skeleton
 from .projector import PROJECTOR_FILE, export_projector, import_projector, load_projector
-from .run_setup import Setup, obtain_data, setup
+from .run_setup import Setup, obtain_data, plan_run, setup
 from .trainable import apply_region, largest_module, projector_parameters
 
 log = logging.getLogger(__name__)
@@ -77,6 +77,7 @@ class Trainer:
         against this run's identity before any weights load."""
         cfg, s = self.cfg, self.s
         train_ds, train_folder = obtain_data(cfg.data, cfg.image_folder, "train", s)
+        self.plan = plan_run(s, train_ds) if cfg.plan == "auto" else None  # before the loader reads micro_batch
         self.dataset_size = len(train_ds)
         self.eval_ds, self.eval_folder = obtain_data(cfg.eval_data, None, "eval", s) if cfg.eval_data else (None, None)
         self.text_ds = obtain_data(cfg.text_eval_data, None, "text", s)[0] if cfg.text_eval_data else None
@@ -131,7 +132,7 @@ class Trainer:
             "world_size": engine.world_size(), "precision": s.precision, "attn": s.attn, "ds_config": s.ds_config,
             "steps": self.total, "steps_per_epoch": self.steps_per_epoch, "dataset_size": self.dataset_size,
             "versions": engine.versions(), "device": str(self.device), "device_name": timing.device_name(),
-            "memory_estimate": self.mem, "ranks": engine.all_placements(),
+            "memory_estimate": self.mem, "plan": self.plan, "ranks": engine.all_placements(),
             "resumed_from": str(s.resume_from) if s.resume_from else None}
         self.write_summary()
         self.metrics = open_metrics(os.path.join(self.out, "metrics.jsonl"), self.start_step) if self.rank0 else None
@@ -448,7 +449,8 @@ def train_and_compare(cfg: RunConfig) -> "Result":
                                   data=prepared if prepare.is_prepared(prepared) else cfg.data,
                                   output_dir=os.path.join(cfg.output_dir, "compare-full"), save_every=0, resume=None,
                                   overwrite=True,  # the arm's directory is this run's own
-                                  eval_data=None, export_model=False)
+                                  eval_data=None, export_model=False,
+                                  plan="off", gpu_memory_gb=None, global_batch=None)  # this run's planned values
         try:
             full = train(arm).summary
             source = f"measured here: {arm.max_steps} steps of region full in {arm.output_dir}"

@@ -181,12 +181,14 @@ def test_a_run_calibrates_the_mfu_and_prepared_data_the_shape(sft_uniform25):
     run_json = json.loads((sft_uniform25 / "run.json").read_text())
     assert plan.calibrated_mfu(str(sft_uniform25)) == run_json["timing"]["mfu"]
     prepared = sft_uniform25 / "prepared" / "train"
-    seq, fraction = plan.from_prepared(str(prepared))
+    shape = plan.from_prepared(str(prepared))
     from lvlm_region.prepare import load_prepared
 
     ds, _ = load_prepared(str(prepared))
     lengths = sorted(ds["length"])
-    assert seq == lengths[int(0.95 * len(lengths))]
+    assert (shape["seq_len"], shape["fit_len"]) == (lengths[int(0.95 * len(lengths))], lengths[-1])
+    assert shape["images"] == 1
+    fraction = shape["trained_fraction"]
     labels = ds["labels"]  # fewer than 10,000 samples: all of them are read
     assert fraction == pytest.approx(sum(sum(x != -100 for x in lab) for lab in labels) / sum(map(len, labels)))
     assert 0 < fraction < 0.5  # the demo's replies are a few words after a long prompt and the image
@@ -229,3 +231,82 @@ def test_a_lora_plan_counts_the_adapters_and_compares_with_full_tuning(tmp_path,
                 (2, False, False, 4))
     assert same["memory_gb"]["model_states"] < base["memory_gb"]["model_states"] / 1.5
     assert out["gpu_hours_ratio"] < 1
+
+
+@pytest.fixture(scope="module")
+def prepared_subset(demo_dir, tmp_path_factory):
+    """32 demo stage-2 samples prepared for the demo model (as data_prep/prepare.py does for a user)."""
+    tmp = tmp_path_factory.mktemp("plan_auto")
+    (tmp / "sft.json").write_text(json.dumps(json.loads((demo_dir / "sft_train.json").read_text())[:32]))
+    res = run([sys.executable, "data_prep/prepare.py", "--data", str(tmp / "sft.json"), "--image-folder",
+               str(demo_dir), "--model", str(demo_dir / "base_model"), "--output", str(tmp / "prepared")])
+    assert res.returncode == 0, res.stderr[-2000:]
+    return tmp / "prepared"
+
+
+def run_setting(demo_dir, prepared, gpus: int, memory: float) -> plan.Setting:
+    """The Setting a uniform25 run on ``prepared`` with --peak-tflops 1 and --global-batch 8 asks the planner for."""
+    from lvlm_region.prepare import load_prepared
+
+    return plan.Setting(model=str(demo_dir / "base_model"), region="uniform25", gpus=gpus, gpu="cpu",
+                        gpu_memory_gb=memory, peak_tflops=1.0, **plan.data_shape(load_prepared(str(prepared))[0]),
+                        samples=32, global_batch=8)
+
+
+def test_plan_auto_runs_the_fastest_plan_that_fits_and_explicit_flags_win(demo_dir, prepared_subset, tmp_path):
+    from conftest import deepspeed_cmd
+
+    roomy, _ = plan.choose(run_setting(demo_dir, prepared_subset, 2, 1000.0), {})
+    assert (roomy.zero, roomy.offload, roomy.grad_ckpt, roomy.micro_batch) == (2, False, False, 4)  # the simplest
+    # A GPU just too small for that: the plan must give up something (checkpointing or a smaller micro-batch).
+    memory = roomy.memory_gb["total"] - 1e-6
+    want, cands = plan.choose(run_setting(demo_dir, prepared_subset, 2, memory), {})
+    assert want is not None and (want.grad_ckpt, want.micro_batch) != (False, 4)
+    assert not next(c for c in cands if (c.zero, c.offload, c.grad_ckpt, c.micro_batch) == (2, False, False, 4)).fits
+    common = ["--data", str(prepared_subset), "--plan", "auto", "--gpu-memory-gb", repr(memory), "--peak-tflops", "1",
+              "--global-batch", "8", "--max-steps", "2", "--num-workers", "0", "--no-export-model"]
+    out = tmp_path / "auto"
+    res = run(deepspeed_cmd(2, "launch/sft.py", "--output-dir", str(out), *common))
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-2000:]
+    rec = json.loads((out / "run.json").read_text())
+    assert rec["plan"]["chosen"] == json.loads(json.dumps(plan.asdict(want)))
+    assert rec["plan"]["kept"] == [] and rec["plan"]["fitting"] == sum(c.fits for c in cands)
+    c, ds = rec["config"], rec["ds_config"]
+    assert (c["zero"], c["offload"], c["grad_ckpt"], c["micro_batch"], c["grad_accum"]) == \
+        (want.zero, want.offload, want.grad_ckpt, want.micro_batch, want.grad_accum)
+    assert (ds["zero_optimization"]["stage"], ds["train_micro_batch_size_per_gpu"], ds["gradient_accumulation_steps"],
+            ds["train_batch_size"]) == (want.zero, want.micro_batch, want.grad_accum, 8)
+    assert rec["status"] == "complete" and rec["steps"] == 2
+    assert "--plan auto (" in res.stdout and plan.row("uniform25", plan.asdict(want)) in res.stdout
+
+    # Flags given on the command line keep their values; the plan fills the rest among the candidates that agree.
+    want3, _ = plan.choose(run_setting(demo_dir, prepared_subset, 2, memory), {"zero": 3, "micro_batch": 1})
+    out3 = tmp_path / "explicit"
+    res = run(deepspeed_cmd(2, "launch/sft.py", "--output-dir", str(out3), *common, "--zero", "3", "--micro-batch",
+                            "1"))
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-2000:]
+    rec = json.loads((out3 / "run.json").read_text())
+    assert rec["plan"]["kept"] == ["--zero", "--micro-batch"]
+    assert rec["plan"]["chosen"] == json.loads(json.dumps(plan.asdict(want3)))
+    assert (rec["config"]["zero"], rec["config"]["micro_batch"], rec["config"]["grad_accum"]) == (3, 1, 4)
+    assert rec["ds_config"]["zero_optimization"]["stage"] == 3
+
+
+@pytest.mark.parametrize("flags,message", [
+    (["--plan", "auto"], "--plan auto on CPU needs --gpu-memory-gb"),
+    (["--gpu-memory-gb", "80"], "--gpu-memory-gb is what --plan auto fits the run in; add --plan auto"),
+    (["--plan", "auto", "--gpu-memory-gb", "1"], "--plan auto: nothing fits 1 GiB per GPU with global batch 8 on 1 "
+                                                 "rank (the smallest, | uniform25 | 2 | yes | yes | 1 | 8 |"),
+    (["--plan", "auto", "--gpu-memory-gb", "80", "--micro-batch", "3"], "no candidate agrees with the flags given"),
+    (["--global-batch", "12", "--micro-batch", "8"], "--global-batch 12 is not a multiple of --micro-batch 8 x 1 "
+                                                      "ranks"),
+    (["--global-batch", "16", "--micro-batch", "8", "--grad-accum", "4"], "but --grad-accum 4 was given"),
+])
+def test_plan_auto_refuses_before_weights_load(demo_dir, prepared_subset, tmp_path, flags, message):
+    res = run([sys.executable, "launch/sft.py", "--output-dir", str(tmp_path / "out"), "--data", str(prepared_subset),
+               "--global-batch", "8", *flags] if "--global-batch" not in flags else
+              [sys.executable, "launch/sft.py", "--output-dir", str(tmp_path / "out"), "--data", str(prepared_subset),
+               *flags], timeout=300)
+    assert res.returncode == 2, res.stdout[-2000:] + res.stderr[-2000:]
+    assert message in res.stderr
+    assert "Loading weights" not in res.stdout + res.stderr
