@@ -11,7 +11,9 @@ Memory per GPU, in three parts:
   meta device under ``torch.autograd.graph.saved_tensors_hooks`` with the region's requires_grad: the decoder
   layers (each trainable, frozen on the backward path, or checkpointed: then only its input, plus one layer's
   worth while it is recomputed), the projector, the final norm, and the LM head and the fp32 loss on the trained
-  positions only (as the trainer runs them). Nothing below the lowest trainable parameter keeps anything.
+  positions only (as the trainer runs them), and with a trainable vision tower (``+vision``) the tower and the
+  projector as the model's own ``get_image_features`` runs them. Nothing below the lowest trainable parameter
+  keeps anything.
   Attention is counted as flash / memory-efficient attention keeps it (q, k, v, output, log-sum-exp), what
   flash-attn and torch's sdpa keep on GPU and on CPU alike; eager attention's T x T weights are not modelled.
 - ``allowance``: ALLOWANCE_GIB for the CUDA context, NCCL and DeepSpeed's communication buckets, plus
@@ -222,9 +224,13 @@ class Shapes:
         params = list(model.parameters())
         meta = dict(device="meta", dtype=torch.bfloat16)
         total = 0
-        # the projector over every image's features (what it reads needs no gradient unless the tower trains)
+        # the projector over every image's features (what it reads needs no gradient unless the tower trains), or
+        # with a trainable tower the tower and the projector, as the model's own get_image_features runs them
         feats = self.projector_input(rows)
-        if feats is not None and any(p.requires_grad for p in parts.projector.parameters()):
+        projector = {id(p) for p in parts.projector.parameters()}
+        if any(p.requires_grad for p in parts.vision.parameters() if id(p) not in projector):
+            total += saved_bytes(lambda: model.model.get_image_features(**self.vision_input(rows)), params)
+        elif feats is not None and any(p.requires_grad for p in parts.projector.parameters()):
             total += saved_bytes(lambda: parts.projector(feats), params)
         # the decoder layers, bottom to top, the hidden state needing a gradient from the lowest trainable one up
         h = torch.empty(rows, seq, hidden, **meta).requires_grad_(below)
@@ -263,6 +269,22 @@ class Shapes:
             total += saved_bytes(head, params)
         model.activation_checkpointing_disable()
         return total, recompute
+
+    def vision_input(self, rows: int) -> dict:
+        """get_image_features' inputs for ``rows`` samples' images on the meta device (Qwen2-VL: the grid stays on
+        the CPU, its values decide the shapes; its rotary positions are computed from it and moved to meta)."""
+        v = self.config.vision_config
+        n = rows * self.s.images
+        meta = dict(device="meta", dtype=torch.bfloat16)
+        _, grids = self.tokens()
+        if not grids:
+            return {"pixel_values": torch.empty(n, 3, v.image_size, v.image_size, **meta)}
+        from transformers.vision_utils import get_vision_position_ids
+
+        grid = torch.tensor(list(grids) * n)
+        return {"pixel_values": torch.empty(int(grid.prod(-1).sum()), 3 * v.temporal_patch_size * v.patch_size ** 2,
+                                            **meta),
+                "image_grid_thw": grid, "position_ids": get_vision_position_ids(grid, v.spatial_merge_size).to("meta")}
 
     def projector_input(self, rows: int):
         """The projector's input for ``rows`` samples' images, on the meta device (None when it cannot be shaped)."""
@@ -386,12 +408,9 @@ def plan(setting: Setting) -> dict:
 def _shapes(setting: Setting) -> Shapes:
     shapes = Shapes(setting)
     try:
-        region = shapes.region(setting.region)
+        shapes.region(setting.region)
     except ValueError as e:
         raise PlanError(f"--region: {e}") from None
-    if region.parts.get("vision"):
-        raise PlanError(f"--region {setting.region}: the planner does not count a trainable vision tower's activations "
-                        "yet; plan without +vision (the paper's recipe freezes it)")
     return shapes
 
 
