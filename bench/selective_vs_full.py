@@ -71,6 +71,7 @@ def main() -> None:
     p.add_argument("--tuner", choices=("full", "lora"), default="full")
     p.add_argument("--lora-r", type=int, default=16, help="LoRA rank (default 16: the recipe's r / hidden, 128 / 4096, "
                                                           "at hidden 512)")
+    p.add_argument("--lora-dropout", type=float, default=0.05, help="LoRA dropout (default 0.05, the recipe's)")
     p.add_argument("--precision", choices=("fp32", "bf16"), default="fp32")
     p.add_argument("--local_rank", type=int, default=0, help=argparse.SUPPRESS)  # added by the deepspeed launcher
     args = p.parse_args()
@@ -84,7 +85,7 @@ def main() -> None:
         model = copy.deepcopy(base).to(engine.torch_dtype(precision)).train()
         region = resolve(spec, args.layers)
         if args.tuner == "lora":
-            lora.inject(model, lora.peft_config(model, region, args.lora_r, 2 * args.lora_r, 0.05))
+            lora.inject(model, lora.peft_config(model, region, args.lora_r, 2 * args.lora_r, args.lora_dropout))
         apply_region(model, region, args.tuner)
         if args.grad_ckpt:
             enable_checkpointing(model)
@@ -113,10 +114,10 @@ def main() -> None:
     measured, ideal = t_sel / t_full, sel["flops"] / full["flops"]
     if engine.rank() != 0:
         return
+    tuner = f"lora r {args.lora_r} dropout {args.lora_dropout:g}" if args.tuner == "lora" else "full"
     print(f"model: {args.layers} layers x hidden {args.hidden}, {args.batch} x {args.seq} tokens per rank, "
-          f"{engine.world_size()} rank(s), ZeRO-{args.zero}, {precision}, tuner {args.tuner}"
-          f"{f' r {args.lora_r}' if args.tuner == 'lora' else ''}, checkpointing {'on' if args.grad_ckpt else 'off'}, "
-          f"{args.steps} steps per arm after {args.warmup} warm-up")
+          f"{engine.world_size()} rank(s), ZeRO-{args.zero}, {precision}, tuner {tuner}, checkpointing "
+          f"{'on' if args.grad_ckpt else 'off'}, {args.steps} steps per arm after {args.warmup} warm-up")
     for name, arm, t in ((args.region, sel, t_sel), ("full", full, t_full)):
         fwd, bwd, opt = (statistics.median(x) for x in zip(*arm["phases"]))
         print(f"{name:>12}: median step {t:.3f} s (forward {fwd:.3f}, backward {bwd:.3f}, optimizer step "
