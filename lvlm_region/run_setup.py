@@ -146,6 +146,9 @@ def plan_run(s: Setup, train_ds) -> dict:
     on_gpu = torch.cuda.is_available() and not engine.on_cpu()
     memory = cfg.gpu_memory_gb or torch.cuda.get_device_properties(engine.device()).total_memory / plan.GIB
     peak = cfg.peak_tflops or timing.peak_flops(None, engine.torch_dtype(s.precision))[0] / 1e12
+    # Every rank must choose the same plan: the smallest memory of any rank, rank 0's peak (measured on CPU).
+    mine = engine.all_gather_object((memory, peak))
+    memory, peak = min(m for m, _ in mine), mine[0][1]
     setting = plan.Setting(model=cfg.model_path, region=cfg.region, tuner=cfg.tuner, lora_r=cfg.lora_r,
                            lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout, gpus=world,
                            gpu=timing.device_name() if on_gpu else "cpu", gpu_memory_gb=memory, peak_tflops=peak,
