@@ -309,3 +309,9 @@ def test_plan_auto_refuses_before_weights_load(demo_dir, prepared_subset, tmp_pa
     assert res.returncode == 2, res.stdout[-2000:] + res.stderr[-2000:]
     assert message in res.stderr
     assert "Loading weights" not in res.stdout + res.stderr
+
+
+def test_stage_1_takes_plan_auto_too(tmp_path):
+    res = run([sys.executable, "launch/pretrain.py", "--output-dir", str(tmp_path / "out"), "--plan", "auto"],
+              timeout=300)
+    assert res.returncode == 2 and "--plan auto on CPU needs --gpu-memory-gb" in res.stderr, res.stderr[-2000:]
