@@ -198,8 +198,8 @@ class RunConfig:
                                        default_help="--micro-batch x --grad-accum x ranks")
     plan: str = setting("off", "auto: the planner (launch/plan.py) picks the fastest ZeRO stage, optimizer offload, "
                                "activation checkpointing and micro-batch that fit the GPU's memory, for this model, "
-                               "region, data and rank count; --zero, --offload, --grad-ckpt, --micro-batch, --grad-accum "
-                               "and --ds-config given on the command line keep their values | off")
+                               "region, data and rank count; --zero, --offload, --grad-ckpt, --micro-batch, "
+                               "--grad-accum and --ds-config given on the command line keep their values | off")
     gpu_memory_gb: float | None = setting(None, "memory per GPU (GiB) --plan auto fits the run in",
                                           default_help="the GPU's own; required on CPU")
     grad_clip: float = setting(1.0, "max global gradient norm (0: no clipping)")
