@@ -70,7 +70,9 @@ def test_every_field_has_its_flag_with_the_dataclass_default():
     parser = build_parser("sft", "")
     actions = {a.dest: a for a in parser._actions if a.dest not in ("help", "local_rank")}
     fields = {f.name: f for f in dataclasses.fields(RunConfig)}
-    assert set(actions) == set(fields) - {"stage"}  # the stage is the launcher's own
+    # the stage is the launcher's own; explicit (the flags given) is what the parser records, not a flag
+    assert set(actions) == {n for n, f in fields.items() if f.metadata.get("flag", True)} == set(fields) - {
+        "stage", "explicit"}
     for name, a in actions.items():
         assert a.default == fields[name].default, name
         assert a.help and a.option_strings == [f"--{name.replace('_', '-')}"] + (
@@ -87,7 +89,7 @@ def test_every_help_default_is_the_one_resolve_applies(tmp_path, stage):
     def shown(v) -> str:
         return ("on" if v else "off") if isinstance(v, bool) else f"{v:g}" if isinstance(v, float) else str(v)
     for f in dataclasses.fields(RunConfig):
-        if f.name == "stage":
+        if not f.metadata.get("flag", True):  # stage, explicit
             continue
         if f.metadata.get("stages"):
             want = f.metadata["stages"][stage]
@@ -117,3 +119,11 @@ def test_every_help_default_is_the_one_resolve_applies(tmp_path, stage):
         cfg = RunConfig(stage=stage, output_dir="o", model=str(tmp_path), data="d.json").resolve()
         assert cfg.image_aspect_ratio == aspect
         assert re.search(rf"{aspect} \([^)]*\b{model_type}\b", part), (part, model_type)
+
+
+def test_the_flags_given_are_recorded_even_at_their_default_value():
+    """--plan auto keeps what the user gave: a flag given at its default value counts as given."""
+    cfg = parse("sft", "", ["--output-dir", "o", "--micro-batch", "16", "--no-group-by-length"])
+    assert cfg.explicit == ("group_by_length", "micro_batch", "output_dir")
+    assert cfg.given("micro_batch") and not cfg.given("zero") and not cfg.given("grad_ckpt")
+    assert RunConfig(stage="sft", output_dir="o", zero=3).given("zero")  # built in code: set to a non-default
