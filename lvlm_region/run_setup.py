@@ -138,7 +138,8 @@ def plan_run(s: Setup, train_ds) -> dict:
     cfg = s.cfg
     world = engine.world_size()
     global_batch = cfg.global_batch or cfg.micro_batch * cfg.grad_accum * world
-    fixed = {name: getattr(cfg, name) for name in PLANNED if cfg.given(name)}
+    given = [name for name in PLANNED if cfg.given(name)]
+    fixed = {name: getattr(cfg, name) for name in given}
     if cfg.ds_config is not None:  # the user's JSON decides the stage (and the offload, when it has one)
         fixed["zero"] = engine.zero_stage(s.ds_config)
         if engine.optimizer_offload(s.ds_config) != "none":
@@ -154,7 +155,7 @@ def plan_run(s: Setup, train_ds) -> dict:
                            gpu=timing.device_name() if on_gpu else "cpu", gpu_memory_gb=memory, peak_tflops=peak,
                            **plan.data_shape(train_ds), samples=len(train_ds), global_batch=global_batch)
     chosen, cands = plan.choose(setting, fixed)
-    kept = [flag(n) for n in PLANNED if cfg.given(n)] + (["--ds-config"] if cfg.ds_config is not None else [])
+    kept = [flag(n) for n in given] + (["--ds-config"] if cfg.ds_config is not None else [])
     if chosen is None:
         smallest = min(cands, key=lambda c: c.memory_gb["total"], default=None)
         need = (f"the smallest, {plan.row(cfg.region, asdict(smallest))}, needs {smallest.memory_gb['total']:.2f} GiB"
