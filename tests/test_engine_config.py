@@ -3,7 +3,7 @@ import json
 
 import pytest
 
-from lvlm_region.engine import DS_CONFIG_DIR, build_ds_config, lr_lambda
+from lvlm_region.engine import DS_CONFIG_DIR, build_ds_config, cpu_threads, lr_lambda
 
 
 @pytest.mark.parametrize("name", ["zero2.json", "zero3.json", "zero3_offload.json"])
@@ -75,3 +75,11 @@ def test_the_precision_sections_own_settings_are_kept(tmp_path):
     assert bf16["bf16"] == {"enabled": True} and "fp16" not in bf16
     fp32 = build_ds_config(3, str(p), 1, 1, 1.0, "fp32")
     assert "bf16" not in fp32 and "fp16" not in fp32
+
+
+def test_cpu_ranks_share_the_cores_unless_omp_num_threads_is_set():
+    assert cpu_threads({"LOCAL_SIZE": "2"}, 2) == 1  # the deepspeed launcher's ranks per node
+    assert cpu_threads({"LOCAL_WORLD_SIZE": "4"}, 16) == 4  # torchrun's
+    assert cpu_threads({"LOCAL_SIZE": "8"}, 2) == 1  # never below one
+    assert cpu_threads({}, 2) == 2  # a plain `python` run: one rank, every core
+    assert cpu_threads({"LOCAL_SIZE": "2", "OMP_NUM_THREADS": "3"}, 2) is None  # the user's (or numactl binding's)

@@ -4,6 +4,7 @@ After training: every frozen tensor is bit-identical to the run's starting weigh
 changed, and the saved checkpoint reloads with plain transformers to exactly the engine's weights.
 """
 import json
+import os
 import re
 import shutil
 from pathlib import Path
@@ -63,6 +64,8 @@ def test_stage1_zero2_trains_only_the_projector(stage1):
     run_json = json.loads((out / "run.json").read_text())
     assert run_json["status"] == "complete" and run_json["parameters"]["projector"]["trainable"] > 0
     assert set(run_json["versions"]) >= {"torch", "deepspeed", "transformers"}
+    # The two CPU ranks share this machine's cores instead of each starting one thread per core.
+    assert [r["cpu_threads"] for r in run_json["ranks"]] == [max(1, len(os.sched_getaffinity(0)) // 2)] * 2
     assert run_json["attn"] == "sdpa" and "--attn: flash_attention_2 needs a GPU; using sdpa on CPU" in stdout
     t = run_json["timing"]
     assert t["steady_steps"] == 2 and t["warmup_steps_per_session"] == 1  # step 1 is warm-up
