@@ -212,8 +212,10 @@ def projector_block(parts) -> Block:
                  trainable=any_trainable(parts.projector))
 
 
-def llm_blocks(model, parts) -> list[Block]:
-    """The input embeddings, the decoder layers and the LM head."""
+def llm_blocks(model, parts, mlp_output_norm: bool = False) -> list[Block]:
+    """The input embeddings, the decoder layers and the LM head. ``mlp_output_norm``: a norm reads the MLP's output
+    before the residual add (Gemma 2 / 3's post_feedforward_layernorm), so checkpointing recomputes the last
+    linear too (the norm saves its input)."""
     tcfg = model.config.get_text_config()
     heads = tcfg.num_attention_heads
     head_dim = getattr(tcfg, "head_dim", None) or tcfg.hidden_size // heads
@@ -223,7 +225,7 @@ def llm_blocks(model, parts) -> list[Block]:
         blocks.append(Block(f"layer.{i}", "llm", linear_macs(layer), linear_macs(layer, True), heads=heads,
                             head_dim=head_dim, trainable=any_trainable(layer),
                             checkpointed=is_checkpointed(decoder) and decoder.training,
-                            tail_macs=last_linear_macs(layer)))
+                            tail_macs=0 if mlp_output_norm else last_linear_macs(layer)))
     head = parts.lm_head
     blocks.append(Block("lm_head", "lm_head", head.in_features * head.out_features,
                         head.in_features * head.out_features if head.weight.requires_grad else 0,
@@ -241,10 +243,12 @@ class VisionFlops:
     image_tokens: int = 0
     patches: int = 0
     grid: GridVision | None = None
+    mlp_output_norm: bool = False  # the LLM's layers normalise the MLP output (see llm_blocks)
 
     def with_llm(self, model, parts) -> FlopModel:
         """The whole model's FlopModel: this vision side, then the LLM's blocks."""
-        return FlopModel(self.blocks + llm_blocks(model, parts), image_positions=self.image_positions,
+        return FlopModel(self.blocks + llm_blocks(model, parts, self.mlp_output_norm),
+                         image_positions=self.image_positions,
                          image_tokens=self.image_tokens, patches=self.patches, grid=self.grid)
 
 

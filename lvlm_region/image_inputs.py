@@ -32,6 +32,9 @@ class ImageLayout:
     """How images enter one family's model. Subclasses are frozen dataclasses with an ``image_token_id`` field."""
 
     image_token_id: int
+    # Text the processor writes before and after each image's tokens (Gemma 3: two newlines on either side). It is
+    # tokenized together with the neighbouring text (templates.tokenize), so it is not part of token_ids.
+    text_around: tuple[str, str] = ("", "")
 
     def token_ids(self, size: tuple[int, int]) -> list[int]:
         """The token ids of one image of ``size`` (width, height) as the file stores it."""

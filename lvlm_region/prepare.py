@@ -163,7 +163,8 @@ def encode(row: dict, image_folder: str, enc: Encoding, tokenizer) -> dict:
         image_ids = image_token_ids(s["images"], image_folder, enc.layout, decode=enc.verify_images == "decode",
                                     allow_outside=enc.allow_outside_images)
         try:
-            ids = tokenize(enc.template.segments(tokenizer, s["messages"]), tokenizer, image_ids)
+            ids = tokenize(enc.template.segments(tokenizer, s["messages"]), tokenizer, image_ids,
+                           enc.layout.text_around)
         except TemplateError as e:
             raise BadSample("template_error", str(e)) from None
         n = len(ids["input_ids"])

@@ -194,9 +194,12 @@ def end_of_turn_id(fmt: ChatFormat, tokenizer) -> int:
     return tokenize(fmt.segments(tokenizer, probe), tokenizer, [])["input_ids"][-1]
 
 
-def tokenize(segments: list[tuple[str, bool]], tokenizer, image_ids: list[list[int]]) -> dict:
+def tokenize(segments: list[tuple[str, bool]], tokenizer, image_ids: list[list[int]],
+             around: tuple[str, str] = ("", "")) -> dict:
     """Token ids and labels (IGNORE where untrained); the k-th <image> becomes ``image_ids[k]`` (its image tokens,
-    as image_inputs.ImageLayout.token_ids gives them for the image's size).
+    as image_inputs.ImageLayout.token_ids gives them for the image's size), with the layout's ``around`` text
+    (``text_around``: Gemma 3's "\\n\\n" on either side) written before and after it as plain text, so it merges with
+    the neighbouring text as the processor's expansion does. That text never trains.
 
     The segments' text is tokenized as one string, as a processor tokenizes the same rendered conversation at
     inference: each <image> is first written as its own image tokens' text (``<image>`` x N for Llava,
@@ -218,12 +221,16 @@ def tokenize(segments: list[tuple[str, bool]], tokenizer, image_ids: list[list[i
                             f"{len(image_ids)} images")
     # The string to tokenize, with each image's span in it, and a map back to positions in the rendered text.
     full, image_spans, shift, shifts = pieces[0], [], 0, []  # shifts: (start in full, offset to subtract)
+    inserted_spans = []  # each image's tokens with the text around them: never trained
     for k, piece in enumerate(pieces[1:]):
         written = "".join(tokenizer.convert_ids_to_tokens(image_ids[k]))
-        image_spans.append((len(full), len(full) + len(written)))
-        shifts.append((len(full) + len(written), shift + len(written) - len(IMAGE_PLACEHOLDER)))
-        shift += len(written) - len(IMAGE_PLACEHOLDER)
-        full += written + piece
+        inserted = around[0] + written + around[1]
+        start = len(full) + len(around[0])
+        image_spans.append((start, start + len(written)))
+        inserted_spans.append((len(full), len(full) + len(inserted)))
+        shifts.append((len(full) + len(inserted), shift + len(inserted) - len(IMAGE_PLACEHOLDER)))
+        shift += len(inserted) - len(IMAGE_PLACEHOLDER)
+        full += inserted + piece
     try:
         enc = tokenizer(full, add_special_tokens=False, return_offsets_mapping=True)
     except NotImplementedError:
@@ -241,7 +248,8 @@ def tokenize(segments: list[tuple[str, bool]], tokenizer, image_ids: list[list[i
 
     labels = []
     for t, (s, e) in zip(ids, enc["offset_mapping"]):
-        in_image = any(a <= s and e <= b for a, b in image_spans)  # image tokens never train
+        # image tokens, and tokens that take in text written around an image, never train
+        in_image = any(a <= s and e <= b for a, b in image_spans) or any(a < e and s < b for a, b in inserted_spans)
         o = original(e)
         labels.append(t if not in_image and any(a < o <= b for a, b in trained_spans) else IGNORE)
     bos = tokenizer.bos_token_id

@@ -70,3 +70,19 @@ def deepspeed_cmd(n: int, script: str, *args: str) -> list[str]:
         port = str(s.getsockname()[1])
     return [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", str(n), "--master_port", port,
             script, *args]
+
+
+def assert_dummy_changes_no_generation(model, layout, tok, prompt) -> None:
+    """Greedy generation from a left-padded text-only batch: the masked dummy image in front changes no token or
+    score."""
+    import torch
+
+    from lvlm_region.data import collate
+    outs = []
+    for d in (layout.dummy(), None):
+        g = collate([{"input_ids": prompt, "labels": prompt}], tok.pad_token_id, left_pad=True, dummy=d)
+        gen = model.generate(**layout.model_inputs(g), max_new_tokens=4, min_new_tokens=4, do_sample=False,
+                             pad_token_id=tok.pad_token_id, output_scores=True, return_dict_in_generate=True)
+        outs.append((gen.sequences[:, g["input_ids"].shape[1]:], torch.stack(gen.scores)))
+    assert torch.equal(outs[0][0], outs[1][0])
+    torch.testing.assert_close(outs[0][1], outs[1][1], rtol=1e-5, atol=1e-5)

@@ -81,7 +81,7 @@ def test_llava_next_image_newline_trains_with_the_projector():
     assert count_parameters(model)["projector"]["trainable"] == 0
 
 
-@pytest.mark.parametrize("family", sorted(set(FAMILIES) - {"llava", "qwen2_vl", "qwen2_5_vl"}))
+@pytest.mark.parametrize("family", sorted(set(FAMILIES) - {"gemma3", "llava", "qwen2_vl", "qwen2_5_vl"}))
 def test_training_a_family_without_a_data_path_is_refused_before_loading(tmp_path, family):
     """Only the config is on disk: the refusal comes before any processor, tokenizer or weights are read."""
     from lvlm_region.prepare import for_model
@@ -91,4 +91,13 @@ def test_training_a_family_without_a_data_path_is_refused_before_loading(tmp_pat
         for_model(str(tmp_path), "auto", 256)
     msg = str(e.value)
     assert f"--model {tmp_path} is a {T.AutoConfig.from_pretrained(tmp_path).model_type} model" in msg
-    assert "training it is not supported yet" in msg and "Supported for training: llava, qwen2_vl, qwen2_5_vl" in msg
+    assert "training it is not supported yet" in msg
+    assert "Supported for training: gemma3, llava, qwen2_vl, qwen2_5_vl" in msg
+
+
+def test_default_aspect_of_an_assembled_llava_is_llavas_whatever_family_registers_first():
+    from lvlm_region import families
+    assert families.FAMILIES[0].model_types == ("gemma3",)  # the first trainable family by module name
+    assert (families.default_aspect("pretrain", None), families.default_aspect("sft", None)) == ("square", "pad")
+    assert (families.default_aspect("pretrain", "gemma3"), families.default_aspect("sft", "gemma3")) == ("square",
+                                                                                                          "square")

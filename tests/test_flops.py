@@ -105,6 +105,18 @@ def test_lora_counted_as_what_it_is(model, ckpt):
     assert ours.hardware == counted(model, 2, 12, 2)
 
 
+def training_eagerly(model, spec: str, ckpt: bool):
+    """``model`` (4 decoder layers) in train mode with eager attention (explicit matmuls, which the flop counter
+    sees on CPU), region ``spec`` applied and checkpointing on when ``ckpt``."""
+    for cfg in (model.config, model.config.text_config, model.config.vision_config):
+        cfg._attn_implementation = "eager"
+    model.train()
+    apply_region(model, resolve(spec, 4))
+    if ckpt:
+        enable_checkpointing(model)
+    return model
+
+
 @pytest.mark.parametrize("family", ["qwen2_vl", "qwen2_5_vl"])
 @pytest.mark.parametrize("spec,ckpt", [("none", False), ("layers:1,3", False), ("full+vision", True),
                                        ("layers:3-projector", False)])
@@ -112,13 +124,7 @@ def test_qwen_vision_per_image_grids_match_torch_flop_counter(family, spec, ckpt
     """Qwen2-VL: each image's own patch grid, attention within the image; Qwen2.5-VL: within 56 px windows in
     its windowed block (the tiny tower's block 0), within the image in its full-attention block."""
     from helpers import qwen
-    model = qwen.model(family)
-    for cfg in (model.config, model.config.text_config, model.config.vision_config):
-        cfg._attn_implementation = "eager"
-    model.train()
-    apply_region(model, resolve(spec, 4))
-    if ckpt:
-        enable_checkpointing(model)
+    model = training_eagerly(qwen.model(family), spec, ckpt)
     grids = ((1, 4, 6), (1, 10, 12))  # 6 and 30 tokens; the second spans 3 x 3 windows of 2 x 2 merged units
     c = model.config
     tokens = [t * h * w // 4 for t, h, w in grids]
@@ -159,3 +165,27 @@ def test_lm_head_on_the_trained_positions_only_matches_torch_flop_counter(model,
     head = next(b for b in fm.blocks if b.kind == "lm_head")
     full = fm.micro_batch(BatchShape(rows=2, seq_len=12, images=2))
     assert full.forward - ours.forward == 2.0 * (24 - 6) * head.macs  # the head's forward on 18 untrained positions
+
+
+@pytest.mark.parametrize("spec,ckpt", [("none", False), ("uniform25", False), ("full+vision", True),
+                                       ("layers:3-projector", False)])
+def test_gemma3_pooled_projector_matches_torch_flop_counter(spec, ckpt):
+    """Gemma 3: every SigLIP layer feeds the projector, whose one matmul runs on the 4 average-pooled soft tokens
+    per image, not the 16 patches; the sliding-window and bidirectional-image masks cost eager attention nothing
+    less than a full causal one."""
+    from helpers import gemma3
+    model = training_eagerly(gemma3.model(), spec, ckpt)
+    c, T = model.config, 14
+    ids = torch.randint(10, 90, (2, T), generator=torch.Generator().manual_seed(0))
+    for r in range(2):
+        ids[r, 2], ids[r, 3:7], ids[r, 7] = c.boi_token_id, c.image_token_id, c.eoi_token_id
+    with FlopCounterMode(display=False) as counter:
+        logits = model(input_ids=ids, attention_mask=torch.ones_like(ids), pixel_values=torch.randn(2, 3, 32, 32),
+                       token_type_ids=(ids == c.image_token_id).long()).logits
+        logits.float().sum().backward()
+    fm = flop_model(model)
+    projector = next(b for b in fm.blocks if b.kind == "projector")
+    assert (fm.image_tokens, fm.patches, projector.macs) == (4, 16, 32 * 32)
+    ours = fm.micro_batch(BatchShape(rows=2, seq_len=T, images=2))
+    assert ours.hardware == counter.get_total_flops()
+    assert (ours.recompute > 0) == ckpt

@@ -12,7 +12,7 @@ import pytest
 import torch
 from PIL import Image
 
-from conftest import run
+from conftest import assert_dummy_changes_no_generation, run
 from helpers import qwen
 from lvlm_region import prepare
 from lvlm_region.data import ImageTextDataset, collate
@@ -121,14 +121,7 @@ def test_padded_batches_and_the_masked_dummy_change_no_loss(ckpt, data):
     # Generation from a left-padded text-only batch: the dummy in front changes no token or score.
     prompt = torch.tensor(tok.apply_chat_template([{"role": "user", "content": "Describe red"}], tokenize=True,
                                                   add_generation_prompt=True, return_dict=True)["input_ids"])
-    outs = []
-    for d in (dummy, None):
-        g = collate([{"input_ids": prompt, "labels": prompt}], tok.pad_token_id, left_pad=True, dummy=d)
-        gen = model.generate(**layout.model_inputs(g), max_new_tokens=4, min_new_tokens=4, do_sample=False,
-                             pad_token_id=tok.pad_token_id, output_scores=True, return_dict_in_generate=True)
-        outs.append((gen.sequences[:, g["input_ids"].shape[1]:], torch.stack(gen.scores)))
-    assert torch.equal(outs[0][0], outs[1][0])
-    torch.testing.assert_close(outs[0][1], outs[1][1], rtol=1e-5, atol=1e-5)
+    assert_dummy_changes_no_generation(model, layout, tok, prompt)
 
 
 def test_an_image_resized_after_preparation_is_replaced_not_fed_with_wrong_tokens(ckpt, data, tmp_path):

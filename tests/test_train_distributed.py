@@ -256,6 +256,28 @@ def test_qwen_checkpoints_train_the_region_and_export(tmp_path, family, flags):
     assert prepared["pad_to_square"] == ("pad" in flags)
 
 
+def test_gemma3_trains_the_region_and_the_projector_and_exports(tmp_path):
+    """A tiny Gemma 3 checkpoint, 2 ranks, ZeRO-3, uniform25 (layer 1 of 4), micro-batch 1 with text-only samples
+    (the masked dummy image keeps the tower's gathers in step): only the projector (its matmul weight and its norm's
+    scale) and layer 1 change, the tied embeddings stay, the export reloads to the engine's weights with the names
+    save_pretrained writes, and it loads with Gemma3Processor and the checkpoint's chat template."""
+    from transformers import AutoProcessor
+
+    from helpers import gemma3, qwen
+    ckpt = gemma3.build(str(tmp_path / "ckpt"))
+    data = qwen.write_data(str(tmp_path / "data"), n=12, text_every=3)
+    out, report, stdout = train_and_report(tmp_path, "sft", "gemma3", "--model", ckpt, "--data", data, "--template",
+                                           "auto", "--region", "uniform25", "--eval-data", data, "--lr", "1e-3",
+                                           "--zero", "3", "--micro-batch", "1", "--max-steps", "4")
+    check(report, r"model\.multi_modal_projector\.|model\.language_model\.layers\.1\.")
+    summary = report["summary"]
+    assert summary["eval"]["samples"] == 6 and summary["region"]["layers"] == [1]
+    assert re.search(r"embed=lm_head \(tied\) trainable +0 /", stdout)
+    processor = AutoProcessor.from_pretrained(out)
+    assert type(processor).__name__ == "Gemma3Processor" and processor.chat_template == gemma3.GEMMA3_TEMPLATE
+    assert processor.full_image_sequence == AutoProcessor.from_pretrained(ckpt).full_image_sequence
+
+
 def test_bf16_zero3_on_cpu_gathers_16bit_weights(demo_dir, tmp_path):
     """The paper's precision, bf16, under ZeRO-3 (DeepSpeed's CPU accelerator supports it; fp16 it does not):
     frozen weights stay bit-identical to the base model cast to bf16, the region's change, and the export is

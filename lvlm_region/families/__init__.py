@@ -48,7 +48,7 @@ def trainable() -> list[str]:
 
 def default_aspect(stage: str, model_type: str | None) -> str:
     """--image-aspect-ratio when not given (``model_type`` None: a Llava assembled with --llm/--vision)."""
-    return (get(model_type) or FAMILIES[0]).default_aspect(stage)
+    return (get(model_type) or REGISTRY["llava"]).default_aspect(stage)
 
 
 def check_trainable(config, where: str) -> Family:

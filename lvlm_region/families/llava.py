@@ -66,26 +66,31 @@ class Llava(Family):
     def vision_flops(self, model, parts) -> VisionFlops:
         """The patch convolution, each encoder layer (those above vision_feature_layer run forward only), the
         projector; every image is the same (image_size / patch_size)² patches."""
-        vcfg = model.config.vision_config
-        embeddings = next(m for m in parts.vision.modules() if hasattr(m, "num_positions"))
-        conv = next(m for m in parts.vision.modules() if isinstance(m, nn.Conv2d))
-        patches = (vcfg.image_size // vcfg.patch_size) ** 2
-        conv_macs = conv.in_channels * conv.kernel_size[0] * conv.kernel_size[1] * conv.out_channels
         encoder = next(m for m in parts.vision.modules() if isinstance(getattr(m, "layers", None), nn.ModuleList))
-        v_heads = vcfg.num_attention_heads
-        blocks = [Block("vision.embed", "vision_embed", conv_macs, conv_macs if conv.weight.requires_grad else 0,
-                        input_macs=conv_macs, trainable=any_trainable(embeddings))]
         # LLaVA reads hidden_states[vision_feature_layer] (-2: the output of the second-to-last layer); the
         # layers above it still run forward but nothing flows back through them.
         n_used = max(k if k >= 0 else len(encoder.layers) + 1 + k for k in _as_list(model.config.vision_feature_layer))
-        for i, layer in enumerate(encoder.layers):
-            blocks.append(Block(f"vision.{i}", "vision", linear_macs(layer), linear_macs(layer, True), heads=v_heads,
-                                head_dim=vcfg.hidden_size // v_heads, trainable=any_trainable(layer),
-                                checkpointed=is_checkpointed(encoder) and encoder.training, used=i < n_used,
-                                tail_macs=last_linear_macs(layer)))
-        blocks.append(projector_block(parts))
-        return VisionFlops(blocks, image_positions=embeddings.num_positions,
+        blocks, positions, patches = tower_blocks(parts.vision, model.config.vision_config, n_used)
+        return VisionFlops(blocks + [projector_block(parts)], image_positions=positions,
                            image_tokens=image_seq_length(model.config), patches=patches)
+
+
+def tower_blocks(vision: nn.Module, vcfg, n_used: int) -> tuple[list[Block], int, int]:
+    """A CLIP / SigLIP tower's FLOP blocks (patch convolution, encoder layers; the first ``n_used`` layers feed the
+    projector), its sequence length per image (patches, + CLIP's class token) and its patches per image."""
+    embeddings = next(m for m in vision.modules() if hasattr(m, "num_positions"))
+    conv = next(m for m in vision.modules() if isinstance(m, nn.Conv2d))
+    conv_macs = conv.in_channels * conv.kernel_size[0] * conv.kernel_size[1] * conv.out_channels
+    encoder = next(m for m in vision.modules() if isinstance(getattr(m, "layers", None), nn.ModuleList))
+    v_heads = vcfg.num_attention_heads
+    blocks = [Block("vision.embed", "vision_embed", conv_macs, conv_macs if conv.weight.requires_grad else 0,
+                    input_macs=conv_macs, trainable=any_trainable(embeddings))]
+    for i, layer in enumerate(encoder.layers):
+        blocks.append(Block(f"vision.{i}", "vision", linear_macs(layer), linear_macs(layer, True), heads=v_heads,
+                            head_dim=vcfg.hidden_size // v_heads, trainable=any_trainable(layer),
+                            checkpointed=is_checkpointed(encoder) and encoder.training, used=i < n_used,
+                            tail_macs=last_linear_macs(layer)))
+    return blocks, embeddings.num_positions, (vcfg.image_size // vcfg.patch_size) ** 2
 
 
 FAMILY = Llava()
