@@ -352,11 +352,16 @@ def read_state(path: Path) -> dict:
     return json.loads((path / STATE_FILE).read_text())
 
 
-def load(engine, path: Path) -> None:
-    """Restore a checkpoint written by ``save`` into the engine and this rank's RNGs."""
+def load(engine, path: Path) -> dict:
+    """Restore a checkpoint written by ``save`` into the engine; returns this rank's RNG states, which the caller
+    sets with ``restore_rng`` right before the first step, so nothing in between draws from them."""
     load_state(engine, str(path.parent), path.name)
-    rng_file = path / "rng" / f"rank{rank()}.pt"
-    _set_rng_states(load_rng_file(rng_file))
+    return load_rng_file(path / "rng" / f"rank{rank()}.pt")
+
+
+def restore_rng(states: dict) -> None:
+    """Set this rank's RNGs (python, numpy, torch, accelerator) to a checkpoint's (``load``)."""
+    _set_rng_states(states)
 
 
 class StopRequest:

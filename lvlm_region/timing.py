@@ -28,7 +28,8 @@ def device_name() -> str:
 
 def measure_cpu_peak(n: int = 1024, repeats: int = 5, dtype: torch.dtype = torch.float32) -> float:
     """FLOP/s of the best of a few n x n matmuls in ``dtype`` on this CPU (all threads torch uses)."""
-    a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
+    g = torch.Generator().manual_seed(0)  # its own: measuring must not move the training RNG (resume exactness)
+    a, b = torch.randn(n, n, dtype=dtype, generator=g), torch.randn(n, n, dtype=dtype, generator=g)
     a @ b  # warm-up
     best = float("inf")
     for _ in range(repeats):

@@ -114,8 +114,9 @@ class Trainer:
                                                         warmup, lr_overrides=own_lr)
         self.device = engine.device()
         self.stream = BatchStream(self.loader)
+        self.rng_states = None
         if s.resume_from is not None:
-            checkpoint.load(self.engine, s.resume_from)
+            self.rng_states = checkpoint.load(self.engine, s.resume_from)
             self.stream.load_state_dict(self.prior["data"])
             if self.rank0:
                 log.info("resumed from %s at step %d (epoch %d, micro-batch %d)", s.resume_from, self.prior["step"],
@@ -147,6 +148,11 @@ class Trainer:
         self.bar = tqdm(total=self.total, initial=self.start_step, desc=cfg.stage, disable=not self.rank0,
                         dynamic_ncols=True)
         self.loss, self.grad_norm = float("nan"), None
+        if self.rng_states is not None:
+            # Last, right before the first step: the RNGs continue exactly where the checkpoint left them (LoRA
+            # dropout draws from them). Set earlier, anything that draws in between (a random matrix, a model
+            # init) would shift every dropout mask after a resume.
+            checkpoint.restore_rng(self.rng_states)
 
     def state(self, step: int) -> dict:
         """What a checkpoint at `step` records besides DeepSpeed's state (accumulated across restarts)."""
