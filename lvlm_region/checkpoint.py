@@ -188,7 +188,8 @@ def load_rng_file(path: Path) -> dict:
         return torch.load(path, weights_only=True)
 
 
-def _set_rng_states(state: dict) -> None:
+def restore_rng(state: dict) -> None:
+    """Set this rank's RNGs (python, numpy, torch, accelerator) to a checkpoint's (``load`` returns them)."""
     random.setstate(state["python"])
     np.random.set_state(state["numpy"])
     torch.set_rng_state(state["torch"])
@@ -357,11 +358,6 @@ def load(engine, path: Path) -> dict:
     sets with ``restore_rng`` right before the first step, so nothing in between draws from them."""
     load_state(engine, str(path.parent), path.name)
     return load_rng_file(path / "rng" / f"rank{rank()}.pt")
-
-
-def restore_rng(states: dict) -> None:
-    """Set this rank's RNGs (python, numpy, torch, accelerator) to a checkpoint's (``load``)."""
-    _set_rng_states(states)
 
 
 class StopRequest:

@@ -68,7 +68,8 @@ class Gemma3(Family):
     def image_layout(self, config, image_processor, aspect: str) -> SoftTokenImages:
         if getattr(image_processor, "do_pan_and_scan", False):
             raise ValueError("the image processor has do_pan_and_scan on: pan-and-scan crops are not supported for "
-                             "training; set \"do_pan_and_scan\": false in the checkpoint's preprocessor_config.json")
+                             "training; set \"do_pan_and_scan\": false in the checkpoint's image processor config "
+                             "(preprocessor_config.json, or processor_config.json's image_processor)")
         for attr in ("image_token_id", "boi_token_id", "eoi_token_id", "mm_tokens_per_image"):
             if getattr(config, attr, None) is None:
                 raise ValueError(f"a gemma3 config needs {attr}; the checkpoint's config.json lacks it")
@@ -76,7 +77,7 @@ class Gemma3(Family):
         hw = tuple(size[k] if isinstance(size, dict) else getattr(size, k, None) for k in ("height", "width"))
         if hw != (side, side):
             raise ValueError(f"the image processor resizes to {hw[0]}x{hw[1]}, but the vision tower takes "
-                             f"{side}x{side} (vision_config.image_size); fix size in preprocessor_config.json")
+                             f"{side}x{side} (vision_config.image_size); fix the image processor's size")
         return SoftTokenImages(config.image_token_id, config.boi_token_id, config.eoi_token_id,
                                config.mm_tokens_per_image, side)
 
