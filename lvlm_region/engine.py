@@ -66,10 +66,11 @@ def cpu_threads(env, cores: int) -> int | None:
     """The intra-op threads of a CPU rank: the cores it may run on, shared by the node's ranks.
 
     torch gives every process one thread per core, so N ranks on one node ran N times as many threads as cores. On
-    this project's 2-core machine a 2-rank step took 2.2 s instead of 0.45 s (OpenMP threads spinning against each
-    other). torchrun sets OMP_NUM_THREADS=1 for several local ranks; the deepspeed launcher does so only with
-    --bind_cores_to_rank (which needs numactl). None (torch's default kept) when OMP_NUM_THREADS is set: the user's,
-    or --bind_cores_to_rank's. Ranks per node: LOCAL_SIZE (deepspeed launcher) or LOCAL_WORLD_SIZE (torchrun).
+    this project's 2-core machine a 2-rank ZeRO-3 step of the demo took 0.6 to 2.7 s instead of 0.2 to 0.5 s (OpenMP
+    threads spinning against each other; 6-step runs, twice each way). torchrun sets OMP_NUM_THREADS=1 for several
+    local ranks; the deepspeed launcher does so only with --bind_cores_to_rank (which needs numactl). None (torch's
+    default kept) when OMP_NUM_THREADS is set: the user's, or --bind_cores_to_rank's. Ranks per node: LOCAL_SIZE
+    (deepspeed launcher) or LOCAL_WORLD_SIZE (torchrun).
     """
     if env.get("OMP_NUM_THREADS"):
         return None
