@@ -3,13 +3,15 @@ Gemma3Processor's, padded batches and the masked dummy change no loss, refusals,
 test_train_distributed.py, the resume in test_resume.py, the FLOP model in test_flops.py."""
 import json
 import os
+import sys
+from pathlib import Path
 
 import pytest
 import torch
 from PIL import Image
 from transformers import AutoConfig, AutoModelForImageTextToText, AutoProcessor
 
-from conftest import assert_dummy_changes_no_generation
+from conftest import assert_dummy_changes_no_generation, run
 from helpers import gemma3
 from lvlm_region import families, prepare, prune
 from lvlm_region.data import ImageTextDataset, collate
@@ -132,14 +134,24 @@ def test_pan_and_scan_and_packing_are_refused(ckpt, tmp_path):
 
 
 @torch.no_grad()
-def test_pruning_cuts_layer_types_and_the_pruned_model_generates_with_its_cache(ckpt, tmp_path):
-    scores = tmp_path / "scores.json"
-    scores.write_text(json.dumps({"method": "bi", "scores": [0.9, 0.1, 0.2, 0.8], "model": "elsewhere"}))
+def test_importance_then_pruning_cuts_layer_types_and_the_pruned_model_generates_with_its_cache(ckpt, data,
+                                                                                               tmp_path):
+    """launch/importance.py scores the layers (block influence over images and text); pruning the lowest-scoring
+    one cuts its entry of layer_types, and the pruned model generates the same with and without its cache."""
+    path, folder = data
+    scores = tmp_path / "bi" / "scores.json"
+    res = run([sys.executable, "launch/importance.py", "--model", ckpt, "--data", path, "--image-folder", folder,
+               "--samples", "8", "--output", str(scores)], timeout=300)
+    assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-2000:]
+    bi = json.loads(scores.read_text())
+    assert (bi["method"], bi["layers"], bi["samples"]) == ("bi", 4, 8) and all(0 <= x <= 2 for x in bi["scores"])
+    lowest = min(range(4), key=lambda i: bi["scores"][i])
     out = tmp_path / "pruned"
     prune.run(ckpt, str(scores), [1], "none", str(out))
+    assert json.loads((out / prune.PRUNE_FILE).read_text())["dropped"] == [lowest]
     text = json.loads((out / "config.json").read_text())["text_config"]
-    assert text["num_hidden_layers"] == 3
-    assert text["layer_types"] == ["sliding_attention", "sliding_attention", "full_attention"]  # layer 1 dropped
+    before = json.loads((Path(ckpt) / "config.json").read_text())["text_config"]["layer_types"]
+    assert text["num_hidden_layers"] == 3 and text["layer_types"] == before[:lowest] + before[lowest + 1:]
     assert AutoConfig.from_pretrained(out).text_config.layer_types == text["layer_types"]
     model = AutoModelForImageTextToText.from_pretrained(out).eval()
     ids = torch.randint(10, 90, (1, 20), generator=torch.Generator().manual_seed(1))  # past the 16-token window
