@@ -14,6 +14,7 @@ import os
 import platform
 import socket
 import sys
+import time
 from pathlib import Path
 
 import datasets
@@ -43,6 +44,11 @@ def init_distributed(timeout_min: float = 30.0) -> None:
     (DeepSpeed's default is 30 minutes). Long single-rank work between collectives (rank 0 preparing data) waits on
     the file system instead, with its own heartbeat timeout.
     """
+    stale = stale_build_locks()
+    if stale:
+        raise ValueError(f"torch's JIT-build lock {stale[0]} is {stale[1] / 60:.0f} min old: a build of a DeepSpeed "
+                           f"op was killed mid-way, and this launch would wait on it forever; remove that file (when "
+                           f"no build is running) and rerun")
     if "RANK" not in os.environ:
         os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1",
                           MASTER_PORT=str(_free_port()))
@@ -60,6 +66,31 @@ def init_distributed(timeout_min: float = 30.0) -> None:
     me = placement()
     log.info("rank %d of %d: local rank %d, node rank %d, host %s, pid %d, %d CPU thread(s)", me["rank"],
              world_size(), me["local_rank"], me["node_rank"], me["host"], me["pid"], me["cpu_threads"])
+
+
+STALE_BUILD_LOCK_S = 600  # a JIT build of a DeepSpeed op takes 1-2 minutes on 2 CPU cores
+
+
+def stale_build_locks(root: str | None = None, now: float | None = None) -> tuple[str, float] | None:
+    """The oldest lock file of torch's JIT extension builds (cpp_extension) older than STALE_BUILD_LOCK_S, and its
+    age in seconds; None when there is none.
+
+    DeepSpeed JIT-builds its ops under that lock (deepspeed_shm_comm at start-up on CPU, cpu_adam for offload). A
+    build killed mid-way leaves the lock, and every later launch then waits on it silently, before its first log
+    line (seen on this project's machine). Root: TORCH_EXTENSIONS_DIR/<op>/lock, or torch's default
+    root/<python>_<accelerator>/<op>/lock.
+    """
+    from torch.utils.cpp_extension import get_default_build_root
+    base = Path(root or os.environ.get("TORCH_EXTENSIONS_DIR") or get_default_build_root())
+    now = time.time() if now is None else now
+    ages = []
+    for lock in [*base.glob("*/lock"), *base.glob("*/*/lock")]:
+        try:
+            ages.append((now - lock.stat().st_mtime, str(lock)))
+        except FileNotFoundError:  # the build just finished
+            continue
+    old = max((a for a in ages if a[0] > STALE_BUILD_LOCK_S), default=None)
+    return (old[1], old[0]) if old else None
 
 
 def cpu_threads(env, cores: int) -> int | None:

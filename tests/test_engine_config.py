@@ -3,7 +3,8 @@ import json
 
 import pytest
 
-from lvlm_region.engine import DS_CONFIG_DIR, build_ds_config, cpu_threads, lr_lambda
+from lvlm_region.engine import (DS_CONFIG_DIR, STALE_BUILD_LOCK_S, build_ds_config, cpu_threads, lr_lambda,
+                                stale_build_locks)
 
 
 @pytest.mark.parametrize("name", ["zero2.json", "zero3.json", "zero3_offload.json"])
@@ -83,3 +84,21 @@ def test_cpu_ranks_share_the_cores_unless_omp_num_threads_is_set():
     assert cpu_threads({"LOCAL_SIZE": "8"}, 2) == 1  # never below one
     assert cpu_threads({}, 2) == 2  # a plain `python` run: one rank, every core
     assert cpu_threads({"LOCAL_SIZE": "2", "OMP_NUM_THREADS": "3"}, 2) is None  # the user's (or numactl binding's)
+
+
+def test_a_stale_jit_build_lock_is_found_a_fresh_one_is_not(tmp_path):
+    """A DeepSpeed op build killed mid-way leaves torch's lock file; launches would wait on it forever."""
+    import os
+    import time
+    now = time.time()
+    assert stale_build_locks(str(tmp_path), now) is None
+    fresh = tmp_path / "py311_cpu" / "cpu_adam" / "lock"
+    fresh.parent.mkdir(parents=True)
+    fresh.touch()
+    assert stale_build_locks(str(tmp_path), now) is None  # a build running now
+    stale = tmp_path / "deepspeed_shm_comm" / "lock"  # the TORCH_EXTENSIONS_DIR layout: root/<op>/lock
+    stale.parent.mkdir()
+    stale.touch()
+    os.utime(stale, (now - STALE_BUILD_LOCK_S - 60, now - STALE_BUILD_LOCK_S - 60))
+    path, age = stale_build_locks(str(tmp_path), now)
+    assert path == str(stale) and age == pytest.approx(STALE_BUILD_LOCK_S + 60, abs=1)

@@ -54,6 +54,23 @@ def test_bad_input_fails_before_weights_load(demo_dir, tmp_path, flags, message)
         assert "valid region specs:" in res.stderr
 
 
+def test_a_stale_jit_build_lock_stops_the_launch_instead_of_hanging(demo_dir, tmp_path):
+    """A DeepSpeed op build killed mid-way leaves torch's lock file; without the check every later launch waited
+    on it forever, silently (seen on this project's machine)."""
+    import os
+    import time
+    lock = tmp_path / "ext" / "deepspeed_shm_comm" / "lock"
+    lock.parent.mkdir(parents=True)
+    lock.touch()
+    os.utime(lock, (time.time() - 1200, time.time() - 1200))
+    res = run([sys.executable, "launch/sft.py", "--output-dir", str(tmp_path / "out"), "--max-steps", "1"],
+              env={"TORCH_EXTENSIONS_DIR": str(tmp_path / "ext")}, timeout=120)
+    assert res.returncode == 2
+    assert f"torch's JIT-build lock {lock} is 20 min old: a build of a DeepSpeed op was killed mid-way" in res.stderr
+    assert "remove that file (when no build is running) and rerun" in res.stderr
+    assert not (tmp_path / "out").exists()
+
+
 def test_sft_launcher_end_to_end(demo_dir, tmp_path):
     out = tmp_path / "sft"
     res = run(deepspeed_cmd(1, "launch/sft.py", "--region", "uniform25", "--output-dir", str(out), "--max-steps",
