@@ -282,9 +282,16 @@ class Shapes:
         from transformers.vision_utils import get_vision_position_ids
 
         grid = torch.tensor(list(grids) * n)
-        return {"pixel_values": torch.empty(int(grid.prod(-1).sum()), 3 * v.temporal_patch_size * v.patch_size ** 2,
-                                            **meta),
-                "image_grid_thw": grid, "position_ids": get_vision_position_ids(grid, v.spatial_merge_size).to("meta")}
+        out = {"pixel_values": torch.empty(int(grid.prod(-1).sum()), 3 * v.temporal_patch_size * v.patch_size ** 2,
+                                           **meta),
+               "image_grid_thw": grid, "position_ids": get_vision_position_ids(grid, v.spatial_merge_size).to("meta")}
+        if getattr(v, "num_position_embeddings", None):  # a learned position grid resampled to each image's grid
+            from transformers.vision_utils import get_vision_interpolation_indices_and_weights
+            index, weight = get_vision_interpolation_indices_and_weights(
+                grid, int(v.num_position_embeddings ** 0.5), align_corners=True,
+                spatial_merge_size=v.spatial_merge_size)
+            out.update(interp_indices=index.to("meta"), interp_weights=weight.to("meta"))
+        return out
 
     def projector_input(self, rows: int):
         """The projector's input for ``rows`` samples' images, on the meta device (None when it cannot be shaped)."""

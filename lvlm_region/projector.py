@@ -16,9 +16,14 @@ log = logging.getLogger(__name__)
 PROJECTOR_FILE = "projector.safetensors"  # the projector alone, keyed as its own state_dict (linear_1.weight ...)
 
 
-def projector_prefix(model: PreTrainedModel) -> str:
+def projector_prefixes(model: PreTrainedModel) -> dict[str, str]:
+    """The projector's own state_dict key prefix -> the model's, per module: one entry for a projector that is one
+    module of the model, one per child for a projector made of several (Qwen3-VL's merger and DeepStack mergers)."""
     projector = find_parts(model).projector
-    return next(n for n, m in model.named_modules() if m is projector) + "."
+    names = {id(m): n for n, m in model.named_modules()}
+    if id(projector) in names:
+        return {"": names[id(projector)] + "."}
+    return {f"{child}.": names[id(m)] + "." for child, m in projector.named_children()}
 
 
 def export_projector(model: PreTrainedModel, state_dict: dict, out_dir: str) -> None:
@@ -26,8 +31,9 @@ def export_projector(model: PreTrainedModel, state_dict: dict, out_dir: str) -> 
 
     transformers may rename keys when it writes model.safetensors, so stage 2 reads this file instead.
     """
-    prefix = projector_prefix(model)
-    tensors = {k[len(prefix):]: v.contiguous() for k, v in state_dict.items() if k.startswith(prefix)}
+    tensors = {}
+    for own, theirs in projector_prefixes(model).items():
+        tensors.update({own + k[len(theirs):]: v.contiguous() for k, v in state_dict.items() if k.startswith(theirs)})
     save_file(tensors, os.path.join(out_dir, PROJECTOR_FILE))
 
 

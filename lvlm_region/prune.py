@@ -25,13 +25,13 @@ import statistics
 import subprocess
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 from transformers import AutoModelForImageTextToText, PreTrainedModel
 
-from . import checkpoint, outputs, regions
+from . import checkpoint, families, outputs, regions
 from .eval_run import trained_settings, trained_with
 from .importance import check_layers
 
@@ -64,11 +64,13 @@ class Plan:
     protected: list[int]  # source layer indices never dropped
     protect_from: str  # where the protected region came from (run.json, prune.json, --protect)
     drops: list[int]
+    pinned: list[int] = field(default_factory=list)  # layers the architecture refers to by index (families)
+    pinned_why: str = ""
 
     def dropped(self, k: int) -> list[int]:
         """The k lowest-scoring layers outside the protected region, sorted; among equal scores the lower index
         goes first. A larger k drops a superset."""
-        candidates = [i for i in range(self.depth) if i not in self.protected]
+        candidates = [i for i in range(self.depth) if i not in self.protected and i not in self.pinned]
         return sorted(sorted(candidates, key=lambda i: (self.scores[i], i))[:k])
 
     def kept(self, k: int) -> list[int]:
@@ -121,18 +123,24 @@ def make_plan(model: str, scores_file: str, drops: list[int], protect: str | Non
     with open(scores_file) as f:
         meta = json.load(f)
     spec, protected, source = _protected(model, protect, depth)
-    free = depth - len(protected)
+    from transformers import AutoConfig
+    pinned, why = families.pinned_layers(AutoConfig.from_pretrained(model))
+    pinned = sorted(set(pinned) - set(protected))
+    free = depth - len(protected) - len(pinned)
     for k in drops:
         if k > free or k >= depth:
             most = min(free, depth - 1)
+            also = f", and {len(pinned)} more it keeps because {why} (layers {pinned})" if pinned else ""
             raise PruneError(f"--drop {k}: the model has {depth} decoder layers, {len(protected)} of them in the "
-                             f"protected region {spec!r} ({source}), so at most {most} can be dropped; give a smaller "
-                             "K or another --protect")
+                             f"protected region {spec!r} ({source}){also}, so at most {most} can be dropped; give a "
+                             "smaller K or another --protect")
+    if pinned:
+        log.info("pruning keeps decoder layers %s besides the protected region: %s", pinned, why)
     if meta.get("model") and os.path.realpath(meta["model"]) != os.path.realpath(model):
         log.warning("--scores %s scored %s, not --model %s: pruning by another model's scores", scores_file,
                     meta["model"], model)
     return Plan(os.path.abspath(model), os.path.abspath(scores_file), scores, meta.get("method"), depth, spec,
-                sorted(protected), source, drops)
+                sorted(protected), source, drops, pinned, why)
 
 
 def read_prune(model_dir: str) -> dict | None:
@@ -226,6 +234,7 @@ def prune(plan: Plan, output: str) -> list[dict]:
             "layers_before": plan.depth, "layers_after": len(kept),
             "protected": {"spec": plan.protect, "from": plan.protect_from, "layers": plan.protected,
                           "layers_after": [index[i] for i in plan.protected]},
+            "pinned": {"layers": plan.pinned, "why": plan.pinned_why},
             "parameters_before": source_params, "parameters": source_params - sum(layer_params[i] for i in dropped),
             "config_fields_cut": ["num_hidden_layers", *changed], "copied": copied,
             "settings": trained_settings(plan.model)}
@@ -323,11 +332,13 @@ def report(plan: Plan, rows: list[dict], speed: dict, output: str, eval_data: st
         r["speedup"] = r["tokens_per_s"] / base["tokens_per_s"]
     out = {"source": plan.model, "scores_file": plan.scores_file, "method": plan.method,
            "protected": {"spec": plan.protect, "from": plan.protect_from, "layers": plan.protected},
-           "eval_data": os.path.abspath(eval_data), "speed": speed, "rows": rows}
+           "pinned": {"layers": plan.pinned, "why": plan.pinned_why}, "eval_data": os.path.abspath(eval_data),
+           "speed": speed, "rows": rows}
     checkpoint.write_json_atomic(os.path.join(output, "prune_report.json"), out)
     lines = [f"# Pruning `{plan.model}`", "",
              f"Layers dropped by {plan.method or 'the'} scores of `{plan.scores_file}` (lowest first), never one of "
-             f"the protected region `{plan.protect}` {plan.protected} ({plan.protect_from}). Accuracy: "
+             f"the protected region `{plan.protect}` {plan.protected} ({plan.protect_from})"
+             + (f" nor layers {plan.pinned} ({plan.pinned_why})" if plan.pinned else "") + ". Accuracy: "
              f"launch/evaluate.py on `{out['eval_data']}`. Generation: {speed['prompts']} prompts x "
              f"{speed['new_tokens']} new tokens, greedy with the KV cache, median of {speed['repeats']} after a "
              f"warm-up, every model in one process one after another ({speed['device']}, {speed['precision']}, "

@@ -511,6 +511,9 @@ def export_model(ds_engine, processor, out: str, adapters=None) -> None:
     state = engine.full_state_dict(ds_engine)  # every rank takes part in the gather
 
     def write(d: str) -> None:
+        # The projector first: save_pretrained pops every tensor it writes from the dict it is given (transformers
+        # 5.24, seen on tied models), so it gets a shallow copy and nothing reads ``state`` after it.
+        export_projector(ds_engine.module, state, d)
         if adapters is None:
             # Saved through a fresh meta-device instance of the class: save_pretrained renames tensors by the model's
             # load history, and a model loaded under ZeRO-3 carries transformers' legacy renamings too, which gave
@@ -518,11 +521,10 @@ def export_model(ds_engine, processor, out: str, adapters=None) -> None:
             # save_pretrained writes for this class, whatever the ZeRO stage.
             fresh = skeleton(ds_engine.module.config)
             fresh.generation_config = ds_engine.module.generation_config
-            fresh.save_pretrained(d, state_dict=state, safe_serialization=True)
+            fresh.save_pretrained(d, state_dict=dict(state), safe_serialization=True)
         else:
             lora.export(ds_engine.module, adapters, state, d)
             export_projector(ds_engine.module, state, os.path.join(d, lora.ADAPTER_DIR))
-        export_projector(ds_engine.module, state, d)
         processor.save_pretrained(d)
 
     if engine.rank() == 0:

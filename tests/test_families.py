@@ -16,6 +16,9 @@ TEXT = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=6, num_atten
 CLIP = dict(model_type="clip_vision_model", hidden_size=32, intermediate_size=64, num_hidden_layers=6,
             num_attention_heads=4, image_size=28, patch_size=14)
 SIGLIP = dict(CLIP, model_type="siglip_vision_model")
+MROPE = {"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [1, 1, 2], "mrope_interleaved": True}
+QWEN3_VISION = dict(depth=6, hidden_size=32, intermediate_size=64, num_heads=4, out_hidden_size=32, patch_size=16,
+                    num_position_embeddings=64, deepstack_visual_indexes=[1, 3])
 
 
 def llava_like(config_cls, model_cls, **extra):
@@ -36,6 +39,15 @@ FAMILIES = {
                          rope_scaling={"type": "mrope", "mrope_section": [1, 1, 2]}),
         vision_config=dict(depth=6, hidden_size=32, intermediate_size=64, num_heads=4, out_hidden_size=32,
                            patch_size=14, spatial_merge_size=2, fullatt_block_indexes=[5]))),
+    "qwen3_vl": lambda: T.Qwen3VLForConditionalGeneration(T.Qwen3VLConfig(
+        text_config=dict(TEXT, head_dim=8, rope_parameters=MROPE), vision_config=dict(QWEN3_VISION))),
+    "qwen3_vl_moe": lambda: T.Qwen3VLMoeForConditionalGeneration(T.Qwen3VLMoeConfig(
+        text_config=dict(TEXT, head_dim=8, rope_parameters=MROPE, num_experts=4, num_experts_per_tok=2,
+                         moe_intermediate_size=16, decoder_sparse_step=1), vision_config=dict(QWEN3_VISION))),
+    "qwen3_5": lambda: T.Qwen3_5ForConditionalGeneration(T.Qwen3_5Config(
+        text_config=dict(TEXT, head_dim=8, rope_parameters=MROPE, linear_key_head_dim=8, linear_value_head_dim=8,
+                         linear_num_key_heads=2, linear_num_value_heads=4),
+        vision_config=dict(QWEN3_VISION, deepstack_visual_indexes=[]))),
     "idefics3": lambda: T.Idefics3ForConditionalGeneration(T.Idefics3Config(
         text_config=dict(TEXT, model_type="llama"), vision_config=dict(SIGLIP, model_type="idefics3_vision"))),
     "paligemma": lambda: T.PaliGemmaForConditionalGeneration(T.PaliGemmaConfig(
@@ -81,7 +93,8 @@ def test_llava_next_image_newline_trains_with_the_projector():
     assert count_parameters(model)["projector"]["trainable"] == 0
 
 
-@pytest.mark.parametrize("family", sorted(set(FAMILIES) - {"gemma3", "llava", "qwen2_vl", "qwen2_5_vl"}))
+@pytest.mark.parametrize("family", sorted(set(FAMILIES) - {"gemma3", "llava", "qwen2_vl", "qwen2_5_vl",
+                                                                     "qwen3_vl"}))
 def test_training_a_family_without_a_data_path_is_refused_before_loading(tmp_path, family):
     """Only the config is on disk: the refusal comes before any processor, tokenizer or weights are read."""
     from lvlm_region.prepare import for_model
@@ -92,7 +105,7 @@ def test_training_a_family_without_a_data_path_is_refused_before_loading(tmp_pat
     msg = str(e.value)
     assert f"--model {tmp_path} is a {T.AutoConfig.from_pretrained(tmp_path).model_type} model" in msg
     assert "training it is not supported yet" in msg
-    assert "Supported for training: gemma3, llava, qwen2_vl, qwen2_5_vl" in msg
+    assert "Supported for training: gemma3, llava, qwen2_vl, qwen2_5_vl, qwen3_vl" in msg
 
 
 def test_default_aspect_of_an_assembled_llava_is_llavas_whatever_family_registers_first():

@@ -117,12 +117,14 @@ def training_eagerly(model, spec: str, ckpt: bool):
     return model
 
 
-@pytest.mark.parametrize("family", ["qwen2_vl", "qwen2_5_vl"])
+@pytest.mark.parametrize("family", ["qwen2_vl", "qwen2_5_vl", "qwen3_vl"])
 @pytest.mark.parametrize("spec,ckpt", [("none", False), ("layers:1,3", False), ("full+vision", True),
                                        ("layers:3-projector", False)])
 def test_qwen_vision_per_image_grids_match_torch_flop_counter(family, spec, ckpt):
     """Qwen2-VL: each image's own patch grid, attention within the image; Qwen2.5-VL: within 56 px windows in
-    its windowed block (the tiny tower's block 0), within the image in its full-attention block."""
+    its windowed block (the tiny tower's block 0), within the image in its full-attention block; Qwen3-VL: the
+    merger and its two DeepStack mergers (one per vision layer) on the merged patches, their outputs added after
+    decoder layers 0 and 1, so a trained projector puts every layer on the backward path."""
     from helpers import qwen
     model = training_eagerly(qwen.model(family), spec, ckpt)
     grids = ((1, 4, 6), (1, 10, 12))  # 6 and 30 tokens; the second spans 3 x 3 windows of 2 x 2 merged units
@@ -132,7 +134,8 @@ def test_qwen_vision_per_image_grids_match_torch_flop_counter(family, spec, ckpt
     ids = torch.randint(0, 30, (2, T), generator=torch.Generator().manual_seed(0))
     for r, n in enumerate(tokens):
         ids[r, 1], ids[r, 2:2 + n], ids[r, 2 + n] = c.vision_start_token_id, c.image_token_id, c.vision_end_token_id
-    pixels = torch.randn(sum(t * h * w for t, h, w in grids), 3 * 2 * 14 * 14)
+    patch = model.config.vision_config.patch_size
+    pixels = torch.randn(sum(t * h * w for t, h, w in grids), 3 * 2 * patch * patch)
     with FlopCounterMode(display=False) as counter:
         logits = model(input_ids=ids, attention_mask=torch.ones_like(ids), pixel_values=pixels,
                        image_grid_thw=torch.tensor(grids), mm_token_type_ids=(ids == c.image_token_id).long()).logits

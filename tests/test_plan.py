@@ -113,14 +113,17 @@ def test_llava_activations_match_what_autograd_keeps(demo_dir, lora_r):
     assert all(0.85 <= r <= 1.15 for r in ratios.values()), sorted(ratios.items())
 
 
-def test_qwen2_vl_activations_match_what_autograd_keeps(tmp_path):
+@pytest.mark.parametrize("family", ["qwen2_vl", "qwen3_vl"])
+def test_qwen_activations_match_what_autograd_keeps(tmp_path, family):
+    """Qwen2-VL, and Qwen3-VL (its DeepStack mergers are projector too, their outputs added after layers 0 and 1)."""
     from PIL import Image
 
-    path = qwen.build(str(tmp_path / "q"))
+    path = qwen.build(str(tmp_path / "q"), family)
     model = AutoModelForImageTextToText.from_pretrained(path, dtype=torch.bfloat16, attn_implementation="sdpa")
     cfg = model.config
-    px = qwen.image_processor()(images=[Image.new("RGB", (112, 112), "red")] * 2, return_tensors="pt")
-    per_image = int(px["image_grid_thw"][0].prod()) // 4  # 112 px: 8 x 8 patches, merged 2 x 2
+    side = 8 * qwen.PATCH[family]  # 8 x 8 patches, merged 2 x 2
+    px = qwen.image_processor(family)(images=[Image.new("RGB", (side, side), "red")] * 2, return_tensors="pt")
+    per_image = int(px["image_grid_thw"][0].prod()) // 4
     rows, seq = 2, 48
     g = torch.Generator().manual_seed(0)
     text = torch.randint(5, 30, (rows, seq - per_image - 2), generator=g)
@@ -131,7 +134,7 @@ def test_qwen2_vl_activations_match_what_autograd_keeps(tmp_path):
               "pixel_values": px["pixel_values"].bfloat16(), "image_grid_thw": px["image_grid_thw"],
               "mm_token_type_ids": (ids == cfg.image_token_id).long()}
     ratios = compare(path, inputs, ids.clone(), seq, ("uniform25", "full", "last25-projector", "uniform25+vision"),
-                     image_size=112)
+                     image_size=side)
     assert all(0.85 <= r <= 1.15 for r in ratios.values()), sorted(ratios.items())
 
 

@@ -278,6 +278,29 @@ def test_gemma3_trains_the_region_and_the_projector_and_exports(tmp_path):
     assert processor.full_image_sequence == AutoProcessor.from_pretrained(ckpt).full_image_sequence
 
 
+def test_qwen3_vl_trains_the_region_and_both_mergers_and_exports(tmp_path):
+    """A tiny Qwen3-VL checkpoint, 2 ranks, ZeRO-3, uniform25 (layer 1 of 4), micro-batch 1 with text-only samples:
+    only the projector (the merger and both DeepStack mergers) and layer 1 change, the tied embeddings stay, and the
+    export reloads to the engine's weights with the names save_pretrained writes and carries the run's tokenizer,
+    chat template and image processor."""
+    from transformers import AutoImageProcessor, AutoTokenizer
+
+    from helpers import qwen
+    ckpt = qwen.build(str(tmp_path / "ckpt"), "qwen3_vl")
+    data = qwen.write_data(str(tmp_path / "data"), n=12, text_every=3)
+    out, report, stdout = train_and_report(tmp_path, "sft", "qwen3_vl", "--model", ckpt, "--data", data,
+                                           "--template", "auto", "--region", "uniform25", "--eval-data", data,
+                                           "--lr", "1e-3", "--zero", "3", "--micro-batch", "1", "--max-steps", "4")
+    check(report, r"model\.visual\.(merger|deepstack_merger_list\.[01])\.|model\.language_model\.layers\.1\.")
+    assert {n.split(".")[2] for n, p in report["params"].items() if p["changed"]} == {"merger", "deepstack_merger_list",
+                                                                                       "layers"}
+    summary = report["summary"]
+    assert summary["eval"]["samples"] == 6 and summary["region"]["layers"] == [1]
+    assert re.search(r"embed=lm_head \(tied\) trainable +0 /", stdout)
+    assert AutoTokenizer.from_pretrained(out).chat_template == qwen.QWEN3_TEMPLATE
+    assert AutoImageProcessor.from_pretrained(out).to_dict() == AutoImageProcessor.from_pretrained(ckpt).to_dict()
+
+
 def test_bf16_zero3_on_cpu_gathers_16bit_weights(demo_dir, tmp_path):
     """The paper's precision, bf16, under ZeRO-3 (DeepSpeed's CPU accelerator supports it; fp16 it does not):
     frozen weights stay bit-identical to the base model cast to bf16, the region's change, and the export is
@@ -296,23 +319,27 @@ def test_bf16_zero3_on_cpu_gathers_16bit_weights(demo_dir, tmp_path):
         assert {str(f.get_slice(k).get_dtype()) for k in f.keys()} == {"BF16"}
 
 
-def test_qwen2_vl_stage1_merger_starts_stage2(tmp_path):
-    """Both stages on a Qwen2-VL checkpoint: stage 1 (plain template, ZeRO-2) trains only the merger; stage 2
-    (ZeRO-3, --init) starts from that merger: its frozen weights equal the base, the merger and layer 2 move on."""
+def test_qwen3_vl_stage1_projector_starts_stage2(tmp_path):
+    """Both stages on a Qwen3-VL checkpoint: stage 1 (plain template, ZeRO-2) trains only the projector, the merger
+    and the DeepStack mergers, and writes both to projector.safetensors; stage 2 (ZeRO-3, --init) starts from them:
+    its frozen weights equal the base, the projector and layer 2 move on. (Qwen2-VL's one-module merger takes the
+    path Llava's projector takes.)"""
     from safetensors.torch import load_file
 
     from helpers import qwen
-    ckpt = qwen.build(str(tmp_path / "ckpt"), "qwen2_vl")
+    ckpt = qwen.build(str(tmp_path / "ckpt"), "qwen3_vl")
     data = qwen.write_data(str(tmp_path / "data"), n=8)
     common = ["--model", ckpt, "--data", data, "--lr", "1e-3"]
     out1, report1, _ = train_and_report(tmp_path, "pretrain", "qwen_pre", *common, "--zero", "2")
-    check(report1, r"model\.visual\.merger\.")
+    projector = r"model\.visual\.(merger|deepstack_merger_list\.[01])\."
+    check(report1, projector)
     assert report1["summary"]["config"]["template"] == "plain"
     merger = load_file(out1 / "projector.safetensors")
-    assert set(merger) == {"ln_q.weight", "ln_q.bias", "mlp.0.weight", "mlp.0.bias", "mlp.2.weight", "mlp.2.bias"}
+    assert set(merger) == {f"{m}.{layer}.{kind}" for m in ("merger", "deepstack.0", "deepstack.1")
+                           for layer in ("norm", "linear_fc1", "linear_fc2") for kind in ("weight", "bias")}
     _, report2, _ = train_and_report(tmp_path, "sft", "qwen_sft", *common, "--zero", "3", "--init", str(out1),
                                      "--region", "layers:2")
-    check(report2, r"model\.visual\.merger\.|model\.language_model\.layers\.2\.")  # "changed" is against --init
+    check(report2, projector + r"|model\.language_model\.layers\.2\.")  # "changed" is against --init
 
 
 def test_fp16_loss_scaling_with_frozen_layers_zero3(demo_dir, tmp_path):

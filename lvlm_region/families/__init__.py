@@ -16,7 +16,7 @@ from ..flops import FlopModel
 from .base import TIED, Family, Parts
 
 __all__ = ["TIED", "Family", "Parts", "REGISTRY", "get", "find_parts", "family_of", "check_trainable", "trainable",
-           "default_aspect", "flop_model"]
+           "default_aspect", "flop_model", "pinned_layers"]
 
 
 
@@ -49,6 +49,12 @@ def trainable() -> list[str]:
 def default_aspect(stage: str, model_type: str | None) -> str:
     """--image-aspect-ratio when not given (``model_type`` None: a Llava assembled with --llm/--vision)."""
     return (get(model_type) or REGISTRY["llava"]).default_aspect(stage)
+
+
+def pinned_layers(config) -> tuple[list[int], str]:
+    """Decoder layers of ``config``'s model that pruning must keep (the model refers to them by index), and why."""
+    family = get(config.model_type)
+    return family.pinned_layers(config) if family is not None else ([], "")
 
 
 def check_trainable(config, where: str) -> Family:

@@ -103,6 +103,10 @@ class Family:
         """How this family's images become tokens and model inputs (trainable families)."""
         raise NotImplementedError(f"{self.title}: no image layout ({self.not_trainable})")
 
+    def pinned_layers(self, config) -> tuple[list[int], str]:
+        """Decoder layers the model refers to by index (pruning keeps them), and why; none by default."""
+        return [], ""
+
     def vision_flops(self, model: PreTrainedModel, parts: Parts) -> VisionFlops:
         """The vision side's blocks for the FLOP model (trainable families)."""
         raise NotImplementedError(f"{self.title}: no FLOP model of its vision side")

@@ -1,9 +1,10 @@
-"""Tiny random Qwen2-VL / Qwen2.5-VL checkpoints in the real layout, and data with images of several sizes.
+"""Tiny random Qwen2-VL / Qwen2.5-VL / Qwen3-VL checkpoints in the real layout, and data with images of several sizes.
 
-The checkpoint is what save_pretrained writes for the real models: config.json (Qwen2VLConfig with its image,
+The checkpoint is what save_pretrained writes for the real models: config.json (Qwen2VLConfig ... with its image,
 vision-start and vision-end token ids), model.safetensors, the tokenizer with Qwen's chat template (which writes
 ``<|vision_start|><|image_pad|><|vision_end|>`` for an image part and passes string content through), and
-preprocessor_config.json of Qwen2VLImageProcessor (min / max pixels lowered so images give 4 to 16 tokens).
+preprocessor_config.json of Qwen2VLImageProcessor (min / max pixels lowered so images give 4 to 16 tokens; Qwen3-VL's
+16-pixel patches as its preprocessor_config.json has them).
 """
 import json
 import os
@@ -27,48 +28,81 @@ QWEN_TEMPLATE = (
     "add_vision_id %}Video {{ video_count.value }}: {% endif %}<|vision_start|><|video_pad|><|vision_end|>{% elif "
     "'text' in content %}{{ content['text'] }}{% endif %}{% endfor %}<|im_end|>\n{% endif %}{% endfor %}{% if "
     "add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+# Qwen3-VL-Instruct's chat template (tools left out): no default system prompt, an image part as Qwen2-VL's.
+QWEN3_TEMPLATE = (
+    "{%- if messages[0].role == 'system' %}{{- '<|im_start|>system\n' }}{%- if messages[0].content is string %}"
+    "{{- messages[0].content }}{%- else %}{%- for content in messages[0].content %}{%- if 'text' in content %}"
+    "{{- content.text }}{%- endif %}{%- endfor %}{%- endif %}{{- '<|im_end|>\n' }}{%- endif %}"
+    "{%- set image_count = namespace(value=0) %}{%- for message in messages %}"
+    "{%- if message.role == 'user' or (message.role == 'system' and not loop.first) %}"
+    "{{- '<|im_start|>' + message.role + '\n' }}{%- if message.content is string %}{{- message.content }}{%- else %}"
+    "{%- for content in message.content %}{%- if content.type == 'image' or 'image' in content %}"
+    "{%- set image_count.value = image_count.value + 1 %}{%- if add_vision_id %}Picture {{ image_count.value }}: "
+    "{% endif -%}<|vision_start|><|image_pad|><|vision_end|>{%- elif 'text' in content %}{{- content.text }}"
+    "{%- endif %}{%- endfor %}{%- endif %}{{- '<|im_end|>\n' }}{%- elif message.role == 'assistant' %}"
+    "{{- '<|im_start|>' + message.role + '\n' }}{%- if message.content is string %}{{- message.content }}{%- else %}"
+    "{%- for item in message.content %}{%- if 'text' in item %}{{- item.text }}{%- endif %}{%- endfor %}{%- endif %}"
+    "{{- '<|im_end|>\n' }}{%- endif %}{%- endfor %}{%- if add_generation_prompt %}{{- '<|im_start|>assistant\n' }}"
+    "{%- endif %}")
 VISION_TOKENS = ["<|vision_start|>", "<|vision_end|>", "<|image_pad|>", "<|video_pad|>"]
 WORDS = ("system user assistant You are a helpful assistant. What color is the shape? red green blue yellow "
          "square circle triangle Which shape is it? Describe")
 MIN_PIXELS, MAX_PIXELS = 56 * 56, 112 * 112  # 4 .. 16 image tokens (28 x 28 pixels per token)
+PATCH = {"qwen2_vl": 14, "qwen2_5_vl": 14, "qwen3_vl": 16}  # Qwen3-VL: 32 x 32 pixels per token
 TEXT = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2,
             rope_scaling={"type": "mrope", "mrope_section": [1, 1, 2]}, max_position_embeddings=512)
 VISION = {"qwen2_vl": dict(depth=2, embed_dim=32, hidden_size=32, num_heads=4, patch_size=14, spatial_merge_size=2),
           "qwen2_5_vl": dict(depth=2, hidden_size=32, intermediate_size=64, num_heads=4, out_hidden_size=32,
-                             patch_size=14, spatial_merge_size=2, window_size=56, fullatt_block_indexes=[1])}
+                             patch_size=14, spatial_merge_size=2, window_size=56, fullatt_block_indexes=[1]),
+          # DeepStack from both vision layers (the released models take 3 of 24-27); an 8 x 8 learned position grid
+          "qwen3_vl": dict(depth=2, hidden_size=32, intermediate_size=64, num_heads=4, out_hidden_size=32,
+                           patch_size=16, spatial_merge_size=2, num_position_embeddings=64,
+                           deepstack_visual_indexes=[0, 1])}
+# Qwen3-VL's LLM (Qwen3: q / k norms, head_dim set) with interleaved M-RoPE; tied, as Qwen3-VL-2B / 4B.
+TEXT3 = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2,
+             head_dim=8, max_position_embeddings=512, rope_parameters={
+                 "rope_type": "default", "rope_theta": 10000.0, "mrope_section": [1, 1, 2], "mrope_interleaved": True})
 
 
-def tokenizer():
-    tok = word_tokenizer(WORDS, bos=None, eos="<|im_end|>", chat_template=QWEN_TEMPLATE)
+def tokenizer(family: str = "qwen2_vl"):
+    template = QWEN3_TEMPLATE if family == "qwen3_vl" else QWEN_TEMPLATE
+    tok = word_tokenizer(WORDS, bos=None, eos="<|im_end|>", chat_template=template)
     tok.add_special_tokens({"additional_special_tokens": SPECIAL[4:] + VISION_TOKENS})
     return tok
 
 
 def model(family: str = "qwen2_vl", seed: int = 0, tok=None):
-    """A tiny random ``family`` (qwen2_vl | qwen2_5_vl) model whose special token ids are the tokenizer's."""
-    tok = tok or tokenizer()
+    """A tiny random ``family`` (qwen2_vl | qwen2_5_vl | qwen3_vl) model whose special token ids are the
+    tokenizer's."""
+    tok = tok or tokenizer(family)
     ids = dict(zip(VISION_TOKENS, tok.convert_tokens_to_ids(VISION_TOKENS)))
     config_cls, model_cls = {"qwen2_vl": (T.Qwen2VLConfig, T.Qwen2VLForConditionalGeneration),
-                             "qwen2_5_vl": (T.Qwen2_5_VLConfig, T.Qwen2_5_VLForConditionalGeneration)}[family]
-    text = dict(TEXT, model_type=f"{family}_text", vocab_size=len(tok), eos_token_id=tok.eos_token_id,
-                pad_token_id=tok.pad_token_id, bos_token_id=None, tie_word_embeddings=False)
+                             "qwen2_5_vl": (T.Qwen2_5_VLConfig, T.Qwen2_5_VLForConditionalGeneration),
+                             "qwen3_vl": (T.Qwen3VLConfig, T.Qwen3VLForConditionalGeneration)}[family]
+    tied = family == "qwen3_vl"
+    text = dict(TEXT3 if tied else TEXT, model_type=f"{family}_text", vocab_size=len(tok),
+                eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id, bos_token_id=None,
+                tie_word_embeddings=tied)
     config = config_cls(text_config=text, vision_config=VISION[family], image_token_id=ids["<|image_pad|>"],
                         video_token_id=ids["<|video_pad|>"], vision_start_token_id=ids["<|vision_start|>"],
-                        vision_end_token_id=ids["<|vision_end|>"], tie_word_embeddings=False)
+                        vision_end_token_id=ids["<|vision_end|>"], tie_word_embeddings=tied)
     torch.manual_seed(seed)
     return model_cls(config)
 
 
-def image_processor():
-    return T.Qwen2VLImageProcessorPil(size={"shortest_edge": MIN_PIXELS, "longest_edge": MAX_PIXELS})
+def image_processor(family: str = "qwen2_vl"):
+    """Qwen2VLImageProcessor (PIL) with 4 .. 16 tokens per image (Qwen3-VL uses the same class, 16-pixel patches)."""
+    scale = (PATCH[family] / 14) ** 2
+    return T.Qwen2VLImageProcessorPil(size={"shortest_edge": round(MIN_PIXELS * scale),
+                                            "longest_edge": round(MAX_PIXELS * scale)}, patch_size=PATCH[family])
 
 
 def build(out: str, family: str = "qwen2_vl", seed: int = 0) -> str:
-    """Write a tiny random checkpoint of ``family`` (qwen2_vl | qwen2_5_vl) to ``out``; returns ``out``."""
-    tok = tokenizer()
+    """Write a tiny random checkpoint of ``family`` (qwen2_vl | qwen2_5_vl | qwen3_vl) to ``out``; returns ``out``."""
+    tok = tokenizer(family)
     model(family, seed, tok).save_pretrained(out)
     tok.save_pretrained(out)
-    image_processor().save_pretrained(out)
+    image_processor(family).save_pretrained(out)
     return out
 
 

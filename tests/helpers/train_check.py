@@ -17,8 +17,7 @@ from transformers import AutoModelForImageTextToText
 
 from lvlm_region import checkpoint, engine
 from lvlm_region.cli import parse
-from lvlm_region.families import find_parts
-from lvlm_region.projector import PROJECTOR_FILE
+from lvlm_region.projector import PROJECTOR_FILE, projector_prefixes
 from lvlm_region.trainer import train
 
 
@@ -42,8 +41,8 @@ def write_report(cfg, result, trained: dict, final: dict, size_estimate: int, re
     if cfg.init:
         proj = load_file(os.path.join(cfg.init, PROJECTOR_FILE))
         base = AutoModelForImageTextToText.from_pretrained(cfg.model_path)
-        prefix = next(n for n, m in base.named_modules() if m is find_parts(base).projector) + "."
-        start.update({prefix + k: v for k, v in proj.items()})
+        for own, theirs in projector_prefixes(base).items():
+            start.update({theirs + k[len(own):]: v for k, v in proj.items() if k.startswith(own)})
     reloaded = AutoModelForImageTextToText.from_pretrained(cfg.output_dir).state_dict()
     report = {"params": {}, "summary": {k: v for k, v in result.summary.items() if k != "ds_config"}}
     for name, trainable in trained.items():

@@ -1,0 +1,176 @@
+"""Qwen3-VL on a tiny random checkpoint written by transformers' own classes (helpers/qwen.py): token counts and ids
+as Qwen3VLProcessor computes them, the projector (merger + DeepStack mergers) as one part, padded batches and the
+masked dummy change no loss, importance and pruning (which keeps the DeepStack layers). The 2-rank ZeRO-3 run is in
+test_train_distributed.py, the resume in test_resume.py, the FLOP model in test_flops.py.
+
+Qwen3VLProcessor itself cannot be constructed here (its video processor needs torchvision), so the expected ids
+are built as its ``__call__`` builds them: the chat template's text, each ``<|image_pad|>`` repeated
+``image_grid_thw.prod() // merge_size**2`` times (its ``replace_image_token``, on what the image processor makes of
+the decoded image), then the tokenizer."""
+import json
+import os
+import sys
+
+import pytest
+import torch
+from PIL import Image
+from transformers import AutoConfig, AutoModelForImageTextToText
+from safetensors.torch import load_file
+
+from conftest import assert_dummy_changes_no_generation, run
+from helpers import qwen
+from lvlm_region import families, prepare, prune
+from lvlm_region.data import ImageTextDataset, collate
+from lvlm_region.images import ImageLoader
+from lvlm_region.loss import token_loss_sum
+from lvlm_region.projector import PROJECTOR_FILE, export_projector, load_projector
+from lvlm_region.templates import IGNORE
+
+SIZES = qwen.SIZES + [(300, 20), (20, 300), (500, 400)]
+
+
+@pytest.fixture(scope="module")
+def ckpt(tmp_path_factory):
+    return qwen.build(str(tmp_path_factory.mktemp("qwen3_vl") / "ckpt"), "qwen3_vl")
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    """Samples with no, one and two images of several sizes, single- and multi-turn."""
+    folder = tmp_path_factory.mktemp("qwen3_data")
+    os.makedirs(folder / "images")
+    samples = []
+    for i in range(10):
+        names = []
+        for k in range(i % 3):
+            names.append(f"images/{i}_{k}.png")
+            Image.new("RGB", SIZES[(i + k) % len(SIZES)], ["red", "blue"][k]).save(folder / names[-1])
+        conv = [{"from": "human", "value": "<image>\n" * len(names) + "What color is the shape?"},
+                {"from": "gpt", "value": qwen.COLORS[i % 4]}]
+        if i % 2:
+            conv += [{"from": "human", "value": "Which shape is it?"}, {"from": "gpt", "value": "square"}]
+        sample = {"id": f"s{i}", "conversations": conv}
+        if names:
+            sample["image"] = names if len(names) > 1 else names[0]
+        samples.append(sample)
+    (folder / "data.json").write_text(json.dumps(samples))
+    return str(folder / "data.json"), str(folder)
+
+
+def test_token_counts_and_ids_are_what_qwen3vl_processor_makes(ckpt, data, tmp_path):
+    enc, tok, _ = prepare.for_model(ckpt, "auto", 512)
+    layout, ip = enc.layout, qwen.image_processor("qwen3_vl")
+    assert (ip.patch_size, ip.merge_size) == (16, 2)
+    seen = set()
+    for w, h in SIZES:  # from the header size alone, as the processor's grid on the decoded image
+        Image.new("RGB", (w, h), "red").save(tmp_path / "x.png")
+        grid = ip(images=[Image.open(tmp_path / "x.png")], return_tensors="pt")["image_grid_thw"]
+        n = int(grid.prod()) // 4
+        assert layout.token_ids((w, h)) == [layout.start_id] + [layout.image_token_id] * n + [layout.end_id]
+        seen.add(n)
+    assert min(seen) == 4 and max(seen) == 16 and len(seen) >= 3
+    path, folder = data
+    ds = prepare.prepare(path, folder, enc, tok, str(tmp_path / "prep"))
+    samples = json.loads(open(path).read())
+    for row, sample in zip(ds, samples):
+        names = sample.get("image") or []
+        names = [names] if isinstance(names, str) else names
+        messages = [{"role": "user" if t["from"] == "human" else "assistant", "content": t["value"].replace(
+            "<image>", "<|vision_start|><|image_pad|><|vision_end|>")} for t in sample["conversations"]]
+        text = tok.apply_chat_template(messages, tokenize=False)
+        assert text.endswith("<|im_end|>\n")  # the template's last newline is not trained on
+        text = text[:-1]
+        for name in names:  # Qwen3VLProcessor.replace_image_token, image by image
+            grid = ip(images=[Image.open(os.path.join(folder, name)).convert("RGB")])["image_grid_thw"][0]
+            text = text.replace("<|image_pad|>", "<|placeholder|>" * (int(grid.prod()) // ip.merge_size ** 2), 1)
+        want = tok(text.replace("<|placeholder|>", "<|image_pad|>"), add_special_tokens=False)["input_ids"]
+        assert row["input_ids"] == want, sample["id"]
+        replies = [t["value"] for t in sample["conversations"] if t["from"] == "gpt"]
+        trained = [t for t, lab in zip(row["input_ids"], row["labels"]) if lab != IGNORE]
+        assert tok.convert_ids_to_tokens(trained) == [x for r in replies for x in (r, "<|im_end|>")]
+
+
+def test_the_projector_is_the_merger_and_the_deepstack_mergers(ckpt, tmp_path):
+    """One part, set and counted together; stage 1's projector file carries both and loads into a fresh model."""
+    from lvlm_region.regions import resolve
+    from lvlm_region.trainable import apply_region
+    model = qwen.model("qwen3_vl", seed=1)
+    parts = families.find_parts(model)
+    visual = model.model.visual
+    inside = {id(p) for m in (visual.merger, visual.deepstack_merger_list) for p in m.parameters()}
+    assert {id(p) for p in parts.projector.parameters()} == inside and len(visual.deepstack_merger_list) == 2
+    counts = apply_region(model, resolve("layers:2-projector", 4, tied=True))
+    assert counts["projector"]["trainable"] == 0 and not any(id(p) in inside for p in model.parameters()
+                                                              if p.requires_grad)
+    counts = apply_region(model, resolve("none", 4, tied=True))
+    assert counts["projector"]["trainable"] == counts["projector"]["total"] == sum(
+        p.numel() for p in model.parameters() if id(p) in inside)
+    assert counts["vision"]["trainable"] == 0 and counts["vision"]["total"] > 0
+    export_projector(model, model.state_dict(), str(tmp_path))
+    saved = load_file(str(tmp_path / PROJECTOR_FILE))
+    assert {k.split(".")[0] for k in saved} == {"merger", "deepstack"} and len(saved) == 3 * 6
+    fresh = qwen.model("qwen3_vl", seed=2)
+    assert not torch.equal(fresh.model.visual.deepstack_merger_list[1].linear_fc2.weight,
+                           visual.deepstack_merger_list[1].linear_fc2.weight)
+    assert load_projector(fresh, str(tmp_path)) == 18
+    ours = dict(model.named_parameters())
+    copied = [name for name, p in fresh.named_parameters() if id(ours[name]) in inside]
+    assert len(copied) == 18 and all(torch.equal(dict(fresh.named_parameters())[n], ours[n]) for n in copied)
+
+
+def items(ckpt, data):
+    path, folder = data
+    enc, tok, _ = prepare.for_model(ckpt, "auto", 512)
+    ds = prepare.prepare(path, folder, enc, tok, os.path.join(folder, "prepared"))
+    return enc.layout, tok, ImageTextDataset(ds, folder, ImageLoader(qwen.image_processor("qwen3_vl"), "square"),
+                                             enc.layout)
+
+
+def test_padded_batches_and_the_masked_dummy_change_no_loss_or_generated_token(ckpt, data):
+    model = AutoModelForImageTextToText.from_pretrained(ckpt).eval()
+    layout, tok, ds = items(ckpt, data)
+    text, one, two = ds[0], ds[1], ds[2]
+    assert "pixel_values" not in text and len(one["image_grid_thw"]) == 1 and len(two["image_grid_thw"]) == 2
+
+    def loss(samples, dummy=None):
+        b = collate(samples, tok.pad_token_id, dummy=dummy)
+        with torch.no_grad():
+            return float(token_loss_sum(model(**layout.model_inputs(b)).logits, b["labels"]))
+
+    # Right padding, images of other sizes in one batch (DeepStack adds at each row's image tokens): summed losses.
+    assert loss([text, one, two]) == pytest.approx(loss([text]) + loss([one]) + loss([two]), rel=1e-5)
+    dummy = layout.dummy()  # a text-only batch: the masked dummy (and its DeepStack features) change nothing
+    assert loss([text, ds[3]], dummy) == pytest.approx(loss([text, ds[3]]), rel=1e-6)
+    prompt = torch.tensor(tok.apply_chat_template([{"role": "user", "content": "Describe"}], tokenize=True,
+                                                  add_generation_prompt=True, return_dict=True)["input_ids"])
+    assert_dummy_changes_no_generation(model, layout, tok, prompt)
+
+
+@torch.no_grad()
+def test_importance_then_pruning_keeps_the_deepstack_layers(ckpt, data, tmp_path):
+    """launch/importance.py scores the layers; pruning never drops decoder layers 0 and 1 (the DeepStack features
+    enter after them by index), refuses a K that would need them, and the pruned model loads and generates the same
+    with and without its cache."""
+    path, folder = data
+    scores = tmp_path / "scores.json"
+    res = run([sys.executable, "launch/importance.py", "--model", ckpt, "--data", path, "--image-folder", folder,
+               "--samples", "8", "--output", str(scores)], timeout=300)
+    assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-2000:]
+    bi = json.loads(scores.read_text())
+    bi["scores"] = [0.0, 0.01, 0.5, 0.2]  # the DeepStack layers score lowest: pruning must still keep them
+    scores.write_text(json.dumps(bi))
+    with pytest.raises(prune.PruneError, match=r"--drop 3: the model has 4 decoder layers, 0 of them in the "
+                                               r"protected region 'none' \(--protect none\), and 2 more it keeps "
+                                               r"because the model adds its 2 DeepStack features after decoder "
+                                               r"layers 0-1 by index \(layers \[0, 1\]\), so at most 2 can be dropped"):
+        prune.make_plan(ckpt, str(scores), [3], "none")
+    out = tmp_path / "pruned"
+    prune.run(ckpt, str(scores), [1], "none", str(out))
+    record = json.loads((out / prune.PRUNE_FILE).read_text())
+    assert record["dropped"] == [3] and record["pinned"]["layers"] == [0, 1]
+    assert AutoConfig.from_pretrained(out).text_config.num_hidden_layers == 3
+    model = AutoModelForImageTextToText.from_pretrained(out).eval()
+    ids = torch.randint(16, 30, (1, 8), generator=torch.Generator().manual_seed(1))
+    kw = dict(attention_mask=torch.ones_like(ids), max_new_tokens=6, min_new_tokens=6, do_sample=False,
+              pad_token_id=model.config.text_config.pad_token_id)
+    assert torch.equal(model.generate(ids, **kw), model.generate(ids, **kw, use_cache=False))
