@@ -35,7 +35,7 @@ import torch
 from torch import nn
 from transformers import AttentionInterface, AutoConfig
 
-from . import regions, timing
+from . import families, regions, timing
 from .families import find_parts, flop_model
 from .flops import BatchShape
 from .model import skeleton
@@ -167,6 +167,10 @@ class Shapes:
         self.model = skeleton(self.config).to(torch.bfloat16)
         self.model.set_attn_implementation(ATTENTION)
         self.parts = find_parts(self.model)
+        if not families.family_of(self.model).planned:
+            raise PlanError(f"--model {setting.model} is a {self.config.model_type} model, whose image tokens and "
+                            f"activations the planner does not model yet (it models {', '.join(families.planned())}); "
+                            "give --micro-batch, --grad-accum, --zero and --grad-ckpt yourself instead of planning")
         self.depth = len(self.parts.layers)
         self.total = sum(p.numel() for p in {id(p): p for p in self.model.parameters()}.values())
         self.largest = largest_module(self.model)  # the embeddings or the LM head

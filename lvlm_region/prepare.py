@@ -73,7 +73,7 @@ def for_model(model_path: str, template: str, max_length: int, verify_images: st
     processor = family.load_processor(model_path)
     tokenizer = processor.tokenizer
     fmt = resolve(template, tokenizer, f"--model {model_path}", getattr(processor, "chat_template", None))
-    layout = family.image_layout(config, processor.image_processor, aspect)
+    layout = family.image_layout(config, processor, aspect)
     return Encoding(fmt, layout, max_length, verify_images, allow_outside_images), tokenizer, processor
 
 

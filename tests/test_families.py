@@ -48,6 +48,10 @@ FAMILIES = {
         text_config=dict(TEXT, head_dim=8, rope_parameters=MROPE, linear_key_head_dim=8, linear_value_head_dim=8,
                          linear_num_key_heads=2, linear_num_value_heads=4),
         vision_config=dict(QWEN3_VISION, deepstack_visual_indexes=[]))),
+    "internvl": lambda: T.InternVLForConditionalGeneration(T.InternVLConfig(
+        text_config=dict(TEXT, model_type="qwen2"), vision_config=dict(
+            hidden_size=32, intermediate_size=64, num_hidden_layers=6, num_attention_heads=4, image_size=[28, 28],
+            patch_size=[14, 14]), image_seq_length=1)),
     "idefics3": lambda: T.Idefics3ForConditionalGeneration(T.Idefics3Config(
         text_config=dict(TEXT, model_type="llama"), vision_config=dict(SIGLIP, model_type="idefics3_vision"))),
     "paligemma": lambda: T.PaliGemmaForConditionalGeneration(T.PaliGemmaConfig(
@@ -93,8 +97,8 @@ def test_llava_next_image_newline_trains_with_the_projector():
     assert count_parameters(model)["projector"]["trainable"] == 0
 
 
-@pytest.mark.parametrize("family", sorted(set(FAMILIES) - {"gemma3", "llava", "qwen2_vl", "qwen2_5_vl",
-                                                                     "qwen3_vl"}))
+@pytest.mark.parametrize("family", sorted(set(FAMILIES) - {"gemma3", "internvl", "llava", "qwen2_vl",
+                                                                     "qwen2_5_vl", "qwen3_vl"}))
 def test_training_a_family_without_a_data_path_is_refused_before_loading(tmp_path, family):
     """Only the config is on disk: the refusal comes before any processor, tokenizer or weights are read."""
     from lvlm_region.prepare import for_model
@@ -105,7 +109,7 @@ def test_training_a_family_without_a_data_path_is_refused_before_loading(tmp_pat
     msg = str(e.value)
     assert f"--model {tmp_path} is a {T.AutoConfig.from_pretrained(tmp_path).model_type} model" in msg
     assert "training it is not supported yet" in msg
-    assert "Supported for training: gemma3, llava, qwen2_vl, qwen2_5_vl, qwen3_vl" in msg
+    assert "Supported for training: gemma3, internvl, llava, qwen2_vl, qwen2_5_vl, qwen3_vl" in msg
 
 
 def test_default_aspect_of_an_assembled_llava_is_llavas_whatever_family_registers_first():

@@ -172,6 +172,30 @@ def test_lm_head_on_the_trained_positions_only_matches_torch_flop_counter(model,
 
 @pytest.mark.parametrize("spec,ckpt", [("none", False), ("uniform25", False), ("full+vision", True),
                                        ("layers:3-projector", False)])
+def test_internvl_tiles_and_pixel_shuffle_projector_match_torch_flop_counter(spec, ckpt):
+    """InternVL: the tower once per tile over its 16 patches and class token, the projector on the 4 pixel-shuffled
+    tokens of each tile (4x the tower's width); with a trainable tower, checkpointing recomputes fc2 too (its output
+    is kept for the layer scale's gradient)."""
+    from helpers import internvl
+    model = training_eagerly(internvl.model(), spec, ckpt)
+    c = model.config
+    tiles = 5  # row 0: an image of 4 tiles (16 tokens); row 1: an image of 1 tile (4 tokens)
+    T = 4 * tiles + 10
+    ids = torch.randint(16, 30, (2, T), generator=torch.Generator().manual_seed(0))
+    ids[0, 1:1 + 16], ids[1, 1:1 + 4] = c.image_token_id, c.image_token_id
+    with FlopCounterMode(display=False) as counter:
+        logits = model(input_ids=ids, attention_mask=torch.ones_like(ids),
+                       pixel_values=torch.randn(tiles, 3, 32, 32)).logits
+        logits.float().sum().backward()
+    fm = flop_model(model)
+    assert (fm.image_positions, fm.image_tokens, fm.patches) == (17, 4, 16)
+    ours = fm.micro_batch(BatchShape(rows=2, seq_len=T, images=tiles))
+    assert ours.hardware == counter.get_total_flops()
+    assert (ours.recompute > 0) == ckpt
+
+
+@pytest.mark.parametrize("spec,ckpt", [("none", False), ("uniform25", False), ("full+vision", True),
+                                       ("layers:3-projector", False)])
 def test_gemma3_pooled_projector_matches_torch_flop_counter(spec, ckpt):
     """Gemma 3: every SigLIP layer feeds the projector, whose one matmul runs on the 4 average-pooled soft tokens
     per image, not the 16 patches; the sliding-window and bidirectional-image masks cost eager attention nothing

@@ -138,6 +138,20 @@ def test_qwen_activations_match_what_autograd_keeps(tmp_path, family):
     assert all(0.85 <= r <= 1.15 for r in ratios.values()), sorted(ratios.items())
 
 
+@pytest.mark.parametrize("family", ["gemma3", "internvl"])
+def test_a_family_the_planner_does_not_model_is_refused_with_what_to_do(tmp_path, capsys, family):
+    """Gemma 3's pooled soft tokens and InternVL's tiles are not in the planner's token and activation model: a
+    plan for them would be silently wrong, so it is refused (only config.json is read)."""
+    from helpers import gemma3, internvl
+    (internvl.model() if family == "internvl" else gemma3.model()).config.save_pretrained(tmp_path)
+    code = launcher()(["--model", str(tmp_path), "--gpus", "8", "--gpu", "A100-80GB", "--region", "uniform25"])
+    err = capsys.readouterr().err
+    assert code == 2
+    assert (f"is a {family} model, whose image tokens and activations the planner does not model yet (it models "
+            "llava, qwen2_vl, qwen2_5_vl, qwen3_vl); give --micro-batch, --grad-accum, --zero and --grad-ckpt "
+            "yourself") in err
+
+
 def test_the_plan_for_llava_7b_on_8_a100s(tmp_path, capsys):
     code = launcher()(["--model", str(CONFIGS / "llava-1.5-7b"), "--gpus", "8", "--gpu", "A100-80GB", "--region",
                        "uniform25", "--seq-len", "2048", "--json", str(tmp_path / "p.json")])

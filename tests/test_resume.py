@@ -368,17 +368,19 @@ def test_final_export_is_written_aside_so_a_failed_write_keeps_the_previous_one(
     assert AutoModelForCausalLM.from_pretrained(tmp_path).config.hidden_size == 48
 
 
-@pytest.mark.parametrize("family,tuner", [("qwen3_vl", []), ("gemma3", ["--tuner", "lora", "--lora-r", "8"])])
+@pytest.mark.parametrize("family,tuner", [("qwen3_vl", []), ("gemma3", ["--tuner", "lora", "--lora-r", "8"]),
+                                          ("internvl", [])])
 def test_resume_of_other_families_from_a_checkpoint_is_exact(tmp_path, family, tuner):
-    """A Qwen3-VL run (full tuner; Qwen2-VL's image path plus DeepStack) and a Gemma 3 run (LoRA on the region, the
-    projector fully) under ZeRO-3 (images of several sizes, text-only samples, an epoch boundary at step 4) resumed
-    from its step-4 checkpoint: the same losses, learning rates, grad norms, evaluation and final bytes (the merged
-    export, and the adapter).
+    """A Qwen3-VL run (full tuner; Qwen2-VL's image path plus DeepStack), a Gemma 3 run (LoRA on the region, the
+    projector fully) and an InternVL run (images of 1 to 5 tiles) under ZeRO-3 (images of several sizes, text-only
+    samples, an epoch boundary at step 4) resumed from its step-4 checkpoint: the same losses, learning rates, grad
+    norms, evaluation and final bytes (the merged export, and the adapter).
 
     LoRA's dropout (0.05 by default) draws from the torch RNG every step: the resumed run must continue it exactly.
     It did not when the RNG was restored before rank 0 measured its CPU's matmul peak with torch.randn."""
-    from helpers import gemma3, qwen
-    ckpt = qwen.build(str(tmp_path / "ckpt"), family) if family == "qwen3_vl" else gemma3.build(str(tmp_path / "ckpt"))
+    from helpers import gemma3, internvl, qwen
+    build = {"qwen3_vl": lambda d: qwen.build(d, family), "gemma3": gemma3.build, "internvl": internvl.build}[family]
+    ckpt = build(str(tmp_path / "ckpt"))
     data = qwen.write_data(str(tmp_path / "data"), n=16, text_every=3)
     flags = ["--model", ckpt, "--data", data, "--eval-data", data, "--zero", "3", "--image-aspect-ratio", "square",
              "--region", "layers:1,3", "--micro-batch", "2", "--lr", "1e-3", *tuner]

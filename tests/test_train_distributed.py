@@ -301,6 +301,27 @@ def test_qwen3_vl_trains_the_region_and_both_mergers_and_exports(tmp_path):
     assert AutoImageProcessor.from_pretrained(out).to_dict() == AutoImageProcessor.from_pretrained(ckpt).to_dict()
 
 
+def test_internvl_trains_the_region_and_the_projector_on_tiles_and_exports(tmp_path):
+    """A tiny InternVL checkpoint, 2 ranks, ZeRO-3, uniform25 (layer 1 of 4), images of 1 to 5 tiles and text-only
+    samples at micro-batch 1: only the pixel-shuffle projector and layer 1 change, and the export reloads to the
+    engine's weights with the names save_pretrained writes, with the tiling image processor."""
+    from transformers import AutoImageProcessor
+
+    from helpers import internvl, qwen
+    ckpt = internvl.build(str(tmp_path / "ckpt"))
+    data = qwen.write_data(str(tmp_path / "data"), n=12, text_every=3)
+    out, report, stdout = train_and_report(tmp_path, "sft", "internvl", "--model", ckpt, "--data", data,
+                                           "--template", "auto", "--region", "uniform25", "--eval-data", data,
+                                           "--lr", "1e-3", "--zero", "3", "--micro-batch", "1", "--max-steps", "4")
+    check(report, r"model\.multi_modal_projector\.|model\.language_model\.layers\.1\.")
+    summary = report["summary"]
+    assert summary["eval"]["samples"] == 6 and summary["region"]["layers"] == [1]
+    exported = AutoImageProcessor.from_pretrained(out)
+    assert exported.crop_to_patches and exported.max_patches == 4
+    prepared = json.loads((out / "prepared" / "train" / "prepare.json").read_text())["identity"]
+    assert prepared["n_image_tokens"] == "tiles" and prepared["tokens_per_tile"] == 4
+
+
 def test_bf16_zero3_on_cpu_gathers_16bit_weights(demo_dir, tmp_path):
     """The paper's precision, bf16, under ZeRO-3 (DeepSpeed's CPU accelerator supports it; fp16 it does not):
     frozen weights stay bit-identical to the base model cast to bf16, the region's change, and the export is

@@ -16,7 +16,7 @@ from ..flops import FlopModel
 from .base import TIED, Family, Parts
 
 __all__ = ["TIED", "Family", "Parts", "REGISTRY", "get", "find_parts", "family_of", "check_trainable", "trainable",
-           "default_aspect", "flop_model", "pinned_layers"]
+           "planned", "default_aspect", "flop_model", "pinned_layers"]
 
 
 
@@ -39,6 +39,11 @@ REGISTRY: dict[str, Family] = {t: f for f in FAMILIES for t in f.model_types}
 
 def get(model_type: str | None) -> Family | None:
     return REGISTRY.get(model_type)
+
+
+def planned() -> list[str]:
+    """The model types launch/plan.py models (image tokens and activations), in registry order."""
+    return [t for f in FAMILIES if f.planned for t in f.model_types]
 
 
 def trainable() -> list[str]:

@@ -74,6 +74,8 @@ class Family:
     projector_attr: str = "multi_modal_projector"
     projector_extra_attrs: tuple[str, ...] = ()
     trains: bool = False
+    # launch/plan.py models its image tokens and activations (tests/test_plan.py checks them against autograd)
+    planned: bool = False
     no_packing: str = ""  # why packed sequences (per-sample position ids) are invalid for it; "" = they are valid
     not_trainable: str = ""  # trains = False: the inputs its data path would need
 
@@ -99,8 +101,9 @@ class Family:
         """The checkpoint's processor (tokenizer + image processor)."""
         return AutoProcessor.from_pretrained(path)
 
-    def image_layout(self, config, image_processor, aspect: str) -> ImageLayout:
-        """How this family's images become tokens and model inputs (trainable families)."""
+    def image_layout(self, config, processor, aspect: str) -> ImageLayout:
+        """How this family's images become tokens and model inputs (trainable families); ``processor`` is what
+        ``load_processor`` returned (its ``tokenizer`` and ``image_processor``)."""
         raise NotImplementedError(f"{self.title}: no image layout ({self.not_trainable})")
 
     def pinned_layers(self, config) -> tuple[list[int], str]:

@@ -65,7 +65,8 @@ class Gemma3(Family):
         """The processor's own resize to the tower's square input (as Gemma 3 was trained); pad adds borders."""
         return "square"
 
-    def image_layout(self, config, image_processor, aspect: str) -> SoftTokenImages:
+    def image_layout(self, config, processor, aspect: str) -> SoftTokenImages:
+        image_processor = processor.image_processor
         if getattr(image_processor, "do_pan_and_scan", False):
             raise ValueError("the image processor has do_pan_and_scan on: pan-and-scan crops are not supported for "
                              "training; set \"do_pan_and_scan\": false in the checkpoint's image processor config "

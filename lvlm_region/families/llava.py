@@ -59,8 +59,9 @@ class Llava(Family):
     title = ("Llava (LLaVA-1.5, Bunny and llava-hf checkpoints, models assembled from an LLM and a CLIP/SigLIP "
              "tower with --llm/--vision)")
     trains = True
+    planned = True
 
-    def image_layout(self, config, image_processor, aspect: str) -> FixedImages:
+    def image_layout(self, config, processor, aspect: str) -> FixedImages:
         return FixedImages(config.image_token_id, image_seq_length(config), image_size=config.vision_config.image_size)
 
     def vision_flops(self, model, parts) -> VisionFlops:

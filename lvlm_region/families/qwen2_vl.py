@@ -113,6 +113,7 @@ class Qwen2VL(Family):
     vision_attr = "visual"
     projector_attr = "visual.merger"  # the merger is the projector
     trains = True
+    planned = True
     no_packing = ("computes its own 3-D rotary positions per sample (from image_grid_thw), which packed position ids "
                   "would replace")
 
@@ -123,7 +124,8 @@ class Qwen2VL(Family):
     def load_processor(self, path: str) -> SplitProcessor:
         return SplitProcessor(path)
 
-    def image_layout(self, config, image_processor, aspect: str) -> GridImages:
+    def image_layout(self, config, processor, aspect: str) -> GridImages:
+        image_processor = processor.image_processor
         for attr in ("image_token_id", "vision_start_token_id", "vision_end_token_id"):
             if getattr(config, attr, None) is None:
                 raise ValueError(f"a {config.model_type} config needs {attr}; the checkpoint's config.json lacks it")

@@ -10,6 +10,7 @@ class Qwen3VLMoe(Qwen3VL):
     model_types = ("qwen3_vl_moe",)
     title = "Qwen3-VL MoE (Qwen3-VL-30B-A3B, 235B-A22B)"
     trains = False
+    planned = False
     not_trainable = ("its LLM's MLPs are mixtures of experts: the FLOP model would count every expert's matmuls, "
                      "not the routed ones, and the router's load-balancing loss is not added")
 

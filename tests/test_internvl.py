@@ -1,0 +1,152 @@
+"""InternVL on a tiny random checkpoint written by transformers' own classes (helpers/internvl.py): tile counts,
+ids and pixel tensors as InternVLProcessor makes them, padded batches and the masked dummy change no loss,
+importance and pruning. The 2-rank ZeRO-3 run is in test_train_distributed.py, the resume in test_resume.py, the FLOP
+model in test_flops.py.
+
+InternVLProcessor itself cannot be constructed here (its video processor needs torchvision), so the expected ids are
+built as its ``__call__`` builds them: the chat template's text with ``<IMG_CONTEXT>`` per image, each replaced by
+``<img>`` + ``image_seq_length`` x ``num_patches`` ``<IMG_CONTEXT>`` + ``</img>`` (its ``replace_image_token``, with
+the tile count the image processor reports for the decoded image under the processor's ``crop_to_patches=True``),
+then the tokenizer."""
+import json
+import os
+import sys
+
+import pytest
+import torch
+from PIL import Image
+from transformers import AutoConfig, AutoModelForImageTextToText
+
+from conftest import assert_dummy_changes_no_generation, run
+from helpers import internvl, qwen
+from lvlm_region import prepare, prune
+from lvlm_region.data import ImageTextDataset, collate
+from lvlm_region.images import ImageLoader
+from lvlm_region.loss import token_loss_sum
+from lvlm_region.templates import IGNORE
+
+SIZES = [(32, 32), (64, 32), (100, 50), (30, 90), (200, 70), (20, 20)]
+
+
+@pytest.fixture(scope="module")
+def ckpt(tmp_path_factory):
+    return internvl.build(str(tmp_path_factory.mktemp("internvl") / "ckpt"))
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    """Samples with no, one and two images of several sizes (1 to 5 tiles), single- and multi-turn."""
+    folder = tmp_path_factory.mktemp("internvl_data")
+    os.makedirs(folder / "images")
+    samples = []
+    for i in range(10):
+        names = []
+        for k in range(i % 3):
+            names.append(f"images/{i}_{k}.png")
+            Image.new("RGB", SIZES[(i + k) % len(SIZES)], ["red", "blue"][k]).save(folder / names[-1])
+        conv = [{"from": "human", "value": "<image>\n" * len(names) + "What color is the shape?"},
+                {"from": "gpt", "value": qwen.COLORS[i % 4]}]
+        if i % 2:
+            conv += [{"from": "human", "value": "Which shape is it?"}, {"from": "gpt", "value": "square"}]
+        sample = {"id": f"s{i}", "conversations": conv}
+        if names:
+            sample["image"] = names if len(names) > 1 else names[0]
+        samples.append(sample)
+    (folder / "data.json").write_text(json.dumps(samples))
+    return str(folder / "data.json"), str(folder)
+
+
+def test_tiles_ids_and_pixels_are_what_internvl_processor_makes(ckpt, data, tmp_path):
+    enc, tok, processor = prepare.for_model(ckpt, "auto", 512)
+    layout, ip = enc.layout, internvl.image_processor()
+    assert processor.image_processor.crop_to_patches and not ip.crop_to_patches  # as the processor calls it
+    seen = set()
+    load = ImageLoader(processor.image_processor, "square")
+    for w, h in SIZES + [(300, 20)]:
+        Image.new("RGB", (w, h), "red").save(tmp_path / "x.png")
+        want = ip(images=[Image.open(tmp_path / "x.png")], crop_to_patches=True, return_tensors="pt")
+        tiles = int(want["num_patches"][0])
+        assert layout.token_ids((w, h)) == [layout.start_id] + [layout.image_token_id] * 4 * tiles + [layout.end_id]
+        got = load(str(tmp_path / "x.png"))
+        assert torch.equal(got["pixel_values"], want["pixel_values"]) and layout.tokens_in(got) == 4 * tiles
+        seen.add(tiles)
+    assert seen == {1, 3, 4, 5}  # one tile, or 2-4 tiles plus the thumbnail
+    path, folder = data
+    ds = prepare.prepare(path, folder, enc, tok, str(tmp_path / "prep"))
+    samples = json.loads(open(path).read())
+    for row, sample in zip(ds, samples):
+        names = sample.get("image") or []
+        names = [names] if isinstance(names, str) else names
+        messages = [{"role": "user" if t["from"] == "human" else "assistant",
+                     "content": t["value"].replace("<image>", "<IMG_CONTEXT>")} for t in sample["conversations"]]
+        text = tok.apply_chat_template(messages, tokenize=False)
+        assert text.endswith("<|im_end|>\n")
+        text = text[:-1]
+        for name in names:  # InternVLProcessor.replace_image_token, image by image
+            tiles = int(ip(images=[Image.open(os.path.join(folder, name)).convert("RGB")],
+                           crop_to_patches=True)["num_patches"][0])
+            text = text.replace("<IMG_CONTEXT>", "<img>" + "<|x|>" * 4 * tiles + "</img>", 1)
+        want = tok(text.replace("<|x|>", "<IMG_CONTEXT>"), add_special_tokens=False)["input_ids"]
+        assert row["input_ids"] == want, sample["id"]
+        replies = [t["value"] for t in sample["conversations"] if t["from"] == "gpt"]
+        trained = [t for t, lab in zip(row["input_ids"], row["labels"]) if lab != IGNORE]
+        assert tok.convert_ids_to_tokens(trained) == [x for r in replies for x in (r, "<|im_end|>")]
+
+
+def test_a_mismatched_image_seq_length_is_refused(tmp_path):
+    src = internvl.build(str(tmp_path / "bad"))
+    config = json.loads(open(os.path.join(src, "config.json")).read())
+    config["image_seq_length"] = 256
+    open(os.path.join(src, "config.json"), "w").write(json.dumps(config))
+    with pytest.raises(ValueError, match=r"config.image_seq_length is 256, but a 32-pixel tile in 8-pixel patches, "
+                                         r"pixel-shuffled by 0.5, gives 4 tokens"):
+        prepare.for_model(src, "auto", 512)
+
+
+def items(ckpt, data):
+    path, folder = data
+    enc, tok, processor = prepare.for_model(ckpt, "auto", 512)
+    ds = prepare.prepare(path, folder, enc, tok, os.path.join(folder, "prepared"))
+    return enc.layout, tok, ImageTextDataset(ds, folder, ImageLoader(processor.image_processor, "square"), enc.layout)
+
+
+def test_padded_batches_and_the_masked_dummy_change_no_loss_or_generated_token(ckpt, data):
+    model = AutoModelForImageTextToText.from_pretrained(ckpt).eval()
+    layout, tok, ds = items(ckpt, data)
+    text, one, two = ds[0], ds[1], ds[2]
+    assert "pixel_values" not in text and one["pixel_values"].shape[0] > 1 and two["pixel_values"].shape[0] > 2
+
+    def loss(samples, dummy=None):
+        b = collate(samples, tok.pad_token_id, dummy=dummy)
+        with torch.no_grad():
+            return float(token_loss_sum(model(**layout.model_inputs(b)).logits, b["labels"]))
+
+    assert loss([text, one, two]) == pytest.approx(loss([text]) + loss([one]) + loss([two]), rel=1e-5)
+    dummy = layout.dummy()
+    assert len(dummy.ids) == 6 and dummy.tensors["pixel_values"].shape == (1, 3, 32, 32)
+    assert loss([text, ds[3]], dummy) == pytest.approx(loss([text, ds[3]]), rel=1e-6)
+    prompt = torch.tensor(tok.apply_chat_template([{"role": "user", "content": "Describe"}], tokenize=True,
+                                                  add_generation_prompt=True, return_dict=True)["input_ids"])
+    assert_dummy_changes_no_generation(model, layout, tok, prompt)
+
+
+@torch.no_grad()
+def test_importance_then_pruning_writes_a_model_that_generates_with_its_cache(ckpt, data, tmp_path):
+    path, folder = data
+    scores = tmp_path / "scores.json"
+    res = run([sys.executable, "launch/importance.py", "--model", ckpt, "--data", path, "--image-folder", folder,
+               "--samples", "8", "--output", str(scores)], timeout=300)
+    assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-2000:]
+    bi = json.loads(scores.read_text())
+    assert (bi["method"], bi["layers"], bi["samples"]) == ("bi", 4, 8)
+    lowest = min(range(4), key=lambda i: (bi["scores"][i], i))
+    out = tmp_path / "pruned"
+    prune.run(ckpt, str(scores), [1], "none", str(out))
+    record = json.loads((out / prune.PRUNE_FILE).read_text())
+    assert record["dropped"] == [lowest] and record["pinned"]["layers"] == []
+    assert AutoConfig.from_pretrained(out).text_config.num_hidden_layers == 3
+    model = AutoModelForImageTextToText.from_pretrained(out).eval()
+    ids = torch.randint(16, 30, (1, 8), generator=torch.Generator().manual_seed(1))
+    kw = dict(attention_mask=torch.ones_like(ids), max_new_tokens=6, min_new_tokens=6, do_sample=False,
+              pad_token_id=model.config.text_config.pad_token_id)
+    assert torch.equal(model.generate(ids, **kw), model.generate(ids, **kw, use_cache=False))
