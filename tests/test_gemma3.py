@@ -12,11 +12,8 @@ from PIL import Image
 from transformers import AutoConfig, AutoModelForImageTextToText, AutoProcessor
 
 from conftest import assert_dummy_changes_no_generation, run
-from helpers import gemma3
+from helpers import family_data, gemma3
 from lvlm_region import families, prepare, prune
-from lvlm_region.data import ImageTextDataset, collate
-from lvlm_region.images import ImageLoader
-from lvlm_region.loss import token_loss_sum
 from lvlm_region.templates import IGNORE
 
 SIZES = [(60, 40), (100, 50), (30, 90), (32, 32), (200, 70)]
@@ -27,34 +24,9 @@ def ckpt(tmp_path_factory):
     return gemma3.build(str(tmp_path_factory.mktemp("gemma3") / "ckpt"))
 
 
-def conversation(i: int, n_images: int) -> list[dict]:
-    """A sample with ``n_images`` images in its first user turn; odd samples have a second turn."""
-    colors = ["red", "green", "blue", "yellow"]
-    conv = [{"from": "human", "value": "<image>\n" * n_images + "What color is the shape?"},
-            {"from": "gpt", "value": colors[i % 4]}]
-    if i % 2:
-        conv += [{"from": "human", "value": "Which shape is it?"}, {"from": "gpt", "value": "a square"}]
-    return conv
-
-
 @pytest.fixture(scope="module")
 def data(tmp_path_factory):
-    """Samples with no, one and two images of several sizes, single- and multi-turn."""
-    folder = tmp_path_factory.mktemp("gemma3_data")
-    os.makedirs(folder / "images")
-    samples = []
-    for i in range(10):
-        n_images = i % 3
-        names = []
-        for k in range(n_images):
-            names.append(f"images/{i}_{k}.png")
-            Image.new("RGB", SIZES[(i + k) % len(SIZES)], ["red", "blue"][k]).save(folder / names[-1])
-        sample = {"id": f"s{i}", "conversations": conversation(i, n_images)}
-        if names:
-            sample["image"] = names if len(names) > 1 else names[0]
-        samples.append(sample)
-    (folder / "data.json").write_text(json.dumps(samples))
-    return str(folder / "data.json"), str(folder)
+    return family_data.write(tmp_path_factory.mktemp("gemma3_data"), SIZES, second_reply="a square")
 
 
 def test_prepared_ids_are_what_gemma3_processor_makes_of_the_conversation(ckpt, data, tmp_path):
@@ -89,26 +61,14 @@ def test_prepared_ids_are_what_gemma3_processor_makes_of_the_conversation(ckpt, 
     assert n_tokens == {0, 4, 8}  # every image 4 soft tokens, whatever its size
 
 
-def items(ckpt, data):
-    path, folder = data
-    enc, tok, _ = prepare.for_model(ckpt, "auto", 512)
-    ds = prepare.prepare(path, folder, enc, tok, os.path.join(folder, "prepared"))
-    loader = ImageLoader(AutoProcessor.from_pretrained(ckpt).image_processor, "square")
-    return enc.layout, tok, ImageTextDataset(ds, folder, loader, enc.layout)
-
-
 def test_padded_batches_and_the_masked_dummy_change_no_loss_or_generated_token(ckpt, data):
     model = AutoModelForImageTextToText.from_pretrained(ckpt).eval()
-    layout, tok, ds = items(ckpt, data)
+    layout, tok, ds = family_data.items(ckpt, data)
     text, one, two = ds[0], ds[1], ds[2]
     assert "pixel_values" not in text and one["pixel_values"].shape == (1, 3, 32, 32)
     assert two["pixel_values"].shape == (2, 3, 32, 32)
 
-    def loss(samples, dummy=None):
-        b = collate(samples, tok.pad_token_id, dummy=dummy)
-        with torch.no_grad():
-            return float(token_loss_sum(model(**layout.model_inputs(b)).logits, b["labels"]))
-
+    loss = family_data.loss_of(model, layout, tok)
     # Right padding, one and two images in one batch (bidirectional image blocks per row): the losses, summed.
     assert loss([text, one, two]) == pytest.approx(loss([text]) + loss([one]) + loss([two]), rel=1e-5)
     # A text-only batch: the masked dummy image (its soft tokens marked in token_type_ids) changes nothing.

@@ -18,11 +18,9 @@ from PIL import Image
 from transformers import AutoConfig, AutoModelForImageTextToText
 
 from conftest import assert_dummy_changes_no_generation, run
-from helpers import internvl, qwen
+from helpers import internvl, family_data
 from lvlm_region import prepare, prune
-from lvlm_region.data import ImageTextDataset, collate
 from lvlm_region.images import ImageLoader
-from lvlm_region.loss import token_loss_sum
 from lvlm_region.templates import IGNORE
 
 SIZES = [(32, 32), (64, 32), (100, 50), (30, 90), (200, 70), (20, 20)]
@@ -35,25 +33,7 @@ def ckpt(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def data(tmp_path_factory):
-    """Samples with no, one and two images of several sizes (1 to 5 tiles), single- and multi-turn."""
-    folder = tmp_path_factory.mktemp("internvl_data")
-    os.makedirs(folder / "images")
-    samples = []
-    for i in range(10):
-        names = []
-        for k in range(i % 3):
-            names.append(f"images/{i}_{k}.png")
-            Image.new("RGB", SIZES[(i + k) % len(SIZES)], ["red", "blue"][k]).save(folder / names[-1])
-        conv = [{"from": "human", "value": "<image>\n" * len(names) + "What color is the shape?"},
-                {"from": "gpt", "value": qwen.COLORS[i % 4]}]
-        if i % 2:
-            conv += [{"from": "human", "value": "Which shape is it?"}, {"from": "gpt", "value": "square"}]
-        sample = {"id": f"s{i}", "conversations": conv}
-        if names:
-            sample["image"] = names if len(names) > 1 else names[0]
-        samples.append(sample)
-    (folder / "data.json").write_text(json.dumps(samples))
-    return str(folder / "data.json"), str(folder)
+    return family_data.write(tmp_path_factory.mktemp("internvl_data"), SIZES)
 
 
 def test_tiles_ids_and_pixels_are_what_internvl_processor_makes(ckpt, data, tmp_path):
@@ -103,24 +83,13 @@ def test_a_mismatched_image_seq_length_is_refused(tmp_path):
         prepare.for_model(src, "auto", 512)
 
 
-def items(ckpt, data):
-    path, folder = data
-    enc, tok, processor = prepare.for_model(ckpt, "auto", 512)
-    ds = prepare.prepare(path, folder, enc, tok, os.path.join(folder, "prepared"))
-    return enc.layout, tok, ImageTextDataset(ds, folder, ImageLoader(processor.image_processor, "square"), enc.layout)
-
-
 def test_padded_batches_and_the_masked_dummy_change_no_loss_or_generated_token(ckpt, data):
     model = AutoModelForImageTextToText.from_pretrained(ckpt).eval()
-    layout, tok, ds = items(ckpt, data)
+    layout, tok, ds = family_data.items(ckpt, data)
     text, one, two = ds[0], ds[1], ds[2]
     assert "pixel_values" not in text and one["pixel_values"].shape[0] > 1 and two["pixel_values"].shape[0] > 2
 
-    def loss(samples, dummy=None):
-        b = collate(samples, tok.pad_token_id, dummy=dummy)
-        with torch.no_grad():
-            return float(token_loss_sum(model(**layout.model_inputs(b)).logits, b["labels"]))
-
+    loss = family_data.loss_of(model, layout, tok)
     assert loss([text, one, two]) == pytest.approx(loss([text]) + loss([one]) + loss([two]), rel=1e-5)
     dummy = layout.dummy()
     assert len(dummy.ids) == 6 and dummy.tensors["pixel_values"].shape == (1, 3, 32, 32)

@@ -18,11 +18,8 @@ from transformers import AutoConfig, AutoModelForImageTextToText
 from safetensors.torch import load_file
 
 from conftest import assert_dummy_changes_no_generation, run
-from helpers import qwen
+from helpers import family_data, qwen
 from lvlm_region import families, prepare, prune
-from lvlm_region.data import ImageTextDataset, collate
-from lvlm_region.images import ImageLoader
-from lvlm_region.loss import token_loss_sum
 from lvlm_region.projector import PROJECTOR_FILE, export_projector, load_projector
 from lvlm_region.templates import IGNORE
 
@@ -36,25 +33,7 @@ def ckpt(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def data(tmp_path_factory):
-    """Samples with no, one and two images of several sizes, single- and multi-turn."""
-    folder = tmp_path_factory.mktemp("qwen3_data")
-    os.makedirs(folder / "images")
-    samples = []
-    for i in range(10):
-        names = []
-        for k in range(i % 3):
-            names.append(f"images/{i}_{k}.png")
-            Image.new("RGB", SIZES[(i + k) % len(SIZES)], ["red", "blue"][k]).save(folder / names[-1])
-        conv = [{"from": "human", "value": "<image>\n" * len(names) + "What color is the shape?"},
-                {"from": "gpt", "value": qwen.COLORS[i % 4]}]
-        if i % 2:
-            conv += [{"from": "human", "value": "Which shape is it?"}, {"from": "gpt", "value": "square"}]
-        sample = {"id": f"s{i}", "conversations": conv}
-        if names:
-            sample["image"] = names if len(names) > 1 else names[0]
-        samples.append(sample)
-    (folder / "data.json").write_text(json.dumps(samples))
-    return str(folder / "data.json"), str(folder)
+    return family_data.write(tmp_path_factory.mktemp("qwen3_data"), SIZES)
 
 
 def test_token_counts_and_ids_are_what_qwen3vl_processor_makes(ckpt, data, tmp_path):
@@ -118,25 +97,13 @@ def test_the_projector_is_the_merger_and_the_deepstack_mergers(ckpt, tmp_path):
     assert len(copied) == 18 and all(torch.equal(dict(fresh.named_parameters())[n], ours[n]) for n in copied)
 
 
-def items(ckpt, data):
-    path, folder = data
-    enc, tok, _ = prepare.for_model(ckpt, "auto", 512)
-    ds = prepare.prepare(path, folder, enc, tok, os.path.join(folder, "prepared"))
-    return enc.layout, tok, ImageTextDataset(ds, folder, ImageLoader(qwen.image_processor("qwen3_vl"), "square"),
-                                             enc.layout)
-
-
 def test_padded_batches_and_the_masked_dummy_change_no_loss_or_generated_token(ckpt, data):
     model = AutoModelForImageTextToText.from_pretrained(ckpt).eval()
-    layout, tok, ds = items(ckpt, data)
+    layout, tok, ds = family_data.items(ckpt, data)
     text, one, two = ds[0], ds[1], ds[2]
     assert "pixel_values" not in text and len(one["image_grid_thw"]) == 1 and len(two["image_grid_thw"]) == 2
 
-    def loss(samples, dummy=None):
-        b = collate(samples, tok.pad_token_id, dummy=dummy)
-        with torch.no_grad():
-            return float(token_loss_sum(model(**layout.model_inputs(b)).logits, b["labels"]))
-
+    loss = family_data.loss_of(model, layout, tok)
     # Right padding, images of other sizes in one batch (DeepStack adds at each row's image tokens): summed losses.
     assert loss([text, one, two]) == pytest.approx(loss([text]) + loss([one]) + loss([two]), rel=1e-5)
     dummy = layout.dummy()  # a text-only batch: the masked dummy (and its DeepStack features) change nothing

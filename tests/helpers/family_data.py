@@ -1,0 +1,56 @@
+"""What the per-family tests (test_gemma3, test_qwen3_vl, test_internvl) share: samples with no, one and two images
+of several sizes, single- and multi-turn; the prepared dataset a checkpoint's family makes of them; and the summed
+token loss of a collated batch."""
+import json
+import os
+
+import torch
+from PIL import Image
+
+from lvlm_region import prepare
+from lvlm_region.data import ImageTextDataset, collate
+from lvlm_region.images import ImageLoader
+from lvlm_region.loss import token_loss_sum
+
+COLORS = ["red", "green", "blue", "yellow"]
+
+
+def write(folder, sizes, second_reply: str = "square", n: int = 10) -> tuple[str, str]:
+    """``n`` samples: sample i has i % 3 images (sizes cycling through ``sizes``) in its first user turn, odd samples a
+    second turn answered ``second_reply``. Returns (data file, image folder)."""
+    os.makedirs(os.path.join(folder, "images"), exist_ok=True)
+    samples = []
+    for i in range(n):
+        names = []
+        for k in range(i % 3):
+            names.append(f"images/{i}_{k}.png")
+            Image.new("RGB", sizes[(i + k) % len(sizes)], ["red", "blue"][k]).save(os.path.join(folder, names[-1]))
+        conv = [{"from": "human", "value": "<image>\n" * len(names) + "What color is the shape?"},
+                {"from": "gpt", "value": COLORS[i % 4]}]
+        if i % 2:
+            conv += [{"from": "human", "value": "Which shape is it?"}, {"from": "gpt", "value": second_reply}]
+        sample = {"id": f"s{i}", "conversations": conv}
+        if names:
+            sample["image"] = names if len(names) > 1 else names[0]
+        samples.append(sample)
+    path = os.path.join(folder, "data.json")
+    with open(path, "w") as f:
+        json.dump(samples, f)
+    return path, str(folder)
+
+
+def items(ckpt: str, data: tuple[str, str]):
+    """(layout, tokenizer, dataset) of the prepared ``data`` for ``ckpt``, images loaded by its image processor."""
+    path, folder = data
+    enc, tok, processor = prepare.for_model(ckpt, "auto", 512)
+    ds = prepare.prepare(path, folder, enc, tok, os.path.join(folder, "prepared"))
+    return enc.layout, tok, ImageTextDataset(ds, folder, ImageLoader(processor.image_processor, "square"), enc.layout)
+
+
+def loss_of(model, layout, tok):
+    """samples, dummy -> the summed token loss of their collated (right-padded) batch under ``model``."""
+    def loss(samples, dummy=None):
+        b = collate(samples, tok.pad_token_id, dummy=dummy)
+        with torch.no_grad():
+            return float(token_loss_sum(model(**layout.model_inputs(b)).logits, b["labels"]))
+    return loss
