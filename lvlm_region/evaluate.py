@@ -13,6 +13,7 @@ import torch
 
 from . import engine
 from .data import ImageTextDataset, run_loader, to_device
+from .families import find_parts
 from .loss import loss_positions, token_loss_sum, valid_tokens
 from .prepare import image_token_ids
 from .templates import end_of_turn_id, tokenize
@@ -56,11 +57,15 @@ def evaluate(ds_engine, eval_ds, image_folder: str, s, cfg, dtype: torch.dtype, 
     prompts = PromptDataset(eval_ds, image_folder, load, s.encoding, tokenizer)
     results: list[dict] = []
     zero3 = engine.is_zero3(ds_engine)
+    # generate() computes the image features by calling get_image_features itself, outside the inner model's
+    # forward, so ZeRO-3 never gathers a parameter that lives on the inner model (LLaVA-NeXT's image_newline).
+    extra = find_parts(model).projector_extra if zero3 else ()
     for b in loader(prompts, left_pad=True):
         meta = {k: b.pop(k) for k in ("index", "answer", "question", "id", "category")}
         b = to_device(b, device, dtype)
-        gen = model.generate(**layout.model_inputs(b), max_new_tokens=cfg.max_new_tokens, do_sample=False,
-                             pad_token_id=pad_id, eos_token_id=stop_ids, synced_gpus=zero3)
+        with engine.gathered(extra, bool(extra)):  # per call: the inner model's forward partitions it again
+            gen = model.generate(**layout.model_inputs(b), max_new_tokens=cfg.max_new_tokens, do_sample=False,
+                                 pad_token_id=pad_id, eos_token_id=stop_ids, synced_gpus=zero3)
         texts = tokenizer.batch_decode(gen[:, b["input_ids"].shape[1]:], skip_special_tokens=True)
         results += [{"index": i, "id": sid, "category": c, "question": q, "reference": a, "output": t,
                      "right": normalize(t) == normalize(a)}

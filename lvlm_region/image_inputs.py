@@ -9,14 +9,27 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-IMAGE_KEYS = ("pixel_values", "image_grid_thw")  # per-image tensors, concatenated along dim 0 in a batch
+# Per-image tensors, concatenated along dim 0 in a batch: pixels (one row per image, or per tile for tiled families),
+# Qwen2-VL's patch grids, LLaVA-NeXT's original sizes.
+IMAGE_KEYS = ("pixel_values", "image_grid_thw", "image_sizes")
 
 
 def count_images(tensors: dict) -> int:
-    """Images in a sample's or a batch's image tensors: rows of image_grid_thw (Qwen2-VL), else of pixel_values."""
-    if "image_grid_thw" in tensors:
-        return len(tensors["image_grid_thw"])
-    return len(tensors["pixel_values"]) if "pixel_values" in tensors else 0
+    """Images in a sample's or a batch's image tensors: rows of image_grid_thw (Qwen2-VL) or image_sizes
+    (LLaVA-NeXT), else rows of pixel_values (InternVL's tiles: its batch has no per-image tensor)."""
+    for key in ("image_grid_thw", "image_sizes", "pixel_values"):
+        if key in tensors:
+            return len(tensors[key])
+    return 0
+
+
+def tower_inputs(tensors: dict) -> int:
+    """What the vision tower runs on: images, or tiles for LLaVA-NeXT and InternVL (rows of pixel_values), or
+    Qwen2-VL's images (rows of image_grid_thw, whose patches the FLOP model reads from the grids)."""
+    for key in ("image_grid_thw", "pixel_values"):
+        if key in tensors:
+            return len(tensors[key])
+    return 0
 
 
 @dataclass(frozen=True)

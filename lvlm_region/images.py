@@ -113,4 +113,8 @@ class ImageLoader:
         if self.aspect == "pad":
             rgb = expand_to_square(rgb, self.fill)
         out = self.processor(rgb, return_tensors="pt")
-        return {k: out[k] for k in IMAGE_KEYS if k in out}
+        tensors = {k: out[k] for k in IMAGE_KEYS if k in out}
+        pixels = tensors.get("pixel_values")
+        if pixels is not None and pixels.dim() == 5:  # one image's tiles as [1, tiles, 3, H, W] (LLaVA-NeXT)
+            tensors["pixel_values"] = pixels[0]
+        return tensors

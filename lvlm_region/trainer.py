@@ -24,7 +24,7 @@ from .config import RunConfig
 from .data import BatchStream, ImageTextDataset, run_loader, to_device
 from .evaluate import evaluate
 from .flops import BatchShape
-from .image_inputs import count_images
+from .image_inputs import tower_inputs
 from .loss import loss_positions, token_loss_sum, valid_tokens
 from .model import enable_checkpointing, load_model, skeleton
 from .projector import PROJECTOR_FILE, export_projector, import_projector, load_projector
@@ -388,7 +388,7 @@ def executed_images(batch: dict) -> tuple[int, tuple]:
     """Images the vision tower runs on in this micro-batch, the masked dummy included, and (Qwen2-VL) their
     patch grids (t, h, w)."""
     grids = tuple(tuple(g) for g in batch["image_grid_thw"].tolist()) if "image_grid_thw" in batch else ()
-    return count_images(batch), grids
+    return tower_inputs(batch), grids
 
 
 def batch_shapes(batch: dict) -> list[BatchShape]:

@@ -172,6 +172,34 @@ def test_lm_head_on_the_trained_positions_only_matches_torch_flop_counter(model,
 
 @pytest.mark.parametrize("spec,ckpt", [("none", False), ("uniform25", False), ("full+vision", True),
                                        ("layers:3-projector", False)])
+def test_llava_next_tiles_match_torch_flop_counter(spec, ckpt):
+    """LLaVA-NeXT: the tower and the projector once per tile (5 patches with the class token, 4 projected), unpadding
+    and image_newline cost no matmul; the LLM over the unpadded tokens."""
+    from transformers.models.llava_next.modeling_llava_next import image_size_to_num_patches
+
+    from helpers import llava_next
+    model = training_eagerly(llava_next.model(), spec, ckpt)
+    c = model.config
+    sizes = [(40, 60), (90, 40)]  # (height, width): 5 and 3 tiles
+    tiles = [image_size_to_num_patches(s, c.image_grid_pinpoints, 28) for s in sizes]
+    proc = llava_next.processor()
+    tokens = [proc._get_num_multimodal_tokens(image_sizes=[s])["num_image_tokens"][0] for s in sizes]
+    T = max(tokens) + 6
+    ids = torch.randint(16, 30, (2, T), generator=torch.Generator().manual_seed(0))
+    for r, n in enumerate(tokens):
+        ids[r, 1:1 + n] = c.image_token_id
+    with FlopCounterMode(display=False) as counter:
+        logits = model(input_ids=ids, attention_mask=torch.ones_like(ids),
+                       pixel_values=torch.randn(sum(tiles), 3, 28, 28), image_sizes=torch.tensor(sizes)).logits
+        logits.float().sum().backward()
+    fm = flop_model(model)
+    ours = fm.micro_batch(BatchShape(rows=2, seq_len=T, images=sum(tiles)))
+    assert tiles == [5, 3] and ours.hardware == counter.get_total_flops()
+    assert (ours.recompute > 0) == ckpt
+
+
+@pytest.mark.parametrize("spec,ckpt", [("none", False), ("uniform25", False), ("full+vision", True),
+                                       ("layers:3-projector", False)])
 def test_internvl_tiles_and_pixel_shuffle_projector_match_torch_flop_counter(spec, ckpt):
     """InternVL: the tower once per tile over its 16 patches and class token, the projector on the 4 pixel-shuffled
     tokens of each tile (4x the tower's width); with a trainable tower, checkpointing recomputes fc2 too (its output

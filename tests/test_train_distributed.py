@@ -322,6 +322,25 @@ def test_internvl_trains_the_region_and_the_projector_on_tiles_and_exports(tmp_p
     assert prepared["n_image_tokens"] == "tiles" and prepared["tokens_per_tile"] == 4
 
 
+def test_llava_next_trains_the_region_the_projector_and_image_newline_and_exports(tmp_path):
+    """A tiny LLaVA-NeXT checkpoint, 2 ranks, ZeRO-3, uniform25 (layer 1 of 4), images of 3 and 5 tiles and text-only
+    samples at micro-batch 1: only the projector, image_newline and layer 1 change, and the export reloads to the
+    engine's weights with the names save_pretrained writes and loads with LlavaNextProcessor."""
+    from transformers import AutoProcessor
+
+    from helpers import llava_next, qwen
+    ckpt = llava_next.build(str(tmp_path / "ckpt"))
+    data = qwen.write_data(str(tmp_path / "data"), n=12, text_every=3)
+    out, report, stdout = train_and_report(tmp_path, "sft", "llava_next", "--model", ckpt, "--data", data,
+                                           "--template", "auto", "--region", "uniform25", "--eval-data", data,
+                                           "--lr", "1e-3", "--zero", "3", "--micro-batch", "1", "--max-steps", "4")
+    check(report, r"model\.multi_modal_projector\.|model\.image_newline$|model\.language_model\.layers\.1\.")
+    summary = report["summary"]
+    assert summary["eval"]["samples"] == 6 and summary["region"]["layers"] == [1]
+    processor = AutoProcessor.from_pretrained(out)
+    assert type(processor).__name__ == "LlavaNextProcessor" and processor.chat_template == llava_next.TEMPLATE
+
+
 def test_bf16_zero3_on_cpu_gathers_16bit_weights(demo_dir, tmp_path):
     """The paper's precision, bf16, under ZeRO-3 (DeepSpeed's CPU accelerator supports it; fp16 it does not):
     frozen weights stay bit-identical to the base model cast to bf16, the region's change, and the export is
