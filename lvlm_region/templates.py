@@ -222,8 +222,12 @@ def tokenize(segments: list[tuple[str, bool]], tokenizer, image_ids: list[list[i
     # The string to tokenize, with each image's span in it, and a map back to positions in the rendered text.
     full, image_spans, shift, shifts = pieces[0], [], 0, []  # shifts: (start in full, offset to subtract)
     inserted_spans = []  # each image's tokens with the text around them: never trained
+    # An image's ids as text: special / added tokens as themselves, any other id (Idefics3's newlines between tile
+    # rows) as the text it decodes to (a byte-level token's name is not its text: "Ċ" for a newline).
+    added = set(tokenizer.all_special_ids) | set(tokenizer.get_added_vocab().values())
     for k, piece in enumerate(pieces[1:]):
-        written = "".join(tokenizer.convert_ids_to_tokens(image_ids[k]))
+        written = "".join(tokenizer.convert_ids_to_tokens(i) if i in added else tokenizer.decode([i])
+                          for i in image_ids[k])
         inserted = around[0] + written + around[1]
         start = len(full) + len(around[0])
         image_spans.append((start, start + len(written)))

@@ -200,6 +200,29 @@ def test_llava_next_tiles_match_torch_flop_counter(spec, ckpt):
 
 @pytest.mark.parametrize("spec,ckpt", [("none", False), ("uniform25", False), ("full+vision", True),
                                        ("layers:3-projector", False)])
+def test_idefics3_tiles_and_connector_match_torch_flop_counter(spec, ckpt):
+    """Idefics3: the tower once per tile and global image (16 patches), the connector's one linear on the 4
+    pixel-shuffled tokens of each."""
+    from helpers import idefics3
+    model = training_eagerly(idefics3.model(), spec, ckpt)
+    c = model.config
+    tiles = 6  # row 0: 5 tiles (20 image tokens); row 1: 1 tile (4 image tokens)
+    T = 4 * tiles + 10
+    ids = torch.randint(10, 40, (2, T), generator=torch.Generator().manual_seed(0))
+    ids[0, 1:1 + 20], ids[1, 1:1 + 4] = c.image_token_id, c.image_token_id
+    with FlopCounterMode(display=False) as counter:
+        logits = model(input_ids=ids, attention_mask=torch.ones_like(ids),
+                       pixel_values=torch.randn(1, tiles, 3, 32, 32)).logits
+        logits.float().sum().backward()
+    fm = flop_model(model)
+    assert (fm.image_positions, fm.image_tokens, fm.patches) == (16, 4, 16)
+    ours = fm.micro_batch(BatchShape(rows=2, seq_len=T, images=tiles))
+    assert ours.hardware == counter.get_total_flops()
+    assert (ours.recompute > 0) == ckpt
+
+
+@pytest.mark.parametrize("spec,ckpt", [("none", False), ("uniform25", False), ("full+vision", True),
+                                       ("layers:3-projector", False)])
 def test_internvl_tiles_and_pixel_shuffle_projector_match_torch_flop_counter(spec, ckpt):
     """InternVL: the tower once per tile over its 16 patches and class token, the projector on the 4 pixel-shuffled
     tokens of each tile (4x the tower's width); with a trainable tower, checkpointing recomputes fc2 too (its output

@@ -341,6 +341,25 @@ def test_llava_next_trains_the_region_the_projector_and_image_newline_and_export
     assert type(processor).__name__ == "LlavaNextProcessor" and processor.chat_template == llava_next.TEMPLATE
 
 
+def test_idefics3_trains_the_region_and_the_connector_and_exports(tmp_path):
+    """A tiny Idefics3 (SmolVLM) checkpoint, 2 ranks, ZeRO-3, uniform25 (layer 1 of 4), split images (row / column
+    tags and newlines) and text-only samples at micro-batch 1: only the connector and layer 1 change, and the export
+    reloads to the engine's weights with the names save_pretrained writes and loads with Idefics3Processor."""
+    from transformers import AutoProcessor
+
+    from helpers import idefics3, qwen
+    ckpt = idefics3.build(str(tmp_path / "ckpt"))
+    data = qwen.write_data(str(tmp_path / "data"), n=12, text_every=3)
+    out, report, stdout = train_and_report(tmp_path, "sft", "idefics3", "--model", ckpt, "--data", data,
+                                           "--template", "auto", "--region", "uniform25", "--eval-data", data,
+                                           "--lr", "1e-3", "--zero", "3", "--micro-batch", "1", "--max-steps", "4")
+    check(report, r"model\.connector\.|model\.text_model\.layers\.1\.")
+    summary = report["summary"]
+    assert summary["eval"]["samples"] == 6 and summary["region"]["layers"] == [1]
+    processor = AutoProcessor.from_pretrained(out)
+    assert type(processor).__name__ == "Idefics3Processor" and processor.chat_template == idefics3.TEMPLATE
+
+
 def test_bf16_zero3_on_cpu_gathers_16bit_weights(demo_dir, tmp_path):
     """The paper's precision, bf16, under ZeRO-3 (DeepSpeed's CPU accelerator supports it; fp16 it does not):
     frozen weights stay bit-identical to the base model cast to bf16, the region's change, and the export is

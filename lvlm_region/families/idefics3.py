@@ -1,13 +1,128 @@
-"""Idefics3 (SmolVLM): regions resolve and count; training needs its image splitting."""
+"""Idefics3 (``idefics3``: Idefics3-8B, SmolVLM-256M/500M/2B-Instruct): image splitting and a pixel-shuffle connector.
+
+**Tokens.** Idefics3Processor resizes an image (longest edge to the processor's ``size``) and, with
+``do_image_splitting``, cuts it into rows x cols tiles of ``max_image_size`` plus a global image; its text is
+``<fake_token_around_image><row_r_col_c>`` + ``image_seq_len`` x ``<image>`` per tile, a newline after each row, then
+``\\n<fake_token_around_image><global-img>`` + ``image_seq_len`` x ``<image>`` + ``<fake_token_around_image>`` (a small
+image: the global part alone). Rows and columns come from the image processor's own
+``get_number_of_image_patches`` on the header size; the text is the processor's ``replace_image_token`` string,
+tokenized by the checkpoint's tokenizer (it starts and ends with a special token, so it tokenizes the same alone as
+inside the prompt). The newlines are real tokens; row / column tags are the tokenizer's added tokens.
+
+**Tensors.** ``pixel_values`` [tiles + 1, 3, S, S] per image (the processor's [1, n, 3, S, S], squeezed by the
+image loader), concatenated over a batch and given to the model as one [1, all tiles, 3, S, S] row: the model flattens
+its first two dimensions and places the features by the ``<image>`` tokens. Every tile is a full S x S square, so the
+pixel attention mask is all ones, which the model assumes when none is given.
+
+**Projector.** ``connector``: the pixel shuffle (no weights) that folds ``scale_factor``² patches into one token, and
+one linear (``modality_projection``).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from ..flops import VisionFlops, projector_block
+from ..image_inputs import DummyImage, ImageLayout
 from .base import Family
+from .llava import tower_blocks
+
+FAKE, GLOBAL, IMAGE = "<fake_token_around_image>", "<global-img>", "<image>"
+
+
+@dataclass(frozen=True)
+class SplitImages(ImageLayout):
+    """The processor's text for an image of each size, tokenized; one [3, S, S] row per tile and the global image."""
+
+    image_token_id: int
+    image_seq_len: int
+    tile: int  # max_image_size's longest edge: the tower's input side
+    image_processor: object = field(compare=False, repr=False)
+    tokenizer: object = field(compare=False, repr=False)
+    pad: bool = False
+
+    def text(self, rows: int, cols: int) -> str:
+        """Idefics3Processor.replace_image_token for an image of rows x cols tiles (0 x 0: not split)."""
+        image = IMAGE * self.image_seq_len
+        split = "".join("".join(f"{FAKE}<row_{r + 1}_col_{c + 1}>{image}" for c in range(cols)) + "\n"
+                        for r in range(rows))
+        return split + ("\n" if rows else "") + f"{FAKE}{GLOBAL}{image}{FAKE}"
+
+    def grid(self, size: tuple[int, int]) -> tuple[int, int]:
+        w, h = size
+        if self.pad:
+            w = h = max(w, h)
+        _, rows, cols = self.image_processor.get_number_of_image_patches(h, w, {})
+        return rows, cols
+
+    def token_ids(self, size: tuple[int, int]) -> list[int]:
+        return self.tokenizer(self.text(*self.grid(size)), add_special_tokens=False)["input_ids"]
+
+    def tokens_in(self, tensors: dict) -> int:
+        return int(tensors["pixel_values"].shape[0]) * self.image_seq_len
+
+    def identity(self) -> dict:
+        p = self.image_processor
+        return {"image_token_id": self.image_token_id, "n_image_tokens": "split", "image_seq_len": self.image_seq_len,
+                "tile": self.tile, "pad_to_square": self.pad, "do_image_splitting": p.do_image_splitting,
+                "size": dict(p.size), "max_image_size": dict(p.max_image_size),
+                "global_image_ids": self.tokenizer(self.text(0, 0), add_special_tokens=False)["input_ids"][:2]}
+
+    def dummy(self) -> DummyImage:
+        s = self.tile
+        ids = self.tokenizer(self.text(0, 0), add_special_tokens=False)["input_ids"]
+        # Ones, not zeros: the model drops all-zero images as batch padding (and then has no features for the tokens).
+        return DummyImage(tuple(ids), {"pixel_values": torch.ones(1, 3, s, s)})
+
+    def model_inputs(self, batch: dict) -> dict:
+        out = super().model_inputs(batch)
+        if "pixel_values" in out:  # the model's [rows, images, 3, S, S]: all tiles as one row's images
+            out["pixel_values"] = out["pixel_values"].unsqueeze(0)
+        return out
 
 
 class Idefics3(Family):
     model_types = ("idefics3",)
-    title = "Idefics3 (SmolVLM)"
+    title = "Idefics3 (Idefics3-8B, SmolVLM-Instruct)"
     vision_attr = "vision_model"
     projector_attr = "connector"  # the connector is the projector
-    not_trainable = "its images are split into tiles plus a global image, each with its own row / column tokens"
+    trains = True
+    no_packing = "not tested with packed sequences yet"
+
+    def default_aspect(self, stage: str) -> str:
+        """The processor's own resize and splitting keep the aspect ratio; padding would only add tiles."""
+        return "square"
+
+    def image_layout(self, config, processor, aspect: str) -> SplitImages:
+        p, tok = processor.image_processor, processor.tokenizer
+        if not hasattr(p, "get_number_of_image_patches") or not hasattr(p, "max_image_size"):
+            raise ValueError(f"an idefics3 model needs its Idefics3 image processor (preprocessor_config.json), got "
+                             f"{type(p).__name__}")
+        v = config.vision_config
+        per_tile = (v.image_size // v.patch_size) ** 2 // config.scale_factor ** 2
+        seq = getattr(processor, "image_seq_len", per_tile)
+        if seq != per_tile:
+            raise ValueError(f"the processor's image_seq_len is {seq}, but a {v.image_size}-pixel tile in "
+                             f"{v.patch_size}-pixel patches, pixel-shuffled by {config.scale_factor}, gives {per_tile} "
+                             "tokens; fix processor_config.json")
+        if p.max_image_size["longest_edge"] != v.image_size:
+            raise ValueError(f"the image processor's tiles are {p.max_image_size['longest_edge']} px "
+                             f"(max_image_size), the vision tower takes {v.image_size} px; fix the image processor's "
+                             "max_image_size")
+        missing = [t for t in (FAKE, GLOBAL, IMAGE, "<row_1_col_1>") if tok.convert_tokens_to_ids(t) in
+                   (None, tok.unk_token_id)]
+        if missing:
+            raise ValueError(f"the tokenizer lacks Idefics3's image tokens {missing}")
+        return SplitImages(config.image_token_id, per_tile, v.image_size, p, tok, pad=aspect == "pad")
+
+    def vision_flops(self, model, parts) -> VisionFlops:
+        """The SigLIP-style tower once per tile and global image (every layer feeds the connector), then the
+        connector's linear on the pixel-shuffled tokens."""
+        v = model.config.vision_config
+        blocks, positions, patches = tower_blocks(parts.vision, v, v.num_hidden_layers)
+        return VisionFlops(blocks + [projector_block(parts)], image_positions=positions,
+                           image_tokens=patches // model.config.scale_factor ** 2, patches=patches)
 
 
 FAMILY = Idefics3()
