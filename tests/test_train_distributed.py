@@ -256,108 +256,81 @@ def test_qwen_checkpoints_train_the_region_and_export(tmp_path, family, flags):
     assert prepared["pad_to_square"] == ("pad" in flags)
 
 
-def test_gemma3_trains_the_region_and_the_projector_and_exports(tmp_path):
-    """A tiny Gemma 3 checkpoint, 2 ranks, ZeRO-3, uniform25 (layer 1 of 4), micro-batch 1 with text-only samples
-    (the masked dummy image keeps the tower's gathers in step): only the projector (its matmul weight and its norm's
-    scale) and layer 1 change, the tied embeddings stay, the export reloads to the engine's weights with the names
-    save_pretrained writes, and it loads with Gemma3Processor and the checkpoint's chat template."""
+def gemma3_export(out, ckpt, stdout, report):
+    """The projector (matmul weight and its norm's scale) trains, the tied embeddings stay; Gemma3Processor loads."""
     from transformers import AutoProcessor
 
-    from helpers import gemma3, qwen
-    ckpt = gemma3.build(str(tmp_path / "ckpt"))
-    data = qwen.write_data(str(tmp_path / "data"), n=12, text_every=3)
-    out, report, stdout = train_and_report(tmp_path, "sft", "gemma3", "--model", ckpt, "--data", data, "--template",
-                                           "auto", "--region", "uniform25", "--eval-data", data, "--lr", "1e-3",
-                                           "--zero", "3", "--micro-batch", "1", "--max-steps", "4")
-    check(report, r"model\.multi_modal_projector\.|model\.language_model\.layers\.1\.")
-    summary = report["summary"]
-    assert summary["eval"]["samples"] == 6 and summary["region"]["layers"] == [1]
+    from helpers import gemma3
     assert re.search(r"embed=lm_head \(tied\) trainable +0 /", stdout)
     processor = AutoProcessor.from_pretrained(out)
     assert type(processor).__name__ == "Gemma3Processor" and processor.chat_template == gemma3.GEMMA3_TEMPLATE
     assert processor.full_image_sequence == AutoProcessor.from_pretrained(ckpt).full_image_sequence
 
 
-def test_qwen3_vl_trains_the_region_and_both_mergers_and_exports(tmp_path):
-    """A tiny Qwen3-VL checkpoint, 2 ranks, ZeRO-3, uniform25 (layer 1 of 4), micro-batch 1 with text-only samples:
-    only the projector (the merger and both DeepStack mergers) and layer 1 change, the tied embeddings stay, and the
-    export reloads to the engine's weights with the names save_pretrained writes and carries the run's tokenizer,
-    chat template and image processor."""
+def qwen3_vl_export(out, ckpt, stdout, report):
+    """The merger and both DeepStack mergers change; the tied embeddings stay; tokenizer and image processor kept."""
     from transformers import AutoImageProcessor, AutoTokenizer
 
     from helpers import qwen
-    ckpt = qwen.build(str(tmp_path / "ckpt"), "qwen3_vl")
-    data = qwen.write_data(str(tmp_path / "data"), n=12, text_every=3)
-    out, report, stdout = train_and_report(tmp_path, "sft", "qwen3_vl", "--model", ckpt, "--data", data,
-                                           "--template", "auto", "--region", "uniform25", "--eval-data", data,
-                                           "--lr", "1e-3", "--zero", "3", "--micro-batch", "1", "--max-steps", "4")
-    check(report, r"model\.visual\.(merger|deepstack_merger_list\.[01])\.|model\.language_model\.layers\.1\.")
-    assert {n.split(".")[2] for n, p in report["params"].items() if p["changed"]} == {"merger", "deepstack_merger_list",
-                                                                                       "layers"}
-    summary = report["summary"]
-    assert summary["eval"]["samples"] == 6 and summary["region"]["layers"] == [1]
+    changed = {n.split(".")[2] for n, p in report["params"].items() if p["changed"]}
+    assert changed == {"merger", "deepstack_merger_list", "layers"}
     assert re.search(r"embed=lm_head \(tied\) trainable +0 /", stdout)
     assert AutoTokenizer.from_pretrained(out).chat_template == qwen.QWEN3_TEMPLATE
     assert AutoImageProcessor.from_pretrained(out).to_dict() == AutoImageProcessor.from_pretrained(ckpt).to_dict()
 
 
-def test_internvl_trains_the_region_and_the_projector_on_tiles_and_exports(tmp_path):
-    """A tiny InternVL checkpoint, 2 ranks, ZeRO-3, uniform25 (layer 1 of 4), images of 1 to 5 tiles and text-only
-    samples at micro-batch 1: only the pixel-shuffle projector and layer 1 change, and the export reloads to the
-    engine's weights with the names save_pretrained writes, with the tiling image processor."""
+def internvl_export(out, ckpt, stdout, report):
+    """The exported image processor tiles as InternVLProcessor calls it; the prepared data counted tiles."""
     from transformers import AutoImageProcessor
-
-    from helpers import internvl, qwen
-    ckpt = internvl.build(str(tmp_path / "ckpt"))
-    data = qwen.write_data(str(tmp_path / "data"), n=12, text_every=3)
-    out, report, stdout = train_and_report(tmp_path, "sft", "internvl", "--model", ckpt, "--data", data,
-                                           "--template", "auto", "--region", "uniform25", "--eval-data", data,
-                                           "--lr", "1e-3", "--zero", "3", "--micro-batch", "1", "--max-steps", "4")
-    check(report, r"model\.multi_modal_projector\.|model\.language_model\.layers\.1\.")
-    summary = report["summary"]
-    assert summary["eval"]["samples"] == 6 and summary["region"]["layers"] == [1]
     exported = AutoImageProcessor.from_pretrained(out)
     assert exported.crop_to_patches and exported.max_patches == 4
     prepared = json.loads((out / "prepared" / "train" / "prepare.json").read_text())["identity"]
     assert prepared["n_image_tokens"] == "tiles" and prepared["tokens_per_tile"] == 4
 
 
-def test_llava_next_trains_the_region_the_projector_and_image_newline_and_exports(tmp_path):
-    """A tiny LLaVA-NeXT checkpoint, 2 ranks, ZeRO-3, uniform25 (layer 1 of 4), images of 3 and 5 tiles and text-only
-    samples at micro-batch 1: only the projector, image_newline and layer 1 change, and the export reloads to the
-    engine's weights with the names save_pretrained writes and loads with LlavaNextProcessor."""
-    from transformers import AutoProcessor
+def processor_export(name: str, template_of):
+    def check_export(out, ckpt, stdout, report):
+        from transformers import AutoProcessor
+        processor = AutoProcessor.from_pretrained(out)
+        assert type(processor).__name__ == name and processor.chat_template == template_of()
+    return check_export
 
-    from helpers import llava_next, qwen
-    ckpt = llava_next.build(str(tmp_path / "ckpt"))
+
+def family_run(family: str):
+    """(checkpoint builder, the tensors that must change, the export's family-specific checks)."""
+    from helpers import gemma3, idefics3, internvl, llava_next, qwen
+    runs = {
+        "gemma3": (gemma3.build, r"model\.multi_modal_projector\.", gemma3_export),
+        "qwen3_vl": (lambda d: qwen.build(d, "qwen3_vl"), r"model\.visual\.(merger|deepstack_merger_list\.[01])\.",
+                     qwen3_vl_export),
+        "internvl": (internvl.build, r"model\.multi_modal_projector\.", internvl_export),
+        "llava_next": (llava_next.build, r"model\.multi_modal_projector\.|model\.image_newline$",
+                       processor_export("LlavaNextProcessor", lambda: llava_next.TEMPLATE)),
+        "idefics3": (idefics3.build, r"model\.connector\.",
+                     processor_export("Idefics3Processor", lambda: idefics3.TEMPLATE)),
+    }
+    return runs[family]
+
+
+@pytest.mark.parametrize("family", ["gemma3", "qwen3_vl", "internvl", "llava_next", "idefics3"])
+def test_a_family_trains_exactly_its_region_and_projector_and_exports(tmp_path, family):
+    """A tiny checkpoint of each family written by transformers' own classes, 2 ranks, ZeRO-3, uniform25 (layer 1 of
+    4), micro-batch 1 over images of several sizes and text-only samples (the masked dummy image keeps the tower's
+    gathers in step), with evaluation (generation under ZeRO-3): only the projector (Gemma 3's matmul and norm scale;
+    Qwen3-VL's merger and DeepStack mergers; InternVL's and Idefics3's pixel-shuffle projectors; LLaVA-NeXT's
+    projector and image_newline) and layer 1 change, and the export reloads to the engine's weights with the names
+    save_pretrained writes, with the family's processor."""
+    from helpers import qwen
+    build, projector, check_export = family_run(family)
+    ckpt = build(str(tmp_path / "ckpt"))
     data = qwen.write_data(str(tmp_path / "data"), n=12, text_every=3)
-    out, report, stdout = train_and_report(tmp_path, "sft", "llava_next", "--model", ckpt, "--data", data,
-                                           "--template", "auto", "--region", "uniform25", "--eval-data", data,
-                                           "--lr", "1e-3", "--zero", "3", "--micro-batch", "1", "--max-steps", "4")
-    check(report, r"model\.multi_modal_projector\.|model\.image_newline$|model\.language_model\.layers\.1\.")
+    out, report, stdout = train_and_report(tmp_path, "sft", family, "--model", ckpt, "--data", data, "--template",
+                                           "auto", "--region", "uniform25", "--eval-data", data, "--lr", "1e-3",
+                                           "--zero", "3", "--micro-batch", "1", "--max-steps", "4")
+    check(report, projector + r"|model\.(language_model|text_model)\.layers\.1\.")
     summary = report["summary"]
     assert summary["eval"]["samples"] == 6 and summary["region"]["layers"] == [1]
-    processor = AutoProcessor.from_pretrained(out)
-    assert type(processor).__name__ == "LlavaNextProcessor" and processor.chat_template == llava_next.TEMPLATE
-
-
-def test_idefics3_trains_the_region_and_the_connector_and_exports(tmp_path):
-    """A tiny Idefics3 (SmolVLM) checkpoint, 2 ranks, ZeRO-3, uniform25 (layer 1 of 4), split images (row / column
-    tags and newlines) and text-only samples at micro-batch 1: only the connector and layer 1 change, and the export
-    reloads to the engine's weights with the names save_pretrained writes and loads with Idefics3Processor."""
-    from transformers import AutoProcessor
-
-    from helpers import idefics3, qwen
-    ckpt = idefics3.build(str(tmp_path / "ckpt"))
-    data = qwen.write_data(str(tmp_path / "data"), n=12, text_every=3)
-    out, report, stdout = train_and_report(tmp_path, "sft", "idefics3", "--model", ckpt, "--data", data,
-                                           "--template", "auto", "--region", "uniform25", "--eval-data", data,
-                                           "--lr", "1e-3", "--zero", "3", "--micro-batch", "1", "--max-steps", "4")
-    check(report, r"model\.connector\.|model\.text_model\.layers\.1\.")
-    summary = report["summary"]
-    assert summary["eval"]["samples"] == 6 and summary["region"]["layers"] == [1]
-    processor = AutoProcessor.from_pretrained(out)
-    assert type(processor).__name__ == "Idefics3Processor" and processor.chat_template == idefics3.TEMPLATE
+    check_export(out, ckpt, stdout, report)
 
 
 def test_bf16_zero3_on_cpu_gathers_16bit_weights(demo_dir, tmp_path):
