@@ -79,6 +79,7 @@ def test_padded_batches_and_the_masked_dummy_change_no_loss_or_generated_token(c
     assert "pixel_values" not in text and one["pixel_values"].shape[0] > 1
     loss = family_data.loss_of(model, layout, tok)
     assert loss([text, one, two]) == pytest.approx(loss([text]) + loss([one]) + loss([two]), rel=1e-5)
+    family_data.assert_packing_matches_padding(model, layout, tok, [one, text, two])
     dummy = layout.dummy()
     assert dummy.tensors["pixel_values"].shape == (1, 3, 32, 32)
     assert loss([text, ds[3]], dummy) == pytest.approx(loss([text, ds[3]]), rel=1e-6)

@@ -91,6 +91,7 @@ def test_padded_batches_and_the_masked_dummy_change_no_loss_or_generated_token(c
 
     loss = family_data.loss_of(model, layout, tok)
     assert loss([text, one, two]) == pytest.approx(loss([text]) + loss([one]) + loss([two]), rel=1e-5)
+    family_data.assert_packing_matches_padding(model, layout, tok, [one, text, two])
     dummy = layout.dummy()
     assert len(dummy.ids) == 6 and dummy.tensors["pixel_values"].shape == (1, 3, 32, 32)
     assert loss([text, ds[3]], dummy) == pytest.approx(loss([text, ds[3]]), rel=1e-6)

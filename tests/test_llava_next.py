@@ -80,6 +80,7 @@ def test_padded_batches_and_the_masked_dummy_change_no_loss_or_generated_token(c
     loss = family_data.loss_of(model, layout, tok)
     # Right padding, images of other tile counts and token counts in one batch: the losses, summed.
     assert loss([text, one, two]) == pytest.approx(loss([text]) + loss([one]) + loss([two]), rel=1e-5)
+    family_data.assert_packing_matches_padding(model, layout, tok, [one, text, two])
     dummy = layout.dummy()
     assert dummy.tensors["pixel_values"].shape == (3, 3, 28, 28) and dummy.tensors["image_sizes"].tolist() == [[28, 28]]
     assert loss([text, ds[3]], dummy) == pytest.approx(loss([text, ds[3]]), rel=1e-6)

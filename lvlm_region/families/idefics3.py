@@ -88,7 +88,6 @@ class Idefics3(Family):
     vision_attr = "vision_model"
     projector_attr = "connector"  # the connector is the projector
     trains = True
-    no_packing = "not tested with packed sequences yet"
 
     def default_aspect(self, stage: str) -> str:
         """The processor's own resize and splitting keep the aspect ratio; padding would only add tiles."""

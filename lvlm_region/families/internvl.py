@@ -74,7 +74,6 @@ class InternVL(Family):
     model_types = ("internvl",)
     title = "InternVL (InternVL2.5 / InternVL3 -hf checkpoints)"
     trains = True
-    no_packing = "not tested with packed sequences yet"
 
     def default_aspect(self, stage: str) -> str:
         """The processor's own tiling keeps the aspect ratio; padding would only add tiles."""

@@ -60,7 +60,6 @@ class LlavaNext(Llava):
     title = "LLaVA-NeXT (llava-v1.6 / llava-hf llava-v1.6-* checkpoints)"
     projector_extra_attrs = ("image_newline",)  # trains with the projector
     planned = False  # the planner does not model tiles yet
-    no_packing = "not tested with packed sequences yet"
 
     def default_aspect(self, stage: str) -> str:
         """The processor's own anyres resize and padding (as LLaVA-NeXT trains); pad would add tokens."""

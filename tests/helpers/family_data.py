@@ -4,6 +4,7 @@ token loss of a collated batch."""
 import json
 import os
 
+import pytest
 import torch
 from PIL import Image
 
@@ -54,3 +55,17 @@ def loss_of(model, layout, tok):
         with torch.no_grad():
             return float(token_loss_sum(model(**layout.model_inputs(b)).logits, b["labels"]))
     return loss
+
+
+
+def assert_packing_matches_padding(model, layout, tok, samples) -> None:
+    """Packed into one row (positions restarting per sample, no mask, no KV cache, as the trainer runs it), the
+    samples give the summed loss of their right-padded batch."""
+    from lvlm_region.data import collate_packed
+    assert all(int(s["labels"][0]) == -100 for s in samples)  # packing ignores each first label; so does the data
+    padded, packed = collate(samples, tok.pad_token_id), collate_packed(samples)
+    assert packed["input_ids"].shape[0] == 1 and "attention_mask" not in packed
+    with torch.no_grad():
+        a = float(token_loss_sum(model(**layout.model_inputs(padded), use_cache=False).logits, padded["labels"]))
+        b = float(token_loss_sum(model(**layout.model_inputs(packed), use_cache=False).logits, packed["labels"]))
+    assert b == pytest.approx(a, rel=1e-5)
