@@ -10,16 +10,15 @@ the tile count the image processor reports for the decoded image under the proce
 then the tokenizer."""
 import json
 import os
-import sys
 
 import pytest
 import torch
 from PIL import Image
-from transformers import AutoConfig, AutoModelForImageTextToText
+from transformers import AutoModelForImageTextToText
 
-from conftest import assert_dummy_changes_no_generation, run
+from conftest import assert_dummy_changes_no_generation
 from helpers import internvl, family_data
-from lvlm_region import prepare, prune
+from lvlm_region import prepare
 from lvlm_region.images import ImageLoader
 from lvlm_region.templates import IGNORE
 
@@ -100,23 +99,5 @@ def test_padded_batches_and_the_masked_dummy_change_no_loss_or_generated_token(c
     assert_dummy_changes_no_generation(model, layout, tok, prompt)
 
 
-@torch.no_grad()
 def test_importance_then_pruning_writes_a_model_that_generates_with_its_cache(ckpt, data, tmp_path):
-    path, folder = data
-    scores = tmp_path / "scores.json"
-    res = run([sys.executable, "launch/importance.py", "--model", ckpt, "--data", path, "--image-folder", folder,
-               "--samples", "8", "--output", str(scores)], timeout=300)
-    assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-2000:]
-    bi = json.loads(scores.read_text())
-    assert (bi["method"], bi["layers"], bi["samples"]) == ("bi", 4, 8)
-    lowest = min(range(4), key=lambda i: (bi["scores"][i], i))
-    out = tmp_path / "pruned"
-    prune.run(ckpt, str(scores), [1], "none", str(out))
-    record = json.loads((out / prune.PRUNE_FILE).read_text())
-    assert record["dropped"] == [lowest] and record["pinned"]["layers"] == []
-    assert AutoConfig.from_pretrained(out).text_config.num_hidden_layers == 3
-    model = AutoModelForImageTextToText.from_pretrained(out).eval()
-    ids = torch.randint(16, 30, (1, 8), generator=torch.Generator().manual_seed(1))
-    kw = dict(attention_mask=torch.ones_like(ids), max_new_tokens=6, min_new_tokens=6, do_sample=False,
-              pad_token_id=model.config.text_config.pad_token_id)
-    assert torch.equal(model.generate(ids, **kw), model.generate(ids, **kw, use_cache=False))
+    assert family_data.check_importance_and_pruning(ckpt, data, tmp_path)["pinned"]["layers"] == []

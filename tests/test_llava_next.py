@@ -88,3 +88,7 @@ def test_padded_batches_and_the_masked_dummy_change_no_loss_or_generated_token(c
                                                   add_generation_prompt=True, return_dict=True)["input_ids"])
     assert_dummy_changes_no_generation(model, layout, tok, prompt)
     assert AutoProcessor.from_pretrained(ckpt).image_processor.image_grid_pinpoints == llava_next.PINPOINTS
+
+
+def test_importance_then_pruning_writes_a_model_that_generates_with_its_cache(ckpt, data, tmp_path):
+    assert family_data.check_importance_and_pruning(ckpt, data, tmp_path)["pinned"]["layers"] == []

@@ -69,3 +69,36 @@ def assert_packing_matches_padding(model, layout, tok, samples) -> None:
         a = float(token_loss_sum(model(**layout.model_inputs(padded), use_cache=False).logits, padded["labels"]))
         b = float(token_loss_sum(model(**layout.model_inputs(packed), use_cache=False).logits, packed["labels"]))
     assert b == pytest.approx(a, rel=1e-5)
+
+
+@torch.no_grad()
+def check_importance_and_pruning(ckpt: str, data: tuple[str, str], tmp) -> dict:
+    """launch/importance.py scores the 4 layers over the data (images and text); pruning the lowest-scoring one
+    (--protect none) writes a 3-layer model that plain transformers loads and that generates the same with and
+    without its KV cache. Returns prune.json."""
+    import subprocess
+    import sys
+
+    from transformers import AutoConfig, AutoModelForImageTextToText
+
+    from lvlm_region import prune
+    path, folder = data
+    scores = os.path.join(tmp, "scores.json")
+    res = subprocess.run([sys.executable, "launch/importance.py", "--model", ckpt, "--data", path, "--image-folder",
+                          folder, "--samples", "8", "--output", scores], capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-2000:]
+    with open(scores) as f:
+        bi = json.load(f)
+    assert (bi["method"], bi["layers"], bi["samples"]) == ("bi", 4, 8)
+    out = os.path.join(tmp, "pruned")
+    prune.run(ckpt, scores, [1], "none", out)
+    with open(os.path.join(out, prune.PRUNE_FILE)) as f:
+        record = json.load(f)
+    assert record["dropped"] == [min(range(4), key=lambda i: (bi["scores"][i], i))]
+    assert AutoConfig.from_pretrained(out).get_text_config().num_hidden_layers == 3
+    model = AutoModelForImageTextToText.from_pretrained(out).eval()
+    ids = torch.randint(16, 30, (1, 8), generator=torch.Generator().manual_seed(1))
+    kw = dict(attention_mask=torch.ones_like(ids), max_new_tokens=6, min_new_tokens=6, do_sample=False,
+              pad_token_id=model.config.get_text_config().pad_token_id)
+    assert torch.equal(model.generate(ids, **kw), model.generate(ids, **kw, use_cache=False))
+    return record
