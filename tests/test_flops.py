@@ -198,48 +198,27 @@ def test_llava_next_tiles_match_torch_flop_counter(spec, ckpt):
     assert (ours.recompute > 0) == ckpt
 
 
+@pytest.mark.parametrize("family", ["internvl", "idefics3"])
 @pytest.mark.parametrize("spec,ckpt", [("none", False), ("uniform25", False), ("full+vision", True),
                                        ("layers:3-projector", False)])
-def test_idefics3_tiles_and_connector_match_torch_flop_counter(spec, ckpt):
-    """Idefics3: the tower once per tile and global image (16 patches), the connector's one linear on the 4
-    pixel-shuffled tokens of each."""
-    from helpers import idefics3
-    model = training_eagerly(idefics3.model(), spec, ckpt)
-    c = model.config
-    tiles = 6  # row 0: 5 tiles (20 image tokens); row 1: 1 tile (4 image tokens)
-    T = 4 * tiles + 10
-    ids = torch.randint(10, 40, (2, T), generator=torch.Generator().manual_seed(0))
-    ids[0, 1:1 + 20], ids[1, 1:1 + 4] = c.image_token_id, c.image_token_id
-    with FlopCounterMode(display=False) as counter:
-        logits = model(input_ids=ids, attention_mask=torch.ones_like(ids),
-                       pixel_values=torch.randn(1, tiles, 3, 32, 32)).logits
-        logits.float().sum().backward()
-    fm = flop_model(model)
-    assert (fm.image_positions, fm.image_tokens, fm.patches) == (16, 4, 16)
-    ours = fm.micro_batch(BatchShape(rows=2, seq_len=T, images=tiles))
-    assert ours.hardware == counter.get_total_flops()
-    assert (ours.recompute > 0) == ckpt
-
-
-@pytest.mark.parametrize("spec,ckpt", [("none", False), ("uniform25", False), ("full+vision", True),
-                                       ("layers:3-projector", False)])
-def test_internvl_tiles_and_pixel_shuffle_projector_match_torch_flop_counter(spec, ckpt):
-    """InternVL: the tower once per tile over its 16 patches and class token, the projector on the 4 pixel-shuffled
-    tokens of each tile (4x the tower's width); with a trainable tower, checkpointing recomputes fc2 too (its output
-    is kept for the layer scale's gradient)."""
-    from helpers import internvl
-    model = training_eagerly(internvl.model(), spec, ckpt)
+def test_tiled_families_match_torch_flop_counter(family, spec, ckpt):
+    """The tower once per tile over its 16 patches (InternVL: and its class token), the pixel-shuffle projector on
+    the 4 tokens of each tile (4x the tower's width). InternVL: with a trainable tower, checkpointing recomputes fc2
+    too (its output is kept for the layer scale's gradient). Idefics3 takes all tiles as one [1, tiles, ...] row."""
+    from helpers import idefics3, internvl
+    model = training_eagerly({"internvl": internvl, "idefics3": idefics3}[family].model(), spec, ckpt)
     c = model.config
     tiles = 5  # row 0: an image of 4 tiles (16 tokens); row 1: an image of 1 tile (4 tokens)
     T = 4 * tiles + 10
     ids = torch.randint(16, 30, (2, T), generator=torch.Generator().manual_seed(0))
     ids[0, 1:1 + 16], ids[1, 1:1 + 4] = c.image_token_id, c.image_token_id
+    pixels = torch.randn(tiles, 3, 32, 32)
     with FlopCounterMode(display=False) as counter:
         logits = model(input_ids=ids, attention_mask=torch.ones_like(ids),
-                       pixel_values=torch.randn(tiles, 3, 32, 32)).logits
+                       pixel_values=pixels if family == "internvl" else pixels[None]).logits
         logits.float().sum().backward()
     fm = flop_model(model)
-    assert (fm.image_positions, fm.image_tokens, fm.patches) == (17, 4, 16)
+    assert (fm.image_positions, fm.image_tokens, fm.patches) == (17 if family == "internvl" else 16, 4, 16)
     ours = fm.micro_batch(BatchShape(rows=2, seq_len=T, images=tiles))
     assert ours.hardware == counter.get_total_flops()
     assert (ours.recompute > 0) == ckpt

@@ -40,6 +40,32 @@ def write(folder, sizes, second_reply: str = "square", n: int = 10) -> tuple[str
     return path, str(folder)
 
 
+def assert_ids_as_the_processor_builds(ds, data, tok, placeholder: str, expand, end_of_turn: str) -> None:
+    """Each prepared row's ids are what a processor's ``__call__`` builds for its sample: the chat template's text
+    (each ``<image>`` written as ``placeholder``, the template's last newline dropped: it never trains), each
+    placeholder replaced by ``expand(image)`` (the processor's ``replace_image_token`` for the decoded image), then
+    the tokenizer; only the replies and their ``end_of_turn`` train (one token each with these tokenizers)."""
+    path, folder = data
+    with open(path) as f:
+        samples = json.load(f)
+    assert len(ds) == len(samples)
+    for row, sample in zip(ds, samples):
+        names = sample.get("image") or []
+        names = [names] if isinstance(names, str) else names
+        messages = [{"role": "user" if t["from"] == "human" else "assistant",
+                     "content": t["value"].replace("<image>", placeholder)} for t in sample["conversations"]]
+        text = tok.apply_chat_template(messages, tokenize=False)
+        assert text.endswith(end_of_turn + "\n")
+        pieces = text[:-1].split(placeholder)
+        assert len(pieces) == len(names) + 1
+        images = [Image.open(os.path.join(folder, n)).convert("RGB") for n in names]
+        text = pieces[0] + "".join(expand(image) + piece for image, piece in zip(images, pieces[1:]))
+        assert row["input_ids"] == tok(text, add_special_tokens=False)["input_ids"], sample["id"]
+        replies = [t["value"] for t in sample["conversations"] if t["from"] == "gpt"]
+        trained = [t for t, lab in zip(row["input_ids"], row["labels"]) if lab != -100]
+        assert tok.convert_ids_to_tokens(trained) == [x for r in replies for x in (r, end_of_turn)]
+
+
 def items(ckpt: str, data: tuple[str, str]):
     """(layout, tokenizer, dataset) of the prepared ``data`` for ``ckpt``, images loaded by its image processor."""
     path, folder = data
