@@ -52,6 +52,8 @@ FAMILIES = {
         text_config=dict(TEXT, model_type="qwen2"), vision_config=dict(
             hidden_size=32, intermediate_size=64, num_hidden_layers=6, num_attention_heads=4, image_size=[28, 28],
             patch_size=[14, 14]), image_seq_length=1)),
+    "smolvlm": lambda: T.SmolVLMForConditionalGeneration(T.SmolVLMConfig(
+        text_config=dict(TEXT, model_type="llama"), vision_config=dict(SIGLIP, model_type="smolvlm_vision"))),
     "idefics3": lambda: T.Idefics3ForConditionalGeneration(T.Idefics3Config(
         text_config=dict(TEXT, model_type="llama"), vision_config=dict(SIGLIP, model_type="idefics3_vision"))),
     "paligemma": lambda: T.PaliGemmaForConditionalGeneration(T.PaliGemmaConfig(
@@ -99,7 +101,7 @@ def test_llava_next_image_newline_trains_with_the_projector():
 
 @pytest.mark.parametrize("family", sorted(set(FAMILIES) - {"gemma3", "idefics3", "internvl", "llava",
                                                                      "llava_next", "qwen2_vl", "qwen2_5_vl",
-                                                                     "qwen3_vl"}))
+                                                                     "qwen3_vl", "smolvlm"}))
 def test_training_a_family_without_a_data_path_is_refused_before_loading(tmp_path, family):
     """Only the config is on disk: the refusal comes before any processor, tokenizer or weights are read."""
     from lvlm_region.prepare import for_model
@@ -111,7 +113,7 @@ def test_training_a_family_without_a_data_path_is_refused_before_loading(tmp_pat
     assert f"--model {tmp_path} is a {T.AutoConfig.from_pretrained(tmp_path).model_type} model" in msg
     assert "training it is not supported yet" in msg
     assert ("Supported for training: gemma3, idefics3, internvl, llava, llava_next, qwen2_vl, qwen2_5_vl, "
-            "qwen3_vl") in msg
+            "qwen3_vl, smolvlm") in msg
 
 
 def test_default_aspect_of_an_assembled_llava_is_llavas_whatever_family_registers_first():

@@ -198,15 +198,17 @@ def test_llava_next_tiles_match_torch_flop_counter(spec, ckpt):
     assert (ours.recompute > 0) == ckpt
 
 
-@pytest.mark.parametrize("family", ["internvl", "idefics3"])
+@pytest.mark.parametrize("family", ["internvl", "idefics3", "smolvlm"])
 @pytest.mark.parametrize("spec,ckpt", [("none", False), ("uniform25", False), ("full+vision", True),
                                        ("layers:3-projector", False)])
 def test_tiled_families_match_torch_flop_counter(family, spec, ckpt):
     """The tower once per tile over its 16 patches (InternVL: and its class token), the pixel-shuffle projector on
     the 4 tokens of each tile (4x the tower's width). InternVL: with a trainable tower, checkpointing recomputes fc2
-    too (its output is kept for the layer scale's gradient). Idefics3 takes all tiles as one [1, tiles, ...] row."""
+    too (its output is kept for the layer scale's gradient). Idefics3 and SmolVLM2 take all tiles as one
+    [1, tiles, ...] row."""
     from helpers import idefics3, internvl
-    model = training_eagerly({"internvl": internvl, "idefics3": idefics3}[family].model(), spec, ckpt)
+    build = {"internvl": internvl.model, "idefics3": idefics3.model, "smolvlm": idefics3.smolvlm_model}[family]
+    model = training_eagerly(build(), spec, ckpt)
     c = model.config
     tiles = 5  # row 0: an image of 4 tiles (16 tokens); row 1: an image of 1 tile (4 tokens)
     T = 4 * tiles + 10

@@ -91,3 +91,25 @@ def test_padded_batches_and_the_masked_dummy_change_no_loss_or_generated_token(c
 
 def test_importance_then_pruning_writes_a_model_that_generates_with_its_cache(ckpt, data, tmp_path):
     assert family_data.check_importance_and_pruning(ckpt, data, tmp_path)["pinned"]["layers"] == []
+
+
+def test_smolvlm2_ids_are_what_its_processor_writes_and_batches_change_no_loss(data, tmp_path):
+    """SmolVLM2 (``smolvlm``): the same layout, loaded without its processor class (it needs torchvision): ids equal
+    SmolVLM's own get_image_prompt_string on the image processor's rows and columns, tokenized; image_seq_len is read
+    from processor_config.json; padded batches and the dummy change no loss."""
+    from transformers.models.smolvlm.processing_smolvlm import get_image_prompt_string
+    ckpt = idefics3.build_smolvlm(str(tmp_path / "smol"))
+    enc, tok, processor = prepare.for_model(ckpt, "auto", 1024)
+    assert type(processor).__name__ == "SplitProcessor" and processor.image_seq_len == 4
+    ip = processor.image_processor
+    for w, h in SIZES:
+        Image.new("RGB", (w, h), "red").save(tmp_path / "x.png")
+        out = ip(images=[[Image.open(tmp_path / "x.png")]], return_row_col_info=True)
+        text = get_image_prompt_string(out["rows"][0][0], out["cols"][0][0], 4, "<fake_token_around_image>",
+                                       "<image>", "<global-img>")
+        assert enc.layout.token_ids((w, h)) == tok(text, add_special_tokens=False)["input_ids"]
+    model = AutoModelForImageTextToText.from_pretrained(ckpt).eval()
+    layout, tok, ds = family_data.items(ckpt, data)
+    loss = family_data.loss_of(model, layout, tok)
+    assert loss([ds[0], ds[1], ds[2]]) == pytest.approx(loss([ds[0]]) + loss([ds[1]]) + loss([ds[2]]), rel=1e-5)
+    assert loss([ds[0], ds[3]], layout.dummy()) == pytest.approx(loss([ds[0], ds[3]]), rel=1e-6)

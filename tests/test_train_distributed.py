@@ -296,6 +296,14 @@ def processor_export(name: str, template_of):
     return check_export
 
 
+def smolvlm_export(out, ckpt, stdout, report):
+    """Tokenizer, image processor and processor_config.json as the checkpoint had them (SmolVLMProcessor loads from
+    them where torchvision is installed)."""
+    from transformers import AutoImageProcessor
+    assert (out / "processor_config.json").read_text() == (Path(ckpt) / "processor_config.json").read_text()
+    assert AutoImageProcessor.from_pretrained(out).to_dict() == AutoImageProcessor.from_pretrained(ckpt).to_dict()
+
+
 def family_run(family: str):
     """(checkpoint builder, the tensors that must change, the export's family-specific checks)."""
     from helpers import gemma3, idefics3, internvl, llava_next, qwen
@@ -308,11 +316,12 @@ def family_run(family: str):
                        processor_export("LlavaNextProcessor", lambda: llava_next.TEMPLATE)),
         "idefics3": (idefics3.build, r"model\.connector\.",
                      processor_export("Idefics3Processor", lambda: idefics3.TEMPLATE)),
+        "smolvlm": (idefics3.build_smolvlm, r"model\.connector\.", smolvlm_export),
     }
     return runs[family]
 
 
-@pytest.mark.parametrize("family", ["gemma3", "qwen3_vl", "internvl", "llava_next", "idefics3"])
+@pytest.mark.parametrize("family", ["gemma3", "qwen3_vl", "internvl", "llava_next", "idefics3", "smolvlm"])
 def test_a_family_trains_exactly_its_region_and_projector_and_exports(tmp_path, family):
     """A tiny checkpoint of each family written by transformers' own classes, 2 ranks, ZeRO-3, uniform25 (layer 1 of
     4), micro-batch 1 over images of several sizes and text-only samples (the masked dummy image keeps the tower's

@@ -67,3 +67,31 @@ def build(out: str, seed: int = 0) -> str:
     model(seed, tok).save_pretrained(out)
     processor(tok).save_pretrained(out)
     return out
+
+
+def smolvlm_model(seed: int = 0, tok=None):
+    """The tiny model as SmolVLM2 (SmolVLMConfig, SmolVLMForConditionalGeneration)."""
+    tok = tok or tokenizer()
+    config = T.SmolVLMConfig(
+        text_config=dict(TEXT, vocab_size=len(tok), eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id,
+                         bos_token_id=tok.bos_token_id),
+        vision_config=VISION, image_token_id=tok.convert_tokens_to_ids("<image>"), scale_factor=2,
+        tie_word_embeddings=False)
+    torch.manual_seed(seed)
+    return T.SmolVLMForConditionalGeneration(config)
+
+
+def build_smolvlm(out: str, seed: int = 0) -> str:
+    """A tiny random SmolVLM2 checkpoint (the same tower, connector, tokenizer and sizes) in ``out``: SmolVLMProcessor
+    needs torchvision, so its tokenizer, image processor and processor_config.json are written one by one, as
+    SmolVLMProcessor.save_pretrained writes them."""
+    import json
+    import os
+    tok = tokenizer()
+    smolvlm_model(seed, tok).save_pretrained(out)
+    tok.save_pretrained(out)
+    T.SmolVLMImageProcessorPil(size={"longest_edge": 4 * TILE}, max_image_size={"longest_edge": TILE}).save_pretrained(
+        out)
+    with open(os.path.join(out, "processor_config.json"), "w") as f:
+        json.dump({"processor_class": "SmolVLMProcessor", "image_seq_len": (TILE // PATCH) ** 2 // 4}, f)
+    return out
