@@ -207,8 +207,8 @@ def test_tiled_families_match_torch_flop_counter(family, spec, ckpt):
     too (its output is kept for the layer scale's gradient). Idefics3 and SmolVLM2 take all tiles as one
     [1, tiles, ...] row."""
     from helpers import idefics3, internvl
-    build = {"internvl": internvl.model, "idefics3": idefics3.model, "smolvlm": idefics3.smolvlm_model}[family]
-    model = training_eagerly(build(), spec, ckpt)
+    tiny = internvl.model() if family == "internvl" else idefics3.model(smolvlm=family == "smolvlm")
+    model = training_eagerly(tiny, spec, ckpt)
     c = model.config
     tiles = 5  # row 0: an image of 4 tiles (16 tokens); row 1: an image of 1 tile (4 tokens)
     T = 4 * tiles + 10

@@ -43,15 +43,18 @@ def tokenizer():
     return tok
 
 
-def model(seed: int = 0, tok=None):
+def model(seed: int = 0, tok=None, smolvlm: bool = False):
+    """The tiny model as Idefics3, or (``smolvlm``) as SmolVLM2: the same tower, connector and LLM."""
     tok = tok or tokenizer()
-    config = T.Idefics3Config(
+    config_cls, model_cls = ((T.SmolVLMConfig, T.SmolVLMForConditionalGeneration) if smolvlm else
+                             (T.Idefics3Config, T.Idefics3ForConditionalGeneration))
+    config = config_cls(
         text_config=dict(TEXT, vocab_size=len(tok), eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id,
                          bos_token_id=tok.bos_token_id),
         vision_config=VISION, image_token_id=tok.convert_tokens_to_ids("<image>"), scale_factor=2,
         tie_word_embeddings=False)
     torch.manual_seed(seed)
-    return T.Idefics3ForConditionalGeneration(config)
+    return model_cls(config)
 
 
 def processor(tok=None):
@@ -69,18 +72,6 @@ def build(out: str, seed: int = 0) -> str:
     return out
 
 
-def smolvlm_model(seed: int = 0, tok=None):
-    """The tiny model as SmolVLM2 (SmolVLMConfig, SmolVLMForConditionalGeneration)."""
-    tok = tok or tokenizer()
-    config = T.SmolVLMConfig(
-        text_config=dict(TEXT, vocab_size=len(tok), eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id,
-                         bos_token_id=tok.bos_token_id),
-        vision_config=VISION, image_token_id=tok.convert_tokens_to_ids("<image>"), scale_factor=2,
-        tie_word_embeddings=False)
-    torch.manual_seed(seed)
-    return T.SmolVLMForConditionalGeneration(config)
-
-
 def build_smolvlm(out: str, seed: int = 0) -> str:
     """A tiny random SmolVLM2 checkpoint (the same tower, connector, tokenizer and sizes) in ``out``: SmolVLMProcessor
     needs torchvision, so its tokenizer, image processor and processor_config.json are written one by one, as
@@ -88,7 +79,7 @@ def build_smolvlm(out: str, seed: int = 0) -> str:
     import json
     import os
     tok = tokenizer()
-    smolvlm_model(seed, tok).save_pretrained(out)
+    model(seed, tok, smolvlm=True).save_pretrained(out)
     tok.save_pretrained(out)
     T.SmolVLMImageProcessorPil(size={"longest_edge": 4 * TILE}, max_image_size={"longest_edge": TILE}).save_pretrained(
         out)
