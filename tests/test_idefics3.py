@@ -96,7 +96,7 @@ def test_importance_then_pruning_writes_a_model_that_generates_with_its_cache(ck
 def test_smolvlm2_ids_are_what_its_processor_writes_and_batches_change_no_loss(data, tmp_path):
     """SmolVLM2 (``smolvlm``): the same layout, loaded without its processor class (it needs torchvision): ids equal
     SmolVLM's own get_image_prompt_string on the image processor's rows and columns, tokenized; image_seq_len is read
-    from processor_config.json; padded batches and the dummy change no loss."""
+    from processor_config.json; padded batches, the dummy and packing change no loss."""
     from transformers.models.smolvlm.processing_smolvlm import get_image_prompt_string
     ckpt = idefics3.build_smolvlm(str(tmp_path / "smol"))
     enc, tok, processor = prepare.for_model(ckpt, "auto", 1024)
@@ -113,3 +113,4 @@ def test_smolvlm2_ids_are_what_its_processor_writes_and_batches_change_no_loss(d
     loss = family_data.loss_of(model, layout, tok)
     assert loss([ds[0], ds[1], ds[2]]) == pytest.approx(loss([ds[0]]) + loss([ds[1]]) + loss([ds[2]]), rel=1e-5)
     assert loss([ds[0], ds[3]], layout.dummy()) == pytest.approx(loss([ds[0], ds[3]]), rel=1e-6)
+    family_data.assert_packing_matches_padding(model, layout, tok, [ds[1], ds[0], ds[2]])
