@@ -34,6 +34,23 @@ def demo_dir(repo_cwd) -> Path:
 
 
 @pytest.fixture(scope="session")
+def demo_sft_data(demo_dir, tmp_path_factory) -> list[str]:
+    """--data / --eval-data / --text-eval-data: the demo's stage-2 sets prepared once for the demo model, as
+    data_prep/prepare.py prepares them (its defaults), for the runs that test training rather than the default data
+    path (which test_demo, test_launchers and sft_uniform25 run). Each such launch skips about 6 s of preparation."""
+    from lvlm_region import prepare
+    from lvlm_region.config import TEXT_EVAL
+    out = tmp_path_factory.mktemp("demo_prepared")
+    enc, tokenizer, _ = prepare.for_model(str(demo_dir / "base_model"), "auto", 2048)
+    flags = []
+    for flag, name in (("--data", "sft_train.json"), ("--eval-data", "sft_eval.json"),
+                       ("--text-eval-data", TEXT_EVAL)):
+        prepare.prepare(str(demo_dir / name), str(demo_dir), enc, tokenizer, str(out / name.split(".")[0]))
+        flags += [flag, str(out / name.split(".")[0])]
+    return flags
+
+
+@pytest.fixture(scope="session")
 def sft_uniform25(demo_dir, tmp_path_factory) -> Path:
     """A short real stage-2 uniform25 run on the demo (3 steps, end-of-run evaluation of 6 held-out samples), shared
     by the tests of what reads a trained model (evaluation, pruning). Tests write their outputs elsewhere."""
@@ -63,13 +80,25 @@ def run(cmd: list[str], timeout: int = 600, env: dict | None = None) -> subproce
     return subprocess.CompletedProcess(cmd, proc.returncode, out, err)
 
 
-def deepspeed_cmd(n: int, script: str, *args: str) -> list[str]:
+def deepspeed_cmd(n: int, script: str, *args: str, runner: bool = False) -> list[str]:
+    """``n`` local DeepSpeed ranks running ``script``.
+
+    By default DeepSpeed's per-node launcher (``deepspeed.launcher.launch``, which spawns and watches the ranks)
+    is started directly, with the world the ``deepspeed`` command would give it: on one node that command only
+    resolves the host list and starts this launcher, and skipping it saves a Python start-up with DeepSpeed's
+    import (about 1.4 s) per launch. ``runner=True`` starts the ``deepspeed`` command itself, as README does."""
+    import base64
+    import json
     import socket
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = str(s.getsockname()[1])
-    return [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", str(n), "--master_port", port,
-            script, *args]
+    if runner:
+        return [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", str(n), "--master_port", port,
+                script, *args]
+    world = base64.urlsafe_b64encode(json.dumps({"localhost": list(range(n))}).encode()).decode()
+    return [sys.executable, "-u", "-m", "deepspeed.launcher.launch", f"--world_info={world}",
+            "--master_addr=127.0.0.1", f"--master_port={port}", script, *args]
 
 
 def assert_dummy_changes_no_generation(model, layout, tok, prompt) -> None:

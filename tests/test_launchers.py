@@ -75,7 +75,7 @@ def test_sft_launcher_end_to_end(demo_dir, tmp_path):
     out = tmp_path / "sft"
     res = run(deepspeed_cmd(1, "launch/sft.py", "--region", "uniform25", "--output-dir", str(out), "--max-steps",
                             "2", "--micro-batch", "4", "--log-every", "1", "--eval-max-samples", "4",
-                            "--num-workers", "0"))
+                            "--num-workers", "0", runner=True))
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-2000:]
     assert "no --init given: stage 2 starts from the embedded demo model's random projector" in res.stdout
     assert "region uniform25 -> layers [0, 7] of 8" in res.stdout

@@ -69,9 +69,10 @@ def test_lora_needs_a_region_with_layers(demo_dir, tmp_path):
 
 
 @pytest.mark.parametrize("zero,ckpt", [("2", []), ("3", ["--grad-ckpt"])])
-def test_lora_trains_on_two_ranks_and_saves_adapter_and_merged_model(demo_dir, tmp_path, zero, ckpt):
+def test_lora_trains_on_two_ranks_and_saves_adapter_and_merged_model(demo_dir, demo_sft_data, tmp_path, zero, ckpt):
     out = tmp_path / "lora"
-    res = run(deepspeed_cmd(2, "launch/sft.py", "--output-dir", str(out), "--zero", zero, *ckpt, "--tuner", "lora",
+    res = run(deepspeed_cmd(2, "launch/sft.py", "--output-dir", str(out), *demo_sft_data, "--zero", zero, *ckpt,
+                            "--tuner", "lora",
                             "--lora-r", "4", "--lora-alpha", "8", "--lora-dropout", "0.05", "--lr", "1e-2",
                             "--projector-lr", "1e-3", "--max-steps", "3", "--micro-batch", "4", "--num-workers", "0",
                             "--log-every", "1", "--eval-max-samples", "2"))

@@ -68,22 +68,22 @@ def resume(out: Path, *flags: str) -> subprocess.CompletedProcess:
     return res
 
 
-def uninterrupted(zero: str, tmp_path_factory) -> tuple[str, Path]:
+def uninterrupted(zero: str, data: list[str], tmp_path_factory) -> tuple[str, Path]:
     out = tmp_path_factory.mktemp(f"ref{zero}") / "run"
-    res = run(deepspeed_cmd(2, "launch/sft.py", "--output-dir", str(out), *STEPS, "--zero", zero))
+    res = run(deepspeed_cmd(2, "launch/sft.py", "--output-dir", str(out), *STEPS, *data, "--zero", zero))
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
     return zero, out
 
 
 @pytest.fixture(scope="module")
-def ref2(demo_dir, tmp_path_factory):
+def ref2(demo_sft_data, tmp_path_factory):
     """The uninterrupted ZeRO-2 run (checkpoints at steps 4 and 6 are kept)."""
-    return uninterrupted("2", tmp_path_factory)
+    return uninterrupted("2", demo_sft_data, tmp_path_factory)
 
 
 @pytest.fixture(scope="module")
-def ref3(demo_dir, tmp_path_factory):
-    return uninterrupted("3", tmp_path_factory)
+def ref3(demo_sft_data, tmp_path_factory):
+    return uninterrupted("3", demo_sft_data, tmp_path_factory)
 
 
 @pytest.fixture(params=["ref2", "ref3"])
@@ -94,20 +94,21 @@ def reference(request):
 
 def copy_checkpoints(ref: Path, out: Path, keep: str) -> None:
     """out/checkpoints holds ref's checkpoints up to `keep`, with `latest` naming it (a run interrupted there), and
-    out/prepared ref's prepared data (as the interrupted run left it; the resumed run reuses it)."""
+    out/prepared ref's prepared data if it prepared any (as the interrupted run left it; the resumed run reuses it)."""
     import shutil
     shutil.copytree(ref / "checkpoints", out / "checkpoints")
-    shutil.copytree(ref / "prepared", out / "prepared")
+    if (ref / "prepared").exists():
+        shutil.copytree(ref / "prepared", out / "prepared")
     for p in (out / "checkpoints").glob("step-*"):
         if p.name > keep:
             shutil.rmtree(p)
     (out / "checkpoints" / checkpoint.LATEST).write_text(keep)
 
 
-def test_stop_signal_checkpoints_and_resume_is_exact(reference, tmp_path):
+def test_stop_signal_checkpoints_and_resume_is_exact(demo_sft_data, reference, tmp_path):
     zero, ref = reference
     out = tmp_path / "run"
-    proc = launch(out, "--zero", zero)
+    proc = launch(out, *demo_sft_data, "--zero", zero)
     wait_for(lambda: steps_logged(out) >= 3, proc)
     os.kill(rank_pid(proc, 1), signal.SIGUSR1)  # one rank asked; both must stop at the same step
     assert proc.wait(timeout=300) == 0
@@ -119,7 +120,7 @@ def test_stop_signal_checkpoints_and_resume_is_exact(reference, tmp_path):
     assert checkpoint.find_latest(str(out)).name == checkpoint.tag_for(stopped)
     first_session = run_json["time"]["gpu_seconds"]
 
-    resume(out, "--zero", zero)
+    resume(out, *demo_sft_data, "--zero", zero)
     assert history(out) == history(ref)
     assert (out / "model.safetensors").read_bytes() == (ref / "model.safetensors").read_bytes()
     final = json.loads((out / "run.json").read_text())
@@ -130,18 +131,18 @@ def test_stop_signal_checkpoints_and_resume_is_exact(reference, tmp_path):
         "steady_steps"] == 5
 
 
-def test_stop_file_and_sigterm(demo_dir, tmp_path):
+def test_stop_file_and_sigterm(demo_sft_data, tmp_path):
     # The STOP file (what the SLURM scripts touch on USR1) stops the run at the first step and is consumed;
     # SIGTERM to a rank does the same, and a second SIGTERM during the save changes nothing.
     out = tmp_path / "run"
     out.mkdir()
     (out / checkpoint.STOP_FILE).touch()
-    proc = launch(out, "--zero", "2")
+    proc = launch(out, *demo_sft_data, "--zero", "2")
     assert proc.wait(timeout=300) == 0
     assert json.loads((out / "run.json").read_text())["steps_done"] == 1
     assert not (out / checkpoint.STOP_FILE).exists()
 
-    proc = launch(out, "--zero", "2", "--resume", "auto")
+    proc = launch(out, *demo_sft_data, "--zero", "2", "--resume", "auto")
     wait_for(lambda: steps_logged(out) >= 2, proc)
     pid = rank_pid(proc, 0)
     os.kill(pid, signal.SIGTERM)
@@ -160,46 +161,48 @@ def test_stop_file_and_sigterm(demo_dir, tmp_path):
     assert json.loads((latest / checkpoint.STATE_FILE).read_text())["step"] == run_json["steps_done"]
 
 
-def test_kill_9_rank_exits_promptly_and_resume_is_exact(ref2, tmp_path):
+def test_kill_9_rank_exits_promptly_and_resume_is_exact(demo_sft_data, ref2, tmp_path):
     zero, ref = ref2  # one ZeRO stage is enough for the fault path
     out = tmp_path / "run"
-    proc = launch(out, "--zero", zero)
+    proc = launch(out, *demo_sft_data, "--zero", zero)
     wait_for(lambda: checkpoint.find_latest(str(out)) is not None and steps_logged(out) >= 3, proc)
     os.kill(rank_pid(proc, 1), signal.SIGKILL)
     t0 = time.time()
     code = proc.wait(timeout=120)
     assert code != 0 and time.time() - t0 < 60
-    resume(out, "--zero", zero)  # redoes the steps after the last checkpoint; metrics.jsonl drops their first try
+    resume(out, *demo_sft_data, "--zero",
+           zero)  # redoes the steps after the last checkpoint; metrics.jsonl drops their first try
     assert history(out) == history(ref)
 
 
-def test_kill_during_save_keeps_previous_checkpoint(demo_dir, tmp_path):
+def test_kill_during_save_keeps_previous_checkpoint(demo_sft_data, tmp_path):
     out = tmp_path / "run"
-    proc = launch(out, "--zero", "2", "--save-every", "1", "--max-steps", "40")
+    proc = launch(out, *demo_sft_data, "--zero", "2", "--save-every", "1", "--max-steps", "40")
     partial = out / "checkpoints" / checkpoint.PARTIAL
     wait_for(lambda: checkpoint.find_latest(str(out)) is not None and partial.exists(), proc, poll=0.005)
     os.killpg(proc.pid, signal.SIGKILL)  # the whole job, mid-save
     proc.wait(timeout=60)
     latest = checkpoint.find_latest(str(out))
     assert latest is not None and (latest / checkpoint.STATE_FILE).is_file()
-    res = resume(out, "--zero", "2", "--save-every", "1", "--max-steps", "40")
+    res = resume(out, *demo_sft_data, "--zero", "2", "--save-every", "1", "--max-steps", "40")
     assert f"resumed from {latest}" in res.stdout
     assert json.loads((out / "run.json").read_text())["status"] == "complete"
 
 
-def test_resume_refuses_a_different_run(ref2, tmp_path):
+def test_resume_refuses_a_different_run(demo_sft_data, ref2, tmp_path):
     zero, ref = ref2
     out = tmp_path / "run"
     copy_checkpoints(ref, out, "step-00000006")
-    res = run(deepspeed_cmd(2, "launch/sft.py", "--output-dir", str(out), *STEPS, "--zero", zero,
+    res = run(deepspeed_cmd(2, "launch/sft.py", "--output-dir", str(out), *STEPS, *demo_sft_data, "--zero", zero,
                             "--region", "layers:1,5", "--resume", "auto"))
     assert res.returncode != 0
     assert "cannot resume from" in res.stderr and "region: checkpoint {'layers': [0, 7]" in res.stderr
     assert "the trained layers and the optimizer's contents depend on it" in res.stderr
     assert "Loading weights" not in res.stdout + res.stderr  # refused before any weights load
-    res = run(deepspeed_cmd(1, "launch/sft.py", "--output-dir", str(out), *STEPS, "--zero", zero, "--resume", "auto"))
+    res = run(deepspeed_cmd(1, "launch/sft.py", "--output-dir", str(out), *STEPS, *demo_sft_data, "--zero", zero,
+                            "--resume", "auto"))
     assert res.returncode != 0 and "world_size: checkpoint 2, now 1" in res.stderr
-    res = run(deepspeed_cmd(2, "launch/sft.py", "--output-dir", str(out), *STEPS, "--zero", zero))
+    res = run(deepspeed_cmd(2, "launch/sft.py", "--output-dir", str(out), *STEPS, *demo_sft_data, "--zero", zero))
     assert res.returncode != 0 and "already holds checkpoint step-00000006; pass --resume auto" in res.stderr
 
 
@@ -213,12 +216,13 @@ def _can_mount_tmpfs() -> bool:
 
 @pytest.mark.skipif(not _can_mount_tmpfs(), reason="no `unshare -rm` (user + mount namespaces) to mount a small "
                     "tmpfs as a real full disk; the failed-write path is still tested by the file-size-limit test")
-def test_full_disk_fails_the_save_clearly_and_keeps_the_previous_checkpoint(ref3, tmp_path):
+def test_full_disk_fails_the_save_clearly_and_keeps_the_previous_checkpoint(demo_sft_data, ref3, tmp_path):
     zero, ref = ref3
     # A 14 MB file system: the first ZeRO-3 checkpoint (about 8 MB) fits, the second does not.
     mnt, after = tmp_path / "mnt", tmp_path / "after"
     mnt.mkdir()
-    train = " ".join(deepspeed_cmd(2, "launch/sft.py", "--output-dir", f"{mnt}/run", *STEPS, "--zero", zero,
+    train = " ".join(deepspeed_cmd(2, "launch/sft.py", "--output-dir", f"{mnt}/run", *STEPS, *demo_sft_data, "--zero",
+                                   zero,
                                    "--save-every", "1"))
     script = (f"mount -t tmpfs -o size=14m none {mnt} && {{ {train}; echo $? > {tmp_path}/rc; }}; "
               f"cp -r {mnt}/run {after}")
@@ -229,17 +233,17 @@ def test_full_disk_fails_the_save_clearly_and_keeps_the_previous_checkpoint(ref3
     assert "nothing was written and the previous checkpoint (step-00000001) is kept" in res.stderr
     assert checkpoint.find_latest(str(after)).name == "step-00000001"
     assert not list((after / "checkpoints").glob(f"*/{checkpoint.tag_for(2)}"))
-    resume(after, "--zero", zero)  # on a disk with room, the kept checkpoint continues the run exactly
+    resume(after, *demo_sft_data, "--zero", zero)  # on a disk with room, the kept checkpoint continues the run exactly
     assert history(after) == history(ref)
 
 
-def test_write_error_during_a_save_names_the_rank_and_keeps_the_previous_checkpoint(ref2, tmp_path):
+def test_write_error_during_a_save_names_the_rank_and_keeps_the_previous_checkpoint(demo_sft_data, ref2, tmp_path):
     # Needs no privileges: a file-size limit (ulimit -f, SIGXFSZ ignored) makes the checkpoint's 2-5 MB files fail
     # to write with EFBIG in the middle of DeepSpeed's save, as a disk filled by another job would.
     zero, ref = ref2
     out = tmp_path / "run"
     copy_checkpoints(ref, out, "step-00000004")
-    train = " ".join(deepspeed_cmd(2, "launch/sft.py", "--output-dir", str(out), *STEPS, "--zero", zero,
+    train = " ".join(deepspeed_cmd(2, "launch/sft.py", "--output-dir", str(out), *STEPS, *demo_sft_data, "--zero", zero,
                                    "--resume", "auto"))
     res = run(["bash", "-c", f"trap '' XFSZ; ulimit -f 1024; exec {train}"])
     assert res.returncode != 0
@@ -251,11 +255,11 @@ def test_write_error_during_a_save_names_the_rank_and_keeps_the_previous_checkpo
     assert checkpoint.find_latest(str(out)).name == "step-00000004"
     assert not (out / "checkpoints" / "step-00000006").exists()
     assert not (out / "checkpoints" / checkpoint.PARTIAL / "step-00000006").exists()  # the partial save is gone
-    resume(out, "--zero", zero)  # without the limit the kept checkpoint continues the run exactly
+    resume(out, *demo_sft_data, "--zero", zero)  # without the limit the kept checkpoint continues the run exactly
     assert history(out) == history(ref)[4:]  # steps 5 and 6 and the eval (the copy brought no metrics.jsonl)
 
 
-def test_saving_a_step_again_sets_the_abandoned_one_aside(ref2, tmp_path):
+def test_saving_a_step_again_sets_the_abandoned_one_aside(demo_sft_data, ref2, tmp_path):
     # --resume DIR from step 4 while step 6 exists: step 6 of the abandoned attempt is moved to abandoned/ (never
     # deleted) when the resumed run writes its first checkpoint, and the new step 6 becomes `latest`.
     zero, ref = ref2
@@ -263,7 +267,7 @@ def test_saving_a_step_again_sets_the_abandoned_one_aside(ref2, tmp_path):
     copy_checkpoints(ref, out, "step-00000006")
     old_state = (out / "checkpoints" / "step-00000006" / checkpoint.STATE_FILE).read_text()
     resume_from = out / "checkpoints" / "step-00000004"
-    res = run(deepspeed_cmd(2, "launch/sft.py", "--output-dir", str(out), *STEPS, "--zero", zero,
+    res = run(deepspeed_cmd(2, "launch/sft.py", "--output-dir", str(out), *STEPS, *demo_sft_data, "--zero", zero,
                             "--resume", str(resume_from)))
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
     assert f"resumed from {resume_from}" in res.stdout

@@ -22,14 +22,14 @@ FLAGS = ["--max-steps", "4", "--micro-batch", "4", "--num-workers", "1", "--log-
          "--eval-max-samples", "2", "--save-every", "2"]
 
 
-def sbatch(tmp: Path, out: Path, *extra: str) -> subprocess.Popen:
+def sbatch(tmp: Path, out: Path, data: list[str], *extra: str) -> subprocess.Popen:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = str(s.getsockname()[1])
     env = {**os.environ, "PATH": f"{FAKE}:{os.environ['PATH']}", "PYTHON": sys.executable, "MASTER_PORT": port,
            "PYTHONUNBUFFERED": "1"}
     return subprocess.Popen([str(FAKE / "sbatch"), "--nodes", "2", "--output", str(tmp / "%x-%j.log"),
-                             "launch/slurm/sft.sbatch", "--output-dir", str(out), *FLAGS, *extra],
+                             "launch/slurm/sft.sbatch", "--output-dir", str(out), *FLAGS, *data, *extra],
                             cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
 
@@ -49,10 +49,10 @@ def steps_logged(out: Path) -> int:
 
 
 @pytest.fixture(scope="module")
-def uninterrupted(demo_dir, tmp_path_factory):
+def uninterrupted(demo_sft_data, tmp_path_factory):
     tmp = tmp_path_factory.mktemp("slurm")
     out = tmp / "run"
-    record, log = finish(sbatch(tmp, out))
+    record, log = finish(sbatch(tmp, out, demo_sft_data))
     assert record["exit_code"] == 0 and record["restarts"] == 0, log[-4000:]
     return out, log
 
@@ -69,10 +69,10 @@ def test_two_node_job_runs_with_the_right_ranks(uninterrupted):
     assert "--resume auto" in head[2]
 
 
-def test_usr1_checkpoints_requeues_and_continues_exactly(uninterrupted, tmp_path):
+def test_usr1_checkpoints_requeues_and_continues_exactly(uninterrupted, demo_sft_data, tmp_path):
     ref, _ = uninterrupted
     out = tmp_path / "run"
-    proc = sbatch(tmp_path, out)
+    proc = sbatch(tmp_path, out, demo_sft_data)
     deadline = time.time() + 300
     while steps_logged(out) < 1:
         assert proc.poll() is None and time.time() < deadline
@@ -88,10 +88,10 @@ def test_usr1_checkpoints_requeues_and_continues_exactly(uninterrupted, tmp_path
     assert json.loads((out / "run.json").read_text())["status"] == "complete"
 
 
-def test_kill_9_of_one_rank_ends_the_job_promptly_naming_it(uninterrupted, tmp_path):
+def test_kill_9_of_one_rank_ends_the_job_promptly_naming_it(uninterrupted, demo_sft_data, tmp_path):
     ref, _ = uninterrupted
     out = tmp_path / "run"
-    proc = sbatch(tmp_path, out)
+    proc = sbatch(tmp_path, out, demo_sft_data)
     deadline = time.time() + 300
     while checkpoint.find_latest(str(out)) is None:
         assert proc.poll() is None and time.time() < deadline
@@ -108,7 +108,7 @@ def test_kill_9_of_one_rank_ends_the_job_promptly_naming_it(uninterrupted, tmp_p
     leftovers = [q.pid for q in psutil.process_iter(["cmdline"]) if str(out) in " ".join(q.info["cmdline"] or [])]
     assert leftovers == [], "ranks of the failed job are still running"
     # the next start of the same job continues from the last checkpoint and ends where the uninterrupted run did
-    record, log = finish(sbatch(tmp_path, out))
+    record, log = finish(sbatch(tmp_path, out, demo_sft_data))
     assert record["exit_code"] == 0 and "resumed from" in log
     assert losses(out) == losses(ref)
 

@@ -78,9 +78,10 @@ def test_stage1_zero3(demo_dir, tmp_path):
     check_size_estimate(out, report)
 
 
-def test_stage2_zero2_uniform25_from_stage1(stage1, tmp_path):
+def test_stage2_zero2_uniform25_from_stage1(demo_sft_data, stage1, tmp_path):
     pre_out = stage1[0]
-    out, report, stdout = train_and_report(tmp_path, "sft", "sft_z2", "--zero", "2", "--region", "uniform25",
+    out, report, stdout = train_and_report(tmp_path, "sft", "sft_z2", *demo_sft_data, "--zero", "2", "--region",
+                                           "uniform25",
                                            "--init", str(pre_out))
     check(report, r"model\.multi_modal_projector\.|model\.language_model\.layers\.(0|7)\.")
     assert report["summary"]["region"]["layers"] == [0, 7]
@@ -89,19 +90,21 @@ def test_stage2_zero2_uniform25_from_stage1(stage1, tmp_path):
     assert "loaded 4 projector tensors" in stdout
 
 
-def test_stage2_zero3_starts_from_stage1_projector(stage1, tmp_path):
+def test_stage2_zero3_starts_from_stage1_projector(demo_sft_data, stage1, tmp_path):
     # The projector is frozen here, so "unchanged against the start" proves the start was stage 1's projector
     # (the start is built from the base model with stage 1's projector.safetensors swapped in).
     pre_out = stage1[0]
-    _, report, _ = train_and_report(tmp_path, "sft", "sft_z3", "--zero", "3", "--region", "layers:1,5-projector",
+    _, report, _ = train_and_report(tmp_path, "sft", "sft_z3", *demo_sft_data, "--zero", "3", "--region",
+                                    "layers:1,5-projector",
                                     "--init", str(pre_out))
     check(report, r"model\.language_model\.layers\.(1|5)\.")
     assert report["summary"]["eval"]["samples"] == 6
 
 
-def test_zero3_offload_config(demo_dir, tmp_path):
+def test_zero3_offload_config(demo_sft_data, tmp_path):
     # The shipped offload variant: optimizer state and parameters on CPU, DeepSpeed's CPU Adam (JIT-built).
-    _, report, stdout = train_and_report(tmp_path, "sft", "off_z3", "--ds-config", "ds_configs/zero3_offload.json",
+    _, report, stdout = train_and_report(tmp_path, "sft", "off_z3", *demo_sft_data, "--ds-config",
+                                         "ds_configs/zero3_offload.json",
                                          "--region", "uniform25")
     check(report, r"model\.multi_modal_projector\.|model\.language_model\.layers\.(0|7)\.")
     assert "optimizer DeepSpeedCPUAdam (optimizer offload: cpu)" in stdout
@@ -134,15 +137,16 @@ def test_text_only_rank_does_not_hang_zero3(demo_dir, tmp_path):
     assert report["summary"]["eval"]["samples"] == 4
 
 
-def test_grad_ckpt_and_accumulation_zero3(demo_dir, tmp_path):
+def test_grad_ckpt_and_accumulation_zero3(demo_sft_data, tmp_path):
     # Non-reentrant activation checkpointing with frozen layers below and between the trained ones.
-    _, report, stdout = train_and_report(tmp_path, "sft", "ckpt_z3", "--zero", "3", "--region", "layers:2,5",
+    _, report, stdout = train_and_report(tmp_path, "sft", "ckpt_z3", *demo_sft_data, "--zero", "3", "--region",
+                                         "layers:2,5",
                                          "--grad-ckpt", "--grad-accum", "2", "--max-steps", "2")
     check(report, r"model\.multi_modal_projector\.|model\.language_model\.layers\.(2|5)\.")
     assert report["summary"]["config"]["grad_accum"] == 2 and report["summary"]["config"]["grad_ckpt"]
 
 
-def test_same_seed_same_losses(demo_dir, tmp_path):
+def test_same_seed_same_losses(demo_sft_data, tmp_path):
     import os
     from pathlib import Path
     shm = lambda: set(Path("/dev/shm").glob(f"deepspeed_allreduce_buffer_{os.getuid()}_*"))  # noqa: E731
@@ -150,7 +154,7 @@ def test_same_seed_same_losses(demo_dir, tmp_path):
     losses = []
     for name in ("a", "b"):
         out = tmp_path / name
-        res = run(deepspeed_cmd(2, "launch/sft.py", "--output-dir", str(out), *FAST, "--zero", "2",
+        res = run(deepspeed_cmd(2, "launch/sft.py", "--output-dir", str(out), *FAST, *demo_sft_data, "--zero", "2",
                                 "--eval-max-samples", "2"))
         assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-2000:]
         losses.append([json.loads(x).get("loss") for x in (out / "metrics.jsonl").read_text().splitlines()])
@@ -158,9 +162,10 @@ def test_same_seed_same_losses(demo_dir, tmp_path):
     assert shm() == before  # each rank removed DeepSpeed's 69 MB shared-memory buffer at exit (engine.py)
 
 
-def test_compare_full_times_both_arms(demo_dir, tmp_path):
+def test_compare_full_times_both_arms(demo_sft_data, tmp_path):
     out = tmp_path / "u25"
-    res = run(deepspeed_cmd(2, "launch/sft.py", "--output-dir", str(out), *FAST, "--max-steps", "6", "--zero", "2",
+    res = run(deepspeed_cmd(2, "launch/sft.py", "--output-dir", str(out), *FAST, *demo_sft_data, "--max-steps", "6",
+                            "--zero", "2",
                             "--compare-full", "6"))
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
     mine = json.loads((out / "run.json").read_text())
@@ -180,7 +185,8 @@ def test_compare_full_times_both_arms(demo_dir, tmp_path):
     assert "compare-full: step" in res.stdout
     # a finished full run's directory instead of N: its measured figures are used, nothing else is trained
     other = tmp_path / "u25b"
-    res = run(deepspeed_cmd(2, "launch/sft.py", "--output-dir", str(other), *FAST, "--max-steps", "6", "--zero", "2",
+    res = run(deepspeed_cmd(2, "launch/sft.py", "--output-dir", str(other), *FAST, *demo_sft_data, "--max-steps", "6",
+                            "--zero", "2",
                             "--compare-full", str(out / "compare-full")))
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
     c2 = json.loads((other / "run.json").read_text())["compare_full"]
@@ -188,7 +194,7 @@ def test_compare_full_times_both_arms(demo_dir, tmp_path):
     assert c2["source"] == f"the finished full run {out / 'compare-full'}"
 
 
-def test_zero_to_fp32_of_our_checkpoint_equals_the_export(demo_dir, tmp_path):
+def test_zero_to_fp32_of_our_checkpoint_equals_the_export(demo_sft_data, tmp_path):
     # DeepSpeed's own consolidation of the ZeRO-3 checkpoint (frozen weights included) against the
     # transformers export of the same step: the same tensors, bit for bit in fp32.
     import torch
@@ -196,7 +202,7 @@ def test_zero_to_fp32_of_our_checkpoint_equals_the_export(demo_dir, tmp_path):
     from transformers import LlavaForConditionalGeneration
 
     out = tmp_path / "z3"
-    res = run(deepspeed_cmd(2, "launch/sft.py", "--output-dir", str(out), *FAST, "--max-steps", "2",
+    res = run(deepspeed_cmd(2, "launch/sft.py", "--output-dir", str(out), *FAST, *demo_sft_data, "--max-steps", "2",
                             "--save-every", "2", "--zero", "3", "--eval-max-samples", "1"))
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
     consolidated = get_fp32_state_dict_from_zero_checkpoint(str(out / "checkpoints"), tag="step-00000002")
@@ -342,12 +348,13 @@ def test_a_family_trains_exactly_its_region_and_projector_and_exports(tmp_path, 
     check_export(out, ckpt, stdout, report)
 
 
-def test_bf16_zero3_on_cpu_gathers_16bit_weights(demo_dir, tmp_path):
+def test_bf16_zero3_on_cpu_gathers_16bit_weights(demo_sft_data, tmp_path):
     """The paper's precision, bf16, under ZeRO-3 (DeepSpeed's CPU accelerator supports it; fp16 it does not):
     frozen weights stay bit-identical to the base model cast to bf16, the region's change, and the export is
     the gathered bf16 weights (REFERENCE trap 5: frozen weights must survive 16-bit saves)."""
     from safetensors import safe_open
-    out, report, stdout = train_and_report(tmp_path, "sft", "bf16_z3", "--zero", "3", "--precision", "bf16",
+    out, report, stdout = train_and_report(tmp_path, "sft", "bf16_z3", *demo_sft_data, "--zero", "3", "--precision",
+                                           "bf16",
                                            "--region", "uniform25", "--lr", "2e-2", "--save-every", "3")
     check(report, r"model\.multi_modal_projector\.|model\.language_model\.layers\.(0|7)\.")
     check_size_estimate(out, report)
@@ -383,7 +390,7 @@ def test_qwen3_vl_stage1_projector_starts_stage2(tmp_path):
     check(report2, projector + r"|model\.language_model\.layers\.2\.")  # "changed" is against --init
 
 
-def test_fp16_loss_scaling_with_frozen_layers_zero3(demo_dir, tmp_path):
+def test_fp16_loss_scaling_with_frozen_layers_zero3(demo_sft_data, tmp_path):
     """fp16 under ZeRO-3 through DeepSpeed's dynamic loss scaler (CPU ranks; see helpers/fp16_on_cpu.py for why
     that needs DeepSpeed's fp16 capability answer overridden here). A first loss scale of 2^20 overflows: those
     steps are skipped (the weights and the LR schedule stay), the scale halves each time, then steps apply. The
@@ -393,7 +400,8 @@ def test_fp16_loss_scaling_with_frozen_layers_zero3(demo_dir, tmp_path):
     (tmp_path / "fp16.json").write_text(json.dumps(ds))
     out, report = tmp_path / "fp16", tmp_path / "fp16_report.json"
     res = run(deepspeed_cmd(2, "tests/helpers/fp16_on_cpu.py", "sft", str(report), "--", "--output-dir", str(out),
-                            *FAST, "--max-steps", "8", "--ds-config", str(tmp_path / "fp16.json"), "--precision",
+                            *FAST, *demo_sft_data, "--max-steps", "8", "--ds-config", str(tmp_path / "fp16.json"),
+    "--precision",
                             "fp16", "--region", "uniform25", "--lr", "1e-3"))
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
     report = json.loads(report.read_text())
@@ -457,10 +465,11 @@ def test_tied_embeddings_switched_apart_are_refused_before_loading(tied_model, t
     assert "Loading weights" not in res.stdout + res.stderr
 
 
-def test_a_non_finite_loss_stops_the_run_before_anything_of_it_is_saved(demo_dir, tmp_path):
+def test_a_non_finite_loss_stops_the_run_before_anything_of_it_is_saved(demo_sft_data, tmp_path):
     # A learning rate of 1e30 makes step 1's update blow the weights up: step 2's loss is not finite.
     out = tmp_path / "nan"
-    res = run(deepspeed_cmd(2, "launch/sft.py", "--output-dir", str(out), *FAST, "--zero", "3", "--lr", "1e30",
+    res = run(deepspeed_cmd(2, "launch/sft.py", "--output-dir", str(out), *FAST, *demo_sft_data, "--zero", "3",
+                            "--lr", "1e30",
                             "--save-every", "1", "--keep-checkpoints", "1"))
     assert res.returncode != 0
     assert "error: step 2: loss " in res.stderr
@@ -473,14 +482,15 @@ def test_a_non_finite_loss_stops_the_run_before_anything_of_it_is_saved(demo_dir
     assert [json.loads(x)["step"] for x in (out / "metrics.jsonl").read_text().splitlines()] == [1]
 
 
-def test_fp16_loss_scale_at_its_minimum_stops_the_run(demo_dir, tmp_path):
+def test_fp16_loss_scale_at_its_minimum_stops_the_run(demo_sft_data, tmp_path):
     # As above, but the scale may not fall below 2^19: the first overflow (at 2^20) leaves it at its minimum.
     ds = json.loads((Path("ds_configs") / "zero3.json").read_text())
     ds["fp16"] = {"initial_scale_power": 20, "hysteresis": 1, "min_loss_scale": 2 ** 19}
     (tmp_path / "fp16.json").write_text(json.dumps(ds))
     out = tmp_path / "fp16min"
     res = run(deepspeed_cmd(2, "tests/helpers/fp16_on_cpu.py", "sft", str(tmp_path / "r.json"), "--", "--output-dir",
-                            str(out), *FAST, "--ds-config", str(tmp_path / "fp16.json"), "--precision", "fp16",
+                            str(out), *FAST, *demo_sft_data, "--ds-config", str(tmp_path / "fp16.json"),
+    "--precision", "fp16",
                             "--region", "uniform25", "--lr", "1e-3", "--save-every", "1"))
     assert res.returncode != 0
     assert ("step 1: fp16 gradients overflowed and the loss scale has fallen to its minimum 524288" in
