@@ -42,18 +42,15 @@ class ImageTextDataset(torch.utils.data.Dataset):
 
     def _images(self, ex: dict) -> dict | None:
         """The sample's image tensors ({} without images), or None when one cannot be used (logged)."""
-        loaded = []
-        for p in ex["images"]:
-            path = os.path.join(self.image_folder, p)
-            try:
-                loaded.append(self.load_image(path))
-            except DECODE_ERRORS as e:
-                log.warning("sample %r: image %s failed to decode (%s: %s); using the next sample instead",
-                            ex["id"], path, type(e).__name__, e)
-                return None
-        if not loaded:
+        if not ex["images"]:
             return {}
-        tensors = {k: torch.cat([t[k] for t in loaded]) for k in loaded[0]}
+        paths = [os.path.join(self.image_folder, p) for p in ex["images"]]
+        try:
+            tensors = self.layout.load_sample(self.load_image, paths)
+        except DECODE_ERRORS as e:
+            log.warning("sample %r: image %s failed to decode (%s: %s); using the next sample instead",
+                        ex["id"], " or ".join(paths), type(e).__name__, e)
+            return None
         want = sum(i == self.layout.image_token_id for i in ex["input_ids"])
         got = self.layout.tokens_in(tensors)
         if got != want:

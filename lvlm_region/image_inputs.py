@@ -9,9 +9,11 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-# Per-image tensors, concatenated along dim 0 in a batch: pixels (one row per image, or per tile for tiled families),
-# Qwen2-VL's patch grids, LLaVA-NeXT's original sizes.
-IMAGE_KEYS = ("pixel_values", "image_grid_thw", "image_sizes")
+import torch
+
+# Tensors concatenated along dim 0 in a batch: pixels (one row per image, or per tile for tiled families), Qwen2-VL's
+# patch grids, LLaVA-NeXT's original sizes, and LLaVA-OneVision's images per sample (one row per sample with images).
+IMAGE_KEYS = ("pixel_values", "image_grid_thw", "image_sizes", "batch_num_images")
 
 
 def count_images(tensors: dict) -> int:
@@ -52,6 +54,17 @@ class ImageLayout:
     def token_ids(self, size: tuple[int, int]) -> list[int]:
         """The token ids of one image of ``size`` (width, height) as the file stores it."""
         raise NotImplementedError
+
+    def sample_token_ids(self, sizes: list[tuple[int, int]]) -> list[list[int]]:
+        """The token ids of each image of one sample, in order. Each image's ``token_ids`` by default; a family whose
+        count depends on the sample (LLaVA-OneVision does not tile the images of a multi-image sample) overrides it."""
+        return [self.token_ids(size) for size in sizes]
+
+    def load_sample(self, load, paths: list[str]) -> dict:
+        """One sample's image tensors (``paths`` not empty): each image through ``load`` (images.ImageLoader),
+        concatenated along dim 0. A family whose image processor treats a sample's images together overrides it."""
+        loaded = [load(p) for p in paths]
+        return {k: torch.cat([t[k] for t in loaded]) for k in loaded[0]}
 
     def tokens_in(self, tensors: dict) -> int:
         """How many image tokens the model makes of these tensors (an image changed since preparation differs)."""

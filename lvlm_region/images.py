@@ -106,13 +106,15 @@ class ImageLoader:
         mean = getattr(image_processor, "image_mean", None) or (0.5, 0.5, 0.5)
         self.fill = tuple(int(round(255 * m)) for m in mean)
 
-    def __call__(self, path: str) -> dict[str, torch.Tensor]:
+    def rgb(self, path: str) -> Image.Image:
+        """The decoded image as the image processor gets it (RGB; padded to a square with --image-aspect-ratio pad)."""
         with Image.open(path) as im:
             im.load()  # decode while the file is open (to_rgb returns an RGB image as it is)
             rgb = to_rgb(im)
-        if self.aspect == "pad":
-            rgb = expand_to_square(rgb, self.fill)
-        out = self.processor(rgb, return_tensors="pt")
+        return expand_to_square(rgb, self.fill) if self.aspect == "pad" else rgb
+
+    def __call__(self, path: str) -> dict[str, torch.Tensor]:
+        out = self.processor(self.rgb(path), return_tensors="pt")
         tensors = {k: out[k] for k in IMAGE_KEYS if k in out}
         pixels = tensors.get("pixel_values")
         if pixels is not None and pixels.dim() == 5:  # one image's tiles as [1, tiles, 3, H, W] (LLaVA-NeXT)

@@ -142,15 +142,15 @@ def image_token_ids(paths: list[str], image_folder: str, layout: ImageLayout, de
     """Each image's token ids, from its header size (images.check; ``decode``: a full decode too). Raises BadSample
     for an image that is missing, unreadable, out of bounds or of a shape the model's resize refuses, and (unless
     ``allow_outside``) for a path that leaves ``image_folder``, before opening it."""
-    out = []
+    files, sizes = [], []
     for p in paths:
-        path = images.inside_folder(image_folder, p, allow_outside)
-        size = images.check(path, decode=decode)
-        try:
-            out.append(layout.token_ids(size))
-        except ValueError as e:  # Qwen2-VL's resize refuses an aspect ratio beyond 200:1
-            raise BadSample("image_aspect_ratio", f"{path} is {size[0]}x{size[1]}: {e}") from None
-    return out
+        files.append(images.inside_folder(image_folder, p, allow_outside))
+        sizes.append(images.check(files[-1], decode=decode))
+    try:
+        return layout.sample_token_ids(sizes)  # a sample's images together: LLaVA-OneVision's count depends on it
+    except ValueError as e:  # Qwen2-VL's resize refuses an aspect ratio beyond 200:1
+        shapes = ", ".join(f"{f} is {w}x{h}" for f, (w, h) in zip(files, sizes))
+        raise BadSample("image_aspect_ratio", f"{shapes}: {e}") from None
 
 
 def encode(row: dict, image_folder: str, enc: Encoding, tokenizer) -> dict:

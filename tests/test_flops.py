@@ -170,31 +170,45 @@ def test_lm_head_on_the_trained_positions_only_matches_torch_flop_counter(model,
     assert full.forward - ours.forward == 2.0 * (24 - 6) * head.macs  # the head's forward on 18 untrained positions
 
 
+@pytest.mark.parametrize("family", ["llava_next", "llava_onevision"])
 @pytest.mark.parametrize("spec,ckpt", [("none", False), ("uniform25", False), ("full+vision", True),
                                        ("layers:3-projector", False)])
-def test_llava_next_tiles_match_torch_flop_counter(spec, ckpt):
-    """LLaVA-NeXT: the tower and the projector once per tile (5 patches with the class token, 4 projected), unpadding
-    and image_newline cost no matmul; the LLM over the unpadded tokens."""
+def test_anyres_tiles_match_torch_flop_counter(family, spec, ckpt):
+    """LLaVA-NeXT and LLaVA-OneVision: the tower and the projector once per tile (LLaVA-NeXT's CLIP: 5 patches with the
+    class token, 4 projected; OneVision's SigLIP: 4 and 4), unpadding, OneVision's interpolation of large grids and
+    image_newline cost no matmul; the LLM over the tokens left. OneVision's row 1 holds a two-image sample: one tile
+    per image."""
     from transformers.models.llava_next.modeling_llava_next import image_size_to_num_patches
 
-    from helpers import llava_next
-    model = training_eagerly(llava_next.model(), spec, ckpt)
+    from helpers import llava_next, llava_onevision
+    helper = {"llava_next": llava_next, "llava_onevision": llava_onevision}[family]
+    model = training_eagerly(helper.model(), spec, ckpt)
     c = model.config
     sizes = [(40, 60), (90, 40)]  # (height, width): 5 and 3 tiles
     tiles = [image_size_to_num_patches(s, c.image_grid_pinpoints, 28) for s in sizes]
-    proc = llava_next.processor()
-    tokens = [proc._get_num_multimodal_tokens(image_sizes=[s])["num_image_tokens"][0] for s in sizes]
+    extra = {}
+    if family == "llava_next":
+        proc = llava_next.processor()
+        tokens = [proc._get_num_multimodal_tokens(image_sizes=[s])["num_image_tokens"][0] for s in sizes]
+    else:
+        proc = llava_onevision.processor()
+        count = lambda s, n: proc.replace_image_token({"batch_num_images": [n], "image_sizes": [s],  # noqa: E731
+                                                       "pixel_values": [torch.empty(1, 3, 28, 28)]}, 0).count("<image>")
+        sizes.append((20, 20))  # row 1: the 90x40 image and a 20x20 one, one tile each
+        tiles = [tiles[0], 1, 1]
+        tokens = [count(sizes[0], 1), count(sizes[1], 2) + count(sizes[2], 2)]
+        extra = {"batch_num_images": torch.tensor([1, 2])}
     T = max(tokens) + 6
     ids = torch.randint(16, 30, (2, T), generator=torch.Generator().manual_seed(0))
     for r, n in enumerate(tokens):
         ids[r, 1:1 + n] = c.image_token_id
     with FlopCounterMode(display=False) as counter:
-        logits = model(input_ids=ids, attention_mask=torch.ones_like(ids),
-                       pixel_values=torch.randn(sum(tiles), 3, 28, 28), image_sizes=torch.tensor(sizes)).logits
+        logits = model(input_ids=ids, attention_mask=torch.ones_like(ids), image_sizes=torch.tensor(sizes),
+                       pixel_values=torch.randn(sum(tiles), 3, 28, 28), **extra).logits
         logits.float().sum().backward()
     fm = flop_model(model)
     ours = fm.micro_batch(BatchShape(rows=2, seq_len=T, images=sum(tiles)))
-    assert tiles == [5, 3] and ours.hardware == counter.get_total_flops()
+    assert tiles[0] == 5 and ours.hardware == counter.get_total_flops()
     assert (ours.recompute > 0) == ckpt
 
 

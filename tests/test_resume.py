@@ -373,20 +373,26 @@ def test_final_export_is_written_aside_so_a_failed_write_keeps_the_previous_one(
 
 
 @pytest.mark.parametrize("family,tuner", [("qwen3_vl", []), ("gemma3", ["--tuner", "lora", "--lora-r", "8"]),
-                                          ("internvl", []), ("llava_next", []), ("idefics3", [])])
+                                          ("internvl", []), ("llava_next", []), ("llava_onevision", []),
+                                          ("idefics3", [])])
 def test_resume_of_other_families_from_a_checkpoint_is_exact(tmp_path, family, tuner):
     """A Qwen3-VL run (full tuner; Qwen2-VL's image path plus DeepStack), a Gemma 3 run (LoRA on the region, the
-    projector fully), InternVL, LLaVA-NeXT and Idefics3 runs (images as tiles) under ZeRO-3
-    (images of several sizes, text-only samples, an epoch boundary at step 4) resumed from its step-4 checkpoint:
+    projector fully), InternVL, LLaVA-NeXT, LLaVA-OneVision (with two-image samples) and Idefics3 runs (images as
+    tiles) under ZeRO-3 (images of several sizes, text-only samples, an epoch boundary at step 4) resumed from its
+    step-4 checkpoint:
     the same losses, learning rates, grad norms, evaluation and final bytes (the merged export, and the adapter).
 
     LoRA's dropout (0.05 by default) draws from the torch RNG every step: the resumed run must continue it exactly.
     It did not when the RNG was restored before rank 0 measured its CPU's matmul peak with torch.randn."""
-    from helpers import gemma3, idefics3, internvl, llava_next, qwen
+    from helpers import family_data, gemma3, idefics3, internvl, llava_next, llava_onevision, qwen
     build = {"qwen3_vl": lambda d: qwen.build(d, family), "gemma3": gemma3.build, "internvl": internvl.build,
-             "llava_next": llava_next.build, "idefics3": idefics3.build}[family]
+             "llava_next": llava_next.build, "llava_onevision": llava_onevision.build,
+             "idefics3": idefics3.build}[family]
     ckpt = build(str(tmp_path / "ckpt"))
-    data = qwen.write_data(str(tmp_path / "data"), n=16, text_every=3)
+    if family == "llava_onevision":
+        data = family_data.write(str(tmp_path / "data"), llava_onevision.SIZES, n=16)[0]
+    else:
+        data = qwen.write_data(str(tmp_path / "data"), n=16, text_every=3)
     flags = ["--model", ckpt, "--data", data, "--eval-data", data, "--zero", "3", "--image-aspect-ratio", "square",
              "--region", "layers:1,3", "--micro-batch", "2", "--lr", "1e-3", *tuner]
     ref = tmp_path / "ref"

@@ -302,9 +302,9 @@ def processor_export(name: str, template_of):
     return check_export
 
 
-def smolvlm_export(out, ckpt, stdout, report):
-    """Tokenizer, image processor and processor_config.json as the checkpoint had them (SmolVLMProcessor loads from
-    them where torchvision is installed)."""
+def split_processor_export(out, ckpt, stdout, report):
+    """Tokenizer, image processor and processor_config.json as the checkpoint had them (SmolVLMProcessor and
+    LlavaOnevisionProcessor load from them where torchvision is installed)."""
     from transformers import AutoImageProcessor
     assert (out / "processor_config.json").read_text() == (Path(ckpt) / "processor_config.json").read_text()
     assert AutoImageProcessor.from_pretrained(out).to_dict() == AutoImageProcessor.from_pretrained(ckpt).to_dict()
@@ -312,7 +312,7 @@ def smolvlm_export(out, ckpt, stdout, report):
 
 def family_run(family: str):
     """(checkpoint builder, the tensors that must change, the export's family-specific checks)."""
-    from helpers import gemma3, idefics3, internvl, llava_next, qwen
+    from helpers import gemma3, idefics3, internvl, llava_next, llava_onevision, qwen
     runs = {
         "gemma3": (gemma3.build, r"model\.multi_modal_projector\.", gemma3_export),
         "qwen3_vl": (lambda d: qwen.build(d, "qwen3_vl"), r"model\.visual\.(merger|deepstack_merger_list\.[01])\.",
@@ -320,25 +320,32 @@ def family_run(family: str):
         "internvl": (internvl.build, r"model\.multi_modal_projector\.", internvl_export),
         "llava_next": (llava_next.build, r"model\.multi_modal_projector\.|model\.image_newline$",
                        processor_export("LlavaNextProcessor", lambda: llava_next.TEMPLATE)),
+        "llava_onevision": (llava_onevision.build, r"model\.multi_modal_projector\.|model\.image_newline$",
+                            split_processor_export),
         "idefics3": (idefics3.build, r"model\.connector\.",
                      processor_export("Idefics3Processor", lambda: idefics3.TEMPLATE)),
-        "smolvlm": (idefics3.build_smolvlm, r"model\.connector\.", smolvlm_export),
+        "smolvlm": (idefics3.build_smolvlm, r"model\.connector\.", split_processor_export),
     }
     return runs[family]
 
 
-@pytest.mark.parametrize("family", ["gemma3", "qwen3_vl", "internvl", "llava_next", "idefics3", "smolvlm"])
+@pytest.mark.parametrize("family", ["gemma3", "qwen3_vl", "internvl", "llava_next", "llava_onevision", "idefics3",
+                                    "smolvlm"])
 def test_a_family_trains_exactly_its_region_and_projector_and_exports(tmp_path, family):
     """A tiny checkpoint of each family written by transformers' own classes, 2 ranks, ZeRO-3, uniform25 (layer 1 of
     4), micro-batch 1 over images of several sizes and text-only samples (the masked dummy image keeps the tower's
     gathers in step), with evaluation (generation under ZeRO-3): only the projector (Gemma 3's matmul and norm scale;
     Qwen3-VL's merger and DeepStack mergers; InternVL's and Idefics3's pixel-shuffle projectors; LLaVA-NeXT's
-    projector and image_newline) and layer 1 change, and the export reloads to the engine's weights with the names
-    save_pretrained writes, with the family's processor."""
-    from helpers import qwen
+    and LLaVA-OneVision's projector and image_newline) and layer 1 change, and the export reloads to the engine's
+    weights with the names save_pretrained writes, with the family's processor. LLaVA-OneVision's data has samples of
+    two images (not tiled)."""
+    from helpers import family_data, llava_onevision, qwen
     build, projector, check_export = family_run(family)
     ckpt = build(str(tmp_path / "ckpt"))
-    data = qwen.write_data(str(tmp_path / "data"), n=12, text_every=3)
+    if family == "llava_onevision":
+        data = family_data.write(str(tmp_path / "data"), llava_onevision.SIZES, n=12)[0]
+    else:
+        data = qwen.write_data(str(tmp_path / "data"), n=12, text_every=3)
     out, report, stdout = train_and_report(tmp_path, "sft", family, "--model", ckpt, "--data", data, "--template",
                                            "auto", "--region", "uniform25", "--eval-data", data, "--lr", "1e-3",
                                            "--zero", "3", "--micro-batch", "1", "--max-steps", "4")
