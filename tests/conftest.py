@@ -65,10 +65,14 @@ def sft_uniform25(demo_dir, tmp_path_factory) -> Path:
 def run(cmd: list[str], timeout: int = 600, env: dict | None = None) -> subprocess.CompletedProcess:
     """Run a command from the repo root, capturing output; the caller asserts on the result.
 
-    On a timeout the whole process group is killed (launcher, ranks, DataLoader workers), so a hung run cannot
-    outlive its test and load the machine for the tests after it.
+    ``[sys.executable, SCRIPT.py, ...]`` runs in a child forked from the zygote (helpers/zygote.py: the same script as
+    ``__main__`` in a process of its own, without 5 s of imports); anything else as a subprocess. On a timeout the
+    whole process group is killed (launcher, ranks, DataLoader workers), so a hung run cannot outlive its test and
+    load the machine for the tests after it.
     """
     full_env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
+    if len(cmd) > 1 and cmd[0] == sys.executable and cmd[1].endswith(".py"):
+        return _zygote().run(cmd, full_env, timeout)
     with subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=full_env,
                           start_new_session=True) as proc:
         try:
@@ -78,6 +82,50 @@ def run(cmd: list[str], timeout: int = 600, env: dict | None = None) -> subproce
             out, err = proc.communicate()
             raise subprocess.TimeoutExpired(cmd, timeout, out, err) from None
     return subprocess.CompletedProcess(cmd, proc.returncode, out, err)
+
+
+class Zygote:
+    """helpers/zygote.py, started once per session on first use."""
+
+    def __init__(self):
+        import tempfile
+        self.proc = subprocess.Popen([sys.executable, str(ROOT / "tests" / "helpers" / "zygote.py")], cwd=ROOT,
+                                     stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
+                                     text=True, bufsize=1, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+        self.tmp = tempfile.mkdtemp(prefix="zygote-")
+
+    def run(self, cmd: list[str], env: dict, timeout: float) -> subprocess.CompletedProcess:
+        import json
+        import select
+        out, err = os.path.join(self.tmp, "out"), os.path.join(self.tmp, "err")
+        self.proc.stdin.write(json.dumps({"argv": cmd[1:], "cwd": str(ROOT), "env": env, "stdout": out,
+                                          "stderr": err}) + "\n")
+        self.proc.stdin.flush()
+        pid = json.loads(self.proc.stdout.readline())["pid"]
+        ready, _, _ = select.select([self.proc.stdout], [], [], timeout)
+        if not ready:
+            os.killpg(pid, signal.SIGKILL)
+            self.proc.stdout.readline()
+            raise subprocess.TimeoutExpired(cmd, timeout, open(out).read(), open(err).read())
+        rc = json.loads(self.proc.stdout.readline())["rc"]
+        return subprocess.CompletedProcess(cmd, rc, open(out).read(), open(err).read())
+
+    def close(self) -> None:
+        import shutil
+        self.proc.kill()
+        self.proc.wait()
+        shutil.rmtree(self.tmp, ignore_errors=True)
+
+
+_ZYGOTE: list[Zygote] = []
+
+
+def _zygote() -> Zygote:
+    if not _ZYGOTE:
+        import atexit
+        _ZYGOTE.append(Zygote())
+        atexit.register(_ZYGOTE[0].close)
+    return _ZYGOTE[0]
 
 
 def deepspeed_cmd(n: int, script: str, *args: str, runner: bool = False) -> list[str]:
