@@ -4,7 +4,7 @@
         --model /ckpt/llava-base --output /data/prepared/mix665k [--template auto] [--max-length 2048]
     python data_prep/prepare.py --data blip_laion_cc_sbu_558k.json --image-folder /data/images \\
         --model /ckpt/llava-base --template plain --output /data/prepared/pretrain558k
-    python data_prep/prepare.py --data mix.json --image-folder /data/images --model /ckpt/Qwen2-VL-7B-Instruct \
+    python data_prep/prepare.py --data mix.json --image-folder /data/images --model /ckpt/Qwen2-VL-7B-Instruct \\
         --output /data/prepared/mix-qwen
 
 The output is a `datasets` directory (datasets.load_from_disk) with input_ids, labels, image paths, length and
