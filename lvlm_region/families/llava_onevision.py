@@ -19,8 +19,6 @@ trains with the projector. Videos are not supported for training.
 """
 from __future__ import annotations
 
-import json
-import os
 from dataclasses import dataclass, field
 
 import torch
@@ -108,11 +106,7 @@ class LlavaOnevision(LlavaNext):
 
     def load_processor(self, path: str) -> SplitProcessor:
         processor = SplitProcessor(path)
-        config = os.path.join(path, "processor_config.json")
-        processor.settings = {}
-        if os.path.isfile(config):
-            with open(config) as f:
-                processor.settings = {k: v for k, v in json.load(f).items() if k in SETTINGS}
+        processor.settings = {k: v for k, v in processor.processor_config().items() if k in SETTINGS}
         return processor
 
     def image_layout(self, config, processor, aspect: str) -> OnevisionImages:

@@ -97,6 +97,15 @@ class SplitProcessor:
             with open(legacy) as f:
                 self.chat_template = json.load(f).get("chat_template")
 
+    def processor_config(self) -> dict:
+        """The checkpoint's processor_config.json ({} without one): the processor class's own settings (SmolVLM2's
+        ``image_seq_len``, LLaVA-OneVision's ``num_image_tokens`` ...), read without constructing that class."""
+        path = os.path.join(self.source, "processor_config.json")
+        if not os.path.isfile(path):
+            return {}
+        with open(path) as f:
+            return json.load(f)
+
     def save_pretrained(self, out: str) -> None:
         if self.chat_template:
             self.tokenizer.chat_template = self.chat_template

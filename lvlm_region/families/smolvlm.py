@@ -8,9 +8,6 @@ supported for training.
 """
 from __future__ import annotations
 
-import json
-import os
-
 from .idefics3 import Idefics3
 from .qwen2_vl import SplitProcessor
 
@@ -21,12 +18,9 @@ class SmolVLM(Idefics3):
 
     def load_processor(self, path: str) -> SplitProcessor:
         processor = SplitProcessor(path)
-        config = os.path.join(path, "processor_config.json")
-        if os.path.isfile(config):
-            with open(config) as f:
-                seq = json.load(f).get("image_seq_len")
-            if seq is not None:
-                processor.image_seq_len = seq  # checked against the model's pixel shuffle in image_layout
+        seq = processor.processor_config().get("image_seq_len")
+        if seq is not None:
+            processor.image_seq_len = seq  # checked against the model's pixel shuffle in image_layout
         return processor
 
 
