@@ -45,8 +45,9 @@ def demo_sft_data(demo_dir, tmp_path_factory) -> list[str]:
     flags = []
     for flag, name in (("--data", "sft_train.json"), ("--eval-data", "sft_eval.json"),
                        ("--text-eval-data", TEXT_EVAL)):
-        prepare.prepare(str(demo_dir / name), str(demo_dir), enc, tokenizer, str(out / name.split(".")[0]))
-        flags += [flag, str(out / name.split(".")[0])]
+        prepared = str(out / name.split(".")[0])
+        prepare.prepare(str(demo_dir / name), str(demo_dir), enc, tokenizer, prepared)
+        flags += [flag, prepared]
     return flags
 
 

@@ -77,9 +77,7 @@ class OnevisionImages(ImageLayout):
                 "batch_num_images": out["batch_num_images"]}
 
     def tokens_in(self, tensors: dict) -> int:
-        sizes = tensors["image_sizes"].tolist()
-        if "batch_num_images" not in tensors:
-            return sum(self.count(h, w, 1) for h, w in sizes)
+        sizes = tensors["image_sizes"].tolist()  # load_sample and dummy always give batch_num_images
         total, start = 0, 0
         for n in tensors["batch_num_images"].tolist():
             total += sum(self.count(h, w, n) for h, w in sizes[start:start + n])
