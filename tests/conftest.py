@@ -7,6 +7,7 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
+LAUNCHER = "deepspeed.launcher.launch"
 
 
 @pytest.fixture(scope="session", autouse=True)
@@ -67,13 +68,22 @@ def run(cmd: list[str], timeout: int = 600, env: dict | None = None) -> subproce
     """Run a command from the repo root, capturing output; the caller asserts on the result.
 
     ``[sys.executable, SCRIPT.py, ...]`` runs in a child forked from the zygote (helpers/zygote.py: the same script as
-    ``__main__`` in a process of its own, without 5 s of imports); anything else as a subprocess. On a timeout the
+    ``__main__`` in a process of its own, without 5 s of imports); so do the ranks of a ``deepspeed_cmd`` launch
+    (the zygote's child does what DeepSpeed's per-node launcher does, forking the ranks); anything else (the
+    ``deepspeed`` runner, bash, SLURM scripts) as a subprocess. On a timeout the
     whole process group is killed (launcher, ranks, DataLoader workers), so a hung run cannot outlive its test and
     load the machine for the tests after it.
     """
     full_env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
     if len(cmd) > 1 and cmd[0] == sys.executable and cmd[1].endswith(".py"):
-        return _zygote().run(cmd, full_env, timeout)
+        return _zygote().run(cmd, {"argv": cmd[1:]}, full_env, timeout)
+    if cmd[:4] == [sys.executable, "-u", "-m", LAUNCHER]:
+        import base64
+        import json
+        flags = dict(a[2:].split("=", 1) for a in cmd[4:7])
+        ranks = json.loads(base64.urlsafe_b64decode(flags["world_info"]))["localhost"]
+        return _zygote().run(cmd, {"argv": cmd[7:], "ranks": len(ranks), "master_port": flags["master_port"]},
+                             full_env, timeout)
     with subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=full_env,
                           start_new_session=True) as proc:
         try:
@@ -95,12 +105,11 @@ class Zygote:
                                      text=True, bufsize=1, env={**os.environ, "PYTHONUNBUFFERED": "1"})
         self.tmp = tempfile.mkdtemp(prefix="zygote-")
 
-    def run(self, cmd: list[str], env: dict, timeout: float) -> subprocess.CompletedProcess:
+    def run(self, cmd: list[str], req: dict, env: dict, timeout: float) -> subprocess.CompletedProcess:
         import json
         import select
         out, err = os.path.join(self.tmp, "out"), os.path.join(self.tmp, "err")
-        self.proc.stdin.write(json.dumps({"argv": cmd[1:], "cwd": str(ROOT), "env": env, "stdout": out,
-                                          "stderr": err}) + "\n")
+        self.proc.stdin.write(json.dumps({**req, "cwd": str(ROOT), "env": env, "stdout": out, "stderr": err}) + "\n")
         self.proc.stdin.flush()
         pid = json.loads(self.proc.stdout.readline())["pid"]
         ready, _, _ = select.select([self.proc.stdout], [], [], timeout)
@@ -135,7 +144,11 @@ def deepspeed_cmd(n: int, script: str, *args: str, runner: bool = False) -> list
     By default DeepSpeed's per-node launcher (``deepspeed.launcher.launch``, which spawns and watches the ranks)
     is started directly, with the world the ``deepspeed`` command would give it: on one node that command only
     resolves the host list and starts this launcher, and skipping it saves a Python start-up with DeepSpeed's
-    import (about 1.4 s) per launch. ``runner=True`` starts the ``deepspeed`` command itself, as README does."""
+    import (about 1.4 s) per launch. ``runner=True`` starts the ``deepspeed`` command itself, as README does.
+
+    ``run`` forks the ranks of this launcher's command from the zygote (about 6 s less per launch: no interpreter
+    start-up and imports); a test that starts the command itself (``subprocess.Popen``: signals to the launcher, a
+    killed rank) gets DeepSpeed's launcher and fresh rank processes."""
     import base64
     import json
     import socket
@@ -146,7 +159,7 @@ def deepspeed_cmd(n: int, script: str, *args: str, runner: bool = False) -> list
         return [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", str(n), "--master_port", port,
                 script, *args]
     world = base64.urlsafe_b64encode(json.dumps({"localhost": list(range(n))}).encode()).decode()
-    return [sys.executable, "-u", "-m", "deepspeed.launcher.launch", f"--world_info={world}",
+    return [sys.executable, "-u", "-m", LAUNCHER, f"--world_info={world}",
             "--master_addr=127.0.0.1", f"--master_port={port}", script, *args]
 
 
