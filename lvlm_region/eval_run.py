@@ -57,7 +57,7 @@ def evaluation_config(model: str, data: str, output_dir: str | None = None, **fl
 def evaluate_model(cfg: RunConfig) -> dict:
     """Evaluate ``cfg.model`` on ``cfg.eval_data``; returns what eval.json holds (written by rank 0)."""
     start = time.perf_counter()
-    s = setup(cfg)
+    s = setup(cfg, trains=False)
     eval_ds, folder = obtain_data(cfg.eval_data, cfg.image_folder, "eval", s)
     dtype = engine.torch_dtype(s.precision)
     loading = engine.PartitionedLoading(s.ds_config)  # ZeRO-3: built and loaded in partitions

@@ -98,7 +98,7 @@ def check_layers(model_dir: str) -> int:
 @torch.no_grad()
 def block_influence(cfg: RunConfig, samples: int | None, tokens: str) -> dict:
     """BI of every decoder layer of ``cfg.model`` on ``cfg.data`` (``samples`` of it, drawn with cfg.seed)."""
-    s = setup(cfg)
+    s = setup(cfg, trains=False)
     ds, folder = obtain_data(cfg.data, cfg.image_folder, "importance", s)
     chosen = sample_indices(len(ds), samples, cfg.seed)
     if not chosen:

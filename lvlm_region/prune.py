@@ -284,7 +284,7 @@ def generation_speed(rows: list[dict], cfg, new_tokens: int, repeats: int) -> di
     from .model import load_model
     from .run_setup import obtain_data, setup
 
-    s = setup(cfg)
+    s = setup(cfg, trains=False)
     ds, folder = obtain_data(cfg.eval_data, cfg.image_folder, "speed", s)
     ds = ds.select(range(min(cfg.micro_batch, len(ds))))
     layout = s.encoding.layout

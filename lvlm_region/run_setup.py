@@ -42,18 +42,24 @@ class Setup:
     resume_from: Path | None = None  # the checkpoint to continue from (None: a fresh start)
 
 
-def setup(cfg: RunConfig) -> Setup:
-    """Validate everything that can be checked without loading weights: config, region, DeepSpeed JSON, data."""
+def setup(cfg: RunConfig, trains: bool = True) -> Setup:
+    """Validate everything that can be checked without loading weights: config, region, DeepSpeed JSON, data.
+
+    ``trains``: a training run, whose output directory gets a model, run.json and checkpoints (checked here). An
+    evaluation, importance scoring or speed measurement (False) writes only its report and its own ``prepared/``
+    there, which replaces nothing it did not write, so a report may go beside the model it reads."""
     cfg.resolve()
     # The output directory, the inputs and the DeepSpeed JSON are checked before the demo or an assembly is built
     # and before any weights load.
-    outputs.check_run_dir(cfg.output_dir, {"--model": cfg.model, "--init": cfg.init, "--init-projector":
-                                           cfg.init_projector, "--llm": cfg.llm, "--vision": cfg.vision,
-                                           "--data": cfg.data, "--eval-data": cfg.eval_data,
-                                           "--text-eval-data": cfg.text_eval_data,
-                                           "--image-folder": cfg.image_folder},
-                          fresh=cfg.resume in (None, "none"), overwrite=cfg.overwrite)
-    resume_from = checkpoint.resolve_resume(cfg.resume, cfg.output_dir, cfg.overwrite)
+    resume_from = None
+    if trains:
+        outputs.check_run_dir(cfg.output_dir, {"--model": cfg.model, "--init": cfg.init, "--init-projector":
+                                               cfg.init_projector, "--llm": cfg.llm, "--vision": cfg.vision,
+                                               "--data": cfg.data, "--eval-data": cfg.eval_data,
+                                               "--text-eval-data": cfg.text_eval_data,
+                                               "--image-folder": cfg.image_folder},
+                              fresh=cfg.resume in (None, "none"), overwrite=cfg.overwrite)
+        resume_from = checkpoint.resolve_resume(cfg.resume, cfg.output_dir, cfg.overwrite)
     engine.init_distributed(cfg.dist_timeout)
     if cfg.plan == "auto" and cfg.gpu_memory_gb is None and engine.on_cpu():
         raise ValueError("--plan auto on CPU needs --gpu-memory-gb: the memory per GPU to fit the run in (there is no "
