@@ -26,6 +26,10 @@ recipe), are exact.
 Attention is counted as the full T x T products (as the eager and math paths run it; flash-attention skips
 about half of a causal mask).
 The LM head runs on the trained positions only (BatchShape.head_tokens; the trainer passes logits_to_keep).
+Gated DeltaNet layers (Qwen3.5's linear attention; ``DeltaRule``): the depthwise causal convolution and the matmuls
+of transformers' chunked torch path (``torch_chunk_gated_delta_rule``, chunks of 64 positions, the padded length
+rounded up to whole chunks); its two triangular solves per chunk are left out (as torch's counter leaves them out;
+about 1% of such a layer at Qwen3.5's sizes), their backward's matmuls are counted.
 Qwen2-VL / Qwen2.5-VL: the vision tower's sequence is each image's own patches (t x h x w from image_grid_thw, so
 the batch carries the grids), attention stays within an image (within each 112 px window in Qwen2.5-VL's windowed
 layers), and the merger (the projector) runs on the patches merged 2 x 2.
@@ -53,6 +57,38 @@ class Block:
     tail_macs: int = 0  # the block's last linear (down_proj, fc2): not recomputed (see recompute below)
     used: bool = True  # False: computed but not read downstream (vision layers above the feature layer): no backward
     windowed: bool = False  # Qwen2.5-VL: attention within windows of the image, not the whole image
+    delta: "DeltaRule | None" = None  # a Gated DeltaNet token mixer instead of self-attention (heads = 0)
+
+
+@dataclass(frozen=True)
+class DeltaRule:
+    """A Gated DeltaNet layer's token mixer (Qwen3.5's ``linear_attn``) as transformers' torch path runs it: a
+    depthwise causal convolution (``channels`` x ``kernel``) over q, k and v, then ``torch_chunk_gated_delta_rule``
+    with ``heads`` value heads (query and key heads repeated to match), key / value head sizes ``k_dim`` / ``v_dim``.
+
+    Per row and head, with the length padded to N chunks of C: per chunk the forward has k_beta k^T and q k^T
+    (C x C x k_dim each), a read of the carried state by the decayed keys and by the queries (C x k_dim x v_dim each),
+    the within-chunk product with the new values (C x C x v_dim) and the state update k^T v (k_dim x C x v_dim). The
+    backward takes each product twice (one per operand), except that chunk 0 reads the zero initial state (no
+    gradient for it) and the last chunk's state update feeds nothing; each triangular solve's backward adds one
+    matmul (C x C x v_dim for the values, C x C x k_dim for the decayed keys)."""
+
+    heads: int
+    k_dim: int
+    v_dim: int
+    channels: int  # the convolution's channels (2 x key dim + value dim)
+    kernel: int
+    chunk: int = 64
+    conv_trainable: bool = False
+
+    def macs(self, rows: int, seq_len: int) -> tuple[int, int, int]:
+        """(forward, activation-gradient, weight-gradient) multiply-accumulates of ``rows`` rows of ``seq_len``."""
+        C, dk, dv = self.chunk, self.k_dim, self.v_dim
+        n = -(-seq_len // C)
+        conv = rows * (seq_len + self.kernel - 1) * self.channels * self.kernel  # padded both sides, then cut
+        fwd = rows * self.heads * n * (2 * C * C * dk + C * C * dv + 3 * C * dk * dv)
+        bwd = rows * self.heads * (n * (5 * C * C * dk + 3 * C * C * dv + 6 * C * dk * dv) - 4 * C * dk * dv)
+        return fwd + conv, bwd + conv, conv if self.conv_trainable else 0
 
 
 @dataclass(frozen=True)
@@ -146,7 +182,9 @@ class FlopModel:
                 weights = parts.get("lm_head", False)
                 on = weights or parts.get("norm", False)
             ck = checkpointing if checkpointing is not None and b.kind == "llm" else b.checkpointed
-            out.append(replace(b, trainable=on, trainable_macs=b.macs if weights else 0, checkpointed=ck))
+            delta = replace(b.delta, conv_trainable=weights) if b.delta else None
+            out.append(replace(b, trainable=on, trainable_macs=b.macs if weights else 0, checkpointed=ck,
+                               delta=delta))
         return replace(self, blocks=out)
 
     def step(self, batches: list[BatchShape]) -> Flops:
@@ -182,7 +220,9 @@ class FlopModel:
             tokens, sq = self.extent(b, shape)
             linear = 2.0 * tokens * b.macs
             attn = 4.0 * b.heads * sq * b.head_dim
-            fwd = linear + attn
+            mixer = b.delta.macs(shape.rows, shape.seq_len) if b.delta else (0, 0, 0)
+            mix_fwd, mix_bwd, mix_w = (2.0 * m for m in mixer)
+            fwd = linear + attn + mix_fwd
             # The projector reads the vision tower; everything above it reads the projector and the embeddings.
             input_grad = below_vision if b.kind in ("vision_embed", "vision", "projector") else below_llm
             on_path = input_grad or b.trainable
@@ -193,8 +233,8 @@ class FlopModel:
             f.forward += fwd
             if on_path and b.used:
                 skipped = 0 if input_grad else 2.0 * tokens * b.input_macs
-                f.act_grad += linear - skipped + 2 * attn
-                f.weight_grad += 2.0 * tokens * b.trainable_macs
+                f.act_grad += linear - skipped + 2 * attn + mix_bwd
+                f.weight_grad += 2.0 * tokens * b.trainable_macs + mix_w
                 if b.checkpointed:
                     f.recompute += fwd - 2.0 * tokens * b.tail_macs
         return f
@@ -222,15 +262,26 @@ def llm_blocks(model, parts, mlp_output_norm: bool = False) -> list[Block]:
     decoder = model.get_decoder()
     blocks = [Block("embed", "embed", 0, 0, trainable=any_trainable(parts.embed))]
     for i, layer in enumerate(parts.layers):
-        blocks.append(Block(f"layer.{i}", "llm", linear_macs(layer), linear_macs(layer, True), heads=heads,
-                            head_dim=head_dim, trainable=any_trainable(layer),
-                            checkpointed=is_checkpointed(decoder) and decoder.training,
-                            tail_macs=0 if mlp_output_norm else last_linear_macs(layer)))
+        delta = delta_rule(layer)
+        blocks.append(Block(f"layer.{i}", "llm", linear_macs(layer), linear_macs(layer, True),
+                            heads=0 if delta else heads, head_dim=0 if delta else head_dim,
+                            trainable=any_trainable(layer), checkpointed=is_checkpointed(decoder) and decoder.training,
+                            tail_macs=0 if mlp_output_norm else last_linear_macs(layer), delta=delta))
     head = parts.lm_head
     blocks.append(Block("lm_head", "lm_head", head.in_features * head.out_features,
                         head.in_features * head.out_features if head.weight.requires_grad else 0,
                         trainable=any_trainable(head) or any_trainable(parts.norm)))
     return blocks
+
+
+def delta_rule(layer: nn.Module) -> DeltaRule | None:
+    """The layer's Gated DeltaNet mixer (``linear_attn``: Qwen3.5's linear-attention layers), or None."""
+    mixer = getattr(layer, "linear_attn", None)
+    if mixer is None:
+        return None
+    conv = mixer.conv1d
+    return DeltaRule(heads=mixer.num_v_heads, k_dim=mixer.head_k_dim, v_dim=mixer.head_v_dim,
+                     channels=conv.out_channels, kernel=conv.kernel_size[0], conv_trainable=conv.weight.requires_grad)
 
 
 @dataclass

@@ -128,9 +128,21 @@ def test_qwen_vision_per_image_grids_match_torch_flop_counter(family, spec, ckpt
     from helpers import qwen
     model = training_eagerly(qwen.model(family), spec, ckpt)
     grids = ((1, 4, 6), (1, 10, 12))  # 6 and 30 tokens; the second spans 3 x 3 windows of 2 x 2 merged units
+    T = 30 + 8
+    counted = count_qwen_step(model, grids, T)
+    fm = flop_model(model)
+    if family == "qwen2_5_vl":
+        assert [b.windowed for b in fm.blocks if b.kind == "vision"] == [True, False] and fm.grid.window == 2
+    ours = fm.micro_batch(BatchShape(rows=2, seq_len=T, images=2, grids=grids))
+    assert ours.hardware == counted.get_total_flops()
+    assert (ours.recompute > 0) == ckpt
+
+
+def count_qwen_step(model, grids, T: int) -> FlopCounterMode:
+    """torch's count of one forward and backward of a Qwen-style ``model`` on 2 rows of ``T`` tokens, each with one
+    image of the given grid (as the image processor would make it)."""
     c = model.config
     tokens = [t * h * w // 4 for t, h, w in grids]
-    T = max(tokens) + 8
     ids = torch.randint(0, 30, (2, T), generator=torch.Generator().manual_seed(0))
     for r, n in enumerate(tokens):
         ids[r, 1], ids[r, 2:2 + n], ids[r, 2 + n] = c.vision_start_token_id, c.image_token_id, c.vision_end_token_id
@@ -140,12 +152,43 @@ def test_qwen_vision_per_image_grids_match_torch_flop_counter(family, spec, ckpt
         logits = model(input_ids=ids, attention_mask=torch.ones_like(ids), pixel_values=pixels,
                        image_grid_thw=torch.tensor(grids), mm_token_type_ids=(ids == c.image_token_id).long()).logits
         logits.float().sum().backward()
+    model.zero_grad(set_to_none=True)
+    return counter
+
+
+def test_torch_counts_a_depthwise_convolutions_weight_gradient_once_per_channel_too_many():
+    """torch.utils.flop_counter ignores ``groups`` in a convolution's weight gradient: for a depthwise convolution of
+    C channels it counts C times the real matmul work (the forward and the input gradient are right). The Gated
+    DeltaNet comparison below takes that excess off torch's count."""
+    B, C, T, K = 2, 6, 10, 4
+    x, w = torch.randn(B, C, T, requires_grad=True), torch.randn(C, 1, K, requires_grad=True)
+    with FlopCounterMode(display=False) as counter:
+        torch.nn.functional.conv1d(x, w, padding=K - 1, groups=C)[:, :, :T].sum().backward()
+    counts = {str(k): v for k, v in counter.get_flop_counts()["Global"].items()}
+    real = 2 * B * (T + K - 1) * C * K
+    assert counts == {"aten.convolution": real, "aten.convolution_backward": real + C * real}
+
+
+@pytest.mark.parametrize("spec,ckpt", [("none", False), ("layers:1", False), ("layers:2-projector", False),
+                                       ("full+vision", True)])
+def test_gated_deltanet_layers_match_torch_flop_counter(spec, ckpt):
+    """Qwen3.5 (helpers/qwen.py: layers 0, 1, 3 Gated DeltaNet, layer 2 attention): the causal convolution and the
+    chunked delta rule on rows of exactly one chunk (64), of one position more (a second chunk of one) and of three
+    chunks, the last one partial (150), under each kind of region. torch's count, less its excess on the depthwise
+    convolution's weight gradient (the test above) for each layer whose convolution trains, is the model's."""
+    from helpers import qwen
+    model = training_eagerly(qwen.model("qwen3_5"), spec, ckpt)
     fm = flop_model(model)
-    if family == "qwen2_5_vl":
-        assert [b.windowed for b in fm.blocks if b.kind == "vision"] == [True, False] and fm.grid.window == 2
-    ours = fm.micro_batch(BatchShape(rows=2, seq_len=T, images=2, grids=grids))
-    assert ours.hardware == counter.get_total_flops()
-    assert (ours.recompute > 0) == ckpt
+    kinds = ["delta" if b.delta else "attention" for b in fm.blocks if b.kind == "llm"]
+    assert kinds == ["delta", "delta", "attention", "delta"]
+    grids = ((1, 4, 6), (1, 10, 12))
+    for T in (64, 65, 150):
+        counted = count_qwen_step(model, grids, T).get_total_flops()
+        excess = sum((b.delta.channels - 1) * 2 * 2 * (T + b.delta.kernel - 1) * b.delta.channels * b.delta.kernel
+                     for b in fm.blocks if b.delta and b.delta.conv_trainable)
+        ours = fm.micro_batch(BatchShape(rows=2, seq_len=T, images=2, grids=grids))
+        assert ours.hardware == counted - excess, T
+        assert (ours.recompute > 0) == ckpt and (excess > 0) == (spec != "layers:2-projector" and spec != "none")
 
 
 @pytest.mark.parametrize("spec", ["uniform25", "full+lm_head"])

@@ -138,14 +138,15 @@ def test_qwen_activations_match_what_autograd_keeps(tmp_path, family):
     assert all(0.85 <= r <= 1.15 for r in ratios.values()), sorted(ratios.items())
 
 
-@pytest.mark.parametrize("family", ["gemma3", "internvl", "llava_next", "llava_onevision"])
+@pytest.mark.parametrize("family", ["gemma3", "internvl", "llava_next", "llava_onevision", "qwen3_5"])
 def test_a_family_the_planner_does_not_model_is_refused_with_what_to_do(tmp_path, capsys, family):
-    """Gemma 3's pooled soft tokens and InternVL's, LLaVA-NeXT's and LLaVA-OneVision's tiles are not in the planner's
-    token and activation model: a plan for them would be silently wrong, so it is refused (only config.json is
-    read)."""
-    from helpers import gemma3, internvl, llava_next, llava_onevision
-    helper = {"gemma3": gemma3, "internvl": internvl, "llava_next": llava_next, "llava_onevision": llava_onevision}
-    helper[family].model().config.save_pretrained(tmp_path)
+    """Gemma 3's pooled soft tokens, InternVL's, LLaVA-NeXT's and LLaVA-OneVision's tiles and Qwen3.5's linear-attention
+    layers are not in the planner's token and activation model: a plan for them would be silently wrong, so it is
+    refused (only config.json is read)."""
+    from helpers import gemma3, internvl, llava_next, llava_onevision, qwen
+    helper = {"gemma3": gemma3.model, "internvl": internvl.model, "llava_next": llava_next.model,
+              "llava_onevision": llava_onevision.model, "qwen3_5": lambda: qwen.model("qwen3_5")}
+    helper[family]().config.save_pretrained(tmp_path)
     code = launcher()(["--model", str(tmp_path), "--gpus", "8", "--gpu", "A100-80GB", "--region", "uniform25"])
     err = capsys.readouterr().err
     assert code == 2

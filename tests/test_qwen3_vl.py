@@ -1,7 +1,9 @@
-"""Qwen3-VL on a tiny random checkpoint written by transformers' own classes (helpers/qwen.py): token counts and ids
-as Qwen3VLProcessor computes them, the projector (merger + DeepStack mergers) as one part, padded batches and the
-masked dummy change no loss, importance and pruning (which keeps the DeepStack layers). The 2-rank ZeRO-3 run is in
-test_train_distributed.py, the resume in test_resume.py, the FLOP model in test_flops.py.
+"""Qwen3-VL and Qwen3.5 on tiny random checkpoints written by transformers' own classes (helpers/qwen.py): token counts
+and ids as Qwen3VLProcessor (the processor of both) computes them, padded batches and the masked dummy change no loss
+or generated token; Qwen3-VL's projector (merger + DeepStack mergers) as one part, importance and pruning (which
+keeps the DeepStack layers); Qwen3.5's projector (the merger alone), its linear-attention layers in regions, and
+pruning them. The 2-rank ZeRO-3 runs are in test_train_distributed.py, the resumes in test_resume.py, the FLOP models
+in test_flops.py.
 
 Qwen3VLProcessor itself cannot be constructed here (its video processor needs torchvision), so the expected ids
 are built as its ``__call__`` builds them: the chat template's text, each ``<|image_pad|>`` repeated
@@ -24,8 +26,13 @@ from lvlm_region.projector import PROJECTOR_FILE, export_projector, load_project
 SIZES = qwen.SIZES + [(300, 20), (20, 300), (500, 400)]
 
 
+@pytest.fixture(scope="module", params=["qwen3_vl", "qwen3_5"])
+def ckpt(request, tmp_path_factory):
+    return qwen.build(str(tmp_path_factory.mktemp(request.param) / "ckpt"), request.param)
+
+
 @pytest.fixture(scope="module")
-def ckpt(tmp_path_factory):
+def qwen3_vl_ckpt(tmp_path_factory):
     return qwen.build(str(tmp_path_factory.mktemp("qwen3_vl") / "ckpt"), "qwen3_vl")
 
 
@@ -36,7 +43,7 @@ def data(tmp_path_factory):
 
 def test_token_counts_and_ids_are_what_qwen3vl_processor_makes(ckpt, data, tmp_path):
     enc, tok, _ = prepare.for_model(ckpt, "auto", 512)
-    layout, ip = enc.layout, qwen.image_processor("qwen3_vl")
+    layout, ip = enc.layout, qwen.image_processor(AutoConfig.from_pretrained(ckpt).model_type)
     assert (ip.patch_size, ip.merge_size) == (16, 2)
     seen = set()
     for w, h in SIZES:  # from the header size alone, as the processor's grid on the decoded image
@@ -56,7 +63,7 @@ def test_token_counts_and_ids_are_what_qwen3vl_processor_makes(ckpt, data, tmp_p
                                                    expand, "<|im_end|>")
 
 
-def test_the_projector_is_the_merger_and_the_deepstack_mergers(ckpt, tmp_path):
+def test_the_projector_is_the_merger_and_the_deepstack_mergers(tmp_path):
     """One part, set and counted together; stage 1's projector file carries both and loads into a fresh model."""
     from lvlm_region.regions import resolve
     from lvlm_region.trainable import apply_region
@@ -101,14 +108,14 @@ def test_padded_batches_and_the_masked_dummy_change_no_loss_or_generated_token(c
 
 
 @torch.no_grad()
-def test_importance_then_pruning_keeps_the_deepstack_layers(ckpt, data, tmp_path):
+def test_importance_then_pruning_keeps_the_deepstack_layers(qwen3_vl_ckpt, data, tmp_path):
     """launch/importance.py scores the layers; pruning never drops decoder layers 0 and 1 (the DeepStack features
     enter after them by index), refuses a K that would need them, and the pruned model loads and generates the same
     with and without its cache."""
     path, folder = data
     scores = tmp_path / "scores.json"
-    res = run([sys.executable, "launch/importance.py", "--model", ckpt, "--data", path, "--image-folder", folder,
-               "--samples", "8", "--output", str(scores)], timeout=300)
+    res = run([sys.executable, "launch/importance.py", "--model", qwen3_vl_ckpt, "--data", path, "--image-folder",
+               folder, "--samples", "8", "--output", str(scores)], timeout=300)
     assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-2000:]
     bi = json.loads(scores.read_text())
     bi["scores"] = [0.0, 0.01, 0.5, 0.2]  # the DeepStack layers score lowest: pruning must still keep them
@@ -117,12 +124,56 @@ def test_importance_then_pruning_keeps_the_deepstack_layers(ckpt, data, tmp_path
                                                r"protected region 'none' \(--protect none\), and 2 more it keeps "
                                                r"because the model adds its 2 DeepStack features after decoder "
                                                r"layers 0-1 by index \(layers \[0, 1\]\), so at most 2 can be dropped"):
-        prune.make_plan(ckpt, str(scores), [3], "none")
+        prune.make_plan(qwen3_vl_ckpt, str(scores), [3], "none")
     out = tmp_path / "pruned"
-    prune.run(ckpt, str(scores), [1], "none", str(out))
+    prune.run(qwen3_vl_ckpt, str(scores), [1], "none", str(out))
     record = json.loads((out / prune.PRUNE_FILE).read_text())
     assert record["dropped"] == [3] and record["pinned"]["layers"] == [0, 1]
     assert AutoConfig.from_pretrained(out).text_config.num_hidden_layers == 3
+    model = AutoModelForImageTextToText.from_pretrained(out).eval()
+    ids = torch.randint(16, 30, (1, 8), generator=torch.Generator().manual_seed(1))
+    kw = dict(attention_mask=torch.ones_like(ids), max_new_tokens=6, min_new_tokens=6, do_sample=False,
+              pad_token_id=model.config.text_config.pad_token_id)
+    assert torch.equal(model.generate(ids, **kw), model.generate(ids, **kw, use_cache=False))
+
+
+def test_qwen3_5_projector_is_the_merger_and_regions_take_linear_attention_layers_whole():
+    """Qwen3.5's tower has no DeepStack: the merger alone is the projector. A region's layer is the whole decoder
+    layer whatever its mixer: uniform25 of the 4 layers is layer 1, a Gated DeltaNet layer, with its convolution,
+    decay (A_log, dt_bias), gated norm and projections."""
+    from lvlm_region.regions import resolve
+    from lvlm_region.trainable import apply_region
+    model = qwen.model("qwen3_5")
+    parts = families.find_parts(model)
+    assert parts.projector is model.model.visual.merger and parts.tied
+    apply_region(model, resolve("uniform25", 4, tied=True))
+    trained = {n for n, p in model.named_parameters() if p.requires_grad}
+    layer1 = {f"model.language_model.layers.1.{n}" for n, _ in model.model.language_model.layers[1].named_parameters()}
+    merger = {f"model.visual.merger.{n}" for n, _ in model.model.visual.merger.named_parameters()}
+    assert trained == layer1 | merger
+    assert {f"model.language_model.layers.1.linear_attn.{n}" for n in ("conv1d.weight", "A_log", "dt_bias")} <= trained
+
+
+@torch.no_grad()
+def test_qwen3_5_importance_then_pruning_drops_linear_attention_layers(data, tmp_path):
+    """launch/importance.py scores Qwen3.5's layers; dropping layers 0 and 3 (Gated DeltaNet) leaves the attention
+    layer and one linear-attention layer: the pruned config's layer_types follow, and the model generates the same
+    with and without its cache (the conv and recurrent states, indexed by the renumbered layers)."""
+    ckpt = qwen.build(str(tmp_path / "ckpt"), "qwen3_5")
+    path, folder = data
+    scores = tmp_path / "scores.json"
+    res = run([sys.executable, "launch/importance.py", "--model", ckpt, "--data", path, "--image-folder", folder,
+               "--samples", "8", "--output", str(scores)], timeout=300)
+    assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-2000:]
+    bi = json.loads(scores.read_text())
+    assert len(bi["scores"]) == 4 and all(0 < x < 2 for x in bi["scores"])
+    bi["scores"] = [0.01, 0.5, 0.4, 0.02]  # the two outer linear-attention layers score lowest
+    scores.write_text(json.dumps(bi))
+    out = tmp_path / "pruned"
+    prune.run(ckpt, str(scores), [2], "none", str(out))
+    assert json.loads((out / prune.PRUNE_FILE).read_text())["dropped"] == [0, 3]
+    text = AutoConfig.from_pretrained(out).text_config
+    assert text.num_hidden_layers == 2 and text.layer_types == ["linear_attention", "full_attention"]
     model = AutoModelForImageTextToText.from_pretrained(out).eval()
     ids = torch.randint(16, 30, (1, 8), generator=torch.Generator().manual_seed(1))
     kw = dict(attention_mask=torch.ones_like(ids), max_new_tokens=6, min_new_tokens=6, do_sample=False,

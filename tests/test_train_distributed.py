@@ -285,6 +285,21 @@ def qwen3_vl_export(out, ckpt, stdout, report):
     assert AutoImageProcessor.from_pretrained(out).to_dict() == AutoImageProcessor.from_pretrained(ckpt).to_dict()
 
 
+def qwen3_5_export(out, ckpt, stdout, report):
+    """The merger changes and layer 1, a Gated DeltaNet layer, changes whole (its convolution and decay too); the
+    exported config keeps the layer types; tokenizer (Qwen3_5Tokenizer) and image processor kept."""
+    from transformers import AutoConfig, AutoImageProcessor, AutoTokenizer
+
+    from helpers import qwen
+    changed = {n for n, p in report["params"].items() if p["changed"]}
+    assert {f"model.language_model.layers.1.linear_attn.{n}" for n in ("conv1d.weight", "A_log", "dt_bias")} <= changed
+    assert AutoConfig.from_pretrained(out).text_config.layer_types == qwen.TEXT3_5["layer_types"]
+    assert re.search(r"embed=lm_head \(tied\) trainable +0 /", stdout)
+    tok = AutoTokenizer.from_pretrained(out)
+    assert type(tok).__name__ == "Qwen3_5Tokenizer" and tok.chat_template == qwen.QWEN3_TEMPLATE
+    assert AutoImageProcessor.from_pretrained(out).to_dict() == AutoImageProcessor.from_pretrained(ckpt).to_dict()
+
+
 def internvl_export(out, ckpt, stdout, report):
     """The exported image processor tiles as InternVLProcessor calls it; the prepared data counted tiles."""
     from transformers import AutoImageProcessor
@@ -317,6 +332,7 @@ def family_run(family: str):
         "gemma3": (gemma3.build, r"model\.multi_modal_projector\.", gemma3_export),
         "qwen3_vl": (lambda d: qwen.build(d, "qwen3_vl"), r"model\.visual\.(merger|deepstack_merger_list\.[01])\.",
                      qwen3_vl_export),
+        "qwen3_5": (lambda d: qwen.build(d, "qwen3_5"), r"model\.visual\.merger\.", qwen3_5_export),
         "internvl": (internvl.build, r"model\.multi_modal_projector\.", internvl_export),
         "llava_next": (llava_next.build, r"model\.multi_modal_projector\.|model\.image_newline$",
                        processor_export("LlavaNextProcessor", lambda: llava_next.TEMPLATE)),
@@ -329,14 +345,15 @@ def family_run(family: str):
     return runs[family]
 
 
-@pytest.mark.parametrize("family", ["gemma3", "qwen3_vl", "internvl", "llava_next", "llava_onevision", "idefics3",
-                                    "smolvlm"])
+@pytest.mark.parametrize("family", ["gemma3", "qwen3_vl", "qwen3_5", "internvl", "llava_next", "llava_onevision",
+                                    "idefics3", "smolvlm"])
 def test_a_family_trains_exactly_its_region_and_projector_and_exports(tmp_path, family):
     """A tiny checkpoint of each family written by transformers' own classes, 2 ranks, ZeRO-3, uniform25 (layer 1 of
     4), micro-batch 1 over images of several sizes and text-only samples (the masked dummy image keeps the tower's
     gathers in step), with evaluation (generation under ZeRO-3): only the projector (Gemma 3's matmul and norm scale;
-    Qwen3-VL's merger and DeepStack mergers; InternVL's and Idefics3's pixel-shuffle projectors; LLaVA-NeXT's
-    and LLaVA-OneVision's projector and image_newline) and layer 1 change, and the export reloads to the engine's
+    Qwen3-VL's merger and DeepStack mergers; Qwen3.5's merger, its layer 1 a Gated DeltaNet layer; InternVL's and
+    Idefics3's pixel-shuffle projectors; LLaVA-NeXT's and LLaVA-OneVision's projector and image_newline) and layer
+    1 change, and the export reloads to the engine's
     weights with the names save_pretrained writes, with the family's processor. LLaVA-OneVision's data has samples of
     two images (not tiled)."""
     from helpers import family_data, llava_onevision, qwen

@@ -1,4 +1,5 @@
-"""Tiny random Qwen2-VL / Qwen2.5-VL / Qwen3-VL checkpoints in the real layout, and data with images of several sizes.
+"""Tiny random Qwen2-VL / Qwen2.5-VL / Qwen3-VL / Qwen3.5 checkpoints in the real layout, and data with images of
+several sizes.
 
 The checkpoint is what save_pretrained writes for the real models: config.json (Qwen2VLConfig ... with its image,
 vision-start and vision-end token ids), model.safetensors, the tokenizer with Qwen's chat template (which writes
@@ -48,7 +49,7 @@ VISION_TOKENS = ["<|vision_start|>", "<|vision_end|>", "<|image_pad|>", "<|video
 WORDS = ("system user assistant You are a helpful assistant. What color is the shape? red green blue yellow "
          "square circle triangle Which shape is it? Describe")
 MIN_PIXELS, MAX_PIXELS = 56 * 56, 112 * 112  # 4 .. 16 image tokens (28 x 28 pixels per token)
-PATCH = {"qwen2_vl": 14, "qwen2_5_vl": 14, "qwen3_vl": 16}  # Qwen3-VL: 32 x 32 pixels per token
+PATCH = {"qwen2_vl": 14, "qwen2_5_vl": 14, "qwen3_vl": 16, "qwen3_5": 16}  # Qwen3-VL / 3.5: 32 x 32 pixels per token
 TEXT = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2,
             rope_scaling={"type": "mrope", "mrope_section": [1, 1, 2]}, max_position_embeddings=512)
 VISION = {"qwen2_vl": dict(depth=2, embed_dim=32, hidden_size=32, num_heads=4, patch_size=14, spatial_merge_size=2),
@@ -57,30 +58,69 @@ VISION = {"qwen2_vl": dict(depth=2, embed_dim=32, hidden_size=32, num_heads=4, p
           # DeepStack from both vision layers (the released models take 3 of 24-27); an 8 x 8 learned position grid
           "qwen3_vl": dict(depth=2, hidden_size=32, intermediate_size=64, num_heads=4, out_hidden_size=32,
                            patch_size=16, spatial_merge_size=2, num_position_embeddings=64,
-                           deepstack_visual_indexes=[0, 1])}
+                           deepstack_visual_indexes=[0, 1]),
+          # Qwen3-VL's tower without DeepStack
+          "qwen3_5": dict(depth=2, hidden_size=32, intermediate_size=64, num_heads=4, out_hidden_size=32,
+                          patch_size=16, spatial_merge_size=2, num_position_embeddings=64)}
 # Qwen3-VL's LLM (Qwen3: q / k norms, head_dim set) with interleaved M-RoPE; tied, as Qwen3-VL-2B / 4B.
 TEXT3 = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2,
              head_dim=8, max_position_embeddings=512, rope_parameters={
                  "rope_type": "default", "rope_theta": 10000.0, "mrope_section": [1, 1, 2], "mrope_interleaved": True})
 
+# Qwen3.5's LLM: Gated DeltaNet (linear attention) layers and gated attention layers (layer 2; the released models
+# put one every 4 layers), small linear heads (2 key heads shared by 4 value heads, as 16 / 32 in the released
+# models); partial rotary (half of a 16-wide head; the released models rotate a quarter of 256) with interleaved
+# M-RoPE; tied, as the small Qwen3.5 models.
+TEXT3_5 = dict(TEXT3, head_dim=16, linear_key_head_dim=8, linear_value_head_dim=8, linear_num_key_heads=2,
+               linear_num_value_heads=4, linear_conv_kernel_dim=4,
+               layer_types=["linear_attention", "linear_attention", "full_attention", "linear_attention"],
+               rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [2, 1, 1],
+                                "mrope_interleaved": True, "partial_rotary_factor": 0.5})
+
 
 def tokenizer(family: str = "qwen2_vl"):
+    if family == "qwen3_5":
+        return qwen3_5_tokenizer()
     template = QWEN3_TEMPLATE if family == "qwen3_vl" else QWEN_TEMPLATE
     tok = word_tokenizer(WORDS, bos=None, eos="<|im_end|>", chat_template=template)
     tok.add_special_tokens({"additional_special_tokens": SPECIAL[4:] + VISION_TOKENS})
     return tok
 
 
+def qwen3_5_tokenizer():
+    """transformers' Qwen3_5Tokenizer (byte-level BPE behind Qwen's pre-tokenizer split; what AutoTokenizer builds for
+    a qwen3_5 checkpoint from its vocab and merges), its vocab and merges learnt here from WORDS, each word on its own
+    and after a space, so every word the test data answers with is one token."""
+    from tokenizers import Regex, Tokenizer, models, normalizers, pre_tokenizers, trainers
+    from transformers.models.qwen3_5.tokenization_qwen3_5 import PRETOKENIZE_REGEX
+    bpe = Tokenizer(models.BPE())
+    bpe.normalizer = normalizers.NFC()
+    bpe.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Split(Regex(PRETOKENIZE_REGEX), behavior="isolated"),
+                                                 pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
+    corpus = [w for w in WORDS.split() for w in (w, " " + w)] * 20
+    bpe.train_from_iterator(corpus, trainers.BpeTrainer(vocab_size=400, special_tokens=["<|endoftext|>"],
+                                                        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+                                                        show_progress=False))
+    learnt = json.loads(bpe.to_str())["model"]
+    tok = T.Qwen3_5Tokenizer(vocab=learnt["vocab"], merges=[tuple(m) for m in learnt["merges"]],
+                             eos_token="<|im_end|>", pad_token="<|endoftext|>")
+    tok.add_special_tokens({"additional_special_tokens": ["<|im_start|>", "<|im_end|>"] + VISION_TOKENS})
+    tok.chat_template = QWEN3_TEMPLATE
+    return tok
+
+
 def model(family: str = "qwen2_vl", seed: int = 0, tok=None):
-    """A tiny random ``family`` (qwen2_vl | qwen2_5_vl | qwen3_vl) model whose special token ids are the
+    """A tiny random ``family`` (qwen2_vl | qwen2_5_vl | qwen3_vl | qwen3_5) model whose special token ids are the
     tokenizer's."""
     tok = tok or tokenizer(family)
     ids = dict(zip(VISION_TOKENS, tok.convert_tokens_to_ids(VISION_TOKENS)))
     config_cls, model_cls = {"qwen2_vl": (T.Qwen2VLConfig, T.Qwen2VLForConditionalGeneration),
                              "qwen2_5_vl": (T.Qwen2_5_VLConfig, T.Qwen2_5_VLForConditionalGeneration),
-                             "qwen3_vl": (T.Qwen3VLConfig, T.Qwen3VLForConditionalGeneration)}[family]
-    tied = family == "qwen3_vl"
-    text = dict(TEXT3 if tied else TEXT, model_type=f"{family}_text", vocab_size=len(tok),
+                             "qwen3_vl": (T.Qwen3VLConfig, T.Qwen3VLForConditionalGeneration),
+                             "qwen3_5": (T.Qwen3_5Config, T.Qwen3_5ForConditionalGeneration)}[family]
+    tied = family in ("qwen3_vl", "qwen3_5")
+    text = dict({"qwen3_vl": TEXT3, "qwen3_5": TEXT3_5}.get(family, TEXT), model_type=f"{family}_text",
+                vocab_size=len(tok),
                 eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id, bos_token_id=None,
                 tie_word_embeddings=tied)
     config = config_cls(text_config=text, vision_config=VISION[family], image_token_id=ids["<|image_pad|>"],
@@ -98,7 +138,7 @@ def image_processor(family: str = "qwen2_vl"):
 
 
 def build(out: str, family: str = "qwen2_vl", seed: int = 0) -> str:
-    """Write a tiny random checkpoint of ``family`` (qwen2_vl | qwen2_5_vl | qwen3_vl) to ``out``; returns ``out``."""
+    """Write a tiny random checkpoint of ``family`` (qwen2_vl | qwen2_5_vl | qwen3_vl | qwen3_5) to ``out``."""
     tok = tokenizer(family)
     model(family, seed, tok).save_pretrained(out)
     tok.save_pretrained(out)
