@@ -30,6 +30,9 @@ Gated DeltaNet layers (Qwen3.5's linear attention; ``DeltaRule``): the depthwise
 of transformers' chunked torch path (``torch_chunk_gated_delta_rule``, chunks of 64 positions, the padded length
 rounded up to whole chunks); its two triangular solves per chunk are left out (as torch's counter leaves them out;
 about 1% of such a layer at Qwen3.5's sizes), their backward's matmuls are counted.
+Mixture-of-experts MLPs (Qwen3-VL MoE, Qwen3.5 MoE; ``RoutedExperts``): the router on every token and each token's
+``top_k`` experts (gate, up and down projections), whatever the experts' implementation; a shared expert is plain
+linears. A checkpointed MoE layer is recomputed whole (the routing weights' gradient saves the experts' outputs).
 Qwen2-VL / Qwen2.5-VL: the vision tower's sequence is each image's own patches (t x h x w from image_grid_thw, so
 the batch carries the grids), attention stays within an image (within each 112 px window in Qwen2.5-VL's windowed
 layers), and the merger (the projector) runs on the patches merged 2 x 2.
@@ -58,6 +61,27 @@ class Block:
     used: bool = True  # False: computed but not read downstream (vision layers above the feature layer): no backward
     windowed: bool = False  # Qwen2.5-VL: attention within windows of the image, not the whole image
     delta: "DeltaRule | None" = None  # a Gated DeltaNet token mixer instead of self-attention (heads = 0)
+    moe: "RoutedExperts | None" = None  # a mixture-of-experts MLP's router and routed experts
+
+
+@dataclass(frozen=True)
+class RoutedExperts:
+    """A sparse MoE MLP's routed part (``mlp.gate`` and ``mlp.experts``): a router (hidden x experts) on every token,
+    and each token through ``top_k`` of the ``experts`` experts (gate and up: hidden x 2 inter; down: inter x hidden).
+    The experts are 3-D parameters, not nn.Linear, so linear_macs does not see them. Per token the work is the same
+    whichever experts the router picks; the backward takes each matmul once for the inputs (the router's too: the
+    routing weights scale the experts' outputs) and once for the weights when they train."""
+
+    experts: int
+    top_k: int
+    hidden: int
+    inter: int
+    trainable: bool = False
+
+    def macs(self, tokens: int) -> tuple[int, int, int]:
+        """(forward, activation-gradient, weight-gradient) multiply-accumulates over ``tokens`` tokens."""
+        work = tokens * (self.hidden * self.experts + self.top_k * 3 * self.hidden * self.inter)
+        return work, work, work if self.trainable else 0
 
 
 @dataclass(frozen=True)
@@ -183,8 +207,9 @@ class FlopModel:
                 on = weights or parts.get("norm", False)
             ck = checkpointing if checkpointing is not None and b.kind == "llm" else b.checkpointed
             delta = replace(b.delta, conv_trainable=weights) if b.delta else None
+            moe = replace(b.moe, trainable=weights) if b.moe else None
             out.append(replace(b, trainable=on, trainable_macs=b.macs if weights else 0, checkpointed=ck,
-                               delta=delta))
+                               delta=delta, moe=moe))
         return replace(self, blocks=out)
 
     def step(self, batches: list[BatchShape]) -> Flops:
@@ -221,7 +246,8 @@ class FlopModel:
             linear = 2.0 * tokens * b.macs
             attn = 4.0 * b.heads * sq * b.head_dim
             mixer = b.delta.macs(shape.rows, shape.seq_len) if b.delta else (0, 0, 0)
-            mix_fwd, mix_bwd, mix_w = (2.0 * m for m in mixer)
+            routed = b.moe.macs(tokens) if b.moe else (0, 0, 0)
+            mix_fwd, mix_bwd, mix_w = (2.0 * (m + r) for m, r in zip(mixer, routed))
             fwd = linear + attn + mix_fwd
             # The projector reads the vision tower; everything above it reads the projector and the embeddings.
             input_grad = below_vision if b.kind in ("vision_embed", "vision", "projector") else below_llm
@@ -262,11 +288,12 @@ def llm_blocks(model, parts, mlp_output_norm: bool = False) -> list[Block]:
     decoder = model.get_decoder()
     blocks = [Block("embed", "embed", 0, 0, trainable=any_trainable(parts.embed))]
     for i, layer in enumerate(parts.layers):
-        delta = delta_rule(layer)
+        delta, moe = delta_rule(layer), routed_experts(layer)
         blocks.append(Block(f"layer.{i}", "llm", linear_macs(layer), linear_macs(layer, True),
                             heads=0 if delta else heads, head_dim=0 if delta else head_dim,
                             trainable=any_trainable(layer), checkpointed=is_checkpointed(decoder) and decoder.training,
-                            tail_macs=0 if mlp_output_norm else last_linear_macs(layer), delta=delta))
+                            tail_macs=0 if mlp_output_norm or moe else last_linear_macs(layer), delta=delta,
+                            moe=moe))
     head = parts.lm_head
     blocks.append(Block("lm_head", "lm_head", head.in_features * head.out_features,
                         head.in_features * head.out_features if head.weight.requires_grad else 0,
@@ -282,6 +309,17 @@ def delta_rule(layer: nn.Module) -> DeltaRule | None:
     conv = mixer.conv1d
     return DeltaRule(heads=mixer.num_v_heads, k_dim=mixer.head_k_dim, v_dim=mixer.head_v_dim,
                      channels=conv.out_channels, kernel=conv.kernel_size[0], conv_trainable=conv.weight.requires_grad)
+
+
+def routed_experts(layer: nn.Module) -> RoutedExperts | None:
+    """The layer's mixture-of-experts router and experts (``mlp.gate``, ``mlp.experts`` with 3-D weights), or None.
+    Sizes from the modules' attributes (ZeRO-3 partitions the parameters)."""
+    mlp = getattr(layer, "mlp", None)
+    experts, router = getattr(mlp, "experts", None), getattr(mlp, "gate", None)
+    if experts is None or not hasattr(experts, "gate_up_proj") or not hasattr(router, "top_k"):
+        return None
+    return RoutedExperts(experts=experts.num_experts, top_k=router.top_k, hidden=experts.hidden_dim,
+                         inter=experts.intermediate_dim, trainable=experts.gate_up_proj.requires_grad)
 
 
 @dataclass

@@ -35,3 +35,13 @@ def token_loss_sum(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
 def valid_tokens(labels: torch.Tensor) -> int:
     """How many positions token_loss_sum counts."""
     return int(loss_positions(labels).sum())
+
+
+def router_loss(outputs, config) -> torch.Tensor | None:
+    """A mixture-of-experts model's load-balancing loss times its coefficient, as the model's own loss adds it: the
+    model returns ``aux_loss`` when its text config has ``output_router_logits`` (weighted by
+    ``router_aux_loss_coef``); None for other models."""
+    aux = getattr(outputs, "aux_loss", None)
+    if aux is None:
+        return None
+    return config.get_text_config().router_aux_loss_coef * aux.float()

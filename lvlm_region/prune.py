@@ -166,7 +166,8 @@ def pruned_view(model: PreTrainedModel, kept: list[int]):
     text = model.config.get_text_config()
     depth = len(layers)
     lists = _per_layer_lists(text, depth)
-    before = {k: getattr(text, k) for k in ("num_hidden_layers", "max_window_layers", *lists) if hasattr(text, k)}
+    before = {k: getattr(text, k) for k in ("num_hidden_layers", "max_window_layers", "mlp_only_layers",
+                                             "decoder_sparse_step", *lists) if hasattr(text, k)}
     numbered = [(m, i) for i, layer in enumerate(layers) for m in layer.modules()
                 if isinstance(getattr(m, "layer_idx", None), int)]
     try:
@@ -182,6 +183,12 @@ def pruned_view(model: PreTrainedModel, kept: list[int]):
         if isinstance(before.get("max_window_layers"), int):  # layers below it use full attention (Qwen2)
             text.max_window_layers = sum(1 for i in kept if i < before["max_window_layers"])
             changed.append("max_window_layers")
+        if isinstance(before.get("decoder_sparse_step"), int):  # MoE (Qwen3-VL MoE): which layers have experts
+            dense = set(before.get("mlp_only_layers") or ())
+            step = before["decoder_sparse_step"]
+            text.mlp_only_layers = [new for new, old in enumerate(kept) if old in dense or (old + 1) % step]
+            text.decoder_sparse_step = 1
+            changed += ["mlp_only_layers", "decoder_sparse_step"]
         yield changed
     finally:
         decoder.layers = layers

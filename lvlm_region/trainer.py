@@ -25,7 +25,7 @@ from .data import BatchStream, ImageTextDataset, run_loader, to_device
 from .evaluate import evaluate
 from .flops import BatchShape
 from .image_inputs import tower_inputs
-from .loss import loss_positions, token_loss_sum, valid_tokens
+from .loss import loss_positions, router_loss, token_loss_sum, valid_tokens
 from .model import enable_checkpointing, load_model, skeleton
 from .projector import PROJECTOR_FILE, export_projector, import_projector, load_projector
 from .run_setup import Setup, obtain_data, plan_run, setup
@@ -128,6 +128,7 @@ class Trainer:
         self.start_step = self.prior["step"]
         self.previous = s.resume_from.name if s.resume_from is not None else None  # the checkpoint continued
         self.replaced = self.prior.get("images_replaced", 0)  # samples whose image failed to decode, all ranks
+        self.router_loss: float | None = None  # MoE: the last step's load-balancing loss (loss.router_loss)
         self.summary = {
             "status": "running", "config": cfg.to_dict(), "region": s.region.to_dict(), "parameters": self.counts,
             "world_size": engine.world_size(), "precision": s.precision, "attn": s.attn, "ds_config": s.ds_config,
@@ -178,25 +179,31 @@ class Trainer:
         # Grads end up as (sum of token losses over all ranks and micro-steps) / n_valid: DeepSpeed divides by
         # grad_accum and averages over ranks, so each micro-step's sum is scaled by world * grad_accum / n_valid.
         scale = engine.world_size() * cfg.grad_accum / max(n_valid, 1.0)
-        loss_sum = 0.0
+        loss_sum = router_sum = 0.0
         for b in micro:
             with timer.phase("forward"):
                 # No KV cache in training; with one, transformers would not read restarting position ids as packing.
-                logits = ds_engine(**self.s.encoding.layout.model_inputs(b), logits_to_keep=loss_positions(b["labels"]),
-                                   use_cache=False).logits  # [N, V]: the trained positions only
-                lsum = token_loss_sum(logits, b["labels"])
+                out = ds_engine(**self.s.encoding.layout.model_inputs(b), logits_to_keep=loss_positions(b["labels"]),
+                                use_cache=False)  # logits [N, V]: the trained positions only
+                lsum = token_loss_sum(out.logits, b["labels"])
+                # MoE: the router's load-balancing loss per micro-batch (DeepSpeed averages it over micro-steps
+                # and ranks, as the model's own loss would have it per batch)
+                router = router_loss(out, ds_engine.module.config)
             with timer.phase("backward"):
-                ds_engine.backward(lsum * scale)
+                ds_engine.backward(lsum * scale if router is None else lsum * scale + router)
             with timer.phase("optimizer"):
                 ds_engine.step()
             loss_sum += float(lsum.detach())
+            router_sum += 0.0 if router is None else float(router.detach())
         work = self.flop_model.step([shape for b in micro for shape in batch_shapes(b)])
         with timer.phase("optimizer"):
             # One collective for the loss, the stop request and the step's work: every rank stops together.
-            loss_total, stops, n_tokens, n_samples, n_images, f_model, f_hw, n_replaced = engine.all_reduce_sum(
-                [loss_sum, float(self.stop.poll()), sum(b["n_tokens"] for b in micro),
-                 sum(b["n_samples"] for b in micro), sum(b["real_images"] for b in micro), work.model,
-                 work.hardware, sum(b["replaced"] for b in micro)])
+            loss_total, stops, n_tokens, n_samples, n_images, f_model, f_hw, n_replaced, router_total = \
+                engine.all_reduce_sum([loss_sum, float(self.stop.poll()), sum(b["n_tokens"] for b in micro),
+                                       sum(b["n_samples"] for b in micro), sum(b["real_images"] for b in micro),
+                                       work.model, work.hardware, sum(b["replaced"] for b in micro), router_sum])
+        if router is not None:  # the mean over micro-steps and ranks, as the gradient has it
+            self.router_loss = router_total / (engine.world_size() * cfg.grad_accum)
         self.replaced += int(n_replaced)
         times = timer.finish()
         self.totals.add(times, n_tokens, n_samples, n_images, f_model, f_hw)
@@ -228,7 +235,8 @@ class Trainer:
         cfg, world = self.cfg, engine.world_size()
         w = self.window.summary(world, self.peak or 1.0)
         factor = self.scheduler.lr_lambdas[0](self.scheduler.last_epoch)  # every group follows the same schedule
-        rec = {"step": step, "loss": self.loss, "lr": cfg.lr * factor,
+        rec = {"step": step, "loss": self.loss, **({"router_loss": self.router_loss} if self.router_loss is not None
+                                                    else {}), "lr": cfg.lr * factor,
                **({"projector_lr": cfg.projector_lr * factor} if cfg.projector_lr != cfg.lr else {}),
                "grad_norm": _float(self.grad_norm),
                "tokens_per_s": w["tokens_per_s_per_gpu"] * world, "step_s": w["step_seconds"],

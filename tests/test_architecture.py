@@ -107,7 +107,8 @@ def test_every_family_module_is_registered():
     registered = {type(f).__module__.rsplit(".", 1)[1] for f in families.FAMILIES}
     assert registered == mods
     assert families.trainable() == ["gemma3", "idefics3", "internvl", "llava", "llava_next", "llava_onevision",
-                                    "qwen2_vl", "qwen2_5_vl", "qwen3_5", "qwen3_vl", "smolvlm"]
+                                    "qwen2_vl", "qwen2_5_vl", "qwen3_5", "qwen3_5_moe", "qwen3_vl", "qwen3_vl_moe",
+                                    "smolvlm"]
     assert set(families.REGISTRY) == {"llava", "qwen2_vl", "qwen2_5_vl", "llava_next", "llava_onevision",
                                       "paligemma", "gemma3", "idefics3", "qwen3_vl", "qwen3_vl_moe", "qwen3_5",
                                       "qwen3_5_moe", "internvl", "smolvlm"}

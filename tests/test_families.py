@@ -101,7 +101,8 @@ def test_llava_next_image_newline_trains_with_the_projector():
 
 @pytest.mark.parametrize("family", sorted(set(FAMILIES) - {"gemma3", "idefics3", "internvl", "llava",
                                                                      "llava_next", "llava_onevision", "qwen2_vl",
-                                                                     "qwen2_5_vl", "qwen3_5", "qwen3_vl", "smolvlm"}))
+                                                                     "qwen2_5_vl", "qwen3_5", "qwen3_5_moe",
+                                                                     "qwen3_vl", "qwen3_vl_moe", "smolvlm"}))
 def test_training_a_family_without_a_data_path_is_refused_before_loading(tmp_path, family):
     """Only the config is on disk: the refusal comes before any processor, tokenizer or weights are read."""
     from lvlm_region.prepare import for_model
@@ -113,7 +114,7 @@ def test_training_a_family_without_a_data_path_is_refused_before_loading(tmp_pat
     assert f"--model {tmp_path} is a {T.AutoConfig.from_pretrained(tmp_path).model_type} model" in msg
     assert "training it is not supported yet" in msg
     assert ("Supported for training: gemma3, idefics3, internvl, llava, llava_next, llava_onevision, qwen2_vl, "
-            "qwen2_5_vl, qwen3_5, qwen3_vl, smolvlm") in msg
+            "qwen2_5_vl, qwen3_5, qwen3_5_moe, qwen3_vl, qwen3_vl_moe, smolvlm") in msg
 
 
 def test_default_aspect_of_an_assembled_llava_is_llavas_whatever_family_registers_first():

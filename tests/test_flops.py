@@ -305,3 +305,29 @@ def test_gemma3_pooled_projector_matches_torch_flop_counter(spec, ckpt):
     ours = fm.micro_batch(BatchShape(rows=2, seq_len=T, images=2))
     assert ours.hardware == counter.get_total_flops()
     assert (ours.recompute > 0) == ckpt
+
+
+@pytest.mark.parametrize("family", ["qwen3_vl_moe", "qwen3_5_moe"])
+@pytest.mark.parametrize("spec,ckpt", [("none", False), ("layers:1", False), ("layers:2-projector", False),
+                                       ("full+vision", True)])
+def test_routed_experts_match_torch_flop_counter(family, spec, ckpt):
+    """Qwen3-VL MoE (layers 0, 1, 3 with 4 experts, 2 per token; layer 2 a dense MLP) and Qwen3.5 MoE (experts and a
+    gated shared expert in every layer, Gated DeltaNet layers 0, 1, 3): the router on every token and each token's
+    2 experts, whichever the router picks, run by transformers' eager experts loop (matmuls per expert on its
+    tokens, which the counter sees). Checkpointing recomputes an MoE layer whole. The depthwise convolution's excess
+    is taken off torch's count as in the Gated DeltaNet test."""
+    from helpers import qwen
+    model = qwen.model(family)
+    model.set_experts_implementation("eager")
+    model = training_eagerly(model, spec, ckpt)
+    fm = flop_model(model)
+    moe = [b.moe is not None for b in fm.blocks if b.kind == "llm"]
+    assert moe == ([True, True, False, True] if family == "qwen3_vl_moe" else [True] * 4)
+    grids = ((1, 4, 6), (1, 10, 12))
+    T = 70
+    counted = count_qwen_step(model, grids, T).get_total_flops()
+    excess = sum((b.delta.channels - 1) * 2 * 2 * (T + b.delta.kernel - 1) * b.delta.channels * b.delta.kernel
+                 for b in fm.blocks if b.delta and b.delta.conv_trainable)
+    ours = fm.micro_batch(BatchShape(rows=2, seq_len=T, images=2, grids=grids))
+    assert ours.hardware == counted - excess
+    assert (ours.recompute > 0) == ckpt

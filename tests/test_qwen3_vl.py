@@ -179,3 +179,45 @@ def test_qwen3_5_importance_then_pruning_drops_linear_attention_layers(data, tmp
     kw = dict(attention_mask=torch.ones_like(ids), max_new_tokens=6, min_new_tokens=6, do_sample=False,
               pad_token_id=model.config.text_config.pad_token_id)
     assert torch.equal(model.generate(ids, **kw), model.generate(ids, **kw, use_cache=False))
+
+
+@pytest.mark.parametrize("family", ["qwen3_vl_moe", "qwen3_5_moe"])
+def test_moe_training_loss_is_the_models_own_loss_with_its_router_loss(family, data, tmp_path):
+    """The trainer's loss on an MoE model (its token loss plus loss.router_loss) is what the model's own forward
+    returns as loss with labels: the mean token loss plus router_aux_loss_coef x its load-balancing loss, over a
+    padded batch with images of two sizes and a text-only row; the router loss is not zero."""
+    from lvlm_region.data import collate
+    from lvlm_region.loss import loss_positions, router_loss, token_loss_sum, valid_tokens
+    ckpt = qwen.build(str(tmp_path / "ckpt"), family)
+    model = AutoModelForImageTextToText.from_pretrained(ckpt).eval()
+    layout, tok, ds = family_data.items(ckpt, data)
+    b = collate([ds[0], ds[1], ds[2]], tok.pad_token_id)
+    with torch.no_grad():
+        out = model(**layout.model_inputs(b), logits_to_keep=loss_positions(b["labels"]), use_cache=False)
+        ours = token_loss_sum(out.logits, b["labels"]) / valid_tokens(b["labels"]) + router_loss(out, model.config)
+        theirs = model(**layout.model_inputs(b), labels=b["labels"], use_cache=False)
+    assert float(router_loss(out, model.config)) > 0 and float(theirs.aux_loss) > 0
+    assert float(ours) == pytest.approx(float(theirs.loss), rel=1e-5)
+
+
+@torch.no_grad()
+def test_moe_pruning_keeps_which_layers_have_experts(data, tmp_path):
+    """Qwen3-VL MoE with a dense MLP in layer 2 (mlp_only_layers): dropping layer 2 leaves layers 0, 1, 3, all with
+    experts, so the pruned config has no dense layer; dropping layer 3 instead keeps layer 2 dense. Both load (the
+    layers' weights match their configs) and generate the same with and without the cache."""
+    from transformers import AutoConfig
+    ckpt = qwen.build(str(tmp_path / "ckpt"), "qwen3_vl_moe")
+    for scores, dense in (([0.5, 0.5, 0.01, 0.3], []), ([0.5, 0.5, 0.3, 0.01], [2])):
+        path = tmp_path / "scores.json"
+        path.write_text(json.dumps({"method": "bi", "scores": scores}))
+        out = tmp_path / f"pruned{len(dense)}"
+        prune.run(ckpt, str(path), [1], "none", str(out))
+        text = AutoConfig.from_pretrained(out).text_config
+        assert (text.num_hidden_layers, text.mlp_only_layers, text.decoder_sparse_step) == (3, dense, 1)
+        model = AutoModelForImageTextToText.from_pretrained(out).eval()
+        layers = model.model.language_model.layers
+        assert [hasattr(layer.mlp, "experts") for layer in layers] == [i not in dense for i in range(3)]
+        ids = torch.randint(16, 30, (1, 8), generator=torch.Generator().manual_seed(1))
+        kw = dict(attention_mask=torch.ones_like(ids), max_new_tokens=6, min_new_tokens=6, do_sample=False,
+                  pad_token_id=text.pad_token_id)
+        assert torch.equal(model.generate(ids, **kw), model.generate(ids, **kw, use_cache=False))

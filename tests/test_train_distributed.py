@@ -300,6 +300,32 @@ def qwen3_5_export(out, ckpt, stdout, report):
     assert AutoImageProcessor.from_pretrained(out).to_dict() == AutoImageProcessor.from_pretrained(ckpt).to_dict()
 
 
+def moe_export(base_check):
+    def check_export(out, ckpt, stdout, report):
+        """Layer 1 changes whole: its router and all its experts (3-D weights) too; the router's load-balancing
+        loss is logged at every step (the tiny configs set output_router_logits)."""
+        changed = {n for n, p in report["params"].items() if p["changed"]}
+        assert {f"model.language_model.layers.1.mlp.{n}" for n in ("gate.weight", "experts.gate_up_proj",
+                                                                    "experts.down_proj")} <= changed
+        records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+        steps = [r for r in records if "step" in r and "loss" in r and "lr" in r]
+        assert len(steps) == 4 and all(r["router_loss"] > 0 for r in steps)
+        base_check(out, ckpt, stdout, report)
+    return check_export
+
+
+def qwen3_vl_moe_export(out, ckpt, stdout, report):
+    """The run started from the released experts' layout (experts x hidden x 2 inter, which ZeRO-3 loading needs:
+    families/qwen3_vl_moe.py) and its export is what save_pretrained writes (transformers' own layout), which plain
+    transformers loads (the reload above)."""
+    from safetensors import safe_open
+    for path, want in ((Path(ckpt), [[4, 32, 16], [4, 8, 32]]), (out, [[4, 16, 32], [4, 32, 8]])):
+        with safe_open(str(path / "model.safetensors"), "pt") as f:
+            shapes = {k.rsplit(".", 1)[1]: f.get_slice(k).get_shape() for k in f.keys() if "layers.1.mlp.experts" in k}
+        assert [shapes["gate_up_proj"], shapes["down_proj"]] == want, path
+    qwen3_vl_export(out, ckpt, stdout, report)
+
+
 def internvl_export(out, ckpt, stdout, report):
     """The exported image processor tiles as InternVLProcessor calls it; the prepared data counted tiles."""
     from transformers import AutoImageProcessor
@@ -333,6 +359,10 @@ def family_run(family: str):
         "qwen3_vl": (lambda d: qwen.build(d, "qwen3_vl"), r"model\.visual\.(merger|deepstack_merger_list\.[01])\.",
                      qwen3_vl_export),
         "qwen3_5": (lambda d: qwen.build(d, "qwen3_5"), r"model\.visual\.merger\.", qwen3_5_export),
+        "qwen3_vl_moe": (lambda d: qwen.build(d, "qwen3_vl_moe"),
+                         r"model\.visual\.(merger|deepstack_merger_list\.[01])\.", moe_export(qwen3_vl_moe_export)),
+        "qwen3_5_moe": (lambda d: qwen.build(d, "qwen3_5_moe"), r"model\.visual\.merger\.",
+                        moe_export(qwen3_5_export)),
         "internvl": (internvl.build, r"model\.multi_modal_projector\.", internvl_export),
         "llava_next": (llava_next.build, r"model\.multi_modal_projector\.|model\.image_newline$",
                        processor_export("LlavaNextProcessor", lambda: llava_next.TEMPLATE)),
@@ -345,13 +375,14 @@ def family_run(family: str):
     return runs[family]
 
 
-@pytest.mark.parametrize("family", ["gemma3", "qwen3_vl", "qwen3_5", "internvl", "llava_next", "llava_onevision",
-                                    "idefics3", "smolvlm"])
+@pytest.mark.parametrize("family", ["gemma3", "qwen3_vl", "qwen3_5", "qwen3_vl_moe", "qwen3_5_moe", "internvl",
+                                    "llava_next", "llava_onevision", "idefics3", "smolvlm"])
 def test_a_family_trains_exactly_its_region_and_projector_and_exports(tmp_path, family):
     """A tiny checkpoint of each family written by transformers' own classes, 2 ranks, ZeRO-3, uniform25 (layer 1 of
     4), micro-batch 1 over images of several sizes and text-only samples (the masked dummy image keeps the tower's
     gathers in step), with evaluation (generation under ZeRO-3): only the projector (Gemma 3's matmul and norm scale;
-    Qwen3-VL's merger and DeepStack mergers; Qwen3.5's merger, its layer 1 a Gated DeltaNet layer; InternVL's and
+    Qwen3-VL's merger and DeepStack mergers; Qwen3.5's merger, its layer 1 a Gated DeltaNet layer; the MoE variants'
+    layer 1 with its router and experts; InternVL's and
     Idefics3's pixel-shuffle projectors; LLaVA-NeXT's and LLaVA-OneVision's projector and image_newline) and layer
     1 change, and the export reloads to the engine's
     weights with the names save_pretrained writes, with the family's processor. LLaVA-OneVision's data has samples of

@@ -1,7 +1,9 @@
-"""Qwen3.5 MoE (``qwen3_5_moe``, e.g. Qwen3.5-35B-A3B): regions resolve and count; training is refused.
+"""Qwen3.5 MoE (``qwen3_5_moe``, e.g. Qwen3.5-35B-A3B): Qwen3.5's layout (the projector is the merger; Gated DeltaNet
+and attention layers) with a mixture-of-experts MLP in every layer: routed experts plus a gated shared expert.
 
-The layout is Qwen3.5's (the projector is the merger; Gated DeltaNet and attention layers); what is missing is the
-mixture-of-experts LLM in the FLOP model and the router's auxiliary loss.
+As for Qwen3-VL MoE (families/qwen3_vl_moe.py): a region's layer trains whole (router, experts, shared expert),
+the FLOP model counts the routed tokens' experts (``flops.RoutedExperts``) and the shared expert's linears, and the
+router's load-balancing loss is added when the checkpoint's text config has ``output_router_logits``.
 """
 from .qwen3_5 import Qwen3_5
 
@@ -9,9 +11,6 @@ from .qwen3_5 import Qwen3_5
 class Qwen3_5Moe(Qwen3_5):
     model_types = ("qwen3_5_moe",)
     title = "Qwen3.5 MoE (e.g. Qwen3.5-35B-A3B)"
-    trains = False
-    not_trainable = ("its LLM's MLPs are mixtures of experts: the FLOP model would count every expert's matmuls, "
-                     "not the routed ones, and the router's load-balancing loss is not added")
 
 
 FAMILY = Qwen3_5Moe()

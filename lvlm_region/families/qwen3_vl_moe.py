@@ -1,7 +1,19 @@
-"""Qwen3-VL MoE (``qwen3_vl_moe``: Qwen3-VL-30B-A3B, -235B-A22B): regions resolve and count; training is refused.
+"""Qwen3-VL MoE (``qwen3_vl_moe``: Qwen3-VL-30B-A3B, -235B-A22B): Qwen3-VL's layout (the projector is the merger and
+the DeepStack mergers; pruning keeps the DeepStack layers) with a mixture-of-experts LLM.
 
-The layout is Qwen3-VL's (the projector is the merger and the DeepStack mergers; pruning keeps the DeepStack
-layers); what is missing is the mixture-of-experts LLM in the FLOP model and the router's auxiliary loss.
+A region's layer trains whole: its attention, its router (``mlp.gate``) and all its experts (``mlp.experts``, 3-D
+weights). The FLOP model counts the router on every token and each token's ``num_experts_per_tok`` experts
+(``flops.RoutedExperts``), whichever experts the router picks. The router's load-balancing loss is added as the
+model's own loss adds it: when the checkpoint's text config has ``output_router_logits`` (weighted by
+``router_aux_loss_coef``; the trainer logs it as ``router_loss``). Pruning keeps which layers have experts
+(``mlp_only_layers`` / ``decoder_sparse_step`` are rewritten for the kept layers).
+
+**The experts' layout.** The released checkpoints store ``mlp.experts.gate_up_proj`` as experts x hidden x 2 inter
+and ``down_proj`` as experts x inter x hidden; transformers keeps them transposed in memory, converts on load when
+a tensor's shape differs from the parameter's (``Transpose(check_dims=True)``), and its save_pretrained writes its
+own layout (so does the export). Under ZeRO-3 the parameter is a partition (shape [0]), so the load always
+transposes: a released checkpoint loads right, a checkpoint written by transformers 5 (this pipeline's export
+included) fails with transformers' size-mismatch error; load such a one with --zero 2.
 """
 from .qwen3_vl import Qwen3VL
 
@@ -9,10 +21,7 @@ from .qwen3_vl import Qwen3VL
 class Qwen3VLMoe(Qwen3VL):
     model_types = ("qwen3_vl_moe",)
     title = "Qwen3-VL MoE (Qwen3-VL-30B-A3B, 235B-A22B)"
-    trains = False
     planned = False
-    not_trainable = ("its LLM's MLPs are mixtures of experts: the FLOP model would count every expert's matmuls, "
-                     "not the routed ones, and the router's load-balancing loss is not added")
 
 
 FAMILY = Qwen3VLMoe()

@@ -49,7 +49,8 @@ VISION_TOKENS = ["<|vision_start|>", "<|vision_end|>", "<|image_pad|>", "<|video
 WORDS = ("system user assistant You are a helpful assistant. What color is the shape? red green blue yellow "
          "square circle triangle Which shape is it? Describe")
 MIN_PIXELS, MAX_PIXELS = 56 * 56, 112 * 112  # 4 .. 16 image tokens (28 x 28 pixels per token)
-PATCH = {"qwen2_vl": 14, "qwen2_5_vl": 14, "qwen3_vl": 16, "qwen3_5": 16}  # Qwen3-VL / 3.5: 32 x 32 pixels per token
+PATCH = {"qwen2_vl": 14, "qwen2_5_vl": 14, "qwen3_vl": 16, "qwen3_5": 16, "qwen3_vl_moe": 16,
+         "qwen3_5_moe": 16}  # Qwen3-VL / 3.5: 32 x 32 pixels per token
 TEXT = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2,
             rope_scaling={"type": "mrope", "mrope_section": [1, 1, 2]}, max_position_embeddings=512)
 VISION = {"qwen2_vl": dict(depth=2, embed_dim=32, hidden_size=32, num_heads=4, patch_size=14, spatial_merge_size=2),
@@ -77,11 +78,22 @@ TEXT3_5 = dict(TEXT3, head_dim=16, linear_key_head_dim=8, linear_value_head_dim=
                rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [2, 1, 1],
                                 "mrope_interleaved": True, "partial_rotary_factor": 0.5})
 
+# The MoE LLMs: 4 experts of width 8, 2 per token, and the router's load-balancing loss on (as the released configs
+# can ask with output_router_logits; weighted 0.01 here so that it shows). Qwen3-VL MoE's layer 2 is a dense MLP
+# (mlp_only_layers); Qwen3.5 MoE adds a shared expert to every layer. 2 x 8 is not the hidden size 32: transformers
+# tells the experts' released layout from its own by their shapes, which a square gate_up_proj would not show.
+MOE = dict(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=8, output_router_logits=True,
+           router_aux_loss_coef=0.01)
+TEXT3_MOE = dict(TEXT3, **MOE, decoder_sparse_step=1, mlp_only_layers=[2])
+TEXT3_5_MOE = dict({k: v for k, v in TEXT3_5.items() if k != "intermediate_size"}, **MOE,
+                   shared_expert_intermediate_size=16)
+FAMILY_TEXT = {"qwen3_vl": TEXT3, "qwen3_5": TEXT3_5, "qwen3_vl_moe": TEXT3_MOE, "qwen3_5_moe": TEXT3_5_MOE}
+
 
 def tokenizer(family: str = "qwen2_vl"):
-    if family == "qwen3_5":
+    if family in ("qwen3_5", "qwen3_5_moe"):
         return qwen3_5_tokenizer()
-    template = QWEN3_TEMPLATE if family == "qwen3_vl" else QWEN_TEMPLATE
+    template = QWEN3_TEMPLATE if family in ("qwen3_vl", "qwen3_vl_moe") else QWEN_TEMPLATE
     tok = word_tokenizer(WORDS, bos=None, eos="<|im_end|>", chat_template=template)
     tok.add_special_tokens({"additional_special_tokens": SPECIAL[4:] + VISION_TOKENS})
     return tok
@@ -110,22 +122,24 @@ def qwen3_5_tokenizer():
 
 
 def model(family: str = "qwen2_vl", seed: int = 0, tok=None):
-    """A tiny random ``family`` (qwen2_vl | qwen2_5_vl | qwen3_vl | qwen3_5) model whose special token ids are the
-    tokenizer's."""
+    """A tiny random ``family`` (qwen2_vl | qwen2_5_vl | qwen3_vl | qwen3_5, and their _moe) model whose special token
+    ids are the tokenizer's."""
     tok = tok or tokenizer(family)
     ids = dict(zip(VISION_TOKENS, tok.convert_tokens_to_ids(VISION_TOKENS)))
     config_cls, model_cls = {"qwen2_vl": (T.Qwen2VLConfig, T.Qwen2VLForConditionalGeneration),
                              "qwen2_5_vl": (T.Qwen2_5_VLConfig, T.Qwen2_5_VLForConditionalGeneration),
                              "qwen3_vl": (T.Qwen3VLConfig, T.Qwen3VLForConditionalGeneration),
-                             "qwen3_5": (T.Qwen3_5Config, T.Qwen3_5ForConditionalGeneration)}[family]
-    tied = family in ("qwen3_vl", "qwen3_5")
-    text = dict({"qwen3_vl": TEXT3, "qwen3_5": TEXT3_5}.get(family, TEXT), model_type=f"{family}_text",
-                vocab_size=len(tok),
+                             "qwen3_5": (T.Qwen3_5Config, T.Qwen3_5ForConditionalGeneration),
+                             "qwen3_vl_moe": (T.Qwen3VLMoeConfig, T.Qwen3VLMoeForConditionalGeneration),
+                             "qwen3_5_moe": (T.Qwen3_5MoeConfig, T.Qwen3_5MoeForConditionalGeneration)}[family]
+    tied = family in FAMILY_TEXT
+    text = dict(FAMILY_TEXT.get(family, TEXT), model_type=f"{family}_text", vocab_size=len(tok),
                 eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id, bos_token_id=None,
                 tie_word_embeddings=tied)
-    config = config_cls(text_config=text, vision_config=VISION[family], image_token_id=ids["<|image_pad|>"],
-                        video_token_id=ids["<|video_pad|>"], vision_start_token_id=ids["<|vision_start|>"],
-                        vision_end_token_id=ids["<|vision_end|>"], tie_word_embeddings=tied)
+    config = config_cls(text_config=text, vision_config=VISION[family.removesuffix("_moe")],
+                        image_token_id=ids["<|image_pad|>"], video_token_id=ids["<|video_pad|>"],
+                        vision_start_token_id=ids["<|vision_start|>"], vision_end_token_id=ids["<|vision_end|>"],
+                        tie_word_embeddings=tied)
     torch.manual_seed(seed)
     return model_cls(config)
 
@@ -138,12 +152,24 @@ def image_processor(family: str = "qwen2_vl"):
 
 
 def build(out: str, family: str = "qwen2_vl", seed: int = 0) -> str:
-    """Write a tiny random checkpoint of ``family`` (qwen2_vl | qwen2_5_vl | qwen3_vl | qwen3_5) to ``out``."""
+    """Write a tiny random checkpoint of ``family`` (as ``model``) to ``out``; returns ``out``."""
     tok = tokenizer(family)
     model(family, seed, tok).save_pretrained(out)
+    if family == "qwen3_vl_moe":  # the experts as the released checkpoints store them
+        released_layout(os.path.join(out, "model.safetensors"))
     tok.save_pretrained(out)
     image_processor(family).save_pretrained(out)
     return out
+
+
+def released_layout(path: str) -> None:
+    """Rewrite a Qwen3-VL MoE checkpoint's experts as the released checkpoints store them (gate_up_proj experts x
+    hidden x 2 inter, down_proj experts x inter x hidden): transformers 5 keeps the transpose in memory and its
+    save_pretrained writes that, which transformers cannot load under ZeRO-3 (families/qwen3_vl_moe.py)."""
+    from safetensors.torch import load_file, save_file
+    state = load_file(path)
+    save_file({k: v.transpose(1, 2).contiguous() if k.endswith(("experts.gate_up_proj", "experts.down_proj")) else v
+               for k, v in state.items()}, path, metadata={"format": "pt"})
 
 
 SIZES = [(60, 40), (100, 50), (30, 90), (120, 120), (56, 56), (200, 70)]
