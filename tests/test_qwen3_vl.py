@@ -1,9 +1,10 @@
-"""Qwen3-VL and Qwen3.5 on tiny random checkpoints written by transformers' own classes (helpers/qwen.py): token counts
-and ids as Qwen3VLProcessor (the processor of both) computes them, padded batches and the masked dummy change no loss
-or generated token; Qwen3-VL's projector (merger + DeepStack mergers) as one part, importance and pruning (which
-keeps the DeepStack layers); Qwen3.5's projector (the merger alone), its linear-attention layers in regions, and
-pruning them. The 2-rank ZeRO-3 runs are in test_train_distributed.py, the resumes in test_resume.py, the FLOP models
-in test_flops.py.
+"""Qwen3-VL and Qwen3.5 (dense and MoE) on tiny random checkpoints written by transformers' own classes
+(helpers/qwen.py): token counts and ids as Qwen3VLProcessor (the processor of all four) computes them, padded batches
+and the masked dummy change no loss or generated token; Qwen3-VL's projector (merger + DeepStack mergers) as one
+part, importance and pruning (which keeps the DeepStack layers); Qwen3.5's projector (the merger alone), its
+linear-attention layers in regions, and pruning them; the MoE models' training loss with the router loss, and
+pruning that keeps which layers have experts. The 2-rank ZeRO-3 runs are in test_train_distributed.py, the resumes
+in test_resume.py, the FLOP models in test_flops.py.
 
 Qwen3VLProcessor itself cannot be constructed here (its video processor needs torchvision), so the expected ids
 are built as its ``__call__`` builds them: the chat template's text, each ``<|image_pad|>`` repeated
@@ -26,7 +27,7 @@ from lvlm_region.projector import PROJECTOR_FILE, export_projector, load_project
 SIZES = qwen.SIZES + [(300, 20), (20, 300), (500, 400)]
 
 
-@pytest.fixture(scope="module", params=["qwen3_vl", "qwen3_5"])
+@pytest.fixture(scope="module", params=["qwen3_vl", "qwen3_5", "qwen3_vl_moe", "qwen3_5_moe"])
 def ckpt(request, tmp_path_factory):
     return qwen.build(str(tmp_path_factory.mktemp(request.param) / "ckpt"), request.param)
 
@@ -43,7 +44,7 @@ def data(tmp_path_factory):
 
 def test_token_counts_and_ids_are_what_qwen3vl_processor_makes(ckpt, data, tmp_path):
     enc, tok, _ = prepare.for_model(ckpt, "auto", 512)
-    layout, ip = enc.layout, qwen.image_processor(AutoConfig.from_pretrained(ckpt).model_type)
+    layout, ip = enc.layout, qwen.image_processor(AutoConfig.from_pretrained(ckpt).model_type.removesuffix("_moe"))
     assert (ip.patch_size, ip.merge_size) == (16, 2)
     seen = set()
     for w, h in SIZES:  # from the header size alone, as the processor's grid on the decoded image

@@ -373,14 +373,14 @@ def test_final_export_is_written_aside_so_a_failed_write_keeps_the_previous_one(
 
 
 @pytest.mark.parametrize("family,tuner", [("qwen3_vl", []), ("qwen3_5", ["--tuner", "lora", "--lora-r", "4"]),
-                                          ("qwen3_vl_moe", []),
+                                          ("qwen3_vl_moe", []), ("qwen3_5_moe", []),
                                           ("gemma3", ["--tuner", "lora", "--lora-r", "8"]),
                                           ("internvl", []), ("llava_next", []), ("llava_onevision", []),
                                           ("idefics3", [])])
 def test_resume_of_other_families_from_a_checkpoint_is_exact(tmp_path, family, tuner):
     """A Qwen3-VL run (full tuner; Qwen2-VL's image path plus DeepStack), a Qwen3.5 run (LoRA on layers 1 and 3,
-    Gated DeltaNet layers: adapters on their projections), a Qwen3-VL MoE run (its router's load-balancing loss in
-    the gradient), a Gemma 3 run (LoRA on the region, the projector fully),
+    Gated DeltaNet layers: adapters on their projections), Qwen3-VL MoE and Qwen3.5 MoE runs (the router's
+    load-balancing loss in the gradient), a Gemma 3 run (LoRA on the region, the projector fully),
     InternVL, LLaVA-NeXT, LLaVA-OneVision (with two-image samples) and Idefics3 runs (images as tiles) under ZeRO-3
     (images of several sizes, text-only samples, an epoch boundary at step 4) resumed from its step-4 checkpoint: the
     same losses, learning rates, grad norms, evaluation and final bytes (the merged export, and the adapter).
@@ -389,7 +389,7 @@ def test_resume_of_other_families_from_a_checkpoint_is_exact(tmp_path, family, t
     It did not when the RNG was restored before rank 0 measured its CPU's matmul peak with torch.randn."""
     from helpers import family_data, gemma3, idefics3, internvl, llava_next, llava_onevision, qwen
     build = {"qwen3_vl": lambda d: qwen.build(d, family), "qwen3_5": lambda d: qwen.build(d, family),
-             "qwen3_vl_moe": lambda d: qwen.build(d, family),
+             "qwen3_vl_moe": lambda d: qwen.build(d, family), "qwen3_5_moe": lambda d: qwen.build(d, family),
              "gemma3": gemma3.build, "internvl": internvl.build,
              "llava_next": llava_next.build, "llava_onevision": llava_onevision.build,
              "idefics3": idefics3.build}[family]
