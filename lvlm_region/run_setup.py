@@ -102,6 +102,7 @@ def setup(cfg: RunConfig, trains: bool = True) -> Setup:
     encoding, tokenizer, processor = prepare.for_model(cfg.model_path, cfg.template, cfg.max_length, cfg.verify_images,
                                                  cfg.image_aspect_ratio, cfg.allow_outside_images)
     family = families.get(model_config.model_type)
+    family.check_checkpoint(cfg.model_path, model_config, engine.zero_stage(ds_config))
     if cfg.packing and family.no_packing:
         raise ValueError(f"--packing: {model_config.model_type} {family.no_packing}; train it without --packing")
     if tokenizer.pad_token_id is None:

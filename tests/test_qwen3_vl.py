@@ -222,3 +222,22 @@ def test_moe_pruning_keeps_which_layers_have_experts(data, tmp_path):
         kw = dict(attention_mask=torch.ones_like(ids), max_new_tokens=6, min_new_tokens=6, do_sample=False,
                   pad_token_id=text.pad_token_id)
         assert torch.equal(model.generate(ids, **kw), model.generate(ids, **kw, use_cache=False))
+
+
+def test_a_qwen3_vl_moe_checkpoint_in_transformers_layout_is_refused_under_zero3_before_loading(data, tmp_path):
+    """What transformers 5's save_pretrained writes (experts x 2 inter x hidden) cannot load under ZeRO-3
+    (families/qwen3_vl_moe.py): refused from the safetensors header, naming the fix, before any weights load."""
+    ckpt = tmp_path / "ckpt"
+    tok = qwen.tokenizer("qwen3_vl_moe")
+    qwen.model("qwen3_vl_moe", tok=tok).save_pretrained(ckpt)  # transformers' own layout
+    tok.save_pretrained(ckpt)
+    qwen.image_processor("qwen3_vl").save_pretrained(ckpt)
+    path, folder = data
+    flags = ["--model", str(ckpt), "--data", path, "--image-folder", folder, "--max-steps", "1",
+             "--output-dir", str(tmp_path / "out")]
+    res = run([sys.executable, "launch/sft.py", *flags, "--zero", "3"], timeout=300)
+    assert res.returncode == 2, res.stdout[-2000:] + res.stderr[-2000:]
+    assert (f"--model {ckpt} stores its experts as transformers 5 writes them "
+            "(model.language_model.layers.0.mlp.experts.gate_up_proj: [4, 16, 32], experts x 2 inter x hidden)"
+            ) in res.stderr and "with --zero 2" in res.stderr
+    assert "Loading weights" not in res.stdout + res.stderr

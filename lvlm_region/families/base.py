@@ -110,6 +110,10 @@ class Family:
         """Decoder layers the model refers to by index (pruning keeps them), and why; none by default."""
         return [], ""
 
+    def check_checkpoint(self, path: str, config, zero: int) -> None:
+        """Refuse, before any weights load, a checkpoint this family's loading cannot read under ZeRO stage
+        ``zero`` (reading only file headers); nothing to check by default."""
+
     def vision_flops(self, model: PreTrainedModel, parts: Parts) -> VisionFlops:
         """The vision side's blocks for the FLOP model (trainable families)."""
         raise NotImplementedError(f"{self.title}: no FLOP model of its vision side")

@@ -13,8 +13,14 @@ and ``down_proj`` as experts x inter x hidden; transformers keeps them transpose
 a tensor's shape differs from the parameter's (``Transpose(check_dims=True)``), and its save_pretrained writes its
 own layout (so does the export). Under ZeRO-3 the parameter is a partition (shape [0]), so the load always
 transposes: a released checkpoint loads right, a checkpoint written by transformers 5 (this pipeline's export
-included) fails with transformers' size-mismatch error; load such a one with --zero 2.
+included) would stop in transformers with a size mismatch after loading began; ``check_checkpoint`` refuses it
+before, from the safetensors header, naming --zero 2 (which loads it).
 """
+import json
+import os
+
+from safetensors import safe_open
+
 from .qwen3_vl import Qwen3VL
 
 
@@ -22,6 +28,33 @@ class Qwen3VLMoe(Qwen3VL):
     model_types = ("qwen3_vl_moe",)
     title = "Qwen3-VL MoE (Qwen3-VL-30B-A3B, 235B-A22B)"
     planned = False
+
+    def check_checkpoint(self, path: str, config, zero: int) -> None:
+        if zero != 3:
+            return
+        text = config.get_text_config()
+        index = os.path.join(path, "model.safetensors.index.json")
+        if os.path.isfile(index):
+            with open(index) as f:
+                files = json.load(f)["weight_map"]
+        else:
+            files = None
+        for layer in range(text.num_hidden_layers):
+            name = f"model.language_model.layers.{layer}.mlp.experts.gate_up_proj"
+            file = os.path.join(path, files.get(name, "") if files is not None else "model.safetensors")
+            if files is not None and name not in files or not os.path.isfile(file):
+                continue
+            with safe_open(file, "pt") as f:
+                if name not in f.keys():
+                    continue
+                shape = f.get_slice(name).get_shape()
+            ours = [text.num_experts, 2 * text.moe_intermediate_size, text.hidden_size]
+            if shape == ours and ours[1] != ours[2]:
+                raise ValueError(f"--model {path} stores its experts as transformers 5 writes them ({name}: {shape}, "
+                                 "experts x 2 inter x hidden), not as the released Qwen3-VL MoE checkpoints do; "
+                                 "transformers' ZeRO-3 loading transposes them regardless and fails. Train or "
+                                 "evaluate it with --zero 2 (or start from the released checkpoint)")
+            return
 
 
 FAMILY = Qwen3VLMoe()
