@@ -33,18 +33,16 @@ class Qwen3VLMoe(Qwen3VL):
         if zero != 3:
             return
         text = config.get_text_config()
-        index = os.path.join(path, "model.safetensors.index.json")
+        index, weight_map = os.path.join(path, "model.safetensors.index.json"), None
         if os.path.isfile(index):
             with open(index) as f:
-                files = json.load(f)["weight_map"]
-        else:
-            files = None
-        for layer in range(text.num_hidden_layers):
+                weight_map = json.load(f)["weight_map"]
+        for layer in range(text.num_hidden_layers):  # the first layer with experts decides: all share a layout
             name = f"model.language_model.layers.{layer}.mlp.experts.gate_up_proj"
-            file = os.path.join(path, files.get(name, "") if files is not None else "model.safetensors")
-            if files is not None and name not in files or not os.path.isfile(file):
+            file = weight_map.get(name) if weight_map is not None else "model.safetensors"
+            if file is None or not os.path.isfile(os.path.join(path, file)):
                 continue
-            with safe_open(file, "pt") as f:
+            with safe_open(os.path.join(path, file), "pt") as f:
                 if name not in f.keys():
                     continue
                 shape = f.get_slice(name).get_shape()
@@ -55,6 +53,5 @@ class Qwen3VLMoe(Qwen3VL):
                                  "transformers' ZeRO-3 loading transposes them regardless and fails. Train or "
                                  "evaluate it with --zero 2 (or start from the released checkpoint)")
             return
-
 
 FAMILY = Qwen3VLMoe()
