@@ -202,12 +202,18 @@ def test_moe_training_loss_is_the_models_own_loss_with_its_router_loss(family, d
 
 
 @torch.no_grad()
-def test_moe_pruning_keeps_which_layers_have_experts(data, tmp_path):
-    """Qwen3-VL MoE with a dense MLP in layer 2 (mlp_only_layers): dropping layer 2 leaves layers 0, 1, 3, all with
-    experts, so the pruned config has no dense layer; dropping layer 3 instead keeps layer 2 dense. Both load (the
-    layers' weights match their configs) and generate the same with and without the cache."""
+def test_moe_importance_and_pruning_keeps_which_layers_have_experts(data, tmp_path):
+    """launch/importance.py scores Qwen3-VL MoE's layers. With a dense MLP in layer 2 (mlp_only_layers), dropping
+    layer 2 leaves layers 0, 1, 3, all with experts, so the pruned config has no dense layer; dropping layer 3 instead
+    keeps layer 2 dense. Both load (the layers' weights match their configs) and generate the same with and without
+    the cache."""
     from transformers import AutoConfig
     ckpt = qwen.build(str(tmp_path / "ckpt"), "qwen3_vl_moe")
+    res = run([sys.executable, "launch/importance.py", "--model", ckpt, "--data", data[0], "--image-folder", data[1],
+               "--samples", "8", "--output", str(tmp_path / "bi.json")], timeout=300)
+    assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-2000:]
+    bi = json.loads((tmp_path / "bi.json").read_text())
+    assert (bi["layers"], bi["samples"]) == (4, 8) and all(0 < x < 2 for x in bi["scores"])
     for scores, dense in (([0.5, 0.5, 0.01, 0.3], []), ([0.5, 0.5, 0.3, 0.01], [2])):
         path = tmp_path / "scores.json"
         path.write_text(json.dumps({"method": "bi", "scores": scores}))

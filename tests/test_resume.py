@@ -373,17 +373,18 @@ def test_final_export_is_written_aside_so_a_failed_write_keeps_the_previous_one(
 
 
 @pytest.mark.parametrize("family,tuner", [("qwen3_vl", []), ("qwen3_5", ["--tuner", "lora", "--lora-r", "4"]),
-                                          ("qwen3_vl_moe", []), ("qwen3_5_moe", []),
+                                          ("qwen3_vl_moe", []), ("qwen3_5_moe", ["--tuner", "lora", "--lora-r", "4"]),
                                           ("gemma3", ["--tuner", "lora", "--lora-r", "8"]),
                                           ("internvl", []), ("llava_next", []), ("llava_onevision", []),
                                           ("idefics3", [])])
 def test_resume_of_other_families_from_a_checkpoint_is_exact(tmp_path, family, tuner):
     """A Qwen3-VL run (full tuner; Qwen2-VL's image path plus DeepStack), a Qwen3.5 run (LoRA on layers 1 and 3,
     Gated DeltaNet layers: adapters on their projections), Qwen3-VL MoE and Qwen3.5 MoE runs (the router's
-    load-balancing loss in the gradient), a Gemma 3 run (LoRA on the region, the projector fully),
-    InternVL, LLaVA-NeXT, LLaVA-OneVision (with two-image samples) and Idefics3 runs (images as tiles) under ZeRO-3
-    (images of several sizes, text-only samples, an epoch boundary at step 4) resumed from its step-4 checkpoint: the
-    same losses, learning rates, grad norms, evaluation and final bytes (the merged export, and the adapter).
+    load-balancing loss in the gradient; Qwen3.5 MoE with LoRA: adapters on the linears, none on the experts), a
+    Gemma 3 run (LoRA on the region, the projector fully), InternVL, LLaVA-NeXT, LLaVA-OneVision (with two-image
+    samples) and Idefics3 runs (images as tiles) under ZeRO-3 (images of several sizes, text-only samples, an epoch
+    boundary at step 4) resumed from its step-4 checkpoint: the same losses, learning rates, grad norms, evaluation
+    and final bytes (the merged export, and the adapter).
 
     LoRA's dropout (0.05 by default) draws from the torch RNG every step: the resumed run must continue it exactly.
     It did not when the RNG was restored before rank 0 measured its CPU's matmul peak with torch.randn."""
@@ -413,9 +414,11 @@ def test_resume_of_other_families_from_a_checkpoint_is_exact(tmp_path, family, t
     if tuner:
         adapter = "adapter/adapter_model.safetensors"
         assert (out / adapter).read_bytes() == (ref / adapter).read_bytes()
-    if family == "qwen3_5":  # adapters on the linear-attention layers' projections, not on the convolution
-        from safetensors import safe_open
+    if family in ("qwen3_5", "qwen3_5_moe"):  # adapters on the linear-attention layers' projections (and the shared
+        from safetensors import safe_open   # expert's), none on the convolution, the router or the 3-D experts
         with safe_open(str(out / "adapter/adapter_model.safetensors"), "pt") as f:
             keys = list(f.keys())
         assert {re.search(r"\.layers\.(\d+)\.", k)[1] for k in keys} == {"1", "3"}
         assert any("linear_attn.in_proj_qkv.lora_A" in k for k in keys) and not any("conv1d" in k for k in keys)
+        assert not any(".mlp.experts." in k or ".mlp.gate." in k for k in keys)
+        assert any(".mlp.shared_expert.down_proj.lora_A" in k for k in keys) == (family == "qwen3_5_moe")
