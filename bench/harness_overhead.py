@@ -32,7 +32,8 @@ from lvlm_region.trainer import batch_shapes, train
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
+                                allow_abbrev=False)
     p.add_argument("--steps", type=int, default=30)
     p.add_argument("--micro-batch", type=int, default=16)
     p.add_argument("--grad-accum", type=int, default=1)

@@ -71,7 +71,8 @@ def padding_fraction(cfg: RunConfig, steps: int) -> float:
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
+                                allow_abbrev=False)
     p.add_argument("--samples", type=int, default=3000)
     p.add_argument("--steps", type=int, default=40)
     p.add_argument("--micro-batch", type=int, default=16)

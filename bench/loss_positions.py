@@ -58,7 +58,8 @@ def arm(kept: bool, args) -> dict:
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
+                                allow_abbrev=False)
     p.add_argument("--vocab", type=int, default=128256)
     p.add_argument("--batch", type=int, default=8)
     p.add_argument("--seq", type=int, default=640)

@@ -115,7 +115,8 @@ def prepare_in_this_process(data: str, root: str, tok_dir: str, verify: str, wor
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
+                                allow_abbrev=False)
     p.add_argument("--samples", type=int, default=100_000)
     p.add_argument("--images", type=int, default=2000)
     p.add_argument("--workers", type=int, default=os.cpu_count())

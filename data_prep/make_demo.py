@@ -11,7 +11,8 @@ import logging
 from lvlm_region import demo
 
 if __name__ == "__main__":
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
+                                allow_abbrev=False)
     p.add_argument("--output", default="data/demo")
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args()

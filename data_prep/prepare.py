@@ -22,7 +22,8 @@ from lvlm_region.cli import field_help, number
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
+                                allow_abbrev=False)
     p.add_argument("--data", required=True, help="LLaVA JSON / JSONL, messages+images JSON(L), Parquet, Arrow or a "
                                                  "`datasets` directory")
     p.add_argument("--image-folder", help="root of the image paths (default: the data file's directory)")

@@ -20,7 +20,7 @@ import logging
 import sys
 
 from lvlm_region.cli import number
-from lvlm_region.config import AT_LEAST_0, AT_LEAST_1, RANGES
+from lvlm_region.config import AT_LEAST_0, AT_LEAST_1
 
 
 def main(argv=None) -> int:
@@ -39,10 +39,10 @@ def main(argv=None) -> int:
     args, passthrough = p.parse_known_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
                         stream=sys.stdout)
-    from lvlm_region.compare import arm_name, check_specs, compare, split_regions  # after logging is set up
+    from lvlm_region.compare import arm_name, check_specs, compare, parse_seeds, split_regions  # after logging
 
     try:
-        seeds = [RANGES["seed"].parse("--seeds", s.strip()) for s in args.seeds.split(",") if s.strip()]
+        seeds = parse_seeds(args.seeds)
         specs = split_regions(args.regions)
         if args.list_arms:
             check_specs(specs, passthrough)

@@ -27,7 +27,8 @@ FROM_RUN = "the model's run.json when it has one, else as stage 2 does"
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
+                                allow_abbrev=False)
     add_flags(p, "sft", FLAGS, unset={"output_dir": "MODEL/eval", "template": FROM_RUN,
                                        "image_aspect_ratio": FROM_RUN, "max_length": FROM_RUN})
     p.add_argument("--local_rank", type=int, default=0, help=argparse.SUPPRESS)  # added by the deepspeed launcher

@@ -26,7 +26,8 @@ FROM_RUN = "the model's run.json when it has one, else as stage 2 does"
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
+                                allow_abbrev=False)
     add_flags(p, "sft", FLAGS, unset={"template": FROM_RUN, "image_aspect_ratio": FROM_RUN, "max_length": FROM_RUN})
     p.add_argument("--method", default="bi", help="bi (block influence, default) | delta (weight change, --base)")
     p.add_argument("--samples", type=int, default=1000, help="samples of --data scored (default 1000; 0: all)")

@@ -21,7 +21,8 @@ import sys
 def main(argv=None) -> int:
     from lvlm_region.plan import ASSUMED_MFU, GPUS
 
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
+                                allow_abbrev=False)
     p.add_argument("--model", required=True, help="a transformers checkpoint directory (only config.json is read)")
     p.add_argument("--gpus", type=int, default=8, help="GPUs in the allocation (default 8)")
     p.add_argument("--gpu", default="A100-80GB", help=f"one of {', '.join(GPUS)} (default A100-80GB); another "

@@ -26,7 +26,8 @@ EVAL_FLAGS = ("text_eval_data", "image_folder", "micro_batch", "eval_max_samples
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
+                                allow_abbrev=False)
     p.add_argument("--model", required=True, help="the model directory to prune (a transformers checkpoint)")
     p.add_argument("--scores", help="per-layer scores from launch/importance.py (default MODEL/importance/scores.json)")
     p.add_argument("--drop", required=True, help="how many layers to drop: K, or K1,K2,... for one model each")

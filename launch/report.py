@@ -18,7 +18,8 @@ from lvlm_region.timing import PEAK_TFLOPS
 
 
 def main() -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
+                                allow_abbrev=False)
     p.add_argument("runs", nargs="+", help="run directories (each with run.json and metrics.jsonl)")
     p.add_argument("--output", required=True, help="directory for the report files")
     p.add_argument("--baseline", help="the full-tuning run directory (default: the run with region 'full')")

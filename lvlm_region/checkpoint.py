@@ -21,6 +21,7 @@ The output directory must be on a file system every node sees (as DeepSpeed's ow
 """
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import logging
@@ -35,7 +36,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from .config import PLANNED, RESUME_MAY_CHANGE, RunConfig, flag
 from .engine import barrier, load_state, rank, rng_state, save_state, set_rng_state
+from .outputs import RUN_FILES
 
 log = logging.getLogger(__name__)
 
@@ -121,12 +124,80 @@ def resolve_resume(resume: str | None, output_dir: str, overwrite: bool = False)
                              f"to {CHECKPOINTS}/{ABANDONED}/), or choose a new --output-dir")
         return None
     if resume == "auto":
+        found = [n for n in RUN_FILES if os.path.lexists(os.path.join(output_dir, n))]
+        if latest is None and found and not overwrite:
+            status = (read_run(output_dir) or {}).get("status", "unknown")
+            raise ValueError(f"--resume auto: --output-dir {output_dir} holds an unfinished run (run.json status "
+                             f"{status}; {', '.join(found)}) and no checkpoint to continue it from (it ran without "
+                             f"--save-every, or stopped before its first save), so it would start over and replace "
+                             f"those files. Pass --overwrite to start it again (its files are moved to "
+                             f"{ABANDONED}/, never deleted), or choose a new --output-dir (nothing was written)")
         return latest
     path = Path(resume)
     if not _complete(path):
         raise FileNotFoundError(f"--resume {resume}: not a complete checkpoint (no {STATE_FILE}); give a "
                                 f"{output_dir}/{CHECKPOINTS}/step-* directory or 'auto'")
     return path
+
+
+class AlreadyComplete(Exception):
+    """--resume auto into a run that finished with the same settings: there is nothing to do (a requeued job)."""
+
+    def __init__(self, output_dir: str, summary: dict):
+        super().__init__(f"{output_dir} is already complete (run.json status complete, {summary.get('steps_done')} "
+                         "steps), nothing to do")
+        self.summary = summary
+
+
+def read_run(output_dir: str) -> dict | None:
+    """The run.json in ``output_dir`` (None when there is none, or it is not a JSON object)."""
+    try:
+        with open(os.path.join(output_dir, "run.json")) as f:
+            run = json.load(f)
+    except (OSError, ValueError):
+        return None
+    return run if isinstance(run, dict) else None
+
+
+def check_finished(cfg: RunConfig) -> None:
+    """--resume auto into a finished run: raise AlreadyComplete when it ran these settings (every field but those a
+    resume may change, config.RESUME_MAY_CHANGE, and those the planner or --global-batch set), else ValueError naming
+    each difference: a typo in --output-dir must not report another run's result as this one's."""
+    run = read_run(cfg.output_dir)
+    if run is None or run.get("status") != "complete":
+        return
+    skip = set(RESUME_MAY_CHANGE) | (set(PLANNED) if cfg.plan == "auto" else set())
+    skip |= {"grad_accum"} if cfg.global_batch is not None else set()
+    had = run.get("config") or {}
+    diffs = [f"{flag(f.name)}: that run {had.get(f.name)!r}, now {getattr(cfg, f.name)!r}"
+             for f in dataclasses.fields(cfg) if f.name not in skip and had.get(f.name) != getattr(cfg, f.name)]
+    if diffs:
+        raise ValueError(f"--output-dir {cfg.output_dir} holds a complete run with other settings:\n  "
+                         + "\n  ".join(diffs) + "\nchoose a new --output-dir, or pass --overwrite to replace it "
+                         "(its files are moved aside, never deleted)")
+    raise AlreadyComplete(cfg.output_dir, run)
+
+
+def set_aside_run(output_dir: str) -> None:
+    """--overwrite: the files of the run being replaced (run.json, metrics.jsonl, its export as .export.json lists
+    it) move to OUTPUT_DIR/abandoned/run-<N>/ (renames: nothing is copied or deleted)."""
+    root = Path(output_dir)
+    names = [n for n in ("run.json", "metrics.jsonl") if (root / n).exists()]
+    listed = root / EXPORT_LIST
+    if listed.is_file():
+        names += [n for n in json.loads(listed.read_text()).get("files", []) if os.path.lexists(root / n)]
+        names.append(EXPORT_LIST)
+    if not names:
+        return
+    i = 1
+    while (root / ABANDONED / f"run-{i}").exists():
+        i += 1
+    dest = root / ABANDONED / f"run-{i}"
+    dest.mkdir(parents=True)
+    for n in names:
+        os.rename(root / n, dest / n)
+    _fsync_dir(root)
+    log.warning("--overwrite: moved the replaced run's %s to %s; nothing was deleted", ", ".join(names), dest)
 
 
 def fingerprint_dir(path: str | None, patterns=("config.json", "*.safetensors", "*.bin")) -> str | None:
@@ -141,32 +212,52 @@ def fingerprint_dir(path: str | None, patterns=("config.json", "*.safetensors", 
     return h.hexdigest()[:16]
 
 
-# What a resume must match, and why it matters, for the refusal message.
+# Why the settings of a run's identity (trainer.run_identity) must match on resume, for the refusal message; a
+# setting not named here "changes what the run computes from here on".
 IDENTITY_WHY = {
     "stage": "a different stage is a different run",
     "model": "the frozen weights and architecture come from it",
     "init": "the starting projector comes from it",
+    "init_projector": "the starting projector comes from it",
     "region": "the trained layers and the optimizer's contents depend on it",
     "world_size": "ZeRO partitions and the data order depend on it; resume with the same number of ranks",
     "micro_batch": "the data order and batch size depend on it",
     "grad_accum": "the batch size depends on it",
+    "global_batch": "the batch size depends on it",
     "data": "the data order depends on it",
     "dataset_size": "the data order depends on it",
     "seed": "the data order depends on it",
     "sampling": "the data order (length grouping) and the batches' layout (packing) depend on it",
     "total_steps": "the LR schedule depends on it",
+    "max_steps": "the LR schedule depends on it",
+    "epochs": "the LR schedule depends on it",
     "lr": "the LR schedule depends on it",
     "projector_lr": "the projector's LR schedule depends on it",
+    "warmup_ratio": "the LR schedule (its warm-up) depends on it",
+    "weight_decay": "every optimizer step depends on it",
+    "grad_clip": "every optimizer step depends on it",
     "tuner": "the trained parameters (whole layers or LoRA adapters of this shape) depend on it",
     "zero_stage": "the optimizer partitions depend on it",
+    "offload": "where the optimizer state lives (DeepSpeedCPUAdam or the engine's Adam) depends on it",
+    "ds_config": "the DeepSpeed settings of every step come from it",
     "precision": "the optimizer state's dtype depends on it",
+    "template": "the token ids and labels of every sample depend on it",
+    "image_aspect_ratio": "the pixels of every image depend on it",
+    "image_folder": "which image files the samples read depends on it",
+    "max_length": "which samples are kept depends on it",
+    "verify_images": "which samples are kept depends on it",
+    "allow_outside_images": "which samples are kept depends on it",
+    "attn": "the attention kernel's arithmetic depends on it",
 }
+OTHER_WHY = "it changes what the run computes from here on"
 
 
 def check_compatible(saved: dict, now: dict, where: Path) -> None:
     """Refuse a resume whose run differs from the checkpoint in anything that decides the future."""
-    diffs = [f"{k}: checkpoint {saved.get(k)!r}, now {now.get(k)!r} ({IDENTITY_WHY[k]})"
-             for k in IDENTITY_WHY if saved.get(k) != now.get(k)]
+    keys = list(now) + [k for k in saved if k not in now]
+    diffs = [f"{k}: checkpoint {saved[k]!r}, now {now.get(k)!r} ({IDENTITY_WHY.get(k, OTHER_WHY)})"
+             if k in saved else f"{k}: not recorded by the checkpoint (an earlier version wrote it), now {now[k]!r}"
+             for k in keys if saved.get(k) != now.get(k) or (k in saved) != (k in now)]
     if diffs:
         raise ValueError(f"cannot resume from {where}: the run differs from the checkpoint in\n  "
                          + "\n  ".join(diffs) + "\nresume with the original settings, or start a new --output-dir")

@@ -57,7 +57,9 @@ def field_help(name: str, stage: str = "sft") -> str:
 def build_parser(stage: str, doc: str) -> argparse.ArgumentParser:
     """One flag per RunConfig field (except stage, the launcher's own): its help, default and, for numbers, its
     Range come from the field (config.setting), so flag and config cannot drift apart."""
-    p = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    # No abbreviations: a mistyped flag (--regio) is refused, never silently taken for another (--region).
+    p = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter,
+                                allow_abbrev=False)
     add_flags(p, stage)
     p.add_argument("--local_rank", type=int, default=0, help=argparse.SUPPRESS)  # added by the deepspeed launcher
     return p
@@ -117,6 +119,11 @@ def main(stage: str, doc: str, argv: list[str] | None = None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 3
     s = result.summary
+    if result.nothing_to_do:
+        if os.environ.get("RANK", "0") == "0":
+            print(f"{cfg.output_dir}: already complete, nothing to do (run.json status complete, "
+                  f"{s.get('steps_done')} steps)")
+        return 0
     if s["status"] == "interrupted" and os.environ.get("RANK", "0") == "0":
         print(f"stopped at step {s['steps_done']} ({s['stop_reason']}); checkpoint {s['checkpoint']}; "
               f"continue with the same command plus --resume auto")

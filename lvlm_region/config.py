@@ -74,6 +74,35 @@ RANGES = {
     "dist_timeout": POSITIVE, "prep_timeout": POSITIVE, "zero": Range(int, 2, 3), "gpu_memory_gb": POSITIVE,
     "global_batch": AT_LEAST_1,
 }
+# RunConfig fields a resume (--resume) may change, and why that is safe: none of them changes the weights, the
+# optimizer state, the data order or the schedule from the checkpoint on. Every other field is part of the run's
+# identity (trainer.run_identity), so a resume that changes it is refused; tests/test_resume.py fails when a new field
+# is in neither place.
+RESUME_MAY_CHANGE = {
+    "output_dir": "where the run writes; a checkpoint given as --resume DIR may continue elsewhere",
+    "overwrite": "decides only whether an earlier run there may be replaced",
+    "resume": "which checkpoint to start from",
+    "eval_data": "read by the end-of-run evaluation only",
+    "text_eval_data": "read by the end-of-run evaluation only",
+    "eval_max_samples": "the end-of-run evaluation only",
+    "max_new_tokens": "the end-of-run evaluation only",
+    "on_bad_sample": "stops or not at a bad sample; the samples kept are counted in dataset_size",
+    "max_bad_fraction": "stops or not before training; the samples kept are counted in dataset_size",
+    "prep_workers": "how many processes prepare the data, not what they write",
+    "prep_timeout": "how long ranks wait for the preparation",
+    "dist_timeout": "how long a collective waits",
+    "num_workers": "DataLoader processes; the sampler's order is the same",
+    "log_every": "how often metrics are written",
+    "save_every": "how often checkpoints are written",
+    "keep_checkpoints": "how many old checkpoints are kept",
+    "compare_full": "runs after training",
+    "export_model": "whether the end writes the model",
+    "peak_tflops": "the denominator of MFU, a reported figure",
+    "grad_ckpt": "recomputes the same activations (memory, not values)",
+    "plan": "the planner's choices themselves (ZeRO stage, offload, batch split) are in the identity",
+    "gpu_memory_gb": "the planner's input; its choices are in the identity",
+    "explicit": "which flags were typed, not their values",
+}
 # The fields --plan auto chooses (each one given explicitly on the command line keeps its value; see ``explicit``).
 PLANNED = ("zero", "offload", "micro_batch", "grad_accum", "grad_ckpt")
 
@@ -154,8 +183,9 @@ class RunConfig:
                                          metavar="FILE")
     data: str | None = setting(None, "LLaVA JSON / JSONL, messages+images JSON(L), Parquet, Arrow, a `datasets` "
                                      "dir, or a dir from data_prep/prepare.py (default: the generated demo data)")
-    image_folder: str | None = setting(None, "root of the data's image paths (default: the data file's directory; "
-                                             "a prepared dir: its own)")
+    image_folder: str | None = setting(None, "root of the image paths of --data and --eval-data alike, in training, "
+                                             "launch/evaluate.py and launch/compare.py (default: each file's own "
+                                             "directory; a prepared dir: the folder it was prepared with)")
     eval_data: str | None = setting(None, "held-out data (as --data) for loss and answer accuracy at the end "
                                           "(default: the demo's held-out file when training on demo data)")
     text_eval_data: str | None = setting(None, "text-only held-out data (as --data, no images) whose answer accuracy "
@@ -294,6 +324,9 @@ class RunConfig:
             elif not os.path.isfile(os.path.join(self.compare_full, "run.json")):
                 raise FileNotFoundError(f"--compare-full {self.compare_full}: neither a step count nor a run "
                                         f"directory with run.json")
+        if self.image_folder is not None and not os.path.isdir(self.image_folder):
+            raise FileNotFoundError(f"--image-folder {self.image_folder} is not a directory; give the folder the "
+                                    "data's image paths are relative to")
         if self.ds_config is not None and not os.path.isfile(self.ds_config):
             raise FileNotFoundError(f"--ds-config {self.ds_config} does not exist")
         if self.init is not None and not os.path.isdir(self.init):

@@ -237,6 +237,12 @@ def demo_config(vocab_size: int, image_token_id: int, pad_token_id: int) -> Llav
                        pad_token_id=pad_token_id)
 
 
+def planned_config() -> LlavaConfig:
+    """The demo model's architecture (depth, tying) before anything is generated: what a region spec is checked
+    against before minutes of generation. Vocabulary and token ids are the tokenizer's, known only once it exists."""
+    return demo_config(512, 0, 0)
+
+
 def build_demo_model(vocab_size: int, image_token_id: int, pad_token_id: int,
                      seed: int) -> LlavaForConditionalGeneration:
     torch.manual_seed(seed)

@@ -57,6 +57,7 @@ def evaluation_config(model: str, data: str, output_dir: str | None = None, **fl
 def evaluate_model(cfg: RunConfig) -> dict:
     """Evaluate ``cfg.model`` on ``cfg.eval_data``; returns what eval.json holds (written by rank 0)."""
     start = time.perf_counter()
+    check_output(cfg)
     s = setup(cfg, trains=False)
     eval_ds, folder = obtain_data(cfg.eval_data, cfg.image_folder, "eval", s)
     dtype = engine.torch_dtype(s.precision)
@@ -87,6 +88,32 @@ def evaluate_model(cfg: RunConfig) -> dict:
                  out["correct"], out["samples"], os.path.join(cfg.output_dir, "eval.json"))
     engine.barrier()
     return out
+
+
+def check_output(cfg: RunConfig) -> None:
+    """Refuse, before any work, an output directory whose eval.json / eval.md this program did not write, or that
+    holds the evaluation of another model or data set (a second data set would replace the first's numbers)."""
+    path = os.path.join(cfg.output_dir, "eval.json")
+    if os.path.isfile(os.path.join(cfg.output_dir, "eval.md")) and not os.path.isfile(path):
+        raise ValueError(f"--output-dir {cfg.output_dir} holds an eval.md but no eval.json, so it is not an earlier "
+                         "evaluation of this program; give a new --output-dir (nothing was written)")
+    if not os.path.lexists(path):
+        return
+    try:
+        with open(path) as f:
+            before = json.load(f)
+    except (OSError, ValueError):
+        before = None
+    if not isinstance(before, dict) or not {"model", "data", "accuracy"} <= set(before):
+        raise ValueError(f"--output-dir {cfg.output_dir} holds an eval.json this program did not write; it would be "
+                         "replaced. Give a new --output-dir (nothing was written)")
+    now = {"model": os.path.abspath(cfg.model_path), "data": os.path.abspath(cfg.eval_data),
+           "text_data": cfg.text_eval_data and os.path.abspath(cfg.text_eval_data)}
+    other = [f"{k} {before.get(k)} (now {v})" for k, v in now.items() if before.get(k) != v]
+    if other:
+        raise ValueError(f"--output-dir {cfg.output_dir} holds the evaluation of another model or data set "
+                         f"({'; '.join(other)}), which this one would replace; give this evaluation its own "
+                         "--output-dir (nothing was written)")
 
 
 def report_md(e: dict) -> str:

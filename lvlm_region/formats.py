@@ -135,6 +135,8 @@ def _json_list(path: str) -> Iterator[tuple[int, str]]:
                     more = f.read(_CHUNK)
                     eof = not more
                     buf, pos = buf[pos:] + more, 0
+                except ValueError as e:  # valid syntax Python refuses (an integer of more than 4,300 digits)
+                    fail(str(e)[:200])
             yield line, buf[pos:end]
             line += buf.count("\n", pos, end)
             pos = end
@@ -181,6 +183,8 @@ def normalize(text: str) -> dict:
         rec = json.loads(text)
     except json.JSONDecodeError as e:
         raise BadSample("malformed_json", f"{e.msg} (column {e.colno})") from None
+    except ValueError as e:  # valid syntax Python refuses, e.g. an integer of more than 4,300 digits
+        raise BadSample("malformed_json", str(e)[:200]) from None
     except RecursionError:
         raise BadSample("malformed_json", "nested too deeply to decode") from None
     if not isinstance(rec, dict):

@@ -11,6 +11,7 @@ its base: where tuning actually moved the LLM (the paper's way of locating the v
 """
 from __future__ import annotations
 
+import json
 import logging
 import math
 import os
@@ -168,6 +169,7 @@ def score(cfg: RunConfig, method: str, output: str, samples: int | None = None, 
         raise ValueError(f"--tokens {tokens!r}: choose one of {', '.join(TOKENS)}")
     if method == "delta" and not base:
         raise ValueError("--method delta needs --base BASE_DIR: the model the scored one was tuned from")
+    check_output(output)
     depth = check_layers(cfg.model_path)
     if base:
         check_layers(base)
@@ -188,6 +190,36 @@ def score(cfg: RunConfig, method: str, output: str, samples: int | None = None, 
         log.info("%s scores of %d layers -> %s", method, depth, output)
     engine.barrier()
     return out
+
+
+def is_scores_file(path: str) -> bool:
+    """Whether ``path`` is a scores file this program wrote (a JSON object with its method, layers and scores)."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            data = json.load(f)
+    except (OSError, ValueError):
+        return False
+    return isinstance(data, dict) and {"method", "layers", "scores", "model"} <= set(data)
+
+
+def check_output(output: str) -> None:
+    """Refuse, before any work, an --output this program would write over without having written it: a directory,
+    an existing file that is not one of its scores files (the data, a config.json), or a chart path (.png beside it)
+    that exists without such a scores file."""
+    chart = os.path.splitext(output)[0] + ".png"
+    if os.path.isdir(output):
+        raise ValueError(f"--output {output} is a directory; give the scores file's path, e.g. "
+                         f"{os.path.join(output, 'scores.json')}")
+    if not output.endswith(".json"):
+        raise ValueError(f"--output {output}: the scores file is JSON; give a path ending in .json (the chart goes "
+                         "beside it as .png)")
+    ours = is_scores_file(output)
+    if os.path.lexists(output) and not ours:
+        raise ValueError(f"--output {output} exists and is not a scores file this program wrote; it would be "
+                         "replaced. Give a new path (nothing was written)")
+    if os.path.lexists(chart) and not ours:
+        raise ValueError(f"--output {output}: its chart {chart} exists and belongs to no scores file this program "
+                         "wrote; it would be replaced. Give another --output (nothing was written)")
 
 
 def plot(out: dict, path: str) -> None:

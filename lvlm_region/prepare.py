@@ -124,6 +124,10 @@ def check_matches(meta: dict, path: str, enc: Encoding, tokenizer) -> None:
     if diff:
         raise ValueError(f"--data {path} was prepared for another model or settings ({'; '.join(diff)}); prepare it "
                          f"again with this run's --model / --template / --max-length, or pass the raw data file")
+    if have.get("allow_outside_images") and not enc.allow_outside_images:
+        raise ValueError(f"--data {path} was prepared with --allow-outside-images, so its samples may read images "
+                         "outside its image folder (absolute paths, '..', links), which this run does not allow; pass "
+                         "--allow-outside-images to accept them, or prepare the data again without it")
 
 
 def check_output(output: str) -> None:

@@ -39,6 +39,7 @@ log = logging.getLogger(__name__)
 
 PRUNE_FILE = "prune.json"  # in every pruned model directory
 SWEEP_FILE = "prune_sweep.json"  # in the output directory of several K (one model per K below it)
+STAGING = ".prune-staging"  # written first into OUTPUT.partial: a leftover holding it is an earlier attempt's
 MARKERS = (PRUNE_FILE, SWEEP_FILE)  # an earlier output of this program, which a new one may replace
 EVALUATE = Path(__file__).resolve().parents[1] / "launch" / "evaluate.py"
 # What a checkpoint's tokenizer, processor and chat template are made of (copied as they are).
@@ -221,10 +222,11 @@ def prune(plan: Plan, output: str) -> list[dict]:
              " / ".join(map(str, plan.drops)), plan.depth)
     source_params = count_parameters(model)
     layer_params = [count_parameters(layer) for layer in model.get_decoder().layers]
-    staged = os.path.abspath(output).rstrip(os.sep) + ".partial"
-    if os.path.lexists(staged):
+    staged = staging_dir(output)
+    if os.path.lexists(staged):  # an earlier attempt's (check_output made sure)
         shutil.rmtree(staged)
     os.makedirs(staged)
+    open(os.path.join(staged, STAGING), "w").close()  # first: what makes a leftover of this directory ours
     many = len(plan.drops) > 1
     records = []
     for k in plan.drops:
@@ -250,6 +252,7 @@ def prune(plan: Plan, output: str) -> list[dict]:
                  ", ".join(f"{plan.scores[i]:.4g}" for i in dropped), len(kept), record["parameters"],
                  os.path.join(output, name) if many else output)
         records.append({**record, "dir": os.path.normpath(os.path.join(os.path.abspath(output), name))})
+    os.remove(os.path.join(staged, STAGING))
     if many:
         checkpoint.write_json_atomic(os.path.join(staged, SWEEP_FILE), {"source": plan.model, "drops": plan.drops,
                                                                         "models": [r["dir"] for r in records]})
@@ -257,13 +260,23 @@ def prune(plan: Plan, output: str) -> list[dict]:
     return records
 
 
+def staging_dir(output: str) -> str:
+    """Where the models are built before they replace ``output``: OUTPUT.partial beside it."""
+    return os.path.abspath(output).rstrip(os.sep) + ".partial"
+
+
 def check_output(output: str, plan: Plan) -> None:
-    """Refuse an output that is, or holds, the model or the scores file (it is replaced whole)."""
-    for what, path in (("--model", plan.model), ("--scores", plan.scores_file)):
-        if outputs.inside(path, output):
-            raise PruneError(f"--output {output} contains {what} {path}; it is replaced whole, so give a directory "
-                             "outside the inputs")
+    """Refuse an output, or its staging directory OUTPUT.partial (removed before the work starts), that is or holds
+    the model or the scores file, or that holds anything this program did not write: both are replaced whole."""
+    staged = staging_dir(output)
+    for flag, where in (("--output", output), (f"--output's staging directory {staged}:", staged)):
+        for what, path in (("--model", plan.model), ("--scores", plan.scores_file)):
+            if outputs.inside(path, where):
+                raise PruneError(f"{flag} {where} contains {what} {path}; it is replaced whole, so give an --output "
+                                 "outside the inputs")
     outputs.check_replaceable(output, MARKERS, "launch/prune.py output", "--output")
+    outputs.check_replaceable(staged, (STAGING, *MARKERS), "launch/prune.py staging directory",
+                              f"--output {output}: its staging directory")
 
 
 def evaluate_all(rows: list[dict], eval_args: list[str]) -> None:

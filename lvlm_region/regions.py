@@ -184,6 +184,21 @@ def _layers(spec: str, body: str, num_layers: int, scores_file: str | None = Non
     raise RegionError(spec, f"unknown layer selection {body!r}")
 
 
+def _split_scores(text: str) -> tuple[str | None, str]:
+    """(scores file or None, the spec without it): the file keeps its case and its own + and - characters; it runs
+    to the end of the spec or to a trailing +part / -part."""
+    if "@" not in text:
+        return None, text
+    head, _, tail = text.partition("@")
+    mods = re.search(r"((?:\s*[+-]\s*(?:" + "|".join(PARTS) + r"))*)\s*$", tail)
+    return tail[:mods.start()].strip(), head + mods.group(1)
+
+
+def scores_path(spec: str) -> str | None:
+    """The scores file a ``top<P>@FILE`` spec reads (None for other specs)."""
+    return _split_scores(spec.strip())[0] or None
+
+
 def resolve(spec: str, num_layers: int, tied: bool = False) -> Region:
     """Resolve ``spec`` against an LLM of ``num_layers`` decoder layers.
 
@@ -198,13 +213,9 @@ def resolve(spec: str, num_layers: int, tied: bool = False) -> Region:
         raise ValueError(f"num_layers must be a positive int, got {num_layers!r}")
     if not isinstance(spec, str):
         raise RegionError(repr(spec), "a region spec is a string")
-    text, scores_file = spec.strip(), None
-    if "@" in text:  # the scores file keeps its case and its own + and - characters
-        head, _, tail = text.partition("@")
-        mods = re.search(r"((?:\s*[+-]\s*(?:" + "|".join(PARTS) + r"))*)\s*$", tail)
-        scores_file, text = tail[:mods.start()].strip(), head + mods.group(1)
-        if not scores_file:
-            raise RegionError(spec, "@ is followed by no scores file")
+    scores_file, text = _split_scores(spec.strip())
+    if scores_file == "":
+        raise RegionError(spec, "@ is followed by no scores file")
     text = re.sub(r"\s*([+,:-])\s*", r"\1", text.lower())  # "uniform25 + lm_head" reads as written
     if not text:
         raise RegionError(spec, "the spec is empty")

@@ -71,7 +71,9 @@ def load_run(path: str) -> dict:
         "model_tflops_per_step": t.get("model_tflops_per_step"),
         "hardware_tflops_per_step": t.get("hardware_tflops_per_step"),
         "peak_memory_gb": t.get("peak_memory_gb_rank0"), "memory_estimate_gb": t.get("memory_estimate_gb"),
-        "final_loss": run.get("final_loss"), "accuracy": run.get("eval", {}).get("accuracy"),
+        # the mean over the last logged window (run.json final_loss_mean); the last step's loss for earlier runs
+        "final_loss": (run.get("final_loss_mean") or {}).get("value", run.get("final_loss")),
+        "accuracy": run.get("eval", {}).get("accuracy"),
         "eval_loss": run.get("eval", {}).get("loss"), "seed": cfg.get("seed"),
         "accuracy_by_category": category_accuracy(run.get("eval", {})),
         "text_retention": run.get("text_eval", {}).get("accuracy"),

@@ -49,6 +49,7 @@ def setup(cfg: RunConfig, trains: bool = True) -> Setup:
     evaluation, importance scoring or speed measurement (False) writes only its report and its own ``prepared/``
     there, which replaces nothing it did not write, so a report may go beside the model it reads."""
     cfg.resolve()
+    check_region_early(cfg)
     # The output directory, the inputs and the DeepSpeed JSON are checked before the demo or an assembly is built
     # and before any weights load.
     resume_from = None
@@ -59,6 +60,8 @@ def setup(cfg: RunConfig, trains: bool = True) -> Setup:
                                                "--text-eval-data": cfg.text_eval_data,
                                                "--image-folder": cfg.image_folder},
                               fresh=cfg.resume in (None, "none"), overwrite=cfg.overwrite)
+        if cfg.resume == "auto" and not cfg.overwrite:
+            checkpoint.check_finished(cfg)  # a finished run: AlreadyComplete, nothing is touched
         resume_from = checkpoint.resolve_resume(cfg.resume, cfg.output_dir, cfg.overwrite)
     engine.init_distributed(cfg.dist_timeout)
     if cfg.plan == "auto" and cfg.gpu_memory_gb is None and engine.on_cpu():
@@ -121,6 +124,18 @@ def setup(cfg: RunConfig, trains: bool = True) -> Setup:
     load_image = ImageLoader(processor.image_processor, cfg.image_aspect_ratio)
     return Setup(cfg, region, precision, ds_config, processor, tokenizer, encoding, load_image, attn, projector,
                  resume_from)
+
+
+def check_region_early(cfg: RunConfig) -> None:
+    """The region spec against the LLM's depth before the demo is generated or a model assembled (minutes of work):
+    the demo's architecture is known before it exists, an --llm's depth from its config.json. A --model's spec is
+    resolved from its config in setup, before any weights load."""
+    if cfg.is_demo:
+        config = demo.planned_config()
+        regions.resolve(cfg.region, num_decoder_layers(config), tied=find_parts(skeleton(config)).tied)
+    elif cfg.llm is not None and os.path.isfile(os.path.join(cfg.llm, "config.json")):
+        text = AutoConfig.from_pretrained(cfg.llm).get_text_config()
+        regions.resolve(cfg.region, text.num_hidden_layers, tied=bool(getattr(text, "tie_word_embeddings", False)))
 
 
 def accumulation(cfg: RunConfig, global_batch: int) -> int:

@@ -20,7 +20,7 @@ import torch
 from tqdm import tqdm
 
 from . import checkpoint, engine, families, lora, outputs, prepare, timing
-from .config import RunConfig
+from .config import RESUME_MAY_CHANGE, RunConfig
 from .data import BatchStream, ImageTextDataset, run_loader, to_device
 from .evaluate import evaluate
 from .flops import BatchShape
@@ -44,7 +44,13 @@ def train(cfg: RunConfig) -> "Result":
     """Run one stage end to end (or continue it from a checkpoint); returns the run.json summary and the engine."""
     session_start = time.perf_counter()
     timing.reset_peak_memory()
-    run = Trainer(setup(cfg), session_start)
+    try:
+        s = setup(cfg)
+    except checkpoint.AlreadyComplete as done:  # a requeued job of a finished run: touch nothing
+        if engine.rank() == 0:
+            log.info("%s", done)
+        return Result(done.summary, None, nothing_to_do=True)
+    run = Trainer(s, session_start)
     run.load_data()
     run.build()
     run.start()
@@ -67,8 +73,9 @@ class Trainer:
         if cfg.resume == "auto" and resume_from is None and self.rank0:
             log.info("--resume auto: no checkpoint in %s yet; starting from step 0", self.out)
         os.makedirs(self.out, exist_ok=True)
-        if resume_from is None and cfg.overwrite and self.rank0:  # the replaced run's checkpoints, set aside
+        if resume_from is None and cfg.overwrite and self.rank0:  # the replaced run's files and checkpoints, set aside
             checkpoint.set_aside_all(self.out)
+            checkpoint.set_aside_run(self.out)
         engine.barrier()
         seed_everything(cfg.seed)
 
@@ -79,7 +86,8 @@ class Trainer:
         train_ds, train_folder = obtain_data(cfg.data, cfg.image_folder, "train", s)
         self.plan = plan_run(s, train_ds) if cfg.plan == "auto" else None  # before the loader reads micro_batch
         self.dataset_size = len(train_ds)
-        self.eval_ds, self.eval_folder = obtain_data(cfg.eval_data, None, "eval", s) if cfg.eval_data else (None, None)
+        self.eval_ds, self.eval_folder = (obtain_data(cfg.eval_data, cfg.image_folder, "eval", s) if cfg.eval_data
+                                          else (None, None))
         self.text_ds = obtain_data(cfg.text_eval_data, None, "text", s)[0] if cfg.text_eval_data else None
         self.loader = run_loader(ImageTextDataset(train_ds, train_folder, s.load_image, s.encoding.layout), cfg,
                                  s.tokenizer.pad_token_id, s.encoding.layout.dummy(), engine.rank(),
@@ -149,6 +157,8 @@ class Trainer:
         self.bar = tqdm(total=self.total, initial=self.start_step, desc=cfg.stage, disable=not self.rank0,
                         dynamic_ncols=True)
         self.loss, self.grad_norm = float("nan"), None
+        self.window_losses: list[tuple[int, float]] = []  # (step, loss) since the last metrics record
+        self.last_window: dict | None = None  # the mean loss of the last logged window (run.json final_loss_mean)
         if self.rng_states is not None:
             # Last, right before the first step: the RNGs continue exactly where the checkpoint left them (LoRA
             # dropout draws from them). Set earlier, anything that draws in between (a random matrix, a model
@@ -209,6 +219,7 @@ class Trainer:
         self.totals.add(times, n_tokens, n_samples, n_images, f_model, f_hw)
         self.window.add(times, n_tokens, n_samples, n_images, f_model, f_hw)
         self.loss = loss_total / max(n_valid, 1.0)
+        self.window_losses.append((step, self.loss))
         self.grad_norm = ds_engine.get_global_grad_norm()  # global: every rank sees it, so all stop together
         self.check(step, skipped_before)
         self.bar.update(1)
@@ -246,6 +257,10 @@ class Trainer:
                **({"images_replaced": self.replaced} if self.replaced else {}),
                **fp16_state(self.engine, self.s.precision)}
         self.window = timing.Totals(warmup=0)
+        losses = [x for _, x in self.window_losses]
+        self.last_window = {"value": sum(losses) / len(losses), "first_step": self.window_losses[0][0],
+                            "last_step": step, "steps": len(losses)}
+        self.window_losses = []
         if self.rank0:
             self.bar.write(f"step {step}/{self.total} | loss {rec['loss']:.4f} | lr {rec['lr']:.2e} | "
                            f"grad_norm {rec['grad_norm']:.3f} | tok/s {rec['tokens_per_s']:.0f} | "
@@ -258,7 +273,9 @@ class Trainer:
         summary = self.summary
         self.bar.close()
         self.stop.clear_file()  # a request that came too late to act on must not stop the next run at once
-        summary.update(final_loss=self.loss, steps_done=step)
+        # final_loss: the last step's loss; final_loss_mean: the mean over the last logged window (--log-every
+        # steps), less noisy; reports show the mean (report.py)
+        summary.update(final_loss=self.loss, final_loss_mean=self.last_window, steps_done=step)
         if stopped:
             summary.update(status="interrupted", checkpoint=str(self.checkpoint_path),
                            stop_reason=self.stop.reason or "another rank was asked to stop")
@@ -409,17 +426,28 @@ def batch_shapes(batch: dict) -> list[BatchShape]:
 
 
 def run_identity(cfg: RunConfig, s: Setup, total_steps: int, dataset_size: int) -> dict:
-    """What a resumed run must share with its checkpoint (see checkpoint.IDENTITY_WHY)."""
-    return {"stage": cfg.stage, "model": checkpoint.fingerprint_dir(cfg.model_path),
-            "init": init_fingerprint(cfg),
-            "region": {"layers": list(s.region.layers), "parts": dict(s.region.parts)},
-            "world_size": engine.world_size(), "micro_batch": cfg.micro_batch, "grad_accum": cfg.grad_accum,
-            "data": os.path.abspath(cfg.data), "dataset_size": dataset_size, "seed": cfg.seed,
-            "sampling": {"group_by_length": cfg.group_by_length, "packing": cfg.packing},
-            "total_steps": total_steps, "lr": cfg.lr, "projector_lr": cfg.projector_lr,
-            "tuner": {"kind": cfg.tuner, **({"r": cfg.lora_r, "alpha": cfg.lora_alpha, "dropout": cfg.lora_dropout}
-                                            if cfg.tuner == "lora" else {})},
-            "zero_stage": engine.zero_stage(s.ds_config), "precision": s.precision}
+    """What a resumed run must share with its checkpoint: every RunConfig field but those in
+    config.RESUME_MAY_CHANGE (paths as absolute paths, the model and starting projector by fingerprint, the region as
+    its resolved layers and parts, the ZeRO stage and precision as resolved), plus what the run derives from them
+    (ranks, data set size, step count). checkpoint.IDENTITY_WHY says why the named ones matter."""
+    ident = {f.name: getattr(cfg, f.name) for f in dataclasses.fields(cfg) if f.name not in RESUME_MAY_CHANGE}
+    for name in ("llm", "vision", "image_folder", "data", "init_projector"):
+        ident[name] = ident[name] and os.path.abspath(ident[name])
+    ident.update({
+        "model": checkpoint.fingerprint_dir(cfg.model_path), "init": init_fingerprint(cfg),
+        "ds_config": cfg.ds_config and checkpoint.fingerprint_dir(os.path.dirname(os.path.abspath(cfg.ds_config)),
+                                                                  (os.path.basename(cfg.ds_config),)),
+        "region": {"layers": list(s.region.layers), "parts": dict(s.region.parts)},
+        "world_size": engine.world_size(), "dataset_size": dataset_size,
+        "sampling": {"group_by_length": cfg.group_by_length, "packing": cfg.packing},
+        "total_steps": total_steps,
+        "tuner": {"kind": cfg.tuner, **({"r": cfg.lora_r, "alpha": cfg.lora_alpha, "dropout": cfg.lora_dropout}
+                                        if cfg.tuner == "lora" else {})},
+        "zero_stage": engine.zero_stage(s.ds_config), "precision": s.precision,
+        "offload": engine.optimizer_offload(s.ds_config)})
+    for name in ("group_by_length", "packing", "lora_r", "lora_alpha", "lora_dropout", "zero"):
+        del ident[name]  # in sampling, tuner and zero_stage above
+    return ident
 
 
 def init_fingerprint(cfg: RunConfig) -> str | None:
@@ -453,7 +481,7 @@ def train_and_compare(cfg: RunConfig) -> "Result":
     measured totals are used.
     """
     result = train(cfg)
-    if cfg.compare_full is None or result.summary["status"] != "complete":
+    if cfg.compare_full is None or result.summary["status"] != "complete" or result.nothing_to_do:
         return result
     mine = result.summary
     if cfg.compare_full.isdigit():
@@ -507,7 +535,8 @@ def compare_arms(mine: dict, full: dict, source: str) -> dict:
 @dataclass
 class Result:
     summary: dict  # what run.json holds
-    engine: object  # the DeepSpeed engine after training (for callers that inspect the weights)
+    engine: object  # the DeepSpeed engine after training (for callers that inspect the weights); None: not trained
+    nothing_to_do: bool = False  # --resume auto found the run already complete (summary: its run.json)
 
 
 def export_model(ds_engine, processor, out: str, adapters=None) -> None:

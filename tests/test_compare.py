@@ -12,6 +12,7 @@ import pytest
 
 from conftest import ROOT, run
 from lvlm_region.checkpoint import STOP_FILE
+from lvlm_region import compare
 from lvlm_region.compare import ARM_FILE, CompareError, split_regions, stage1_baseline
 from lvlm_region.report import by_region
 
@@ -122,25 +123,54 @@ def test_two_regions_interrupted_continued_then_reused(small_demo, tmp_path):
 
     res = run([*cmd[:-len(ARM_FLAGS)], "--max-steps", "4"], timeout=300)  # same arms, another command: refused
     assert res.returncode == 2 and "was started with other settings" in res.stderr
+    # the same command, but the training data edited behind the same path: not reused (it was, by flag text alone)
+    train = Path(small_demo[1])
+    train.write_text(json.dumps(json.loads(train.read_text())[:40]))
+    res = run(cmd, timeout=300)
+    assert res.returncode == 2 and "was started with other settings or inputs (inputs: its content changed (--data))" \
+        in res.stderr, res.stderr[-2000:]
+    assert stamps == {p: os.stat(out / "arms" / p / "run.json").st_mtime_ns for p in stamps}
 
 
-def test_start_evaluation_reused_only_for_the_same_model_data_and_template(tmp_path):
-    """OUTPUT_DIR/stage1/eval.json answers for the model the arms start from only when it was made with the same
-    model, held-out data, text data and template; any other one is evaluated again (here: a model that does not
-    exist, so the new evaluation fails, which shows it was attempted instead of the stale result returned). A flag
-    given twice counts as the arms' launcher reads it: the last one."""
-    model, held_out, text = (str(tmp_path / n) for n in ("missing_model", "held.json", "text.json"))
-    flags = ["--init", model, "--data", "train.json", "--eval-data", held_out, "--text-eval-data", text]
-    (tmp_path / "stage1").mkdir()
-    before = {"model": model, "data": held_out, "text_data": text, "template": "auto", "accuracy": 0.5,
-              "text_eval": {"accuracy": 1.0}}
-    (tmp_path / "stage1" / "eval.json").write_text(json.dumps(before))
-    assert stage1_baseline(str(tmp_path), flags) == before
-    for changed in (["--eval-data", str(tmp_path / "other.json")], ["--text-eval-data", str(tmp_path / "t2.json")],
-                    ["--template", "plain"], ["--init", str(tmp_path / "other_model")]):
-        with pytest.raises(CompareError, match="where stage 2 starts\\) failed"):
-            stage1_baseline(str(tmp_path), flags + changed)
-    assert json.loads((tmp_path / "stage1" / "eval.json").read_text()) == before  # a failed evaluation keeps it
+def test_start_evaluation_reused_only_for_the_same_settings_and_contents(demo_dir, tmp_path, caplog):
+    """OUTPUT_DIR/stage1/eval.json answers for the model the arms start from only when stage1/inputs.json records the
+    same model, held-out data, text data, template, image handling and the same file contents (a retrained --init or
+    edited data behind the same path is not reused); any other one is set aside and evaluated again (here: a model
+    without weights, so the new evaluation fails, which shows it was attempted instead of the stale result returned).
+    It is evaluated with the arms' settings, not with the stage-1 run's own (its image aspect was square)."""
+    import shutil
+    init = tmp_path / "stage1_run"
+    init.mkdir()
+    shutil.copy(demo_dir / "base_model" / "config.json", init / "config.json")
+    (init / "run.json").write_text(json.dumps({"config": {"template": "plain", "image_aspect_ratio": "square",
+                                                          "max_length": 512}}))
+    held, text = tmp_path / "held.json", tmp_path / "text.json"
+    held.write_text("[1]")
+    text.write_text("[2]")
+    flags = ["--init", str(init), "--eval-data", str(held), "--text-eval-data", str(text), "--data", "train.json"]
+    out = tmp_path / "cmp"
+    (out / "stage1").mkdir(parents=True)
+    before = {"model": str(init), "accuracy": 0.5, "text_eval": {"accuracy": 1.0}}
+    record = compare.baseline_record(flags)
+    assert (record["template"], record["image_aspect_ratio"], record["max_length"]) == ("auto", "pad", 2048)
+    (out / "stage1" / "eval.json").write_text(json.dumps(before))
+    (out / "stage1" / "inputs.json").write_text(json.dumps(record))
+    changes = [lambda: held.write_text("[3]"),  # edited behind the same path
+               lambda: (init / "projector.safetensors").write_bytes(b"retrained"),
+               lambda: flags.extend(["--template", "vicuna_v1"])]
+    for i, change in enumerate(changes, start=1):
+        assert stage1_baseline(str(out), flags) == before  # the same settings and contents: reused
+        change()
+        with caplog.at_level("INFO"), pytest.raises(CompareError, match="where stage 2 starts\\) failed"):
+            stage1_baseline(str(out), flags)
+        assert "--image-aspect-ratio pad --max-length 2048" in caplog.text  # the arms' settings, not stage 1's
+        caplog.clear()
+        kept = out / "stage1" / "abandoned" / "1"  # the stale result: moved aside once, never deleted
+        assert json.loads((kept / "eval.json").read_text()) == before
+        assert (out / "stage1" / "abandoned" / str(i)).is_dir()
+        record = compare.baseline_record(flags)  # as if that evaluation had succeeded
+        (out / "stage1" / "eval.json").write_text(json.dumps(before))
+        (out / "stage1" / "inputs.json").write_text(json.dumps(record))
 
 
 @pytest.mark.parametrize("regions,flags,message", [

@@ -204,6 +204,32 @@ def test_bad_input_is_refused_before_anything_is_written(base, tmp_path):
                "--output", str(out)], timeout=120)
     assert res.returncode == 2 and "give --protect SPEC" in res.stderr, res.stderr[-2000:]
     assert not out.exists()
+    # OUTPUT.partial, the staging directory removed before the work, under the same rules as OUTPUT: it was deleted
+    # with rmtree whatever it was, the source model included.
+    import shutil
+    source = tmp_path / "m.partial"
+    shutil.copytree(base, source)
+    before = sorted(p.name for p in source.iterdir())
+    with pytest.raises(ValueError, match=f"staging directory {source}: {source} contains --model"):
+        prune.run(str(source), scores, [1], "none", str(tmp_path / "m"))
+    (tmp_path / "s.partial").mkdir()
+    shutil.copy(scores, tmp_path / "s.partial" / "s.json")
+    with pytest.raises(ValueError, match="contains --scores"):
+        prune.run(str(base), str(tmp_path / "s.partial" / "s.json"), [1], "none", str(tmp_path / "s"))
+    (tmp_path / "mine.partial").mkdir()
+    (tmp_path / "mine.partial" / "notes.txt").write_text("keep me")
+    (mine / "notes.txt").unlink()
+    with pytest.raises(outputs.OutputError, match="its staging directory .*already holds files this program did not"):
+        prune.run(str(base), scores, [1], "none", str(mine))
+    assert sorted(p.name for p in source.iterdir()) == before and (tmp_path / "s.partial" / "s.json").is_file()
+    assert (tmp_path / "mine.partial" / "notes.txt").read_text() == "keep me"
+    # a leftover of an attempt that died (its marker inside) is this program's own: replaced
+    (tmp_path / "mine.partial" / "notes.txt").unlink()
+    (tmp_path / "mine.partial" / prune.STAGING).touch()
+    (tmp_path / "mine.partial" / "model.safetensors").write_bytes(b"half")
+    prune.run(str(base), scores, [1], "none", str(mine))
+    assert (mine / prune.PRUNE_FILE).is_file() and not (tmp_path / "mine.partial").exists()
+    assert not (mine / prune.STAGING).exists()
 
 
 def test_sweep_evaluates_and_times_every_model_and_a_pruned_model_heals(demo_dir, sft_uniform25, tmp_path):

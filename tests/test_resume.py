@@ -109,14 +109,17 @@ def test_stop_signal_checkpoints_and_resume_is_exact(demo_sft_data, reference, t
     zero, ref = reference
     out = tmp_path / "run"
     proc = launch(out, *demo_sft_data, "--zero", zero)
-    wait_for(lambda: steps_logged(out) >= 3, proc)
-    os.kill(rank_pid(proc, 1), signal.SIGUSR1)  # one rank asked; both must stop at the same step
+    # the signal goes out after step 2 (a step takes ~0.2 s here: after step 3, once in a few runs the run had
+    # ended before the signal arrived)
+    pid = rank_pid(proc, 1)
+    wait_for(lambda: steps_logged(out) >= 2, proc, poll=0.05)
+    os.kill(pid, signal.SIGUSR1)  # one rank asked; both must stop at the same step
     assert proc.wait(timeout=300) == 0
     run_json = json.loads((out / "run.json").read_text())
     # rank 0 writes run.json; only rank 1 got the signal, so this also shows the ranks agreed to stop together
     assert run_json["status"] == "interrupted" and run_json["stop_reason"] == "another rank was asked to stop"
     stopped = run_json["steps_done"]
-    assert 3 <= stopped < 6
+    assert 2 <= stopped < 6
     assert checkpoint.find_latest(str(out)).name == checkpoint.tag_for(stopped)
     first_session = run_json["time"]["gpu_seconds"]
 
