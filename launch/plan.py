@@ -15,6 +15,7 @@ Exit status: 0 done, 2 bad input.
 import argparse
 import json
 import logging
+import math
 import sys
 
 
@@ -29,6 +30,8 @@ def main(argv=None) -> int:
                                                       "with --gpu-memory-gb and --peak-tflops")
     p.add_argument("--gpu-memory-gb", type=float, help="memory per GPU in GiB (overrides the table)")
     p.add_argument("--peak-tflops", type=float, help="dense bf16 peak per GPU in TFLOP/s (overrides the table)")
+    p.add_argument("--precision", default="bf16", choices=("bf16", "fp16", "fp32"),
+                   help="bf16 (default) | fp16 | fp32: the bytes of weights, optimizer states and activations")
     p.add_argument("--region", default="uniform25", help="region spec (default uniform25); compared with full")
     p.add_argument("--tuner", default="full", choices=("full", "lora"),
                    help="full (default) or lora: the region's layers train rank-r adapters; compared with full tuning")
@@ -55,6 +58,10 @@ def main(argv=None) -> int:
         if getattr(args, name) < 1:
             print(f"error: --{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}", file=sys.stderr)
             return 2
+    for name, value in (("--peak-tflops", args.peak_tflops), ("--gpu-memory-gb", args.gpu_memory_gb)):
+        if value is not None and not (value > 0 and math.isfinite(value)):
+            print(f"error: {name} must be a finite number > 0, got {value}", file=sys.stderr)
+            return 2
     for name, value in (("--assumed-mfu", args.assumed_mfu), ("--trained-fraction", args.trained_fraction)):
         if not 0 < value <= 1:
             print(f"error: {name} must be in (0, 1], got {value}", file=sys.stderr)
@@ -68,7 +75,7 @@ def main(argv=None) -> int:
                            lora_dropout=args.lora_dropout, gpus=args.gpus, gpu=args.gpu,
                            gpu_memory_gb=args.gpu_memory_gb, peak_tflops=args.peak_tflops, **shape,
                            samples=args.samples, global_batch=args.global_batch, mfu=mfu, mfu_source=source,
-                           image_size=args.image_size))
+                           image_size=args.image_size, precision=args.precision))
     except (PlanError, ValueError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

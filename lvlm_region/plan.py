@@ -42,9 +42,11 @@ from .model import skeleton
 from .trainable import apply_region, largest_module
 
 GIB = 2 ** 30
-# memory (GiB) and dense bf16 peak (TFLOP/s, the data sheets': timing.PEAK_TFLOPS) per GPU
-GPUS = {"A100-40GB": (40, 312.0), "A100-80GB": (80, 312.0), "H100-80GB": (80, 989.0), "H200": (141, 989.0),
-        "L40S": (48, 362.0), "A10": (24, 125.0)}
+# Memory per GPU in GiB as torch sees it (torch.cuda.get_device_properties().total_memory: the nominal "80GB" of an
+# A100 is 79.2 GiB there, not 80) and dense bf16 peak (TFLOP/s, the data sheets': timing.PEAK_TFLOPS)
+GPUS = {"A100-40GB": (39.4, 312.0), "A100-80GB": (79.2, 312.0), "H100-80GB": (79.1, 989.0), "H200": (139.8, 989.0),
+        "L40S": (44.4, 362.0), "A10": (22.1, 125.0)}
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 ALLOWANCE_GIB = 2.0  # CUDA context (~0.5-1 GiB), NCCL buffers, DeepSpeed's reduce / all-gather buckets
 FRAGMENTATION = 0.10  # of model states + activations: the caching allocator's fragmentation
 # MFU assumed when no run calibrates it: LLaVA-style training on transformers + DeepSpeed (this project's stack)
@@ -123,7 +125,9 @@ class Setting:
     seq_len: int = 2048  # tokens per sample the step time is estimated at
     fit_len: int | None = None  # tokens per sample the memory must fit (default seq_len): the longest sample
     images: int = 1  # images per sample
-    trained_fraction: float = 1.0  # positions the loss reads (replies): the LM head runs there only
+    trained_fraction: float = 1.0  # positions the loss reads (replies): the LM head runs there only (step time)
+    fit_trained_fraction: float | None = None  # the same in the batch of the longest samples (memory; default above)
+    precision: str = "bf16"  # bf16 | fp16 | fp32: the bytes of weights, states and activations
     samples: int = 665_000
     global_batch: int = 128
     mfu: float = ASSUMED_MFU
@@ -140,6 +144,9 @@ class Setting:
 
     def memory_len(self) -> int:
         return self.fit_len or self.seq_len
+
+    def memory_fraction(self) -> float:
+        return self.trained_fraction if self.fit_trained_fraction is None else self.fit_trained_fraction
 
 
 @dataclass
@@ -164,7 +171,8 @@ class Shapes:
                             "(only its config.json is read)")
         self.s = setting
         self.config = AutoConfig.from_pretrained(setting.model)
-        self.model = skeleton(self.config).to(torch.bfloat16)
+        self.dtype = DTYPES[setting.precision]
+        self.model = skeleton(self.config).to(self.dtype)
         self.model.set_attn_implementation(ATTENTION)
         self.parts = find_parts(self.model)
         if not families.family_of(self.model).planned:
@@ -189,11 +197,11 @@ class Shapes:
 
             from .lora import peft_config
 
-            model = skeleton(self.config).to(torch.bfloat16)
+            model = skeleton(self.config).to(self.dtype)
             model.set_attn_implementation(ATTENTION)
             config = peft_config(model, self.region(spec), self.s.lora_r, self.s.lora_alpha, self.s.lora_dropout)
             LoraModel(model, config, "default", low_cpu_mem_usage=True)  # adapters on the meta device too
-            model.to(torch.bfloat16)  # peft makes adapters in fp32; the trainer runs them in the model's dtype
+            model.to(self.dtype)  # peft makes adapters in fp32; the trainer runs them in the model's dtype
             self._lora[spec] = (model, find_parts(model), "lora")
         return self._lora[spec]
 
@@ -226,7 +234,7 @@ class Shapes:
         hidden, seq = tcfg.hidden_size, s.memory_len()
         below = any(p.requires_grad for m in (parts.vision, parts.projector, parts.embed) for p in m.parameters())
         params = list(model.parameters())
-        meta = dict(device="meta", dtype=torch.bfloat16)
+        meta = dict(device="meta", dtype=self.dtype)
         total = 0
         # the projector over every image's features (what it reads needs no gradient unless the tower trains), or
         # with a trainable tower the tower and the projector, as the model's own get_image_features runs them
@@ -263,7 +271,7 @@ class Shapes:
                                                                           position_ids=position_ids), params)
         # final norm, then the LM head and the fp32 loss on the trained positions only
         if h.requires_grad:
-            n = max(1, int(rows * seq * s.trained_fraction))
+            n = max(1, int(rows * seq * s.memory_fraction()))
             target = torch.empty(n, dtype=torch.long, device="meta")
 
             def head():
@@ -279,7 +287,7 @@ class Shapes:
         the CPU, its values decide the shapes; its rotary positions are computed from it and moved to meta)."""
         v = self.config.vision_config
         n = rows * self.s.images
-        meta = dict(device="meta", dtype=torch.bfloat16)
+        meta = dict(device="meta", dtype=self.dtype)
         _, grids = self.tokens()
         if not grids:
             return {"pixel_values": torch.empty(n, 3, v.image_size, v.image_size, **meta)}
@@ -307,8 +315,8 @@ class Shapes:
             dim = self.config.vision_config.embed_dim if hasattr(self.config.vision_config, "embed_dim") else \
                 self.config.vision_config.hidden_size
             n = sum(t * h * w for t, h, w in grids) * rows * self.s.images
-            return torch.empty(n, dim, device="meta", dtype=torch.bfloat16)
-        return torch.empty(rows * self.s.images, per_image, first.in_features, device="meta", dtype=torch.bfloat16)
+            return torch.empty(n, dim, device="meta", dtype=self.dtype)
+        return torch.empty(rows * self.s.images, per_image, first.in_features, device="meta", dtype=self.dtype)
 
     def step_flops(self, spec: str, grad_ckpt: bool, rows: int) -> float:
         """Hardware FLOPs of one micro-batch of ``rows`` samples (recomputation included)."""
@@ -335,7 +343,7 @@ def candidates(shapes: Shapes, spec: str) -> list[Candidate]:
     flops1 = {ck: shapes.step_flops(spec, ck, 1) for ck in (False, True)}
     for zero in (2, 3):
         for offload in (False, True):
-            states = timing.model_states(shapes.total, trainable, zero, s.gpus, "bf16", offload,
+            states = timing.model_states(shapes.total, trainable, zero, s.gpus, s.precision, offload,
                                          largest=shapes.largest)["total_on_device"]
             for ck in (False, True):
                 # both grow linearly with the micro-batch: a + b x micro-batch from micro-batches 1 and 2
@@ -436,22 +444,50 @@ def choose(setting: Setting, fixed: dict) -> tuple[Candidate | None, list[Candid
     return best(cands), cands
 
 
+def no_candidate(setting: Setting, fixed: dict, flags: list[str]) -> str:
+    """Why no candidate agrees with ``fixed`` (the values the user set): the first one that no candidate has, with
+    the values the planner does try."""
+    names = {"zero": "--zero", "offload": "--offload", "grad_ckpt": "--grad-ckpt", "micro_batch": "--micro-batch",
+             "grad_accum": "--grad-accum"}
+    batches = [mb for mb in MICRO_BATCHES if setting.global_batch % (mb * setting.gpus) == 0]
+    tried = {"zero": [2, 3], "offload": [False, True], "grad_ckpt": [False, True], "micro_batch": batches,
+             "grad_accum": [setting.global_batch // (mb * setting.gpus) for mb in batches]}
+    for key, value in fixed.items():
+        if value not in tried[key]:
+            shown = ", ".join(map(str, tried[key])) or "none"
+            return (f"{names[key]} {value} is not one of the values the planner tries for global batch "
+                    f"{setting.global_batch} on {setting.gpus} rank(s) ({shown}: micro-batches of "
+                    f"{', '.join(map(str, MICRO_BATCHES))} that divide it); give one of them, or drop {names[key]}")
+    return (f"no candidate has all of {', '.join(f'{names[k]} {v}' for k, v in fixed.items())} together (the flags "
+            f"given: {', '.join(flags)}); drop one of them")
+
+
 def data_shape(ds, sample: int = 10_000) -> dict:
     """The shape a prepared data set gives a plan: ``seq_len``, the 95th-percentile sample length (what a padded
     micro-batch mostly runs at: the step time); ``fit_len``, the longest sample (a length-grouped micro-batch of
-    the longest samples must fit); ``trained_fraction``, the share of positions whose label trains; ``images``, the
+    the longest samples must fit); ``trained_fraction``, the share of positions whose label trains (the step time);
+    ``fit_trained_fraction``, that share among the longest samples, as many as the largest micro-batch (length
+    grouping batches them together, and the LM head's memory must fit that batch); ``images``, the
     most images one sample has (at least 1: a text-only batch carries a dummy image). Labels and images are read
     over up to ``sample`` samples drawn with a fixed seed: reading every label of 665K samples would take minutes."""
     import random
 
-    lengths = sorted(ds["length"])
+    all_lengths = ds["length"]
+    lengths = sorted(all_lengths)
+    longest = sorted(range(len(ds)), key=lambda i: -all_lengths[i])[:MICRO_BATCHES[-1]]
     if len(ds) > sample:
-        ds = ds.select(sorted(random.Random(0).sample(range(len(ds)), sample)))
-    labels = ds["labels"]
-    trained = sum(sum(1 for x in row if x != -100) for row in labels)
+        ds_sample = ds.select(sorted(random.Random(0).sample(range(len(ds)), sample)))
+    else:
+        ds_sample = ds
     return {"seq_len": lengths[min(len(lengths) - 1, int(0.95 * len(lengths)))], "fit_len": lengths[-1],
-            "trained_fraction": trained / max(1, sum(len(row) for row in labels)),
-            "images": max(1, max(len(x) for x in ds["images"]))}
+            "trained_fraction": trained_fraction(ds_sample["labels"]),
+            "fit_trained_fraction": trained_fraction(ds.select(longest)["labels"]),
+            "images": max(1, max(len(x) for x in ds_sample["images"]))}
+
+
+def trained_fraction(labels: list[list[int]]) -> float:
+    """The share of positions whose label trains."""
+    return sum(sum(1 for x in row if x != -100) for row in labels) / max(1, sum(len(row) for row in labels))
 
 
 def from_prepared(path: str, sample: int = 10_000) -> dict:

@@ -158,14 +158,17 @@ def plan_run(s: Setup, train_ds) -> dict:
     candidates. Sets them in ``s.cfg`` and rebuilds ``s.ds_config``; returns what run.json records. Raises
     ValueError, before any weights load, when nothing fits."""
     cfg = s.cfg
+    if s.attn == "eager":
+        raise ValueError("--plan auto models attention as flash / sdpa keep it; eager attention's T x T weights are "
+                         "not modelled, so its plan could run out of memory. Use --attn sdpa (or "
+                         "flash_attention_2), or set --zero, --micro-batch and --grad-ckpt yourself without --plan")
     world = engine.world_size()
     global_batch = cfg.global_batch or cfg.micro_batch * cfg.grad_accum * world
     given = [name for name in PLANNED if cfg.given(name)]
     fixed = {name: getattr(cfg, name) for name in given}
-    if cfg.ds_config is not None:  # the user's JSON decides the stage (and the offload, when it has one)
+    if cfg.ds_config is not None:  # the user's JSON decides the stage and the offload (none, unless it has one)
         fixed["zero"] = engine.zero_stage(s.ds_config)
-        if engine.optimizer_offload(s.ds_config) != "none":
-            fixed["offload"] = True
+        fixed["offload"] = engine.optimizer_offload(s.ds_config) != "none"
     on_gpu = torch.cuda.is_available() and not engine.on_cpu()
     memory = cfg.gpu_memory_gb or torch.cuda.get_device_properties(engine.device()).total_memory / plan.GIB
     peak = cfg.peak_tflops or timing.peak_flops(None, engine.torch_dtype(s.precision))[0] / 1e12
@@ -175,13 +178,15 @@ def plan_run(s: Setup, train_ds) -> dict:
     setting = plan.Setting(model=cfg.model_path, region=cfg.region, tuner=cfg.tuner, lora_r=cfg.lora_r,
                            lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout, gpus=world,
                            gpu=timing.device_name() if on_gpu else "cpu", gpu_memory_gb=memory, peak_tflops=peak,
-                           **plan.data_shape(train_ds), samples=len(train_ds), global_batch=global_batch)
+                           **plan.data_shape(train_ds), samples=len(train_ds), global_batch=global_batch,
+                           precision=s.precision)
     chosen, cands = plan.choose(setting, fixed)
     kept = [flag(n) for n in given] + (["--ds-config"] if cfg.ds_config is not None else [])
+    if not cands:
+        raise ValueError(f"--plan auto: {plan.no_candidate(setting, fixed, kept)}")
     if chosen is None:
-        smallest = min(cands, key=lambda c: c.memory_gb["total"], default=None)
-        need = (f"the smallest, {plan.row(cfg.region, asdict(smallest))}, needs {smallest.memory_gb['total']:.2f} GiB"
-                if smallest else "no candidate agrees with the flags given")
+        smallest = min(cands, key=lambda c: c.memory_gb["total"])
+        need = f"the smallest, {plan.row(cfg.region, asdict(smallest))}, needs {smallest.memory_gb['total']:.2f} GiB"
         rank_text = f"{world} rank{'s' if world > 1 else ''}"
         raise ValueError(f"--plan auto: nothing fits {memory:g} GiB per GPU with global batch {global_batch} on "
                          f"{rank_text} ({need}); use more GPUs, a smaller --global-batch, a smaller region, or drop "
