@@ -205,9 +205,11 @@ def _differences(before: dict, now: dict) -> str:
                      for k in keys)
 
 
-def run_arm(spec: str, seed: int, out: str, gpus: int, passthrough: list[str]) -> dict:
+def run_arm(spec: str, seed: int, out: str, gpus: int, passthrough: list[str], stop_ok: bool = False) -> dict:
     """Train one arm (or reuse / continue it); returns {name, dir, status: reused | trained | continued}. A finished
-    arm is reused only when its command and the content of its inputs (input_fingerprints) are unchanged."""
+    arm is reused only when its command and the content of its inputs (input_fingerprints) are unchanged.
+    ``stop_ok`` (a SLURM array task): an arm that stopped on request (USR1 before the time limit: status
+    interrupted, checkpoint written) returns status interrupted instead of failing, so the task can requeue."""
     name = arm_name(spec, seed)
     arm_dir = os.path.join(out, "arms", name)
     settings = {"region": spec, "seed": seed, "gpus": gpus, "flags": passthrough,
@@ -241,6 +243,8 @@ def run_arm(spec: str, seed: int, out: str, gpus: int, passthrough: list[str]) -
     if res.returncode != 0:
         raise CompareError(f"arm {name} failed (exit {res.returncode}); its log is above. Run the same command "
                            "again to continue it and the arms after it")
+    if stop_ok and _status(run_json) == "interrupted":
+        return {"name": name, "dir": arm_dir, "status": "interrupted"}
     if _status(run_json) != "complete":
         raise CompareError(f"arm {name} stopped before its end ({run_json}); run the same command again to "
                            "continue it")
@@ -358,7 +362,7 @@ def compare(specs: list[str], seeds: list[int], out: str, gpus: int, passthrough
     if arm is not None:
         if not 0 <= arm < len(pairs):
             raise CompareError(f"--arm {arm}: there are {len(pairs)} arms (0..{len(pairs) - 1}), regions x seeds")
-        return {"arms": [run_arm(*pairs[arm], out, gpus, passthrough)]}
+        return {"arms": [run_arm(*pairs[arm], out, gpus, passthrough, stop_ok=True)]}
     if report_only:
         arms = [finished_arm(spec, seed, out, passthrough) for spec, seed in pairs]
     else:

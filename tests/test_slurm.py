@@ -127,16 +127,20 @@ def test_report_sbatch(uninterrupted, tmp_path):
     assert rows[0]["steps"] == 4 and rows[0]["ranks"] == 2
 
 
-def compare_sbatch(tmp: Path, *args: str) -> tuple[subprocess.CompletedProcess, Path]:
-    env = {**os.environ, "PATH": f"{FAKE}:{os.environ['PATH']}", "PYTHON": sys.executable, "PYTHONUNBUFFERED": "1"}
-    res = subprocess.run([str(FAKE / "sbatch"), "--output", str(tmp / "%x-%j.log"), "launch/slurm/compare.sbatch",
-                          *args], cwd=tmp, env={**env, "COMPARE_ARM_OPTS": f"--output={tmp}/%x-%A_%a.log"},
-                         capture_output=True, text=True, timeout=900)
+COMPARE_ENV = {"PATH": f"{FAKE}:{os.environ['PATH']}", "PYTHON": sys.executable, "PYTHONUNBUFFERED": "1"}
+
+
+def compare_sbatch(tmp: Path, *args: str, popen: bool = False):
+    env = {**os.environ, **COMPARE_ENV, "COMPARE_ARM_OPTS": f"--output={tmp}/%x-%A_%a.log", "COMPARE_REPORT_OPTS": ""}
+    cmd = [str(FAKE / "sbatch"), "--output", str(tmp / "%x-%j.log"), "launch/slurm/compare.sbatch", *args]
+    if popen:
+        return subprocess.Popen(cmd, cwd=tmp, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    res = subprocess.run(cmd, cwd=tmp, env=env, capture_output=True, text=True, timeout=900)
     return res, Path(json.loads(re.search(r"fake-sbatch: (\{.*\})", res.stdout).group(1))["output"])
 
 
-def test_compare_sbatch_runs_the_arms_as_an_array_then_the_report(demo_dir, tmp_path):
-    """The driver job checks the specs, submits one array task per arm and the report after them."""
+def compare_data(demo_dir: Path, tmp_path: Path) -> list[str]:
+    """A small copy of the demo's stage-2 sets, the repository's launchers, the demo: a submit directory."""
     data = tmp_path / "data"
     data.mkdir()
     (data / "images").symlink_to((demo_dir / "images").resolve())
@@ -144,12 +148,16 @@ def test_compare_sbatch_runs_the_arms_as_an_array_then_the_report(demo_dir, tmp_
         (data / name).write_text(json.dumps(json.loads((demo_dir / name).read_text())[:n]))
     (tmp_path / "launch").symlink_to(ROOT / "launch")  # submitted from a directory with the repository's launchers
     (tmp_path / "data" / "demo").symlink_to(demo_dir.resolve())
+    return ["--model", str(demo_dir / "base_model"), "--data", str(data / "sft_train.json"), "--eval-data",
+            str(data / "sft_eval.json"), "--text-eval-data", str(data / "text_eval.json"), "--micro-batch", "4",
+            "--num-workers", "0", "--allow-outside-images"]
+
+
+def test_compare_sbatch_runs_the_arms_as_an_array_then_the_report(demo_dir, tmp_path):
+    """The driver job checks the specs, submits one array task per arm and the report after them."""
     out = tmp_path / "cmp"
-    res, log = compare_sbatch(tmp_path, "--regions", "full,uniform25", "--output-dir", str(out), "--model",
-                              str(demo_dir / "base_model"), "--data", str(data / "sft_train.json"), "--eval-data",
-                              str(data / "sft_eval.json"), "--text-eval-data", str(data / "text_eval.json"),
-                              "--max-steps", "3", "--micro-batch", "4", "--num-workers", "0",
-                              "--allow-outside-images")
+    res, log = compare_sbatch(tmp_path, "--regions", "full,uniform25", "--output-dir", str(out),
+                              *compare_data(demo_dir, tmp_path), "--max-steps", "3")
     driver = log.read_text()
     assert res.returncode == 0, driver + res.stderr[-3000:]
     assert "2 arm(s): full-seed0 uniform25-seed0" in driver
@@ -173,3 +181,44 @@ def test_compare_sbatch_refuses_a_bad_spec_before_queueing(demo_dir, tmp_path):
     text = log.read_text()
     assert res.returncode != 0 and "layer index 99 is out of range 0..7" in text
     assert "array job" not in text and not (tmp_path / "c").exists()
+
+
+def test_a_compare_arm_checkpoints_on_usr1_requeues_and_continues(demo_dir, tmp_path):
+    """An arm near its time limit: USR1 to its batch shell (what --signal=B:USR1@600 sends) makes it checkpoint and
+    exit; the task requeues itself and the arm continues from the checkpoint to its end, then the report runs. Before,
+    an arm cut off at the limit lost everything since its last save."""
+    out = tmp_path / "cmp"
+    proc = compare_sbatch(tmp_path, "--regions", "full", "--output-dir", str(out), *compare_data(demo_dir, tmp_path),
+                          "--max-steps", "8", "--log-every", "1", popen=True)
+    arm = out / "arms" / "full-seed0"
+    deadline = time.time() + 300
+    while steps_logged(arm) < 1:
+        assert proc.poll() is None and time.time() < deadline, proc.communicate()
+        time.sleep(0.1)
+    shell = next(p for p in psutil.Process(proc.pid).children(recursive=True)
+                 if "compare.sbatch" in " ".join(p.cmdline()) and "SLURM_ARRAY_TASK_ID" in p.environ())
+    shell.send_signal(signal.SIGUSR1)
+    stdout, stderr = proc.communicate(timeout=600)
+    assert proc.returncode == 0, stdout + stderr
+    task_log = next(tmp_path.glob("lvlm-compare-arm-*_0.log")).read_text()
+    assert "USR1: asking the run to checkpoint and exit" in task_log and "requeueing job" in task_log, task_log[-3000:]
+    assert "arm full-seed0: interrupted" in task_log and "(array task 0, restart 1)" in task_log
+    assert "resumed from" in task_log and "arm full-seed0: continued" in task_log
+    run_json = json.loads((arm / "run.json").read_text())
+    assert run_json["status"] == "complete" and run_json["steps_done"] == 8
+    assert [r["step"] for r in map(json.loads, (arm / "metrics.jsonl").read_text().splitlines()) if "loss" in r] == \
+        list(range(1, 9))
+    assert json.loads((out / "report.json").read_text())["regions"][0]["region"] == "full"
+
+
+def test_compare_sbatch_with_a_model_needs_the_arms_options(demo_dir, tmp_path):
+    """Without COMPARE_ARM_OPTS the arms and the report ran with the partition's defaults: on a CPU-only node the
+    report's evaluation of the start model took hours. The driver now stops first, queueing nothing."""
+    (tmp_path / "launch").symlink_to(ROOT / "launch")
+    env = {**os.environ, **COMPARE_ENV}
+    env.pop("COMPARE_ARM_OPTS", None)
+    res = subprocess.run([str(FAKE / "sbatch"), "--output", str(tmp_path / "%x-%j.log"), "launch/slurm/compare.sbatch",
+                          "--regions", "full", "--model", str(demo_dir / "base_model"), "--output-dir",
+                          str(tmp_path / "c")], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
+    log = Path(json.loads(re.search(r"fake-sbatch: (\{.*\})", res.stdout).group(1))["output"]).read_text()
+    assert res.returncode == 2 and "set COMPARE_ARM_OPTS" in log and "array job" not in log

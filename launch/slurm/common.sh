@@ -61,11 +61,19 @@ run_stage() {  # run_stage launch/sft.py ARGS...
     printf '%q ' "${cmd[@]}"
     echo
 
+    run_stoppable "$out" "${cmd[@]}"
+}
+
+run_stoppable() {  # run_stoppable OUTPUT_DIR COMMAND...: run COMMAND (a training run writing OUTPUT_DIR); on USR1
+    # touch OUTPUT_DIR/STOP (the run checkpoints and exits 0); when it stopped so (run.json status interrupted),
+    # requeue the job, which continues with --resume auto; exit with COMMAND's status.
+    local out=$1; shift
+    local py=${PYTHON:-python}
     mkdir -p "$out"
     trap 'echo "=== $(date -Is) USR1: asking the run to checkpoint and exit"; touch "$out/STOP"' USR1
-    "${cmd[@]}" &
+    "$@" &
     local pid=$! rc=0
-    # `wait` returns early (status > 128) when the trap fires; keep waiting until srun itself ends.
+    # `wait` returns early (status > 128) when the trap fires; keep waiting until the command itself ends.
     while true; do
         rc=0
         wait "$pid" || rc=$?
@@ -76,7 +84,7 @@ run_stage() {  # run_stage launch/sft.py ARGS...
     local status
     status=$("$py" -c 'import json, sys; print(json.load(open(sys.argv[1])).get("status", ""))' \
              "$out/run.json" 2>/dev/null || true)
-    echo "=== $(date -Is) srun exit code ${rc}; run status: ${status:-unknown}"
+    echo "=== $(date -Is) exit code ${rc}; run status: ${status:-unknown}"
     if [ "$rc" -eq 0 ] && [ "$status" = interrupted ]; then
         echo "=== requeueing job ${SLURM_JOB_ID}; it continues from the checkpoint"
         scontrol requeue "$SLURM_JOB_ID"
