@@ -43,9 +43,9 @@ POSITIONS = ("top left", "top right", "bottom left", "bottom right")
 QUESTIONS = {"color": "What color is the shape?", "shape": "Which shape is in the image?",
              "position": "Where is the shape?"}
 IMAGE_SIZE = 32  # with 16-pixel patches: one image token per quadrant
-DONE_MARKER = "COMPLETE-6"  # bumped when the demo's contents change, so an older directory is rebuilt
+DONE_MARKER = "COMPLETE-7"  # bumped when the demo's contents change, so an older directory is rebuilt
 # Every marker the demo has written: a directory with one of them is the demo's own (outputs.check_replaceable).
-MARKERS = ("COMPLETE", "COMPLETE-2", "COMPLETE-3", "COMPLETE-4", "COMPLETE-5", DONE_MARKER)
+MARKERS = ("COMPLETE", "COMPLETE-2", "COMPLETE-3", "COMPLETE-4", "COMPLETE-5", "COMPLETE-6", DONE_MARKER)
 
 
 def chance_accuracy() -> float:
@@ -178,17 +178,20 @@ def pretrain_language(model, tok, out_dir: str, seed: int, steps: int = 1500, ba
     image_id = tok.convert_tokens_to_ids("<image>")
     rng = random.Random(seed)
     rows = []
-    fmts = {name: resolve(name, tok, "the demo tokenizer") for name in ("plain", "vicuna_v1")}
-    # Each training scene twice: its caption (plain), and all three questions in a random order (vicuna_v1).
+    # As the two stages will render and tokenize them: stage 1's plain template (LLaVA's rule: the caption tokenized
+    # on its own after the image) and stage 2's default, the tokenizer's own template (vicuna_v1's text, one string).
+    fmts = {name: resolve(name, tok, "the demo tokenizer") for name in ("plain", "auto")}
+    # Each training scene twice: its caption (plain), and all three questions in a random order (auto).
     for image, caption in captions.items():
         attrs = attrs_of(caption)
         asked = rng.sample(list(QUESTIONS), len(QUESTIONS))
         chat = {"image": image, "conversations": [t for j, k in enumerate(asked) for t in _qa(k, attrs, j == 0)]}
         plain = {"image": image, "conversations": [{"from": "human", "value": "<image>\nDescribe the image."},
                                                    {"from": "gpt", "value": caption}]}
-        for template, s in (("plain", plain), ("vicuna_v1", chat)):
+        for template, s in (("plain", plain), ("auto", chat)):
             sample = normalize(json.dumps(s))
-            row = tokenize(fmts[template].segments(tok, sample["messages"]), tok, [[image_id] * n_image])
+            row = tokenize(fmts[template].segments(tok, sample["messages"]), tok, [[image_id] * n_image],
+                           chunks=fmts[template].image_chunks)
             slots = iter(tok.convert_tokens_to_ids(scene_slots(caption)))
             row["input_ids"] = [next(slots) if i == image_id else i for i in row["input_ids"]]
             rows.append(row)

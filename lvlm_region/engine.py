@@ -49,6 +49,11 @@ def init_distributed(timeout_min: float = 30.0) -> None:
         raise ValueError(f"torch's JIT-build lock {stale[0]} is {stale[1] / 60:.0f} min old: a build of a DeepSpeed "
                            f"op was killed mid-way, and this launch would wait on it forever; remove that file (when "
                            f"no build is running) and rerun")
+    orphan = orphaned_build_lock()
+    if orphan:
+        raise ValueError(f"torch's JIT-build lock {orphan} exists but no process on this machine is building there "
+                         f"(watched for {ORPHAN_WATCH_S:g} s): a build of a DeepSpeed op was killed mid-way, and this "
+                         f"launch would wait on it forever; remove that file and rerun")
     if "RANK" not in os.environ:
         os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1",
                           MASTER_PORT=str(_free_port()))
@@ -91,6 +96,43 @@ def stale_build_locks(root: str | None = None, now: float | None = None) -> tupl
             continue
     old = max((a for a in ages if a[0] > STALE_BUILD_LOCK_S), default=None)
     return (old[1], old[0]) if old else None
+
+
+ORPHAN_WATCH_S = 10.0  # a live build has a process in its directory (ninja's working directory) within this time
+
+
+def _building_in(directory: str) -> bool:
+    """Whether a process on this machine has its working directory in ``directory`` (torch runs ninja there)."""
+    for pid in os.listdir("/proc"):
+        if pid.isdigit():
+            try:
+                cwd = os.readlink(f"/proc/{pid}/cwd")
+            except OSError:  # gone, or not ours to read
+                continue
+            if cwd == directory or cwd.startswith(directory + os.sep):
+                return True
+    return False
+
+
+def orphaned_build_lock(root: str | None = None, watch: float = ORPHAN_WATCH_S) -> str | None:
+    """A JIT-build lock younger than STALE_BUILD_LOCK_S whose build is dead: no process on this machine works in its
+    directory for ``watch`` seconds while the lock stays. None when there is none, and where this cannot be told: no
+    /proc, or ranks on several nodes (the build directory may be on a shared file system, built by another node).
+
+    stale_build_locks catches a lock by its age only; a build killed a minute ago left a launch waiting silently."""
+    world = os.environ.get("WORLD_SIZE", "1")
+    if not os.path.isdir("/proc") or os.environ.get("LOCAL_SIZE", os.environ.get("LOCAL_WORLD_SIZE", world)) != world:
+        return None
+    from torch.utils.cpp_extension import get_default_build_root
+    base = Path(root or os.environ.get("TORCH_EXTENSIONS_DIR") or get_default_build_root())
+    locks = [*base.glob("*/lock"), *base.glob("*/*/lock")]
+    deadline = time.time() + watch
+    while locks:
+        locks = [lock for lock in locks if lock.exists() and not _building_in(str(lock.parent))]
+        if not locks or time.time() > deadline:
+            break
+        time.sleep(0.5)
+    return str(locks[0]) if locks else None
 
 
 def cpu_threads(env, cores: int) -> int | None:
@@ -199,6 +241,11 @@ def all_reduce_sum(values: list[float]) -> list[float]:
     if dist.is_initialized():
         dist.all_reduce(t)
     return t.tolist()
+
+
+def all_reduce_named(values: dict[str, float]) -> dict[str, float]:
+    """all_reduce_sum of named values in one collective: {name: the sum over ranks}."""
+    return dict(zip(values, all_reduce_sum(list(values.values()))))
 
 
 def all_gather_object(obj) -> list:

@@ -105,7 +105,8 @@ class PromptDataset(ImageTextDataset):
         prompt = self.encoding.template.prompt(self.tokenizer, messages[:-1])
         image_ids = image_token_ids(ex["images"], self.image_folder, self.encoding.layout, decode=False,
                                     allow_outside=self.encoding.allow_outside_images)
-        ids = tokenize([(prompt, False)], self.tokenizer, image_ids, self.encoding.layout.text_around)["input_ids"]
+        ids = tokenize([(prompt, False)], self.tokenizer, image_ids, self.encoding.layout.text_around,
+                       chunks=self.encoding.template.image_chunks)["input_ids"]  # the template's rule, as in training
         item["input_ids"] = item["labels"] = torch.tensor(ids)
         item["answer"], item["index"], item["id"] = messages[-1]["content"], i, ex["id"]
         item["category"] = ex.get("category") or ""  # prepared before VERSION 3: no column

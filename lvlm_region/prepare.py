@@ -168,7 +168,7 @@ def encode(row: dict, image_folder: str, enc: Encoding, tokenizer) -> dict:
                                     allow_outside=enc.allow_outside_images)
         try:
             ids = tokenize(enc.template.segments(tokenizer, s["messages"]), tokenizer, image_ids,
-                           enc.layout.text_around)
+                           enc.layout.text_around, chunks=enc.template.image_chunks)
         except TemplateError as e:
             raise BadSample("template_error", str(e)) from None
         n = len(ids["input_ids"])

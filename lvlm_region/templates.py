@@ -33,10 +33,11 @@ _CONTENT = ("{% macro content(m) %}{% if m['content'] is string %}{{ m['content'
 
 # One line each, without whitespace control: every character outside the tags is output.
 BUILTIN = {
-    # Stage 1 (LLaVA "plain"): the image tokens, then the caption and eos; no roles, no instruction.
+    # Stage 1 (LLaVA "plain", conv_llava_plain): the image tokens, then the caption and its separator "\n"; no roles,
+    # no instruction (LLaVA's preprocess_plain: DEFAULT_IMAGE_TOKEN + caption + sep).
     "plain": _CONTENT + (
         "{% for m in messages %}{% if m['role'] == 'user' %}{{ '<image>' * (content(m).count('<image>')) }}"
-        "{% elif m['role'] == 'assistant' %}{{ content(m) | trim }}{{ eos_token }}{% endif %}{% endfor %}"),
+        "{% elif m['role'] == 'assistant' %}{{ content(m) | trim }}{{ '\n' }}{% endif %}{% endfor %}"),
     # LLaVA-1.5 (conv_vicuna_v1): "SYSTEM USER: q ASSISTANT: a</s>USER: q2 ASSISTANT: a2</s>".
     "vicuna_v1": _CONTENT + (
         "{% if messages[0]['role'] == 'system' %}{{ content(messages[0]) }}{% set rest = messages[1:] %}"
@@ -75,10 +76,16 @@ class ChatFormat:
     name: str  # a BUILTIN name, or "auto" (the tokenizer's own template)
     source: str
     typed_content: bool = False  # content as [{"type": "image"}, {"type": "text", ...}] (processor templates)
+    # How the text is tokenized (see tokenize): True for the LLaVA / Bunny templates (BUILTIN), whose models were
+    # trained and are evaluated by LLaVA's tokenizer_image_token, which tokenizes the text between images as
+    # separate strings; False for the tokenizer's or processor's own template ("auto"), tokenized as one string as
+    # the processor does.
+    image_chunks: bool = False
 
     @property
     def digest(self) -> str:
-        return hashlib.sha256(f"{self.typed_content}:{self.source}".encode()).hexdigest()[:16]
+        rule = ":chunks" if self.image_chunks else ""
+        return hashlib.sha256(f"{self.typed_content}{rule}:{self.source}".encode()).hexdigest()[:16]
 
     @property
     def conversational(self) -> bool:
@@ -118,8 +125,13 @@ class ChatFormat:
                 raise TemplateError(f"template {self.name!r} does not render conversations prefix by prefix (at "
                                     f"message {i}), so the reply's tokens cannot be found; pass another --template "
                                     f"({', '.join(BUILTIN)})")
-            while end > start and full[end - 1].isspace():
-                end -= 1
+            # Whitespace after the end-of-turn token goes back to the untrained text; a template that ends a reply
+            # with whitespace alone (plain: the caption, then "\n") trains it: it is the end of the turn.
+            cut = end
+            while cut > start and full[cut - 1].isspace():
+                cut -= 1
+            if full[start:cut].strip() != m["content"].strip() or not m["content"].strip():
+                end = cut
             reply = full[start:end]
             if m["content"].strip() and m["content"].strip() not in reply:
                 raise TemplateError(f"template {self.name!r} does not render assistant message {i}'s text where "
@@ -159,7 +171,7 @@ def resolve(name: str, tokenizer, where: str, processor_template: str | None = N
             raise ValueError(f"--template {name} writes the special tokens {missing}, which the tokenizer of {where} "
                              f"does not have (they would be split into text pieces); use the template the LLM was "
                              f"trained with (e.g. --template vicuna_v1, which needs none)")
-        return ChatFormat(name, BUILTIN[name])
+        return ChatFormat(name, BUILTIN[name], image_chunks=True)
     own = tokenizer.chat_template
     if isinstance(own, dict):
         own = own.get("default")
@@ -191,23 +203,29 @@ def resolve(name: str, tokenizer, where: str, processor_template: str | None = N
 def end_of_turn_id(fmt: ChatFormat, tokenizer) -> int:
     """The last token of a trained reply (eos, <|eot_id|>, <|end|>, <|im_end|>): where generation stops."""
     probe = [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}]
-    return tokenize(fmt.segments(tokenizer, probe), tokenizer, [])["input_ids"][-1]
+    return tokenize(fmt.segments(tokenizer, probe), tokenizer, [], chunks=fmt.image_chunks)["input_ids"][-1]
 
 
 def tokenize(segments: list[tuple[str, bool]], tokenizer, image_ids: list[list[int]],
-             around: tuple[str, str] = ("", "")) -> dict:
+             around: tuple[str, str] = ("", ""), chunks: bool = False) -> dict:
     """Token ids and labels (IGNORE where untrained); the k-th <image> becomes ``image_ids[k]`` (its image tokens,
     as image_inputs.ImageLayout.token_ids gives them for the image's size), with the layout's ``around`` text
     (``text_around``: Gemma 3's "\\n\\n" on either side) written before and after it as plain text, so it merges with
     the neighbouring text as the processor's expansion does. That text never trains.
 
-    The segments' text is tokenized as one string, as a processor tokenizes the same rendered conversation at
-    inference: each <image> is first written as its own image tokens' text (``<image>`` x N for Llava,
-    ``<|vision_start|><|image_pad|>...<|vision_end|>`` for Qwen2-VL; special tokens, so they split the text exactly
-    where the processor's expansion does). Tokenizing segments separately would give every later turn the
-    tokenizer's leading-space piece (sentencepiece's "▁"), which inference never sees. A token is trained when
-    its last character lies in a trained segment. BOS is prepended when the tokenizer has one and the template did
-    not write it.
+    Two rules, chosen by the template (ChatFormat.image_chunks):
+    - one string (``chunks`` False: the tokenizer's or processor's own template): the segments' text is tokenized as
+      one string, as a processor tokenizes the same rendered conversation at inference: each <image> is first
+      written as its own image tokens' text (``<image>`` x N for Llava, ``<|vision_start|><|image_pad|>...`` for
+      Qwen2-VL; special tokens, so they split the text exactly where the processor's expansion does). Tokenizing
+      segments separately would give every later turn the tokenizer's leading-space piece (sentencepiece's "▁"),
+      which inference never sees.
+    - LLaVA's (``chunks`` True: the LLaVA / Bunny templates): the text between images is tokenized chunk by chunk,
+      as LLaVA's ``tokenizer_image_token`` does in training and in its evaluation scripts, so a sentencepiece
+      tokenizer writes its "▁" at the start of the text after each image (Vicuna's id 29871 before the "\\n"), as
+      LLaVA-1.5 checkpoints were trained with.
+    A token is trained when its last character lies in a trained segment. BOS is prepended when the tokenizer has
+    one and the template did not write it.
     """
     text, trained_spans, pos = [], [], 0
     for seg, trained in segments:
@@ -235,23 +253,13 @@ def tokenize(segments: list[tuple[str, bool]], tokenizer, image_ids: list[list[i
         shifts.append((len(full) + len(inserted), shift + len(inserted) - len(IMAGE_PLACEHOLDER)))
         shift += len(inserted) - len(IMAGE_PLACEHOLDER)
         full += inserted + piece
-    try:
-        enc = tokenizer(full, add_special_tokens=False, return_offsets_mapping=True)
-    except NotImplementedError:
-        raise TemplateError("the tokenizer gives no character offsets (a slow tokenizer); use the checkpoint's "
-                            "fast tokenizer (tokenizer.json)") from None
-    ids: list[int] = list(enc["input_ids"])
-    for k, (a, b) in enumerate(image_spans):  # the image's tokens must come out as themselves
-        got = [t for t, (s, e) in zip(ids, enc["offset_mapping"]) if a <= s and e <= b and e > s]
-        if got != list(image_ids[k]):
-            raise TemplateError(f"image {k}'s tokens do not survive tokenization as text (is the image token a "
-                                "special token of the tokenizer?)")
+    ids, offsets = (_tokenize_chunks if chunks else _tokenize_whole)(full, image_spans, image_ids, tokenizer)
 
     def original(e: int) -> int:  # a position in ``full`` -> the same position in the rendered text
         return e - next((d for start, d in reversed(shifts) if e >= start), 0)
 
     labels = []
-    for t, (s, e) in zip(ids, enc["offset_mapping"]):
+    for t, (s, e) in zip(ids, offsets):
         # image tokens, and tokens that take in text written around an image, never train
         in_image = any(a <= s and e <= b for a, b in image_spans) or any(a < e and s < b for a, b in inserted_spans)
         o = original(e)
@@ -260,3 +268,38 @@ def tokenize(segments: list[tuple[str, bool]], tokenizer, image_ids: list[list[i
     if bos is not None and not (ids and ids[0] == bos):
         ids, labels = [bos] + ids, [IGNORE] + labels
     return {"input_ids": ids, "labels": labels}
+
+
+def _offsets(tokenizer, text: str) -> tuple[list[int], list[tuple[int, int]]]:
+    try:
+        enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+    except NotImplementedError:
+        raise TemplateError("the tokenizer gives no character offsets (a slow tokenizer); use the checkpoint's "
+                            "fast tokenizer (tokenizer.json)") from None
+    return list(enc["input_ids"]), [tuple(o) for o in enc["offset_mapping"]]
+
+
+def _tokenize_whole(full: str, image_spans: list[tuple[int, int]], image_ids: list[list[int]], tokenizer):
+    """The one-string rule: ``full`` (images written as their tokens' text) tokenized at once; (ids, offsets)."""
+    ids, offsets = _offsets(tokenizer, full)
+    for k, (a, b) in enumerate(image_spans):  # the image's tokens must come out as themselves
+        got = [t for t, (s, e) in zip(ids, offsets) if a <= s and e <= b and e > s]
+        if got != list(image_ids[k]):
+            raise TemplateError(f"image {k}'s tokens do not survive tokenization as text (is the image token a "
+                                "special token of the tokenizer?)")
+    return ids, offsets
+
+
+def _tokenize_chunks(full: str, image_spans: list[tuple[int, int]], image_ids: list[list[int]], tokenizer):
+    """LLaVA's rule (tokenizer_image_token): each text chunk between images tokenized on its own, the images' ids
+    placed between them as they are; offsets into ``full`` (an image's ids all carry its span)."""
+    ids, offsets, pos = [], [], 0
+    for k, (a, b) in enumerate([*image_spans, (len(full), len(full))]):
+        chunk_ids, chunk_offsets = _offsets(tokenizer, full[pos:a]) if a > pos else ([], [])
+        ids += chunk_ids
+        offsets += [(s + pos, e + pos) for s, e in chunk_offsets]
+        if k < len(image_spans):
+            ids += list(image_ids[k])
+            offsets += [(a, b)] * len(image_ids[k])
+        pos = b
+    return ids, offsets

@@ -145,6 +145,8 @@ class Trainer:
             "memory_estimate": self.mem, "plan": self.plan, "ranks": engine.all_placements(),
             "resumed_from": str(s.resume_from) if s.resume_from else None}
         self.write_summary()
+        st = os.stat(self.out)
+        self.out_id = (st.st_dev, st.st_ino)  # output_lost compares against it every step
         self.metrics = open_metrics(os.path.join(self.out, "metrics.jsonl"), self.start_step) if self.rank0 else None
         self.stop = checkpoint.StopRequest(self.out)
         self.flop_model = families.flop_model(self.engine.module)  # trainable set and checkpointing as they are now
@@ -207,18 +209,26 @@ class Trainer:
             router_sum += 0.0 if router is None else float(router.detach())
         work = self.flop_model.step([shape for b in micro for shape in batch_shapes(b)])
         with timer.phase("optimizer"):
-            # One collective for the loss, the stop request and the step's work: every rank stops together.
-            loss_total, stops, n_tokens, n_samples, n_images, f_model, f_hw, n_replaced, router_total = \
-                engine.all_reduce_sum([loss_sum, float(self.stop.poll()), sum(b["n_tokens"] for b in micro),
-                                       sum(b["n_samples"] for b in micro), sum(b["real_images"] for b in micro),
-                                       work.model, work.hardware, sum(b["replaced"] for b in micro), router_sum])
+            # One collective for the loss, the stop request, a lost output directory and the step's work: every
+            # rank stops together.
+            r = engine.all_reduce_named({
+                "loss": loss_sum, "stops": float(self.stop.poll()), "lost": float(self.output_lost()),
+                "tokens": sum(b["n_tokens"] for b in micro), "samples": sum(b["n_samples"] for b in micro),
+                "images": sum(b["real_images"] for b in micro), "model_flops": work.model,
+                "hardware_flops": work.hardware, "replaced": sum(b["replaced"] for b in micro), "router": router_sum})
+        if r["lost"]:
+            raise OutputLost(f"--output-dir {self.out} was deleted or replaced while the run was writing to it "
+                             f"(noticed at step {step}); the run stopped, since nothing more it writes could be kept "
+                             "there. Give the run an output directory nothing else removes, and rerun")
+        stops = r["stops"]
         if router is not None:  # the mean over micro-steps and ranks, as the gradient has it
-            self.router_loss = router_total / (engine.world_size() * cfg.grad_accum)
-        self.replaced += int(n_replaced)
+            self.router_loss = r["router"] / (engine.world_size() * cfg.grad_accum)
+        self.replaced += int(r["replaced"])
         times = timer.finish()
-        self.totals.add(times, n_tokens, n_samples, n_images, f_model, f_hw)
-        self.window.add(times, n_tokens, n_samples, n_images, f_model, f_hw)
-        self.loss = loss_total / max(n_valid, 1.0)
+        shape = (r["tokens"], r["samples"], r["images"], r["model_flops"], r["hardware_flops"])
+        self.totals.add(times, *shape)
+        self.window.add(times, *shape)
+        self.loss = r["loss"] / max(n_valid, 1.0)
         self.window_losses.append((step, self.loss))
         self.grad_norm = ds_engine.get_global_grad_norm()  # global: every rank sees it, so all stop together
         self.check(step, skipped_before)
@@ -229,6 +239,16 @@ class Trainer:
             self.checkpoint_path = checkpoint.save(ds_engine, self.out, step, self.state(step), cfg.keep_checkpoints)
             self.previous = self.checkpoint_path.name
         return bool(stops)
+
+    def output_lost(self) -> bool:
+        """Rank 0: whether the output directory is no longer the one the run started in (deleted, moved, replaced)."""
+        if not self.rank0:
+            return False
+        try:
+            st = os.stat(self.out)
+        except FileNotFoundError:
+            return True
+        return (st.st_dev, st.st_ino) != self.out_id
 
     def check(self, step: int, skipped_before: int) -> None:
         """check_finite; on failure run.json says what happened and metrics.jsonl keeps the good steps."""
@@ -356,6 +376,10 @@ def build_model(s: Setup, dtype: torch.dtype):
                      len(adapters.target_modules), list(s.region.layers), counts["layers"]["trainable"],
                      lora.lora_parameter_count(adapters, model))
     return model, adapters, counts
+
+
+class OutputLost(OSError):
+    """The output directory disappeared (or was replaced) during the run: every rank stops at that step."""
 
 
 class TrainingDiverged(RuntimeError):

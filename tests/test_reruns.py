@@ -244,3 +244,53 @@ def test_demo_depth_known_before_generation_matches_the_built_model(demo_dir):
     assert num_decoder_layers(planned) == num_decoder_layers(built) == 8
     assert planned.text_config.tie_word_embeddings == built.text_config.tie_word_embeddings
     assert config.DEMO_DIR == "data/demo" and os.path.isdir(demo_dir)
+
+
+def test_a_run_whose_output_directory_is_deleted_stops_at_once_naming_it(demo_sft_data, tmp_path):
+    """Before, the run went on writing into a directory that no longer existed (metrics to an unlinked file) or
+    waited; now every rank stops at the next step with the cause."""
+    import shutil
+    import time
+
+    from conftest import deepspeed_cmd
+    out = tmp_path / "gone" / "run"
+    log = tmp_path / "log.txt"
+    with open(log, "w") as f:
+        proc = subprocess.Popen(deepspeed_cmd(2, "launch/sft.py", "--output-dir", str(out), *demo_sft_data,
+                                              "--micro-batch", "4", "--num-workers", "0", "--max-steps", "400",
+                                              "--log-every", "1"),
+                                cwd=ROOT, stdout=f, stderr=subprocess.STDOUT, start_new_session=True)
+    deadline = time.time() + 300
+    while not (out / "metrics.jsonl").exists() or not (out / "metrics.jsonl").read_text().count("\n") >= 2:
+        assert proc.poll() is None and time.time() < deadline, log.read_text()[-3000:]
+        time.sleep(0.1)
+    shutil.rmtree(tmp_path / "gone")
+    t0 = time.time()
+    assert proc.wait(timeout=120) != 0
+    assert time.time() - t0 < 60
+    text = log.read_text()
+    assert f"--output-dir {out} was deleted or replaced while the run was writing to it" in text, text[-3000:]
+    assert not out.exists()  # nothing recreated it
+
+
+def test_a_fresh_jit_build_lock_without_a_builder_stops_the_launch(demo_dir, tmp_path):
+    """A build killed a minute ago left a fresh lock: the age check let the launch wait on it forever."""
+    import time
+
+    from lvlm_region import engine as eng
+    lock = tmp_path / "ext" / "deepspeed_shm_comm" / "lock"
+    lock.parent.mkdir(parents=True)
+    lock.touch()
+    builder = subprocess.Popen(["sleep", "60"], cwd=lock.parent)  # a live build: a process works in its directory
+    try:
+        t0 = time.time()
+        assert eng.orphaned_build_lock(str(tmp_path / "ext"), watch=5) is None and time.time() - t0 < 2
+    finally:
+        builder.kill()
+        builder.wait()
+    assert eng.orphaned_build_lock(str(tmp_path / "ext"), watch=1) == str(lock)
+    res = run([sys.executable, "launch/sft.py", "--output-dir", str(tmp_path / "out"), "--max-steps", "1"],
+              env={"TORCH_EXTENSIONS_DIR": str(tmp_path / "ext")}, timeout=120)
+    assert res.returncode == 2, res.stderr[-2000:]
+    assert f"torch's JIT-build lock {lock} exists but no process on this machine is building there" in res.stderr
+    assert not (tmp_path / "out").exists()

@@ -38,7 +38,7 @@ CHATML_D = ("<|im_start|> user Q1 <|im_end|> <|im_start|> assistant [A1 <|im_end
 PHI3_D = ("<s> <|user|> Q1 <|end|> <|assistant|> [A1 <|end|>] <|user|> <image> <image> Q2 <|end|> <|assistant|> "
           "[A2 <|end|>] <|user|> Q1 <|end|> <|assistant|> [A3 <|end|>]")
 CASES = [
-    ("plain", {}, D, "<s> [A1 </s>] <image> <image> [A2 </s>] [A3 </s>]"),
+    ("plain", {}, D, "<s> [A1] <image> <image> [A2] [A3]"),
     ("vicuna_v1", {}, D, f"<s> {S} USER: Q1 ASSISTANT: [A1 </s>] USER: <image> <image> Q2 ASSISTANT: [A2 </s>] "
                          "USER: Q1 ASSISTANT: [A3 </s>]"),
     ("llama3", {}, D, "<s> <|start_header_id|> user <|end_header_id|> Q1 <|eot_id|> <|start_header_id|> assistant "
@@ -51,8 +51,8 @@ CASES = [
     ("auto", {"bos": None, "chat_template": QWEN2}, D,
      "<|im_start|> system You are a helpful assistant. <|im_end|> " + CHATML_D),
     ("auto", {"chat_template": PHI3, "eos": "<|endoftext|>"}, D, PHI3_D),
-    ("plain", {}, A, "<s> <image> <image> [A1 </s>] [A2 A3 </s>]"),
-    ("plain", {}, C, "<s> <image> <image> [A1 </s>]"),
+    ("plain", {}, A, "<s> <image> <image> [A1] [A2 A3]"),
+    ("plain", {}, C, "<s> <image> <image> [A1]"),
     ("vicuna_v1", {}, A, f"<s> {S} USER: <image> <image> Q1 ASSISTANT: [A1 </s>] USER: Q2 ASSISTANT: [A2 A3 </s>]"),
     ("vicuna_v1", {}, B, "<s> SYS USER: Q1 ASSISTANT: [A1 </s>]"),
     ("vicuna_v1", {}, C, f"<s> {S} USER: Q1 <image> <image> ASSISTANT: [A1 </s>]"),
@@ -96,7 +96,8 @@ def expected(spec: str) -> tuple[list[str], list[bool]]:
 def test_label_mask(name, tok_kwargs, conv, spec):
     tok = word_tokenizer(WORDS, **tok_kwargs)
     fmt = resolve(name, tok, "the test tokenizer")
-    out = tokenize(fmt.segments(tok, conv), tok, [[IMG] * N_IMG] * sum(m['content'].count('<image>') for m in conv))
+    out = tokenize(fmt.segments(tok, conv), tok, [[IMG] * N_IMG] * sum(m['content'].count('<image>') for m in conv),
+                   chunks=fmt.image_chunks)
     tokens, trained = expected(spec)
     assert tok.convert_ids_to_tokens(out["input_ids"]) == tokens
     assert out["labels"] == [i if t else IGNORE for i, t in zip(out["input_ids"], trained)]
@@ -199,7 +200,9 @@ def _sentencepiece(tmp_path):
     d = tmp_path / "sp_tok"
     d.mkdir()
     (tmp_path / "sp.model").rename(d / "tokenizer.model")
-    return LlamaTokenizer.from_pretrained(str(d))
+    tok = LlamaTokenizer.from_pretrained(str(d))
+    tok.add_bos_token = True  # as Vicuna's and Llama-2's tokenizer_config.json have it
+    return tok
 
 
 def _byte_level_bpe():
@@ -224,23 +227,24 @@ MULTI = [{"role": "user", "content": "<image>\nwhat colour is the shape?"}, {"ro
          {"role": "user", "content": "and the shape?"}, {"role": "assistant", "content": "square"}]
 
 
-@pytest.mark.parametrize("kind,name", [("sentencepiece", "vicuna_v1"), ("sentencepiece", "plain"),
-                                       ("bpe", "chatml"), ("bpe", "vicuna_v1")])
-def test_training_ids_are_the_ids_of_the_rendered_conversation_as_one_string(tmp_path, kind, name):
+@pytest.mark.parametrize("kind,source", [("sentencepiece", "vicuna_v1"), ("bpe", "chatml"), ("bpe", "vicuna_v1")])
+def test_a_tokenizers_own_template_gives_the_ids_of_the_rendered_conversation_as_one_string(tmp_path, kind, source):
+    """--template auto (the tokenizer's or processor's own template): ids as the processor makes them at inference,
+    the rendered conversation tokenized as one string."""
     tok = _sentencepiece(tmp_path) if kind == "sentencepiece" else _byte_level_bpe()
-    fmt = resolve(name, tok, "t")
+    tok.chat_template = BUILTIN[source]  # a released chat model carrying this format as its own
+    fmt = resolve("auto", tok, "t")
+    assert not fmt.image_chunks
     image = tok.convert_tokens_to_ids("<image>")
     segments = fmt.segments(tok, MULTI)
-    out = tokenize(segments, tok, [[image] * 3])
+    out = tokenize(segments, tok, [[image] * 3], chunks=fmt.image_chunks)
     text = "".join(t for t, _ in segments).replace("<image>", "<image>" * 3)  # the processor's expansion
     one = tok(text, add_special_tokens=False)["input_ids"]
     lead = [tok.bos_token_id] if tok.bos_token_id is not None and one[:1] != [tok.bos_token_id] else []
     assert out["input_ids"] == lead + one
-    if kind == "sentencepiece" and name == "vicuna_v1":  # the old per-segment tokenization added a '▁' per turn
+    if kind == "sentencepiece":  # the old per-segment tokenization added a '▁' per turn
         pieces = tok.convert_ids_to_tokens(out["input_ids"])
         assert pieces.count("▁") == tok.convert_ids_to_tokens(lead + one).count("▁")
-    if not fmt.conversational:
-        return
     # What training sees before each reply is what inference tokenizes as the prompt (evaluate.PromptDataset).
     for i in (1, 3, 5):
         prompt = tokenize([(fmt.prompt(tok, MULTI[:i]), False)], tok, [[image] * 3])["input_ids"]
@@ -250,3 +254,77 @@ def test_training_ids_are_the_ids_of_the_rendered_conversation_as_one_string(tmp
             assert all(x == IGNORE for x in out["labels"][:len(prompt)])
     trained = tok.decode([t for t in out["labels"] if t != IGNORE])
     assert all(m["content"] in trained for m in MULTI if m["role"] == "assistant")
+
+
+# LLaVA's own code (haotian-liu/LLaVA: llava/mm_utils.py tokenizer_image_token, llava/conversation.py conv_vicuna_v1
+# and conv_llava_plain, llava/train/train.py preprocess_plain), written out: what LLaVA-1.5 was trained and is
+# evaluated with. IMAGE_TOKEN_INDEX stands for the image; our ids expand it to the image's tokens.
+IMAGE_TOKEN_INDEX = -200
+
+
+def llava_tokenizer_image_token(prompt: str, tokenizer) -> list[int]:
+    prompt_chunks = [tokenizer(chunk).input_ids for chunk in prompt.split("<image>")]
+
+    def insert_separator(X, sep):
+        return [ele for sublist in zip(X, [sep] * len(X)) for ele in sublist][:-1]
+
+    input_ids = []
+    offset = 0
+    if len(prompt_chunks) > 0 and len(prompt_chunks[0]) > 0 and prompt_chunks[0][0] == tokenizer.bos_token_id:
+        offset = 1
+        input_ids.append(prompt_chunks[0][0])
+    for x in insert_separator(prompt_chunks, [IMAGE_TOKEN_INDEX] * (offset + 1)):
+        input_ids.extend(x[offset:])
+    return input_ids
+
+
+def llava_v1_prompt(messages: list[dict], eos: str, generation: bool = False) -> str:
+    """conv_vicuna_v1.get_prompt() (SeparatorStyle.TWO, sep ' ', sep2 '</s>': the eos of the Llama tokenizers LLaVA
+    ships with; ``eos`` here, so the byte-level tokenizer's end of turn is its own eos, as our template writes it)."""
+    seps, ret = [" ", eos], VICUNA_SYSTEM + " "
+    for i, m in enumerate(messages):
+        ret += ("USER" if m["role"] == "user" else "ASSISTANT") + ": " + m["content"] + seps[i % 2]
+    return ret + ("ASSISTANT:" if generation else "")
+
+
+def collapse(ids: list[int], image: int) -> list[int]:
+    """Each run of an image's tokens as LLaVA's one IMAGE_TOKEN_INDEX."""
+    out = []
+    for i in ids:
+        if i == image:
+            if out[-1:] != [IMAGE_TOKEN_INDEX]:
+                out.append(IMAGE_TOKEN_INDEX)
+        else:
+            out.append(i)
+    return out
+
+
+CAPTION = [{"role": "user", "content": "<image>\nDescribe the image."},
+           {"role": "assistant", "content": "a red circle top left"}]
+
+
+@pytest.mark.parametrize("kind", ["sentencepiece", "bpe"])
+def test_llava_templates_give_llavas_own_ids_in_training_and_evaluation(tmp_path, kind):
+    """vicuna_v1 and plain tokenize as LLaVA's tokenizer_image_token does: the text after each image on its own, so a
+    sentencepiece tokenizer writes its '▁' right after the image (Vicuna's 29871 before the '\\n'), as LLaVA-1.5
+    checkpoints were trained with; tokenizing the whole prompt as one string (the earlier rule) does not."""
+    tok = _sentencepiece(tmp_path) if kind == "sentencepiece" else _byte_level_bpe()
+    image = tok.convert_tokens_to_ids("<image>")
+    vicuna, plain = resolve("vicuna_v1", tok, "t"), resolve("plain", tok, "t")
+    assert vicuna.image_chunks and plain.image_chunks
+    ours = tokenize(vicuna.segments(tok, MULTI), tok, [[image] * 3], chunks=True)
+    assert collapse(ours["input_ids"], image) == llava_tokenizer_image_token(llava_v1_prompt(MULTI, tok.eos_token), tok)
+    for i in (1, 3, 5):  # the evaluation prompt, as LLaVA's model_vqa builds and tokenizes it
+        prompt = tokenize([(vicuna.prompt(tok, MULTI[:i]), False)], tok, [[image] * 3], chunks=True)["input_ids"]
+        assert collapse(prompt, image) == llava_tokenizer_image_token(llava_v1_prompt(MULTI[:i], tok.eos_token, True), tok)
+    # stage 1: preprocess_plain's DEFAULT_IMAGE_TOKEN + caption + conv_llava_plain.sep ("\n"), all of it trained
+    cap = tokenize(plain.segments(tok, CAPTION), tok, [[image] * 3], chunks=True)
+    assert collapse(cap["input_ids"], image) == llava_tokenizer_image_token("<image>a red circle top left\n", tok)
+    trained = [t for t in cap["labels"] if t != IGNORE]
+    assert trained == cap["input_ids"][-len(trained):] and tok.decode(trained).strip() == "a red circle top left"
+    assert tok.decode(trained).endswith("\n")  # the separator ends the caption and trains
+    if kind == "sentencepiece":  # the token the one-string rule lost
+        after = ours["input_ids"][ours["input_ids"].index(image) + 3]
+        assert tok.convert_ids_to_tokens(after) == "▁"
+        one = tokenize(vicuna.segments(tok, MULTI), tok, [[image] * 3], chunks=False)["input_ids"]
+        assert len(one) == len(ours["input_ids"]) - 1
