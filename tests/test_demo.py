@@ -9,8 +9,9 @@ from conftest import deepspeed_cmd, run
 
 from lvlm_region.demo import chance_accuracy
 
-MIN_ACCURACY = 0.90  # measured 0.958 on this CPU machine, seed 0; 0.954-0.975 over seeds 0-2 (README)
-MIN_TEXT_RETENTION = 0.85  # measured 0.946, seed 0; 0.904-0.946 over seeds 0-2 (1.000 before stage 2)
+MIN_ACCURACY = 0.90  # measured 0.967 on this CPU machine, seed 0; 0.967-0.971 over seeds 0-2 (README, 2026-12-04)
+MIN_TEXT_RETENTION = 0.80  # measured 0.854, seed 0; 0.854-0.892 over seeds 0-2 (1.000 before stage 2). Was 0.85
+# until the demo's stage 1 took LLaVA's plain tokenization (2026-12-04), which left seed 0 one question above it.
 
 
 def test_demo_learns(demo_dir, tmp_path):
