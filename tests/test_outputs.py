@@ -70,7 +70,8 @@ def test_demo_builder_refuses_a_directory_it_did_not_write(tmp_path):
     target = user_dir(tmp_path / "mine")
     before = snapshot(target)
     t0 = time.perf_counter()
-    with pytest.raises(outputs.OutputError, match="the demo directory .* no COMPLETE-6, so it is not an earlier demo"):
+    with pytest.raises(outputs.OutputError, match=f"the demo directory .* no {demo.DONE_MARKER}, so it is not an "
+                                                   "earlier demo"):
         demo.ensure(str(target))
     assert time.perf_counter() - t0 < 5 and snapshot(target) == before  # before the minutes of generation
 
