@@ -38,7 +38,7 @@ import torch
 
 from .config import PLANNED, RESUME_MAY_CHANGE, RunConfig, flag
 from .engine import barrier, load_state, rank, rng_state, save_state, set_rng_state
-from .outputs import RUN_FILES
+from .outputs import RUN_FILES, write_json_atomic
 
 log = logging.getLogger(__name__)
 
@@ -356,15 +356,6 @@ def export(out: str, write) -> None:
             os.remove(root / name)
     write_json_atomic(listed, {"files": new})
     _fsync_dir(root)
-
-
-def write_json_atomic(path: str | Path, obj: dict) -> None:
-    tmp = f"{path}.tmp"
-    with open(tmp, "w") as f:
-        json.dump(obj, f, indent=1, default=str)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
 
 
 def save(engine, output_dir: str, step: int, state: dict, keep: int) -> Path:

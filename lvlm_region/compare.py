@@ -21,7 +21,7 @@ from pathlib import Path
 
 from transformers import AutoConfig
 
-from . import checkpoint, demo, regions, report
+from . import checkpoint, demo, outputs, regions, report
 from .config import DEMO_DIR, RANGES, TEXT_EVAL, flag
 from .families import find_parts
 from .model import num_decoder_layers, skeleton
@@ -314,7 +314,7 @@ def stage1_baseline(out: str, passthrough: list[str]) -> dict | None:
     log.info("the model stage 2 starts from, evaluated as the arms are: %s", " ".join(cmd))
     if subprocess.run(cmd).returncode != 0:
         raise CompareError(f"evaluating {want['model']} (where stage 2 starts) failed; its log is above")
-    checkpoint.write_json_atomic(recorded, want)
+    outputs.write_json_atomic(recorded, want)
     with open(result) as f:
         return json.load(f)
 

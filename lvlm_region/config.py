@@ -358,13 +358,6 @@ class RunConfig:
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
 
-    @classmethod
-    def from_json(cls, path: str) -> "RunConfig":
-        with open(path) as f:
-            config = json.load(f)["config"]
-        config.pop("dataset_size", None)  # run.json of earlier versions kept it here (it is run state: run.json)
-        return cls(**config)
-
 
 VERIFY = ("decode", "header")  # --verify-images: decode every image, or read its header only
 

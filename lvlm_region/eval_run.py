@@ -11,7 +11,7 @@ import logging
 import os
 import time
 
-from . import checkpoint, engine
+from . import engine, outputs
 from .config import RunConfig
 from .evaluate import evaluate
 from .model import load_model
@@ -81,7 +81,7 @@ def evaluate_model(cfg: RunConfig) -> dict:
            **result, "seconds": time.perf_counter() - start}
     if engine.rank() == 0:
         os.makedirs(cfg.output_dir, exist_ok=True)
-        checkpoint.write_json_atomic(os.path.join(cfg.output_dir, "eval.json"), out)
+        outputs.write_json_atomic(os.path.join(cfg.output_dir, "eval.json"), out)
         with open(os.path.join(cfg.output_dir, "eval.md"), "w") as f:
             f.write(report_md(out))
         log.info("held-out loss %.4f | answer accuracy %.3f (%d/%d) -> %s", out["loss"], out["accuracy"],

@@ -20,7 +20,7 @@ import time
 
 import torch
 
-from . import checkpoint, engine
+from . import engine, outputs
 from .config import RunConfig
 from .data import ImageTextDataset, run_loader, to_device
 from .eval_run import trained_with
@@ -185,7 +185,7 @@ def score(cfg: RunConfig, method: str, output: str, samples: int | None = None, 
            "seed": cfg.seed, "region": region, "seconds": time.perf_counter() - start}
     if engine.rank() == 0:
         os.makedirs(os.path.dirname(os.path.abspath(output)), exist_ok=True)
-        checkpoint.write_json_atomic(output, out)
+        outputs.write_json_atomic(output, out)
         plot(out, os.path.splitext(output)[0] + ".png")
         log.info("%s scores of %d layers -> %s", method, depth, output)
     engine.barrier()

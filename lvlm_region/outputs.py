@@ -115,6 +115,16 @@ def read_jsonl(path: str) -> list[dict]:
     return out
 
 
+def write_json_atomic(path, obj: dict) -> None:
+    """Replace ``path`` with ``obj`` as JSON, written aside, fsynced and renamed in (a crash keeps the old file)."""
+    tmp = f"{path}.tmp"
+    with open(tmp, "w") as f:
+        json.dump(obj, f, indent=1, default=str)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
 def write_jsonl_atomic(path: str, records: list[dict]) -> None:
     """Replace ``path`` with ``records``, written aside, fsynced and renamed in (a crash keeps the old file)."""
     tmp = f"{path}.tmp"

@@ -31,7 +31,7 @@ from pathlib import Path
 import torch
 from transformers import AutoModelForImageTextToText, PreTrainedModel
 
-from . import checkpoint, families, outputs, regions
+from . import families, outputs, regions
 from .eval_run import trained_settings, trained_with
 from .importance import check_layers
 
@@ -208,7 +208,8 @@ def copy_processor(source: str, out: str) -> list[str]:
     return names
 
 
-def count_parameters(model: PreTrainedModel) -> int:
+def parameter_total(model: PreTrainedModel) -> int:
+    """All parameters of ``model`` (or a layer), a tied tensor once; trainable.count_parameters splits them by part."""
     return sum(p.numel() for p in {id(p): p for p in model.parameters()}.values())  # a tied tensor once
 
 
@@ -220,8 +221,8 @@ def prune(plan: Plan, output: str) -> list[dict]:
     model = AutoModelForImageTextToText.from_pretrained(plan.model, dtype="auto")  # as saved: no precision change
     log.info("loaded %s (%s) to drop %s of its %d decoder layers", plan.model, next(model.parameters()).dtype,
              " / ".join(map(str, plan.drops)), plan.depth)
-    source_params = count_parameters(model)
-    layer_params = [count_parameters(layer) for layer in model.get_decoder().layers]
+    source_params = parameter_total(model)
+    layer_params = [parameter_total(layer) for layer in model.get_decoder().layers]
     staged = staging_dir(output)
     if os.path.lexists(staged):  # an earlier attempt's (check_output made sure)
         shutil.rmtree(staged)
@@ -247,14 +248,14 @@ def prune(plan: Plan, output: str) -> list[dict]:
             "parameters_before": source_params, "parameters": source_params - sum(layer_params[i] for i in dropped),
             "config_fields_cut": ["num_hidden_layers", *changed], "copied": copied,
             "settings": trained_settings(plan.model)}
-        checkpoint.write_json_atomic(os.path.join(out, PRUNE_FILE), record)
+        outputs.write_json_atomic(os.path.join(out, PRUNE_FILE), record)
         log.info("drop %d: layers %s removed (scores %s); %d layers, %d parameters -> %s", k, dropped,
                  ", ".join(f"{plan.scores[i]:.4g}" for i in dropped), len(kept), record["parameters"],
                  os.path.join(output, name) if many else output)
         records.append({**record, "dir": os.path.normpath(os.path.join(os.path.abspath(output), name))})
     os.remove(os.path.join(staged, STAGING))
     if many:
-        checkpoint.write_json_atomic(os.path.join(staged, SWEEP_FILE), {"source": plan.model, "drops": plan.drops,
+        outputs.write_json_atomic(os.path.join(staged, SWEEP_FILE), {"source": plan.model, "drops": plan.drops,
                                                                         "models": [r["dir"] for r in records]})
     outputs.replace_dir(staged, output, MARKERS, "launch/prune.py output", "--output")
     return records
@@ -354,7 +355,7 @@ def report(plan: Plan, rows: list[dict], speed: dict, output: str, eval_data: st
            "protected": {"spec": plan.protect, "from": plan.protect_from, "layers": plan.protected},
            "pinned": {"layers": plan.pinned, "why": plan.pinned_why}, "eval_data": os.path.abspath(eval_data),
            "speed": speed, "rows": rows}
-    checkpoint.write_json_atomic(os.path.join(output, "prune_report.json"), out)
+    outputs.write_json_atomic(os.path.join(output, "prune_report.json"), out)
     lines = [f"# Pruning `{plan.model}`", "",
              f"Layers dropped by {plan.method or 'the'} scores of `{plan.scores_file}` (lowest first), never one of "
              f"the protected region `{plan.protect}` {plan.protected} ({plan.protect_from})"

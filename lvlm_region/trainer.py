@@ -178,7 +178,7 @@ class Trainer:
 
     def write_summary(self) -> None:
         if self.rank0:
-            checkpoint.write_json_atomic(os.path.join(self.out, "run.json"), self.summary)
+            outputs.write_json_atomic(os.path.join(self.out, "run.json"), self.summary)
 
     def step(self, step: int) -> bool:
         """One optimizer step (grad_accum micro-batches), its checks, metrics and checkpoint; whether to stop."""
@@ -529,7 +529,7 @@ def train_and_compare(cfg: RunConfig) -> "Result":
     if full is not None:
         mine["compare_full"] = compare_arms(mine, full, source)
     if engine.rank() == 0:
-        checkpoint.write_json_atomic(os.path.join(cfg.output_dir, "run.json"), mine)
+        outputs.write_json_atomic(os.path.join(cfg.output_dir, "run.json"), mine)
         c = mine["compare_full"]
         if "error" in c:
             log.warning("compare-full: %s", c["error"])
