@@ -38,7 +38,7 @@ import torch
 
 from .config import PLANNED, RESUME_MAY_CHANGE, RunConfig, flag
 from .engine import barrier, load_state, rank, rng_state, save_state, set_rng_state
-from .outputs import RUN_FILES, write_json_atomic
+from .outputs import RUN_FILES, set_aside_files, write_json_atomic
 
 log = logging.getLogger(__name__)
 
@@ -181,23 +181,14 @@ def check_finished(cfg: RunConfig) -> None:
 def set_aside_run(output_dir: str) -> None:
     """--overwrite: the files of the run being replaced (run.json, metrics.jsonl, its export as .export.json lists
     it) move to OUTPUT_DIR/abandoned/run-<N>/ (renames: nothing is copied or deleted)."""
-    root = Path(output_dir)
-    names = [n for n in ("run.json", "metrics.jsonl") if (root / n).exists()]
-    listed = root / EXPORT_LIST
-    if listed.is_file():
-        names += [n for n in json.loads(listed.read_text()).get("files", []) if os.path.lexists(root / n)]
-        names.append(EXPORT_LIST)
-    if not names:
-        return
-    i = 1
-    while (root / ABANDONED / f"run-{i}").exists():
-        i += 1
-    dest = root / ABANDONED / f"run-{i}"
-    dest.mkdir(parents=True)
-    for n in names:
-        os.rename(root / n, dest / n)
-    _fsync_dir(root)
-    log.warning("--overwrite: moved the replaced run's %s to %s; nothing was deleted", ", ".join(names), dest)
+    listed = Path(output_dir) / EXPORT_LIST
+    exported = json.loads(listed.read_text()).get("files", []) + [EXPORT_LIST] if listed.is_file() else []
+    names = ["run.json", "metrics.jsonl", *exported]
+    dest = set_aside_files(output_dir, names, "run-")
+    if dest is not None:
+        _fsync_dir(Path(output_dir))
+        log.warning("--overwrite: moved the replaced run's %s to %s; nothing was deleted",
+                    ", ".join(sorted(os.listdir(dest))), dest)
 
 
 def fingerprint_dir(path: str | None, patterns=("config.json", "*.safetensors", "*.bin")) -> str | None:

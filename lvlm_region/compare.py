@@ -198,11 +198,20 @@ def input_fingerprints(passthrough: list[str], spec: str | None = None) -> dict:
 
 
 def _differences(before: dict, now: dict) -> str:
-    keys = [k for k in dict.fromkeys([*before, *now]) if before.get(k) != now.get(k)]
-    return "; ".join(f"{k}: {'its content changed' if k == 'inputs' else f'{before.get(k)!r} -> {now.get(k)!r}'}"
-                     + (f" ({', '.join(i for i in now[k] if before[k].get(i) != now[k][i])})"
-                        if k == "inputs" and isinstance(before.get(k), dict) else "")
-                     for k in keys)
+    """What differs between two compare.json records, for a refusal: each setting's two values; for the inputs, the
+    flags whose files' contents changed."""
+    out = []
+    for k in dict.fromkeys([*before, *now]):
+        if before.get(k) == now.get(k):
+            continue
+        if k == "inputs" and isinstance(before.get(k), dict):
+            changed = [i for i in now[k] if before[k].get(i) != now[k][i]]
+            out.append(f"inputs: its content changed ({', '.join(changed)})")
+        elif k == "inputs":  # recorded by a version without fingerprints
+            out.append("inputs: its content changed")
+        else:
+            out.append(f"{k}: {before.get(k)!r} -> {now.get(k)!r}")
+    return "; ".join(out)
 
 
 def run_arm(spec: str, seed: int, out: str, gpus: int, passthrough: list[str], stop_ok: bool = False) -> dict:
@@ -321,17 +330,9 @@ def stage1_baseline(out: str, passthrough: list[str]) -> dict | None:
 
 def set_aside_stale(eval_dir: str) -> None:
     """Move an earlier baseline evaluation (eval.json, eval.md, inputs.json) to eval_dir/abandoned/N/."""
-    names = [n for n in ("eval.json", "eval.md", "inputs.json") if os.path.isfile(os.path.join(eval_dir, n))]
-    if not names:
-        return
-    i = 1
-    while os.path.exists(os.path.join(eval_dir, "abandoned", str(i))):
-        i += 1
-    dest = os.path.join(eval_dir, "abandoned", str(i))
-    os.makedirs(dest)
-    for n in names:
-        os.rename(os.path.join(eval_dir, n), os.path.join(dest, n))
-    log.info("the start model's earlier evaluation was made with other settings or inputs: moved to %s", dest)
+    dest = outputs.set_aside_files(eval_dir, ["eval.json", "eval.md", "inputs.json"])
+    if dest is not None:
+        log.info("the start model's earlier evaluation was made with other settings or inputs: moved to %s", dest)
 
 
 def finished_arm(spec: str, seed: int, out: str, passthrough: list[str]) -> dict:

@@ -62,6 +62,22 @@ def replace_dir(staged: str, path: str, marker: str | tuple[str, ...], what: str
     os.rename(staged, path)
 
 
+def set_aside_files(directory: str, names: list[str], prefix: str = "") -> str | None:
+    """Move the entries ``names`` of ``directory`` into a new ``directory/abandoned/<prefix><N>`` (the first N free),
+    by renames: nothing is copied or deleted. Returns that directory (None when there was nothing to move)."""
+    names = [n for n in names if os.path.lexists(os.path.join(directory, n))]
+    if not names:
+        return None
+    i = 1
+    while os.path.lexists(os.path.join(directory, "abandoned", f"{prefix}{i}")):
+        i += 1
+    dest = os.path.join(directory, "abandoned", f"{prefix}{i}")
+    os.makedirs(dest)
+    for n in names:
+        os.rename(os.path.join(directory, n), os.path.join(dest, n))
+    return dest
+
+
 def inside(child: str, parent: str) -> bool:
     child, parent = os.path.realpath(child), os.path.realpath(parent)
     return child == parent or child.startswith(parent.rstrip(os.sep) + os.sep)
