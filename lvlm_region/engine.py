@@ -24,6 +24,8 @@ import torch.distributed as dist
 import transformers
 from deepspeed.accelerator import get_accelerator
 
+from .timing import DTYPES
+
 log = logging.getLogger(__name__)
 
 DS_CONFIG_DIR = Path(__file__).resolve().parents[1] / "ds_configs"
@@ -290,7 +292,7 @@ def resolve_precision(precision: str) -> str:
 
 
 def torch_dtype(precision: str) -> torch.dtype:
-    return {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[precision]
+    return DTYPES[precision]
 
 
 def build_ds_config(zero: int, ds_config_path: str | None, micro_batch: int, grad_accum: int,

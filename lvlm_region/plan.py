@@ -46,7 +46,6 @@ GIB = 2 ** 30
 # A100 is 79.2 GiB there, not 80) and dense bf16 peak (TFLOP/s, the data sheets': timing.PEAK_TFLOPS)
 GPUS = {"A100-40GB": (39.4, 312.0), "A100-80GB": (79.2, 312.0), "H100-80GB": (79.1, 989.0), "H200": (139.8, 989.0),
         "L40S": (44.4, 362.0), "A10": (22.1, 125.0)}
-DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 ALLOWANCE_GIB = 2.0  # CUDA context (~0.5-1 GiB), NCCL buffers, DeepSpeed's reduce / all-gather buckets
 FRAGMENTATION = 0.10  # of model states + activations: the caching allocator's fragmentation
 # MFU assumed when no run calibrates it: LLaVA-style training on transformers + DeepSpeed (this project's stack)
@@ -171,7 +170,7 @@ class Shapes:
                             "(only its config.json is read)")
         self.s = setting
         self.config = AutoConfig.from_pretrained(setting.model)
-        self.dtype = DTYPES[setting.precision]
+        self.dtype = timing.DTYPES[setting.precision]
         self.model = skeleton(self.config).to(self.dtype)
         self.model.set_attn_implementation(ATTENTION)
         self.parts = find_parts(self.model)

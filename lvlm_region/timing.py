@@ -39,13 +39,17 @@ def measure_cpu_peak(n: int = 1024, repeats: int = 5, dtype: torch.dtype = torch
     return 2 * n ** 3 / best
 
 
+# --precision -> the dtype weights, states and activations are held in (engine.torch_dtype, the planner)
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+
+
 def peak_flops(override_tflops: float | None = None, dtype: torch.dtype = torch.float32) -> tuple[float, str]:
     """Peak FLOP/s per rank for MFU and where the figure comes from (on CPU: measured in the run's dtype)."""
     if override_tflops:
         return override_tflops * 1e12, "--peak-tflops"
     if torch.cuda.is_available():
         return peak_for_gpu(torch.cuda.get_device_name())
-    name = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}[dtype]
+    name = next(k for k, v in DTYPES.items() if v == dtype)
     return measure_cpu_peak(dtype=dtype), f"measured {name} matmul on this CPU"
 
 
