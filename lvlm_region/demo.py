@@ -32,7 +32,7 @@ from .config import TEXT_EVAL
 from .families.llava import class_tokens, image_seq_length
 from .formats import normalize
 from .loss import token_loss_sum, valid_tokens
-from .templates import BUILTIN, VICUNA_SYSTEM, resolve, tokenize
+from .templates import BUILTIN, VICUNA_SYSTEM, resolve
 
 log = logging.getLogger(__name__)
 
@@ -190,8 +190,8 @@ def pretrain_language(model, tok, out_dir: str, seed: int, steps: int = 1500, ba
                                                    {"from": "gpt", "value": caption}]}
         for template, s in (("plain", plain), ("auto", chat)):
             sample = normalize(json.dumps(s))
-            row = tokenize(fmts[template].segments(tok, sample["messages"]), tok, [[image_id] * n_image],
-                           chunks=fmts[template].image_chunks)
+            fmt = fmts[template]
+            row = fmt.tokenize(tok, fmt.segments(tok, sample["messages"]), [[image_id] * n_image])
             slots = iter(tok.convert_tokens_to_ids(scene_slots(caption)))
             row["input_ids"] = [next(slots) if i == image_id else i for i in row["input_ids"]]
             rows.append(row)

@@ -16,7 +16,7 @@ from .data import ImageTextDataset, run_loader, to_device
 from .families import find_parts
 from .loss import loss_positions, token_loss_sum, valid_tokens
 from .prepare import image_token_ids
-from .templates import end_of_turn_id, tokenize
+from .templates import end_of_turn_id
 
 log = logging.getLogger(__name__)
 
@@ -105,8 +105,8 @@ class PromptDataset(ImageTextDataset):
         prompt = self.encoding.template.prompt(self.tokenizer, messages[:-1])
         image_ids = image_token_ids(ex["images"], self.image_folder, self.encoding.layout, decode=False,
                                     allow_outside=self.encoding.allow_outside_images)
-        ids = tokenize([(prompt, False)], self.tokenizer, image_ids, self.encoding.layout.text_around,
-                       chunks=self.encoding.template.image_chunks)["input_ids"]  # the template's rule, as in training
+        ids = self.encoding.template.tokenize(self.tokenizer, [(prompt, False)], image_ids,  # as training does
+                                              self.encoding.layout.text_around)["input_ids"]
         item["input_ids"] = item["labels"] = torch.tensor(ids)
         item["answer"], item["index"], item["id"] = messages[-1]["content"], i, ex["id"]
         item["category"] = ex.get("category") or ""  # prepared before VERSION 3: no column

@@ -29,7 +29,7 @@ from . import families, formats, images, outputs
 from .config import check_options
 from .formats import BadSample
 from .image_inputs import ImageLayout
-from .templates import IMAGE_PLACEHOLDER, ChatFormat, TemplateError, resolve, tokenize
+from .templates import IMAGE_PLACEHOLDER, ChatFormat, TemplateError, resolve
 
 log = logging.getLogger(__name__)
 
@@ -167,8 +167,8 @@ def encode(row: dict, image_folder: str, enc: Encoding, tokenizer) -> dict:
         image_ids = image_token_ids(s["images"], image_folder, enc.layout, decode=enc.verify_images == "decode",
                                     allow_outside=enc.allow_outside_images)
         try:
-            ids = tokenize(enc.template.segments(tokenizer, s["messages"]), tokenizer, image_ids,
-                           enc.layout.text_around, chunks=enc.template.image_chunks)
+            ids = enc.template.tokenize(tokenizer, enc.template.segments(tokenizer, s["messages"]), image_ids,
+                                        enc.layout.text_around)
         except TemplateError as e:
             raise BadSample("template_error", str(e)) from None
         n = len(ids["input_ids"])

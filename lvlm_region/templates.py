@@ -140,6 +140,11 @@ class ChatFormat:
             pos = end
         return [(t, trained) for t, trained in out if t]
 
+    def tokenize(self, tokenizer, segments: list[tuple[str, bool]], image_ids: list[list[int]],
+                 around: tuple[str, str] = ("", "")) -> dict:
+        """``segments`` (of segments() or a prompt) as ids and labels by this template's rule (tokenize)."""
+        return tokenize(segments, tokenizer, image_ids, around, chunks=self.image_chunks)
+
     def prompt(self, tokenizer, messages: list[dict]) -> str:
         """The text a model continues to answer after ``messages`` (which end with a user turn)."""
         return self.render(tokenizer, messages, generation_prompt=True)
@@ -203,7 +208,7 @@ def resolve(name: str, tokenizer, where: str, processor_template: str | None = N
 def end_of_turn_id(fmt: ChatFormat, tokenizer) -> int:
     """The last token of a trained reply (eos, <|eot_id|>, <|end|>, <|im_end|>): where generation stops."""
     probe = [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}]
-    return tokenize(fmt.segments(tokenizer, probe), tokenizer, [], chunks=fmt.image_chunks)["input_ids"][-1]
+    return fmt.tokenize(tokenizer, fmt.segments(tokenizer, probe), [])["input_ids"][-1]
 
 
 def tokenize(segments: list[tuple[str, bool]], tokenizer, image_ids: list[list[int]],
