@@ -203,6 +203,14 @@ def fingerprint_dir(path: str | None, patterns=("config.json", "*.safetensors", 
     return h.hexdigest()[:16]
 
 
+def fingerprint_file(path: str | None) -> str | None:
+    """fingerprint_dir of one file (a JSON file by its bytes, any other by its name and size)."""
+    if path is None:
+        return None
+    path = os.path.abspath(path)
+    return fingerprint_dir(os.path.dirname(path), (os.path.basename(path),))
+
+
 # Why the settings of a run's identity (trainer.run_identity) must match on resume, for the refusal message; a
 # setting not named here "changes what the run computes from here on".
 IDENTITY_WHY = {

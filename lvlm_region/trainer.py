@@ -459,8 +459,7 @@ def run_identity(cfg: RunConfig, s: Setup, total_steps: int, dataset_size: int) 
         ident[name] = ident[name] and os.path.abspath(ident[name])
     ident.update({
         "model": checkpoint.fingerprint_dir(cfg.model_path), "init": init_fingerprint(cfg),
-        "ds_config": cfg.ds_config and checkpoint.fingerprint_dir(os.path.dirname(os.path.abspath(cfg.ds_config)),
-                                                                  (os.path.basename(cfg.ds_config),)),
+        "ds_config": checkpoint.fingerprint_file(cfg.ds_config),
         "region": {"layers": list(s.region.layers), "parts": dict(s.region.parts)},
         "world_size": engine.world_size(), "dataset_size": dataset_size,
         "sampling": {"group_by_length": cfg.group_by_length, "packing": cfg.packing},
@@ -477,8 +476,7 @@ def run_identity(cfg: RunConfig, s: Setup, total_steps: int, dataset_size: int) 
 def init_fingerprint(cfg: RunConfig) -> str | None:
     """Identity of the starting projector: --init's projector file or --init-projector's file."""
     if cfg.init_projector:
-        path = os.path.abspath(cfg.init_projector)
-        return checkpoint.fingerprint_dir(os.path.dirname(path), (os.path.basename(path),))
+        return checkpoint.fingerprint_file(cfg.init_projector)
     return checkpoint.fingerprint_dir(cfg.init, (PROJECTOR_FILE,))
 
 
