@@ -1,5 +1,7 @@
 from setuptools import find_packages, setup
 
+TRACK = ["tensorboard>=2.14", "wandb>=0.17"]
+
 setup(
     name="lvlm_region",
     version="0.1.0",
@@ -21,6 +23,13 @@ setup(
         "numpy",
         "matplotlib",  # plots of the cost report
         "peft>=0.13",  # --tuner lora
+        "pyyaml",  # --config recipes
+        "huggingface_hub",  # --model org/name: hub ids through the local cache
     ],
-    extras_require={"dev": ["pytest>=8", "hypothesis>=6", "ruff>=0.6", "psutil"], "gpu": ["flash-attn>=2.6"]},
+    extras_require={
+        "track": TRACK,  # --report-to tensorboard / wandb
+        "dev": ["pytest>=8", "hypothesis>=6", "ruff>=0.6", "psutil", *TRACK],  # the suite tests both trackers
+        "gpu": ["flash-attn>=2.6"],
+    },
+    entry_points={"console_scripts": ["lvlm-region = lvlm_region.commands:entry"]},
 )

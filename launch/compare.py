@@ -1,70 +1,7 @@
-"""Compare regions: stage 2 once per region and seed from the same stage-1 projector, data and schedule, then one
-report with a row per region (accuracy and its spread over seeds, relative to full, per category, text retention,
-held-out loss, step time, GPU-hours and relative to full) and plots, beside the starting model evaluated the same
-way (OUTPUT_DIR/stage1/eval.json).
-
-    python launch/compare.py --regions full,uniform25,first25,last25,middle25 --init runs/pretrain \\
-        --output-dir runs/compare                                     # the demo, one CPU rank per arm
-    python launch/compare.py --regions full,uniform25 --seeds 1,2,3 --gpus 8 --model CKPT --init runs/pretrain \\
-        --data mix.json --image-folder IMG --eval-data eval.json --zero 3 --output-dir runs/compare
-
-Every flag after the known ones goes to launch/sft.py unchanged, the same for every arm (compare sets --region,
---seed and --output-dir per arm). Writes OUTPUT_DIR/report.{md,html,json,csv} and OUTPUT_DIR/arms/<region>-seed<S>/.
-Run again: finished arms are reused, an interrupted one continues (with --save-every, from its checkpoint).
-The accuracy is each arm's end-of-run evaluation on --eval-data (the code launch/evaluate.py runs).
-On SLURM, launch/slurm/compare.sbatch runs the arms as an array job (--arm) and the report after them
-(--report-only). Exit status: 0 done, 2 bad input or a failed arm.
-"""
-import argparse
-import logging
+"""lvlm-region compare as a script (lvlm_region/commands/compare.py): `python launch/compare.py ...`."""
 import sys
 
-from lvlm_region.cli import number
-from lvlm_region.config import AT_LEAST_0, AT_LEAST_1
-
-
-def main(argv=None) -> int:
-    # No abbreviations: --region and --seed must reach the arms' check (refused there), not become --regions / --seeds.
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
-                                allow_abbrev=False)
-    p.add_argument("--regions", required=True, help="comma-separated region specs, e.g. full,uniform25,first25")
-    p.add_argument("--seeds", default="0", help="comma-separated seeds; each region trains once per seed (default 0)")
-    p.add_argument("--gpus", type=number("gpus", AT_LEAST_1), default=1, help="ranks per arm (default 1)")
-    p.add_argument("--output-dir", required=True, help="where the arms and the report go")
-    p.add_argument("--list-arms", action="store_true", help="check the specs, print the arms ('arm NAME', one per "
-                                                            "line, regions x seeds order) and exit")
-    p.add_argument("--arm", type=number("arm", AT_LEAST_0), default=None,
-                   help="train only this arm (index in --list-arms order) and write no report: a SLURM array task")
-    p.add_argument("--report-only", action="store_true", help="train nothing; report arms other jobs finished")
-    args, passthrough = p.parse_known_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-                        stream=sys.stdout)
-    from lvlm_region.compare import arm_name, check_specs, compare, parse_seeds, split_regions  # after logging
-
-    try:
-        seeds = parse_seeds(args.seeds)
-        specs = split_regions(args.regions)
-        if args.list_arms:
-            check_specs(specs, passthrough)
-            print("\n".join(f"arm {arm_name(spec, seed)}" for spec in specs for seed in seeds))
-            return 0
-        rep = compare(specs, seeds, args.output_dir, args.gpus, passthrough, args.arm, args.report_only)
-    except ValueError as e:  # CompareError, a bad seed
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    if args.arm is not None:
-        print(f"arm {rep['arms'][0]['name']}: {rep['arms'][0]['status']}")
-        return 0
-    for g in rep["regions"]:
-        print(f"{g['region']}: accuracy {g['accuracy']:.3f} (relative to full {_f(g['accuracy_vs_full'])}), "
-              f"GPU-hours {g['gpu_hours']:.4g} (relative to full {_f(g['gpu_hours_vs_full'])})")
-    print(f"report: {args.output_dir}/report.md")
-    return 0
-
-
-def _f(v) -> str:
-    return "n/a" if v is None else f"{v:.3f}"
-
+from lvlm_region.commands import main
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(main(["compare", *sys.argv[1:]]))

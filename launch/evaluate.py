@@ -1,60 +1,7 @@
-"""Evaluate a model directory on held-out data: token loss, answer accuracy (overall and per `category` when the
-samples carry one), text retention (--text-eval-data: text-only questions), right and wrong examples.
-
-    python launch/evaluate.py --model runs/sft-u25 --data data/demo/sft_eval.json            # one process
-    deepspeed --num_gpus 2 launch/evaluate.py --model runs/sft-u25 --data EVAL --zero 3 --output-dir runs/eval-u25
-
-Any model this project writes (stage-1 or stage-2 export, LoRA-merged) or any local Llava / Qwen2-VL checkpoint.
-The numbers are those of the end-of-run evaluation (the same code): the normalised exact match of the greedy
-answer against the last reply of each sample, and the mean token loss over the replies. Writes
-OUTPUT_DIR/eval.json and eval.md (default OUTPUT_DIR: MODEL/eval). A model trained here is evaluated with the
-template, image aspect handling and --max-length of its run.json unless given. --zero 3 partitions the weights
-over the ranks (for models one GPU cannot hold); otherwise every rank holds the model and evaluates its shard.
-Exit status: 0 done, 2 bad input.
-"""
-import argparse
-import logging
-import os
+"""lvlm-region evaluate as a script (lvlm_region/commands/evaluate.py): `python launch/evaluate.py ...`."""
 import sys
 
-from lvlm_region.cli import add_flags
-
-FLAGS = ("model", "data", "text_eval_data", "image_folder", "output_dir", "template", "image_aspect_ratio",
-         "max_length", "micro_batch", "zero", "eval_max_samples", "max_new_tokens", "precision", "attn", "num_workers",
-         "seed", "verify_images", "on_bad_sample", "max_bad_fraction", "allow_outside_images", "prep_workers",
-         "prep_timeout", "dist_timeout")
-FROM_RUN = "the model's run.json when it has one, else as stage 2 does"
-
-
-def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
-                                allow_abbrev=False)
-    add_flags(p, "sft", FLAGS, unset={"output_dir": "MODEL/eval", "template": FROM_RUN,
-                                       "image_aspect_ratio": FROM_RUN, "max_length": FROM_RUN})
-    p.add_argument("--local_rank", type=int, default=0, help=argparse.SUPPRESS)  # added by the deepspeed launcher
-    args = vars(p.parse_args(argv))
-    args.pop("local_rank")
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-                        stream=sys.stdout)
-    from lvlm_region.eval_run import evaluate_model, evaluation_config  # after logging is set up; heavy imports
-
-    if not args["model"] or not args["data"]:
-        print("error: --model and --data are required: the model directory and the held-out data", file=sys.stderr)
-        return 2
-    try:
-        cfg = evaluation_config(**args)
-        out = evaluate_model(cfg)
-    except (ValueError, FileNotFoundError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    if os.environ.get("RANK", "0") == "0":
-        print(f"held-out answer accuracy {out['accuracy']:.3f} ({out['correct']}/{out['samples']}), loss "
-              f"{out['loss']:.4f}: {os.path.join(cfg.output_dir, 'eval.json')}")
-    return 0
-
+from lvlm_region.commands import main
 
 if __name__ == "__main__":
-    code = main()
-    from lvlm_region.engine import exit_process  # after main: a rank leaves the process group cleanly
-
-    exit_process(code)
+    sys.exit(main(["evaluate", *sys.argv[1:]]))

@@ -39,6 +39,7 @@ import torch
 from .config import PLANNED, RESUME_MAY_CHANGE, RunConfig, flag
 from .engine import barrier, load_state, rank, rng_state, save_state, set_rng_state
 from .outputs import RUN_FILES, set_aside_files, write_json_atomic
+from .tracking import DIRS as TRACKER_FILES
 
 log = logging.getLogger(__name__)
 
@@ -179,11 +180,11 @@ def check_finished(cfg: RunConfig) -> None:
 
 
 def set_aside_run(output_dir: str) -> None:
-    """--overwrite: the files of the run being replaced (run.json, metrics.jsonl, its export as .export.json lists
-    it) move to OUTPUT_DIR/abandoned/run-<N>/ (renames: nothing is copied or deleted)."""
+    """--overwrite: the files of the run being replaced (run.json, metrics.jsonl, the trackers' files, its export as
+    .export.json lists it) move to OUTPUT_DIR/abandoned/run-<N>/ (renames: nothing is copied or deleted)."""
     listed = Path(output_dir) / EXPORT_LIST
     exported = json.loads(listed.read_text()).get("files", []) + [EXPORT_LIST] if listed.is_file() else []
-    names = ["run.json", "metrics.jsonl", *exported]
+    names = ["run.json", "metrics.jsonl", *TRACKER_FILES.values(), *exported]  # --report-to's files too
     dest = set_aside_files(output_dir, names, "run-")
     if dest is not None:
         _fsync_dir(Path(output_dir))

@@ -102,6 +102,7 @@ RESUME_MAY_CHANGE = {
     "plan": "the planner's choices themselves (ZeRO stage, offload, batch split) are in the identity",
     "gpu_memory_gb": "the planner's input; its choices are in the identity",
     "explicit": "which flags were typed, not their values",
+    "report_to": "where the metrics are sent as well, not what they are",
 }
 # The fields --plan auto chooses (each one given explicitly on the command line keeps its value; see ``explicit``).
 PLANNED = ("zero", "offload", "micro_batch", "grad_accum", "grad_ckpt")
@@ -154,12 +155,33 @@ def _aspect_help() -> str:
 
 
 def setting(default=None, help: str = "", *, stages: dict | None = None, default_help: str | None = None,
-            metavar: str | None = None, flag: bool = True):
-    """A RunConfig field with what its flag says: ``help``, and the default the help states. ``stages``: the value
-    resolve() gives an unset field in each stage; ``default_help``: how resolve() computes a default otherwise.
-    cli.build_parser makes every flag from these."""
+            metavar: str | None = None, flag: bool = True, valid: Range | None = None, choices: tuple | None = None,
+            required: bool = False, nargs: str | None = None, const=None, positional: bool = False,
+            same_as: str | None = None):
+    """A field of RunConfig or of a command's settings, with what its flag says: ``help``, and the default the help
+    states. ``stages``: the value resolve() gives an unset field in each stage; ``default_help``: how a default is
+    computed otherwise; ``valid``: the Range a number must be in (RunConfig's own are in RANGES); ``choices``,
+    ``required``, ``nargs``, ``const``, ``positional``: as argparse has them. cli.add_flags makes every flag from
+    these, so a flag's name, default and help are written once, here."""
     return field(default=default, metadata={"help": help, "stages": stages, "default_help": default_help,
-                                            "metavar": metavar, "flag": flag})
+                                            "metavar": metavar, "flag": flag, "valid": valid, "choices": choices,
+                                            "required": required, "nargs": nargs, "const": const,
+                                            "positional": positional, "same_as": same_as})
+
+
+def same_as(name: str, stage: str = "sft", **changes):
+    """A command's setting that is RunConfig's field ``name`` (its default in ``stage``, its help and valid range),
+    so a tool that takes the same setting (the planner's --lora-r) cannot drift from training's. ``changes``
+    override single entries (``required``, ``default_help``)."""
+    f = next(f for f in dataclasses.fields(RunConfig) if f.name == name)
+    meta = {**f.metadata, "stages": None, "same_as": name, "valid": RANGES.get(name), **changes}
+    default = f.metadata["stages"][stage] if f.metadata.get("stages") else f.default
+    return field(default=default, metadata=meta)
+
+
+def default(name: str, stage: str = "sft"):
+    """RunConfig field ``name``'s default in ``stage`` (for code that must start from training's defaults)."""
+    return same_as(name, stage).default
 
 
 @dataclass
@@ -266,11 +288,17 @@ class RunConfig:
                                         "(process-group timeout; DeepSpeed's default)")
     peak_tflops: float | None = setting(None, "peak TFLOP/s per GPU for MFU",
                                         default_help="bf16 data sheet by GPU name; on CPU a measured matmul")
+    report_to: str = setting("none", "where the metrics go besides metrics.jsonl, comma-separated: none | tensorboard "
+                                     "(OUTPUT_DIR/tensorboard) | wandb (offline into OUTPUT_DIR/wandb unless "
+                                     "WANDB_MODE=online or WANDB_API_KEY is set) | csv (OUTPUT_DIR/metrics.csv); "
+                                     "from rank 0, a failing tracker warns and never stops the run",
+                             metavar="NAME[,NAME]")
     explicit: tuple = setting((), "the flags given on the command line (cli.parse): --plan auto leaves them as given",
                               flag=False)
 
-    def resolve(self) -> "RunConfig":
-        """Fill stage defaults and validate; raises ValueError naming the field and the fix."""
+    def resolve(self, check_paths: bool = True) -> "RunConfig":
+        """Fill stage defaults and validate; raises ValueError naming the field and the fix. ``check_paths``: that
+        the input files and folders exist (a dry run reports the missing ones instead)."""
         if self.stage not in STAGES:
             raise ValueError(f"stage must be 'pretrain' or 'sft', got {self.stage!r}")
         if not self.output_dir:
@@ -311,6 +339,7 @@ class RunConfig:
                 self.eval_data = os.path.join(DEMO_DIR, "sft_eval.json")
             if self.stage == "sft" and self.text_eval_data is None:
                 self.text_eval_data = os.path.join(DEMO_DIR, TEXT_EVAL)
+        check_trackers(self.report_to)
         if self.plan not in ("off", "auto"):
             raise ValueError(f"--plan must be auto or off, got {self.plan!r}")
         if self.gpu_memory_gb is not None and self.plan != "auto":
@@ -324,6 +353,14 @@ class RunConfig:
             elif not os.path.isfile(os.path.join(self.compare_full, "run.json")):
                 raise FileNotFoundError(f"--compare-full {self.compare_full}: neither a step count nor a run "
                                         f"directory with run.json")
+        if self.init is not None and self.init_projector is not None:
+            raise ValueError("--init and --init-projector both give the starting projector; pass one of them")
+        if check_paths:
+            self.check_paths()
+        return self
+
+    def check_paths(self) -> None:
+        """The input folders and files the flags name exist."""
         if self.image_folder is not None and not os.path.isdir(self.image_folder):
             raise FileNotFoundError(f"--image-folder {self.image_folder} is not a directory; give the folder the "
                                     "data's image paths are relative to")
@@ -331,12 +368,9 @@ class RunConfig:
             raise FileNotFoundError(f"--ds-config {self.ds_config} does not exist")
         if self.init is not None and not os.path.isdir(self.init):
             raise FileNotFoundError(f"--init {self.init} is not a directory; give a stage-1 output directory")
-        if self.init is not None and self.init_projector is not None:
-            raise ValueError("--init and --init-projector both give the starting projector; pass one of them")
         if self.init_projector is not None and not os.path.isfile(self.init_projector):
             raise FileNotFoundError(f"--init-projector {self.init_projector}: no such file; give the mm_projector.bin "
                                     "of a LLaVA / Bunny stage-1 run")
-        return self
 
     @property
     def is_demo(self) -> bool:
@@ -357,6 +391,24 @@ class RunConfig:
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
+
+
+TRACKERS = ("none", "tensorboard", "wandb", "csv")
+
+
+def trackers(report_to: str) -> list[str]:
+    """--report-to's trackers, in order, without none."""
+    return [t for t in dict.fromkeys(x.strip() for x in report_to.split(",")) if t != "none"]
+
+
+def check_trackers(report_to: str) -> None:
+    names = [x.strip() for x in report_to.split(",")]
+    bad = [n for n in names if n not in TRACKERS]
+    if bad:
+        raise ValueError(f"--report-to {report_to!r}: unknown tracker {bad[0]!r}; give one or more of "
+                         f"{', '.join(TRACKERS)}, comma-separated")
+    if "none" in names and len(names) > 1:
+        raise ValueError(f"--report-to {report_to!r}: none with a tracker; give none alone or the trackers")
 
 
 VERIFY = ("decode", "header")  # --verify-images: decode every image, or read its header only

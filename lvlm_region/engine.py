@@ -296,10 +296,10 @@ def torch_dtype(precision: str) -> torch.dtype:
 
 
 def build_ds_config(zero: int, ds_config_path: str | None, micro_batch: int, grad_accum: int,
-                    grad_clip: float, precision: str, offload: bool = False) -> dict:
+                    grad_clip: float, precision: str, offload: bool = False, ranks: int | None = None) -> dict:
     """Read the ZeRO JSON and fill in what the run config owns, leaving no "auto" behind. ``offload`` (--offload,
     or --plan auto's choice): the optimizer state and step on the CPU (DeepSpeedCPUAdam), unless the JSON already
-    says where they go."""
+    says where they go. ``ranks``: the world the batch is for (default: this process group's; a dry run's own)."""
     path = Path(ds_config_path) if ds_config_path else DS_CONFIG_DIR / f"zero{zero}.json"
     if not path.is_file():
         raise FileNotFoundError(f"DeepSpeed config {path} not found; ship ds_configs/ or pass --ds-config")
@@ -312,7 +312,7 @@ def build_ds_config(zero: int, ds_config_path: str | None, micro_batch: int, gra
         raise ValueError(f"DeepSpeed config {path} holds a JSON {type(cfg).__name__}, not an object of settings; "
                          "start from ds_configs/zero2.json or zero3.json")
     ours = {"train_micro_batch_size_per_gpu": micro_batch, "gradient_accumulation_steps": grad_accum,
-            "gradient_clipping": grad_clip, "train_batch_size": micro_batch * grad_accum * world_size()}
+            "gradient_clipping": grad_clip, "train_batch_size": micro_batch * grad_accum * (ranks or world_size())}
     for key in OWNED:
         if key in cfg and cfg[key] != "auto" and cfg[key] != ours[key]:
             raise ValueError(f"{path}: {key}={cfg[key]} disagrees with the run config ({ours[key]}); "
@@ -336,7 +336,8 @@ def build_ds_config(zero: int, ds_config_path: str | None, micro_batch: int, gra
     cfg.setdefault("wall_clock_breakdown", False)
     try:  # DeepSpeed's own validation (unknown or mistyped keys), now rather than after the weights load
         from deepspeed.runtime.config import DeepSpeedConfig
-        DeepSpeedConfig(dict(cfg))
+        # with this process's world (a dry run's batch is for its own RANKS)
+        DeepSpeedConfig(dict(cfg, train_batch_size=micro_batch * grad_accum * world_size()))
     except Exception as e:  # noqa: BLE001 - pydantic's ValidationError, DeepSpeed's own asserts and errors
         raise ValueError(f"DeepSpeed rejects the config {path}: {type(e).__name__}: {e}") from None
     return cfg

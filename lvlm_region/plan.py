@@ -36,6 +36,7 @@ from torch import nn
 from transformers import AttentionInterface, AutoConfig
 
 from . import families, regions, timing
+from .config import AT_LEAST_1, POSITIVE, Range, same_as, setting
 from .families import find_parts, flop_model
 from .flops import BatchShape
 from .model import skeleton
@@ -111,27 +112,35 @@ def saved_bytes(run, params: list[nn.Parameter]) -> int:
 class Setting:
     """What a plan is made for: the model, the region, the allocation and the data's shape."""
 
-    model: str
-    region: str = "uniform25"
-    tuner: str = "full"  # lora: the region's layers train rank-r adapters (the trainer's defaults below)
-    lora_r: int = 128
-    lora_alpha: int = 256
-    lora_dropout: float = 0.05
-    gpus: int = 8
-    gpu: str = "A100-80GB"
-    gpu_memory_gb: float | None = None
-    peak_tflops: float | None = None
-    seq_len: int = 2048  # tokens per sample the step time is estimated at
-    fit_len: int | None = None  # tokens per sample the memory must fit (default seq_len): the longest sample
-    images: int = 1  # images per sample
-    trained_fraction: float = 1.0  # positions the loss reads (replies): the LM head runs there only (step time)
-    fit_trained_fraction: float | None = None  # the same in the batch of the longest samples (memory; default above)
-    precision: str = "bf16"  # bf16 | fp16 | fp32: the bytes of weights, states and activations
-    samples: int = 665_000
-    global_batch: int = 128
-    mfu: float = ASSUMED_MFU
-    mfu_source: str = "assumed"
-    image_size: int | None = None  # Qwen2-VL: the side images are resized to (default 448)
+    model: str = setting(None, "a transformers checkpoint directory or hub id (only config.json is read)",
+                         required=True)
+    region: str = same_as("region", default_help=None)  # stage 2's default, compared with full
+    tuner: str = same_as("tuner", choices=("full", "lora"))
+    lora_r: int = same_as("lora_r")
+    lora_alpha: int = same_as("lora_alpha")
+    lora_dropout: float = same_as("lora_dropout")
+    gpus: int = setting(8, "GPUs in the allocation", valid=AT_LEAST_1)
+    gpu: str = setting("A100-80GB", f"one of {', '.join(GPUS)}; another with --gpu-memory-gb and --peak-tflops")
+    gpu_memory_gb: float | None = setting(None, "memory per GPU in GiB (overrides the table)", valid=POSITIVE)
+    peak_tflops: float | None = setting(None, "dense bf16 peak per GPU in TFLOP/s (overrides the table)",
+                                        valid=POSITIVE)
+    seq_len: int = setting(2048, "tokens per sample when no --data (the step time is estimated at it)",
+                           valid=AT_LEAST_1)
+    fit_len: int | None = setting(None, "tokens per sample the memory must fit (default seq_len): the longest sample",
+                                  flag=False)
+    images: int = setting(1, "images per sample when no --data", valid=AT_LEAST_1)
+    trained_fraction: float = setting(1.0, "share of positions the loss reads when no --data (1.0: an upper bound); "
+                                           "the LM head runs there only", valid=Range(float, 0, 1, low_open=True))
+    fit_trained_fraction: float | None = setting(None, "the same in the batch of the longest samples (memory; "
+                                                       "default trained_fraction)", flag=False)
+    precision: str = setting("bf16", "the bytes of weights, optimizer states and activations",
+                             choices=("bf16", "fp16", "fp32"))
+    samples: int = setting(665_000, "samples of one epoch (665,000: LLaVA-665K)", valid=AT_LEAST_1)
+    global_batch: int = setting(128, "samples per optimizer step", valid=AT_LEAST_1)
+    mfu: float = setting(ASSUMED_MFU, "model FLOPs utilisation of the step time", flag=False)
+    mfu_source: str = setting("assumed", "where mfu comes from", flag=False)
+    image_size: int | None = setting(None, "Qwen2-VL: the side images are resized to", valid=AT_LEAST_1,
+                                     default_help="448")
 
     def memory_bytes(self) -> float:
         if self.gpu_memory_gb is not None:

@@ -62,13 +62,13 @@ class Encoding:
 
 
 def for_model(model_path: str, template: str, max_length: int, verify_images: str = "decode",
-              aspect: str | None = None, allow_outside_images: bool = False):
+              aspect: str | None = None, allow_outside_images: bool = False, stage: str = "sft"):
     """(Encoding, tokenizer, processor) of a transformers checkpoint dir: its image layout (image_inputs; from the
-    config and image processor, with ``aspect`` = --image-aspect-ratio, by default SFT's for the family) and the
+    config and image processor, with ``aspect`` = --image-aspect-ratio, by default ``stage``'s for the family) and the
     template resolved against its tokenizer (``auto``: the tokenizer's own, else the processor's)."""
     config = AutoConfig.from_pretrained(model_path)
     family = families.check_trainable(config, f"--model {model_path}")
-    aspect = aspect or family.default_aspect("sft")
+    aspect = aspect or family.default_aspect(stage)
     images.check_aspect(aspect)
     processor = family.load_processor(model_path)
     tokenizer = processor.tokenizer

@@ -126,6 +126,50 @@ def setup(cfg: RunConfig, trains: bool = True) -> Setup:
                  resume_from)
 
 
+def dry_run(cfg: RunConfig, ranks: int) -> dict:
+    """--dry-run: the run resolved without preparing data or loading weights (the model's config.json only): region,
+    trainable parameters, template, batch arithmetic, DeepSpeed JSON, and the inputs this machine does not have."""
+    cfg.resolve(check_paths=False)
+    if cfg.is_demo:
+        model_config = demo.planned_config()
+    elif cfg.llm is not None:
+        raise ValueError("--dry-run with --llm/--vision: the assembled model does not exist before the run; "
+                         "dry-run the assembled model (OUTPUT_DIR/base_model) with --model")
+    elif not os.path.isfile(os.path.join(cfg.model_path, "config.json")):
+        raise FileNotFoundError(f"--model {cfg.model_path}: no config.json; a dry run reads the model's config.json")
+    else:
+        model_config = AutoConfig.from_pretrained(cfg.model_path)
+    shape = skeleton(model_config)
+    region = regions.resolve(cfg.region, num_decoder_layers(model_config), tied=find_parts(shape).tied)
+    from .trainable import apply_region
+    counts = apply_region(shape, region, cfg.tuner) if cfg.tuner == "full" else None
+    if cfg.global_batch is not None and cfg.plan != "auto":
+        cfg.grad_accum = accumulation(cfg, cfg.global_batch, ranks)
+    precision = cfg.precision if cfg.precision != "auto" else "bf16 on GPU, fp32 on CPU"
+    ds = engine.build_ds_config(cfg.zero, cfg.ds_config, cfg.micro_batch, cfg.grad_accum, cfg.grad_clip,
+                                cfg.precision if cfg.precision != "auto" else "bf16", cfg.offload, ranks=ranks)
+    tokenizer_there = os.path.isfile(os.path.join(cfg.model_path, "tokenizer_config.json"))
+    template = cfg.template if cfg.template != "auto" else (
+        "auto (the tokenizer's own chat template)" if tokenizer_there or cfg.is_demo else
+        f"auto (the tokenizer's own chat template; {cfg.model_path} has no tokenizer_config.json here)")
+    paths = {"--data": cfg.data, "--eval-data": cfg.eval_data, "--text-eval-data": cfg.text_eval_data,
+             "--image-folder": cfg.image_folder, "--init": cfg.init, "--init-projector": cfg.init_projector,
+             "--ds-config": cfg.ds_config}
+    return {
+        "stage": cfg.stage, "model": cfg.model_path, "model_type": model_config.model_type,
+        "decoder_layers": num_decoder_layers(model_config), "region": region.to_dict(),
+        "trainable_parameters": counts["all"]["trainable"] if counts else "LoRA adapters (counted at launch)",
+        "total_parameters": counts["all"]["total"] if counts else None, "tuner": cfg.tuner, "template": template,
+        "image_aspect_ratio": cfg.image_aspect_ratio, "max_length": cfg.max_length, "precision": precision,
+        "ranks": ranks, "micro_batch": cfg.micro_batch, "grad_accum": cfg.grad_accum,
+        "global_batch": cfg.micro_batch * cfg.grad_accum * ranks, "lr": cfg.lr, "projector_lr": cfg.projector_lr,
+        "epochs": cfg.epochs, "max_steps": cfg.max_steps,
+        "plan": "--plan auto: ZeRO stage, offload, checkpointing and batch split are chosen at launch from the "
+                "prepared data" if cfg.plan == "auto" else "off",
+        "ds_config": ds, "missing_here": {k: v for k, v in paths.items() if v and not os.path.exists(v)},
+        "report_to": cfg.report_to, "output_dir": cfg.output_dir}
+
+
 def check_region_early(cfg: RunConfig) -> None:
     """The region spec against the LLM's depth before the demo is generated or a model assembled (minutes of work):
     the demo's architecture is known before it exists, an --llm's depth from its config.json. A --model's spec is
@@ -138,14 +182,16 @@ def check_region_early(cfg: RunConfig) -> None:
         regions.resolve(cfg.region, text.num_hidden_layers, tied=bool(getattr(text, "tie_word_embeddings", False)))
 
 
-def accumulation(cfg: RunConfig, global_batch: int) -> int:
-    """--grad-accum for --global-batch without a plan: the global batch over --micro-batch x ranks."""
-    per_step = cfg.micro_batch * engine.world_size()
+def accumulation(cfg: RunConfig, global_batch: int, ranks: int | None = None) -> int:
+    """--grad-accum for --global-batch without a plan: the global batch over --micro-batch x ranks (default: the
+    process group's)."""
+    ranks = ranks or engine.world_size()
+    per_step = cfg.micro_batch * ranks
     if global_batch % per_step:
         raise ValueError(f"--global-batch {global_batch} is not a multiple of --micro-batch {cfg.micro_batch} x "
-                         f"{engine.world_size()} ranks; change one of them (or let --plan auto split it)")
+                         f"{ranks} ranks; change one of them (or let --plan auto split it)")
     if cfg.given("grad_accum") and cfg.grad_accum != global_batch // per_step:
-        raise ValueError(f"--global-batch {global_batch} = --micro-batch {cfg.micro_batch} x {engine.world_size()} "
+        raise ValueError(f"--global-batch {global_batch} = --micro-batch {cfg.micro_batch} x {ranks} "
                          f"ranks x accumulation {global_batch // per_step}, but --grad-accum {cfg.grad_accum} was "
                          "given; drop one of them")
     return global_batch // per_step

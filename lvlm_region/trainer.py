@@ -19,8 +19,8 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from . import checkpoint, engine, families, lora, outputs, prepare, timing
-from .config import RESUME_MAY_CHANGE, RunConfig
+from . import checkpoint, engine, families, lora, outputs, prepare, timing, tracking
+from .config import RESUME_MAY_CHANGE, RunConfig, trackers
 from .data import BatchStream, ImageTextDataset, run_loader, to_device
 from .evaluate import evaluate
 from .flops import BatchShape
@@ -148,6 +148,8 @@ class Trainer:
         st = os.stat(self.out)
         self.out_id = (st.st_dev, st.st_ino)  # output_lost compares against it every step
         self.metrics = open_metrics(os.path.join(self.out, "metrics.jsonl"), self.start_step) if self.rank0 else None
+        self.trackers = (tracking.Trackers(trackers(cfg.report_to), self.out, cfg.to_dict(), self.start_step)
+                         if self.rank0 else None)  # --report-to: the same records, after metrics.jsonl has them
         self.stop = checkpoint.StopRequest(self.out)
         self.flop_model = families.flop_model(self.engine.module)  # trainable set and checkpointing as they are now
         self.peak, self.peak_source = timing.peak_flops(cfg.peak_tflops, self.dtype) if self.rank0 else (0.0, "")
@@ -259,6 +261,7 @@ class Trainer:
             self.write_summary()
             if self.rank0:
                 self.metrics.close()
+                self.trackers.close()
             raise
 
     def log_metrics(self, step: int) -> None:
@@ -287,6 +290,7 @@ class Trainer:
                            f"step {rec['step_s']:.3f}s | mfu {rec['mfu']:.3f}")
             self.metrics.write(json.dumps(rec) + "\n")
             self.metrics.flush()
+            self.trackers.log(rec, step)
 
     def finish(self, step: int, stopped: bool) -> "Result":
         """The end of a session, normal or stopped: a complete run exports and evaluates; both write run.json."""
@@ -312,6 +316,7 @@ class Trainer:
         summary["time"] = self.state(step)["time"]
         if self.rank0:
             self.metrics.close()
+            self.trackers.close()
         self.write_summary()
         engine.barrier()
         self.stop.restore()
@@ -333,12 +338,16 @@ class Trainer:
             if self.rank0:
                 log.info("held-out loss %.4f | answer accuracy %.3f (%d/%d)", ev["loss"], ev["accuracy"],
                          ev["correct"], ev["samples"])
-                self.metrics.write(json.dumps({"step": self.total, "eval": ev}) + "\n")
         if self.text_ds is not None:  # text retention: the same evaluation on text-only questions
             summary["text_eval"] = ev = evaluate(self.engine, self.text_ds, "", self.s, cfg, self.dtype, self.device)
             if self.rank0:
                 log.info("text retention: answer accuracy %.3f (%d/%d) on text-only questions", ev["accuracy"],
                          ev["correct"], ev["samples"])
+        if self.rank0 and (self.eval_ds is not None or self.text_ds is not None):  # one record: both evaluations
+            rec = {"step": self.total, "eval": summary.get("eval"),
+                   **({"text_eval": summary["text_eval"]} if self.text_ds is not None else {})}
+            self.metrics.write(json.dumps(rec) + "\n")
+            self.trackers.log(rec, self.total)
         summary["status"] = "complete"
 
 

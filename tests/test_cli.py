@@ -45,7 +45,7 @@ def test_numeric_flags_out_of_their_domain_are_refused_at_parse_time(capsys, fla
 
 def test_every_numeric_field_has_a_ranged_flag_and_the_config_checks_the_same_range():
     parser = build_parser("sft", "")
-    typed = {a.dest: a.type for a in parser._actions if a.type is not None and a.dest != "local_rank"}
+    typed = {a.dest: a.type for a in parser._actions if a.type is not None and a.dest not in ("local_rank", "dry_run")}
     assert set(typed) == set(RANGES)
     numeric = {f.name for f in dataclasses.fields(RunConfig) if f.type in ("int", "float", "int | None",
                                                                           "float | None")}
@@ -68,7 +68,7 @@ def test_other_launchers_refuse_numbers_out_of_range(tmp_path):
 
 def test_every_field_has_its_flag_with_the_dataclass_default():
     parser = build_parser("sft", "")
-    actions = {a.dest: a for a in parser._actions if a.dest not in ("help", "local_rank")}
+    actions = {a.dest: a for a in parser._actions if a.dest not in ("help", "local_rank", "config", "dry_run")}
     fields = {f.name: f for f in dataclasses.fields(RunConfig)}
     # the stage is the launcher's own; explicit (the flags given) is what the parser records, not a flag
     assert set(actions) == {n for n, f in fields.items() if f.metadata.get("flag", True)} == set(fields) - {

@@ -1,0 +1,72 @@
+"""Plan a run before booking GPUs: memory per GPU and projected GPU-hours of every ZeRO stage, optimizer offload,
+activation checkpointing and micro-batch, for a region and for full tuning, from the model's config.json alone.
+
+    python launch/plan.py --model CKPT --gpus 8 --gpu A100-80GB --region uniform25 --seq-len 2048 --samples 665000 \\
+        --global-batch 128 --json plan.json
+    python launch/plan.py --model CKPT --gpus 4 --gpu H100-80GB --data runs/sft/prepared/train --calibrate runs/sft
+
+Memory: model states as DeepSpeed counts them (per parameter, frozen ones only their 16-bit weights), the
+activations autograd keeps (counted on the meta device with the region's requires_grad), an allowance for buffers
+and fragmentation. Step time: the project's FLOP model at an assumed MFU (--assumed-mfu) or the one a finished run
+measured (--calibrate RUN_DIR). Prints a table and the ratio of the best plan's GPU-hours to the best full-tuning
+plan's; --json writes every candidate. A projection: see lvlm_region/plan.py for every assumption.
+Also: lvlm-region plan --model CKPT ... (the same flags).
+Exit status: 0 done, 2 bad input.
+"""
+import dataclasses
+import json
+import logging
+import sys
+from dataclasses import dataclass
+
+from .. import cli
+from ..config import Range, setting
+from ..plan import ASSUMED_MFU
+
+
+@dataclass
+class Settings:
+    """plan's flags besides plan.Setting's."""
+
+    data: str | None = setting(None, "a prepared data directory: its 95th-percentile length (step time), longest "
+                                     "sample (memory), trained fraction and images per sample")
+    assumed_mfu: float = setting(ASSUMED_MFU, "model FLOPs utilisation assumed for the step time",
+                                 valid=Range(float, 0, 1, low_open=True))
+    calibrate: str | None = setting(None, "use the MFU a finished run measured (its run.json)", metavar="RUN_DIR")
+    json: str | None = setting(None, "write every candidate, the best plans and the ratio to this file")
+
+
+def parser():
+    from ..plan import Setting
+
+    p = cli.command_parser(__doc__)
+    cli.add_flags(p, settings=Setting)
+    cli.add_flags(p, settings=Settings)
+    return p
+
+
+def main(argv=None) -> int:
+    from ..plan import PlanError, Setting, calibrated_mfu, from_prepared, plan, table
+
+    try:
+        args = cli.parse_args(parser(), argv)[0]
+    except (ValueError, FileNotFoundError) as e:  # --config's file
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    logging.basicConfig(level=logging.WARNING, stream=sys.stderr)
+    own = {f.name: args.pop(f.name) for f in dataclasses.fields(Settings)}
+    try:
+        if own["data"]:  # the prepared data's shape replaces the flags' one
+            args.update(from_prepared(own["data"]))
+        mfu, source = ((calibrated_mfu(own["calibrate"]), f"measured by {own['calibrate']}") if own["calibrate"]
+                       else (own["assumed_mfu"], "assumed"))
+        out = plan(Setting(**args, mfu=mfu, mfu_source=source))
+    except (PlanError, ValueError, FileNotFoundError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(table(out), end="")
+    if own["json"]:
+        with open(own["json"], "w") as f:
+            json.dump(out, f, indent=1)
+        print(f"-> {own['json']}")
+    return 0
