@@ -37,17 +37,36 @@ def _config(flag: str, path: str):
     return AutoConfig.from_pretrained(path)
 
 
-def check(llm: str, vision: str, projector: str) -> tuple:
-    """Validate the parts from their config files alone (no weights); returns (LLM config, vision config)."""
-    if projector not in PROJECTORS:
-        raise ValueError(f"--projector {projector!r}: only {', '.join(PROJECTORS)} is supported (transformers' "
-                         "LlavaMultiModalProjector)")
+def _vision_config(vision: str):
     found = _config("--vision", vision)
     vision_cfg = getattr(found, "vision_config", None) if found.model_type in VISION_TYPES else found
     if vision_cfg is None or vision_cfg.model_type not in VISION_TYPES.values():
         raise ValueError(f"--vision {vision}: config.json has model_type {found.model_type!r}, not a CLIP or SigLIP "
                          "vision model; give e.g. a local copy of openai/clip-vit-large-patch14-336 or "
                          "google/siglip-so400m-patch14-384")
+    return vision_cfg
+
+
+def planned_config(llm: str, vision: str, projector: str) -> LlavaConfig:
+    """The LlavaConfig ``assemble`` builds, from the parts' config.json alone (a dry run): the image token id is
+    the first after the LLM's vocabulary, where adding it to the tokenizer puts it."""
+    if projector not in PROJECTORS:
+        raise ValueError(f"--projector {projector!r}: only {', '.join(PROJECTORS)} is supported")
+    vision_cfg, llm_cfg = _vision_config(vision), _config("--llm", llm)
+    config = LlavaConfig(vision_config=vision_cfg.to_dict(), text_config=llm_cfg.to_dict(),
+                         image_token_id=llm_cfg.vocab_size, projector_hidden_act="gelu", vision_feature_layer=-2,
+                         vision_feature_select_strategy="default" if class_tokens(vision_cfg) else "full",
+                         tie_word_embeddings=bool(getattr(llm_cfg, "tie_word_embeddings", False)))
+    config.image_seq_length = image_seq_length(config)
+    return config
+
+
+def check(llm: str, vision: str, projector: str) -> tuple:
+    """Validate the parts from their config files alone (no weights); returns (LLM config, vision config)."""
+    if projector not in PROJECTORS:
+        raise ValueError(f"--projector {projector!r}: only {', '.join(PROJECTORS)} is supported (transformers' "
+                         "LlavaMultiModalProjector)")
+    vision_cfg = _vision_config(vision)
     if not os.path.isfile(os.path.join(vision, "preprocessor_config.json")):
         raise FileNotFoundError(f"--vision {vision}: no preprocessor_config.json; the image size and normalisation "
                                 "come from it (copy it from the vision model's original repository)")

@@ -144,8 +144,9 @@ def parse_args(parser: argparse.ArgumentParser, argv: list[str] | None, stage: s
     return (values, given, rest) if known else (values, given)
 
 
-# run.json's config fields that are no flag: the stage is the command's, explicit what was typed
-RUN_ONLY = ("stage", "explicit")
+# run.json's config fields that are no flag: the stage is the command's, explicit what was typed, sources what
+# resolve found (the hub ids' snapshots are the --model / --llm / --vision values themselves)
+RUN_ONLY = ("stage", "explicit", "sources")
 
 
 def read_config_file(path: str, stage: str | None = None) -> dict:

@@ -13,7 +13,7 @@ import math
 import os
 from dataclasses import dataclass, field
 
-from . import families
+from . import families, hub
 from .images import ASPECTS
 from .templates import NAMES
 
@@ -103,6 +103,7 @@ RESUME_MAY_CHANGE = {
     "gpu_memory_gb": "the planner's input; its choices are in the identity",
     "explicit": "which flags were typed, not their values",
     "report_to": "where the metrics are sent as well, not what they are",
+    "sources": "where the starting weights were fetched from; the checkpoint holds the weights now",
 }
 # The fields --plan auto chooses (each one given explicitly on the command line keeps its value; see ``explicit``).
 PLANNED = ("zero", "offload", "micro_batch", "grad_accum", "grad_ckpt")
@@ -295,6 +296,9 @@ class RunConfig:
                              metavar="NAME[,NAME]")
     explicit: tuple = setting((), "the flags given on the command line (cli.parse): --plan auto leaves them as given",
                               flag=False)
+    sources: dict | None = setting(None, "where --model / --llm / --vision came from: a hub id's id, revision and "
+                                         "cache directory (which the field then holds), or the local path; filled "
+                                         "by resolve", flag=False)
 
     def resolve(self, check_paths: bool = True) -> "RunConfig":
         """Fill stage defaults and validate; raises ValueError naming the field and the fix. ``check_paths``: that
@@ -307,6 +311,14 @@ class RunConfig:
             raise ValueError("--llm and --vision go together: give both to assemble a model from its parts")
         if self.llm is not None and self.model is not None:
             raise ValueError("--model and --llm/--vision both give the model; pass one of them")
+        self.sources = dict(self.sources or {})
+        for name in ("model", "llm", "vision"):  # a hub id -> its snapshot in the local cache (a dry run: configs)
+            value = getattr(self, name)
+            if hub.is_hub_id(value):
+                setattr(self, name, hub.local_path(value, flag(name), config_only=not check_paths))
+                self.sources[name] = hub.source(value, flag(name)) if check_paths else {"id": value}
+            elif value is not None and name not in self.sources:
+                self.sources[name] = hub.source(value)  # the local path
         demo = self.is_demo
         for f in dataclasses.fields(self):
             if f.metadata.get("stages") and getattr(self, f.name) is None:

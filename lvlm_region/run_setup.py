@@ -132,9 +132,8 @@ def dry_run(cfg: RunConfig, ranks: int) -> dict:
     cfg.resolve(check_paths=False)
     if cfg.is_demo:
         model_config = demo.planned_config()
-    elif cfg.llm is not None:
-        raise ValueError("--dry-run with --llm/--vision: the assembled model does not exist before the run; "
-                         "dry-run the assembled model (OUTPUT_DIR/base_model) with --model")
+    elif cfg.llm is not None:  # the Llava the run would assemble, from the parts' configs
+        model_config = assemble.planned_config(cfg.llm, cfg.vision, cfg.projector)
     elif not os.path.isfile(os.path.join(cfg.model_path, "config.json")):
         raise FileNotFoundError(f"--model {cfg.model_path}: no config.json; a dry run reads the model's config.json")
     else:
@@ -148,15 +147,17 @@ def dry_run(cfg: RunConfig, ranks: int) -> dict:
     precision = cfg.precision if cfg.precision != "auto" else "bf16 on GPU, fp32 on CPU"
     ds = engine.build_ds_config(cfg.zero, cfg.ds_config, cfg.micro_batch, cfg.grad_accum, cfg.grad_clip,
                                 cfg.precision if cfg.precision != "auto" else "bf16", cfg.offload, ranks=ranks)
-    tokenizer_there = os.path.isfile(os.path.join(cfg.model_path, "tokenizer_config.json"))
+    tokenizer_there = os.path.isfile(os.path.join(cfg.llm or cfg.model_path, "tokenizer_config.json"))
     template = cfg.template if cfg.template != "auto" else (
         "auto (the tokenizer's own chat template)" if tokenizer_there or cfg.is_demo else
-        f"auto (the tokenizer's own chat template; {cfg.model_path} has no tokenizer_config.json here)")
+        f"auto (the tokenizer's own chat template; {cfg.llm or cfg.model_path} has no tokenizer_config.json here)")
     paths = {"--data": cfg.data, "--eval-data": cfg.eval_data, "--text-eval-data": cfg.text_eval_data,
              "--image-folder": cfg.image_folder, "--init": cfg.init, "--init-projector": cfg.init_projector,
-             "--ds-config": cfg.ds_config}
+             "--ds-config": cfg.ds_config, "--llm": cfg.llm, "--vision": cfg.vision}
     return {
-        "stage": cfg.stage, "model": cfg.model_path, "model_type": model_config.model_type,
+        "stage": cfg.stage, "model": (shown(cfg, "model") or cfg.model_path) if cfg.llm is None else
+        f"{shown(cfg, 'llm')} + {shown(cfg, 'vision')} (assembled)",
+        "model_type": model_config.model_type,
         "decoder_layers": num_decoder_layers(model_config), "region": region.to_dict(),
         "trainable_parameters": counts["all"]["trainable"] if counts else "LoRA adapters (counted at launch)",
         "total_parameters": counts["all"]["total"] if counts else None, "tuner": cfg.tuner, "template": template,
@@ -168,6 +169,11 @@ def dry_run(cfg: RunConfig, ranks: int) -> dict:
                 "prepared data" if cfg.plan == "auto" else "off",
         "ds_config": ds, "missing_here": {k: v for k, v in paths.items() if v and not os.path.exists(v)},
         "report_to": cfg.report_to, "output_dir": cfg.output_dir}
+
+
+def shown(cfg: RunConfig, name: str) -> str | None:
+    """Field ``name`` as the user gave it: a hub id rather than its cache directory."""
+    return (cfg.sources or {}).get(name, {}).get("id") or getattr(cfg, name)
 
 
 def check_region_early(cfg: RunConfig) -> None:

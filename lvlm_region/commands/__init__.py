@@ -73,6 +73,7 @@ def main(argv: list[str] | None = None) -> int:
               file=sys.stderr)
         return 2
     distributed = COMMANDS[name][2]
+    sys.argv[0] = f"lvlm-region {name}"  # argparse's prog: the usage line names the command, however it was started
     code = module(name).main(rest + (local if distributed else []))
     if distributed:
         from ..engine import exit_process  # after main: a rank leaves the process group cleanly

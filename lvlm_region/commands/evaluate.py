@@ -17,7 +17,7 @@ import logging
 import os
 import sys
 
-from .. import cli
+from .. import cli, hub
 
 FLAGS = ("model", "data", "text_eval_data", "image_folder", "output_dir", "template", "image_aspect_ratio",
          "max_length", "micro_batch", "zero", "eval_max_samples", "max_new_tokens", "precision", "attn", "num_workers",
@@ -47,6 +47,10 @@ def main(argv=None) -> int:
         print("error: --model and --data are required: the model directory and the held-out data", file=sys.stderr)
         return 2
     try:
+        if hub.is_hub_id(args["model"]) and not args["output_dir"]:
+            raise ValueError(f"--model {args['model']} is a hub id: give --output-dir (the default MODEL/eval would "
+                             "write into the Hugging Face cache)")
+        args["model"] = hub.local_path(args["model"])
         cfg = evaluation_config(**args)
         out = evaluate_model(cfg)
     except (ValueError, FileNotFoundError) as e:

@@ -17,7 +17,7 @@ import os
 import sys
 from dataclasses import dataclass
 
-from .. import cli
+from .. import cli, hub
 from ..config import AT_LEAST_0, setting
 
 FLAGS = ("model", "data", "image_folder", "template", "image_aspect_ratio", "max_length", "micro_batch", "zero",
@@ -63,8 +63,12 @@ def main(argv=None) -> int:
     if method == "bi" and not args["data"]:
         print("error: --method bi needs --data: the samples whose hidden states are read", file=sys.stderr)
         return 2
-    output = output or os.path.join(args["model"], "importance", "scores.json")
     try:
+        if hub.is_hub_id(args["model"]) and not output:
+            raise ValueError(f"--model {args['model']} is a hub id: give --output (the default "
+                             "MODEL/importance/scores.json would write into the Hugging Face cache)")
+        output = output or os.path.join(args["model"], "importance", "scores.json")
+        args["model"], base = hub.local_path(args["model"]), hub.local_path(base, "--base")
         cfg = evaluation_config(output_dir=os.path.dirname(os.path.abspath(output)), **args)
         out = score(cfg, method, output, samples=samples or None, tokens=tokens, base=base)
     except (ValueError, FileNotFoundError) as e:

@@ -19,7 +19,7 @@ import logging
 import sys
 from dataclasses import dataclass
 
-from .. import cli
+from .. import cli, hub
 from ..config import Range, setting
 from ..plan import ASSUMED_MFU
 
@@ -56,6 +56,7 @@ def main(argv=None) -> int:
     logging.basicConfig(level=logging.WARNING, stream=sys.stderr)
     own = {f.name: args.pop(f.name) for f in dataclasses.fields(Settings)}
     try:
+        args["model"] = hub.local_path(args["model"], config_only=True)  # only config.json is read
         if own["data"]:  # the prepared data's shape replaces the flags' one
             args.update(from_prepared(own["data"]))
         mfu, source = ((calibrated_mfu(own["calibrate"]), f"measured by {own['calibrate']}") if own["calibrate"]

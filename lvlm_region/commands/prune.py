@@ -19,7 +19,7 @@ import os
 import sys
 from dataclasses import dataclass
 
-from .. import cli
+from .. import cli, hub
 from ..config import AT_LEAST_1, setting
 
 EVAL_FLAGS = ("text_eval_data", "image_folder", "micro_batch", "eval_max_samples", "max_new_tokens", "precision",
@@ -60,8 +60,12 @@ def main(argv=None) -> int:
                         stream=sys.stdout)
     from ..prune import parse_drops, run  # after logging is set up; heavy imports
 
-    scores = args["scores"] or os.path.join(args["model"], "importance", "scores.json")
     try:
+        if hub.is_hub_id(args["model"]) and not args["scores"]:
+            raise ValueError(f"--model {args['model']} is a hub id: give --scores (the default "
+                             "MODEL/importance/scores.json is inside the Hugging Face cache)")
+        scores = args["scores"] or os.path.join(args["model"], "importance", "scores.json")
+        args["model"] = hub.local_path(args["model"])
         out = run(args["model"], scores, parse_drops(args["drop"]), args["protect"], args["output"],
                   args["eval_data"], {k: args[k] for k in EVAL_FLAGS}, args["speed_tokens"], args["speed_repeats"])
     except (ValueError, FileNotFoundError) as e:
