@@ -176,6 +176,9 @@ def read_config_file(path: str, stage: str | None = None) -> dict:
             raise ValueError(f"--config {path} is the run.json of a {run.get('stage')} run; rerun it with "
                              f"`lvlm-region {run.get('stage')} --config {path}`")
         data = {k: v for k, v in run.items() if k not in RUN_ONLY}
+        for name, where in (run.get("sources") or {}).items():  # a hub id again, not the cache directory it gave
+            if where.get("id"):
+                data[name] = where["id"]
     return data
 
 

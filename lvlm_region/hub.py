@@ -25,6 +25,12 @@ def is_hub_id(name: str | None) -> bool:
     return bool(name) and not os.path.exists(name) and bool(HUB_ID.match(name))
 
 
+def cache_dir() -> str:
+    """The hub cache as huggingface_hub finds it, read from the environment now (not at its import)."""
+    home = os.environ.get("HF_HOME") or os.path.join(os.path.expanduser("~"), ".cache", "huggingface")
+    return os.environ.get("HF_HUB_CACHE") or os.environ.get("HUGGINGFACE_HUB_CACHE") or os.path.join(home, "hub")
+
+
 def offline() -> bool:
     return os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on")
 
@@ -48,7 +54,7 @@ def source(name: str | None, flag: str = "--model") -> dict | None:
 
 @functools.cache
 def snapshot(repo_id: str, flag: str, config_only: bool) -> dict:
-    from huggingface_hub import constants, snapshot_download
+    from huggingface_hub import snapshot_download
     from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError, OfflineModeIsEnabled
 
     patterns = CONFIG_ONLY if config_only else PATTERNS
@@ -56,7 +62,8 @@ def snapshot(repo_id: str, flag: str, config_only: bool) -> dict:
     deadline = time.monotonic() + WAIT_S
     while True:
         try:
-            path = snapshot_download(repo_id, allow_patterns=patterns, local_files_only=not fetches)
+            path = snapshot_download(repo_id, allow_patterns=patterns, local_files_only=not fetches,
+                                     cache_dir=cache_dir())
             break
         except (LocalEntryNotFoundError, OfflineModeIsEnabled) as e:
             if fetches or offline() or time.monotonic() > deadline:
@@ -65,12 +72,12 @@ def snapshot(repo_id: str, flag: str, config_only: bool) -> dict:
                        f"this node's LOCAL_RANK 0 did not fetch it within {WAIT_S:.0f} s")
                 raise FileNotFoundError(
                     f"{flag} {repo_id}: not a local directory, and as a Hugging Face hub id it is not in the cache "
-                    f"({constants.HF_HUB_CACHE}) and {why} ({type(e).__name__}); fetch it where there is network "
+                    f"({cache_dir()}) and {why} ({type(e).__name__}); fetch it where there is network "
                     f"(hf download {repo_id}, with the same HF_HOME) or give a local checkpoint directory") from None
             time.sleep(2.0)  # another rank of this node is fetching it
         except (HfHubHTTPError, OSError) as e:  # not found, gated, unreachable
             raise FileNotFoundError(
                 f"{flag} {repo_id}: not a local directory, and as a Hugging Face hub id it is neither in the cache "
-                f"({constants.HF_HUB_CACHE}) nor reachable ({type(e).__name__}: {str(e).splitlines()[0][:200]}); "
+                f"({cache_dir()}) nor reachable ({type(e).__name__}: {str(e).splitlines()[0][:200]}); "
                 "check the id and your network or token, or give a local checkpoint directory") from None
     return {"id": repo_id, "revision": os.path.basename(os.path.normpath(path)), "path": path}

@@ -72,7 +72,6 @@ class WandB:
 
         mode = os.environ.get("WANDB_MODE") or ("online" if os.environ.get("WANDB_API_KEY") else "offline")
         name = os.path.basename(os.path.abspath(out))
-        os.makedirs(os.path.join(out, DIRS["wandb"]), exist_ok=True)
         self.run = wandb.init(project=os.environ.get("WANDB_PROJECT", "lvlm_region"), dir=out, mode=mode,
                               name=name if not start_step else f"{name}-from-{start_step}", group=name,
                               config=hyperparameters(config), reinit="create_new")

@@ -245,3 +245,90 @@ def test_deepspeed_module_form_reaches_the_command(tmp_path):
     assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-2000:]
     assert "region:     first25: layers [0, 1] (2 of 8)" in res.stdout
     assert "global 16 = micro-batch 16 x accumulation 1 x 1 ranks" in res.stdout
+
+
+def tensorboard_scalars(logdir: Path) -> dict:
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    acc = EventAccumulator(str(logdir), size_guidance={"scalars": 0})
+    acc.Reload()
+    return {(tag, e.step): e.value for tag in acc.Tags()["scalars"] for e in acc.Scalars(tag)}
+
+
+def wandb_records(run_dir: Path):
+    """The records of a wandb run file (.wandb: LevelDB-log framing of wandb's protobuf Records), read back."""
+    import struct
+
+    from wandb.proto import wandb_internal_pb2
+
+    data = (next(run_dir.glob("wandb/offline-run-*/run-*.wandb"))).read_bytes()
+    assert data[:4] == b":W&B"
+    pos, block, buf = 7, 32768, b""
+    while pos + 7 <= len(data):
+        left = block - pos % block
+        if left < 7:
+            pos += left
+            continue
+        _, length, kind = struct.unpack("<IHB", data[pos:pos + 7])
+        if length == 0 and kind == 0:
+            pos += left
+            continue
+        chunk, pos = data[pos + 7:pos + 7 + length], pos + 7 + length
+        buf = chunk if kind in (1, 2) else buf + chunk  # full / first, or middle / last
+        if kind in (1, 4):
+            record = wandb_internal_pb2.Record()
+            record.ParseFromString(buf)
+            yield record
+
+
+def test_a_hub_model_trains_reports_to_every_tracker_and_reruns_from_its_run_json(demo_dir, demo_sft_data, tmp_path):
+    """--model org/name from an offline cache; --report-to tensorboard,wandb,csv carry every number metrics.jsonl
+    has; the run's run.json as --config reruns it to the same losses; a failing tracker only warns."""
+    from conftest import deepspeed_cmd
+
+    from lvlm_region.tracking import scalars
+
+    env = hub_cache(tmp_path / "hub", {"tiny/llava-demo": demo_dir / "base_model"})
+    commit = (tmp_path / "hub" / "models--tiny--llava-demo" / "refs" / "main").read_text()
+    out, again = tmp_path / "run", tmp_path / "again"
+    res = run(deepspeed_cmd(1, "launch/sft.py", "--model", "tiny/llava-demo", *demo_sft_data, "--output-dir",
+                            str(out), "--max-steps", "3", "--micro-batch", "4", "--num-workers", "0",
+                            "--eval-max-samples", "6", "--log-every", "1", "--report-to", "tensorboard,wandb,csv"),
+              env=env)
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-2000:]
+    summary = json.loads((out / "run.json").read_text())
+    snapshot = str(tmp_path / "hub" / "models--tiny--llava-demo" / "snapshots" / commit)
+    assert summary["config"]["sources"]["model"] == {"id": "tiny/llava-demo", "revision": commit, "path": snapshot}
+    assert summary["config"]["model"] == snapshot
+    records = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    want = {(name, r["step"]): v for r in records for name, v in scalars(r).items()}
+    assert {("loss", 1), ("lr", 3), ("grad_norm", 2), ("tokens_per_s", 3), ("mfu", 1), ("forward_s", 1),
+            ("eval/accuracy", 3), ("eval/loss", 3), ("text_eval/accuracy", 3)} <= set(want)
+    tb = tensorboard_scalars(out / "tensorboard")
+    assert set(tb) == set(want)
+    assert all(tb[k] == pytest.approx(v, rel=1e-6, abs=1e-30) for k, v in want.items())  # float32 in events
+    rows = (out / "metrics.csv").read_text().splitlines()
+    assert rows[0] == "step,name,value"
+    assert {(n, int(s)): float(v) for s, n, v in (r.split(",") for r in rows[1:])} == want
+    logged, config_keys = {}, set()
+    for rec in wandb_records(out):
+        kind = rec.WhichOneof("record_type")
+        if kind == "history":
+            items = {i.key or "/".join(i.nested_key): json.loads(i.value_json) for i in rec.history.item}
+            step = items.get("_step", rec.history.step.num)
+            logged.update({(k, step): v for k, v in items.items() if not k.startswith("_")})
+        elif kind == "run":
+            config_keys |= {u.key for u in rec.run.config.update}
+    assert logged == want
+    assert {"region", "lora_r", "lr", "micro_batch", "report_to"} <= config_keys
+
+    res = run(deepspeed_cmd(1, "launch/sft.py", "--config", str(out / "run.json"), "--output-dir", str(again),
+                            "--report-to", "wandb"), env={**env, "WANDB_MODE": "no-such-mode"})
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-2000:]
+    assert "--report-to wandb: could not start" in res.stdout + res.stderr
+    rerun = [json.loads(x) for x in (again / "metrics.jsonl").read_text().splitlines()]
+    assert [r.get("loss") for r in rerun] == [r.get("loss") for r in records]  # bit-identical on CPU
+    first, second = summary["config"], json.loads((again / "run.json").read_text())["config"]
+    differ = {k for k in first if first[k] != second[k]}
+    assert differ == {"output_dir", "report_to", "explicit"}
+    assert not (again / "wandb").exists() and not (again / "tensorboard").exists()
