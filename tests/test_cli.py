@@ -70,9 +70,10 @@ def test_every_field_has_its_flag_with_the_dataclass_default():
     parser = build_parser("sft", "")
     actions = {a.dest: a for a in parser._actions if a.dest not in ("help", "local_rank", "config", "dry_run")}
     fields = {f.name: f for f in dataclasses.fields(RunConfig)}
-    # the stage is the launcher's own; explicit (the flags given) is what the parser records, not a flag
+    # the stage is the launcher's own; explicit (the flags given) is what the parser records, sources what resolve
+    # found: not flags
     assert set(actions) == {n for n, f in fields.items() if f.metadata.get("flag", True)} == set(fields) - {
-        "stage", "explicit"}
+        "stage", "explicit", "sources"}
     for name, a in actions.items():
         assert a.default == fields[name].default, name
         assert a.help and a.option_strings == [f"--{name.replace('_', '-')}"] + (

@@ -211,7 +211,8 @@ def recipe_hub(tmp_path_factory):
         "batch:      global 128 = micro-batch 2 x accumulation 1 x 64 ranks", '"train_batch_size": 128',
         '"train_micro_batch_size_per_gpu": 2']),
     ("qwen2.5-vl-7b-uniform25-lora.yaml", 8, [], [
-        "model:      Qwen/Qwen2.5-VL-7B-Instruct (qwen2_5_vl, 28 decoder layers)", "region:     uniform25: layers [0, 5, 9, 14, 18, 23, 27] (7 of 28)",
+        "model:      Qwen/Qwen2.5-VL-7B-Instruct (qwen2_5_vl, 28 decoder layers)",
+        "region:     uniform25: layers [0, 5, 9, 14, 18, 23, 27] (7 of 28)",
         "tuner lora", "schedule:   lr 0.0002 (projector 2e-05)", "has no tokenizer_config.json here",
         "batch:      global 128 = micro-batch 8 x accumulation 2 x 8 ranks"]),
 ])

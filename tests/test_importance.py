@@ -112,7 +112,7 @@ def test_delta_finds_the_changed_layers(base, tmp_path):
     (["--method", "delta"], "--method delta needs --base BASE_DIR"),
     (["--method", "grad"], "--method 'grad': choose one of bi, delta"),
     (["--tokens", "vision"], "--tokens 'vision': choose one of all, text, image"),
-    (["--samples", "-1"], "--samples must be >= 0 (0: all), got -1"),
+    (["--samples", "-1"], "--samples must be a whole number >= 0, got -1"),
 ])
 def test_bad_input_is_refused(demo_dir, base, tmp_path, flags, message):
     res = run([sys.executable, "launch/importance.py", "--model", str(base), "--data",

@@ -1,7 +1,6 @@
 """The planner (launch/plan.py): model states against DeepSpeed's own estimators on LLaVA-1.5-7B / 13B configs,
 activations against what autograd really keeps in a real tiny Llava and Qwen2-VL (bf16, CPU, several regions, with
 and without checkpointing), and the plan itself: candidates, the best fitting one, full tuning, the ratio, refusals."""
-import importlib.util
 import json
 import sys
 import weakref
@@ -24,11 +23,16 @@ CONFIGS = ROOT / "docs" / "configs"
 
 
 def launcher():
-    """launch/plan.py's main, called in this process (the planner starts no process group and loads no weights)."""
-    spec = importlib.util.spec_from_file_location("plan_launcher", ROOT / "launch" / "plan.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.main
+    """`lvlm-region plan`'s main (launch/plan.py calls it), in this process (the planner starts no process group and
+    loads no weights); a flag argparse refuses returns its exit status 2 as the command line does."""
+    from lvlm_region.commands import plan as command
+
+    def main(argv):
+        try:
+            return command.main(argv)
+        except SystemExit as e:
+            return e.code
+    return main
 
 
 @pytest.mark.parametrize("name,params", [("llava-1.5-7b", 7.06e9), ("llava-1.5-13b", 13.35e9)])
@@ -219,7 +223,7 @@ def test_a_run_calibrates_the_mfu_and_prepared_data_the_shape(sft_uniform25):
     (["--global-batch", "12"], "--global-batch 12 must be a positive multiple of --gpus 8"),
     (["--region", "uniform200"], "--region: invalid region spec"),
     (["--calibrate", "nowhere"], "--calibrate nowhere: no run.json there"),
-    (["--assumed-mfu", "0"], "--assumed-mfu must be in (0, 1]"),
+    (["--assumed-mfu", "0"], "--assumed-mfu must be a finite number in (0, 1], got 0.0"),
     (["--data", "docs"], "--data docs is not a prepared directory"),
     (["--gpu", "B200", "--gpu-memory-gb", "180", "--peak-tflops", "0"], "--peak-tflops must be a finite number > 0"),
     (["--gpu-memory-gb", "-1"], "--gpu-memory-gb must be a finite number > 0"),
