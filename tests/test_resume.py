@@ -167,15 +167,28 @@ def test_stop_file_and_sigterm(demo_sft_data, tmp_path):
 def test_kill_9_rank_exits_promptly_and_resume_is_exact(demo_sft_data, ref2, tmp_path):
     zero, ref = ref2  # one ZeRO stage is enough for the fault path
     out = tmp_path / "run"
-    proc = launch(out, *demo_sft_data, "--zero", zero)
+    track = ("--report-to", "tensorboard,csv")
+    proc = launch(out, *demo_sft_data, "--zero", zero, *track)
     wait_for(lambda: checkpoint.find_latest(str(out)) is not None and steps_logged(out) >= 3, proc)
     os.kill(rank_pid(proc, 1), signal.SIGKILL)
     t0 = time.time()
     code = proc.wait(timeout=120)
     assert code != 0 and time.time() - t0 < 60
-    resume(out, *demo_sft_data, "--zero",
-           zero)  # redoes the steps after the last checkpoint; metrics.jsonl drops their first try
+    resume(out, *demo_sft_data, "--zero", zero,
+           *track)  # redoes the steps after the last checkpoint; metrics.jsonl drops their first try
     assert history(out) == history(ref)
+    # the trackers drop the first try too: TensorBoard (purged from the checkpoint's step on) and the CSV hold
+    # exactly what metrics.jsonl holds
+    from test_commands import tensorboard_scalars
+
+    from lvlm_region.tracking import scalars
+    want = {(n, r["step"]): v for r in map(json.loads, (out / "metrics.jsonl").read_text().splitlines())
+            for n, v in scalars(r).items()}
+    tb = tensorboard_scalars(out / "tensorboard")
+    assert set(tb) == set(want) and all(tb[k] == pytest.approx(v, rel=1e-6, abs=1e-30) for k, v in want.items())
+    rows = (out / "metrics.csv").read_text().splitlines()[1:]
+    assert {(n, int(st)): float(v) for st, n, v in (r.split(",") for r in rows)} == want
+    assert len(rows) == len(want)
 
 
 def test_kill_during_save_keeps_previous_checkpoint(demo_sft_data, tmp_path):
