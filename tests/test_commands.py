@@ -333,3 +333,31 @@ def test_a_hub_model_trains_reports_to_every_tracker_and_reruns_from_its_run_jso
     differ = {k for k in first if first[k] != second[k]}
     assert differ == {"output_dir", "report_to", "explicit"}
     assert not (again / "wandb").exists() and not (again / "tensorboard").exists()
+
+
+def test_a_nodes_other_ranks_wait_for_its_local_rank_0_to_fetch(tmp_path, monkeypatch):
+    """LOCAL_RANK != 0 never fetches: it waits until the cache holds the snapshot (another rank fetching it), and
+    gives up after hub.WAIT_S naming the id."""
+    import threading
+
+    from lvlm_region import hub
+
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hub"))
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.setattr(hub, "WAIT_S", 30.0)
+    hub.snapshot.cache_clear()
+    fetcher = threading.Timer(1.0, hub_cache, (tmp_path / "hub", {"org/model": CONFIGS / "llava-1.5-7b"}))
+    fetcher.start()  # "LOCAL_RANK 0" fills the cache a second later
+    path = hub.local_path("org/model")
+    fetcher.join()
+    assert Path(path, "config.json").read_bytes() == (CONFIGS / "llava-1.5-7b" / "config.json").read_bytes()
+    assert hub.source("org/model")["revision"] == Path(path).name
+    monkeypatch.setattr(hub, "WAIT_S", 1.0)
+    with pytest.raises(FileNotFoundError, match="--llm org/other: .* this node's LOCAL_RANK 0 did not fetch it "
+                                                "within 1 s"):
+        hub.local_path("org/other", "--llm")
+    hub.snapshot.cache_clear()
+    assert hub.local_path(str(CONFIGS / "llava-1.5-7b")) == str(CONFIGS / "llava-1.5-7b")  # a path stays a path
+    assert not hub.is_hub_id("docs/configs") and hub.is_hub_id("Qwen/Qwen2.5-VL-7B-Instruct")
+    assert not hub.is_hub_id("./x/y") and not hub.is_hub_id("a/b/c")
