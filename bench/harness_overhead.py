@@ -66,7 +66,7 @@ def main() -> None:
             for phase in ("forward", "backward", "optimizer"):
                 with timer.phase(phase):
                     pass
-        work = flop_model.step([shape for b in micro for shape in batch_shapes(b)])
+        work = flop_model.step([shape for b in micro for shape in batch_shapes(b, s.encoding.layout)])
         extra = [sum(b["n_tokens"] for b in micro), sum(b["n_samples"] for b in micro),
                  sum(b["real_images"] for b in micro), work.model, work.hardware]
         times = timer.finish()

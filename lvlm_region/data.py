@@ -15,7 +15,7 @@ import signal
 
 import torch
 
-from .image_inputs import IMAGE_KEYS, DummyImage, ImageLayout, count_images
+from .image_inputs import DummyImage, ImageLayout
 from .images import DECODE_ERRORS, ImageLoader
 from .templates import IGNORE
 
@@ -26,12 +26,12 @@ MAX_REPLACEMENTS = 64  # consecutive undecodable samples before a worker gives u
 class ImageTextDataset(torch.utils.data.Dataset):
     """Prepared samples; images are read and processed lazily (in DataLoader workers).
 
-    An item is {input_ids, labels, replaced} plus, for a sample with images, its images' tensors concatenated
-    along the first dimension (image_inputs.IMAGE_KEYS: pixel_values [n_images, 3, H, W] for Llava; flattened
-    patches and image_grid_thw for Qwen2-VL). If a sample's image fails to decode (a file truncated or changed
-    after preparation, or resized so that it no longer gives the image tokens prepared for it), the next sample in
-    the data that loads takes its place and ``replaced`` counts the samples skipped: training never stops on one
-    bad file.
+    An item is {input_ids, labels, replaced, n_images} plus, for a sample with images, its images' tensors
+    concatenated along the first dimension (the layout's tensor_keys: pixel_values [n_images, 3, H, W] for Llava;
+    flattened patches and image_grid_thw for Qwen2-VL); ``n_images`` is the layout's count of its images. If a
+    sample's image fails to decode (a file truncated or changed after preparation, or resized so that it no longer
+    gives the image tokens prepared for it), the next sample in the data that loads takes its place and ``replaced``
+    counts the samples skipped: training never stops on one bad file.
     """
 
     def __init__(self, ds, image_folder: str, load_image: ImageLoader, layout: ImageLayout):
@@ -65,7 +65,7 @@ class ImageTextDataset(torch.utils.data.Dataset):
             tensors = self._images(ex)
             if tensors is not None:
                 return {"input_ids": torch.tensor(ex["input_ids"]), "labels": torch.tensor(ex["labels"]),
-                        "replaced": replaced, **tensors}
+                        "replaced": replaced, "n_images": self.layout.count_images(tensors), **tensors}
         raise RuntimeError(f"{MAX_REPLACEMENTS} samples in a row from index {i} have images that fail to decode; "
                            f"check --image-folder {self.image_folder} and the files")
 
@@ -76,9 +76,18 @@ def _counts(batch: list[dict]) -> dict:
             "n_samples": len(batch)}
 
 
+TEXT_KEYS = ("input_ids", "labels")  # a sample's tensors that are not its images'
+
+
 def _image_tensors(batch: list[dict]) -> list[dict]:
-    """Each sample's image tensors ({key: tensor}), for the samples that have images."""
-    return [{k: b[k] for k in IMAGE_KEYS if k in b} for b in batch if "pixel_values" in b]
+    """Each sample's image tensors ({key: tensor}: its tensors but the text's), for the samples that have images."""
+    return [{k: v for k, v in b.items() if isinstance(v, torch.Tensor) and k not in TEXT_KEYS} for b in batch
+            if "pixel_values" in b]
+
+
+def _real_images(batch: list[dict]) -> int:
+    """Images of the samples (the layout counted them, ImageTextDataset; a sample built by hand: rows of pixels)."""
+    return sum(b["n_images"] if "n_images" in b else len(b.get("pixel_values", ())) for b in batch)
 
 
 def _cat(images: list[dict]) -> dict:
@@ -107,13 +116,13 @@ def collate(batch: list[dict], pad_token_id: int, left_pad: bool = False, dummy:
         n = len(b["input_ids"])
         sl = slice(width - n, width) if left_pad else slice(0, n)
         ids[r, sl], labels[r, sl], mask[r, sl] = b["input_ids"], b["labels"], 1
-    out = {"input_ids": ids, "labels": labels, "attention_mask": mask, "real_images": sum(map(count_images, images)),
+    out = {"input_ids": ids, "labels": labels, "attention_mask": mask, "real_images": _real_images(batch),
            "rows": [(len(batch), width)], **_counts(batch)}
     if extra:
         ids[0, slice(0, extra) if left_pad else slice(T, width)] = torch.tensor(dummy.ids)
         images = [dummy.tensors]
     out.update(_cat(images))
-    for key in batch[0].keys() - out.keys() - set(IMAGE_KEYS):  # anything else (index, answer) as a list
+    for key in batch[0].keys() - out.keys() - {"n_images"}:  # anything else (index, answer) as a list
         out[key] = [b[key] for b in batch]
     return out
 
@@ -136,7 +145,7 @@ def collate_packed(batch: list[dict], dummy: DummyImage | None = None) -> dict:
         labels.append(lab)
         pos.append(torch.arange(n))
     rows = [(1, len(b["input_ids"])) for b in batch]
-    real = sum(map(count_images, images))
+    real = _real_images(batch)
     if dummy is not None and not images:
         n = len(dummy.ids)
         ids.append(torch.tensor(dummy.ids))

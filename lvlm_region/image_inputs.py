@@ -3,7 +3,7 @@
 Each family (``families/``) supplies an ``ImageLayout``: token ids per image from its size (``token_ids``), what
 a prepared sample's token ids depend on (``identity``), the masked image a batch without images gets (``dummy``)
 and the model's keyword arguments from a batch (``model_inputs``). Tensors per image come from the image processor
-(``images.ImageLoader``) and are concatenated along the first dimension per batch (``IMAGE_KEYS``).
+(``images.ImageLoader``) and are concatenated along the first dimension per batch (the layout's ``tensor_keys``).
 """
 from __future__ import annotations
 
@@ -11,42 +11,22 @@ from dataclasses import dataclass
 
 import torch
 
-# Tensors concatenated along dim 0 in a batch: pixels (one row per image, or per tile for tiled families), Qwen2-VL's
-# patch grids, LLaVA-NeXT's original sizes, and LLaVA-OneVision's images per sample (one row per sample with images).
-IMAGE_KEYS = ("pixel_values", "image_grid_thw", "image_sizes", "batch_num_images")
-
-
-def count_images(tensors: dict) -> int:
-    """Images in a sample's or a batch's image tensors: rows of image_grid_thw (Qwen2-VL) or image_sizes
-    (LLaVA-NeXT), else rows of pixel_values (InternVL's tiles: its batch has no per-image tensor)."""
-    for key in ("image_grid_thw", "image_sizes", "pixel_values"):
-        if key in tensors:
-            return len(tensors[key])
-    return 0
-
-
-def tower_inputs(tensors: dict) -> int:
-    """What the vision tower runs on: images, or tiles for LLaVA-NeXT and InternVL (rows of pixel_values), or
-    Qwen2-VL's images (rows of image_grid_thw, whose patches the FLOP model reads from the grids)."""
-    for key in ("image_grid_thw", "pixel_values"):
-        if key in tensors:
-            return len(tensors[key])
-    return 0
-
-
 @dataclass(frozen=True)
 class DummyImage:
     """What a batch without images gets so the vision tower still runs (see data.collate): its token ids and
     tensors, which the attention mask and the labels then hide."""
 
     ids: tuple[int, ...]
-    tensors: dict  # IMAGE_KEYS -> tensor, image dimension first
+    tensors: dict  # the layout's tensor_keys -> tensor, image dimension first
 
 
 class ImageLayout:
     """How images enter one family's model. Subclasses are frozen dataclasses with an ``image_token_id`` field."""
 
     image_token_id: int
+    # The tensors of a sample's images, concatenated along dim 0 in a batch: pixels (one row per image, or per tile for
+    # a tiled family) and whatever else the family's model reads per image (a subclass sets it, without annotation)
+    tensor_keys: tuple[str, ...] = ("pixel_values",)
     # Text the processor writes before and after each image's tokens (Gemma 3: two newlines on either side). It is
     # tokenized together with the neighbouring text (templates.tokenize), so it is not part of token_ids.
     text_around: tuple[str, str] = ("", "")
@@ -78,6 +58,20 @@ class ImageLayout:
         """A zero image of the smallest size, for batches without images (see data.collate)."""
         raise NotImplementedError
 
+    def count_images(self, tensors: dict) -> int:
+        """Images in a sample's or a batch's image tensors: rows of pixel_values by default (a tiled family without a
+        per-image tensor, InternVL, counts its tiles)."""
+        return len(tensors["pixel_values"]) if "pixel_values" in tensors else 0
+
+    def tower_inputs(self, tensors: dict) -> int:
+        """What the vision tower runs on in a batch: images, or tiles for a tiled family (rows of pixel_values)."""
+        return len(tensors["pixel_values"]) if "pixel_values" in tensors else 0
+
+    def grids(self, tensors: dict) -> tuple:
+        """Each image's patch grid (t, h, w) for the FLOP model, where a family's patch count varies per image
+        (none by default: fixed-size images)."""
+        return ()
+
     def extra_inputs(self, batch: dict) -> dict:
         """Model keyword arguments beyond ids, mask, positions and the image tensors (none by default)."""
         return {}
@@ -85,7 +79,7 @@ class ImageLayout:
     def model_inputs(self, batch: dict) -> dict:
         """The model's keyword arguments for a collated batch."""
         out = {"input_ids": batch["input_ids"], "attention_mask": batch.get("attention_mask"),
-               **{k: batch[k] for k in IMAGE_KEYS if k in batch}}
+               **{k: batch[k] for k in self.tensor_keys if k in batch}}
         if batch.get("position_ids") is not None:
             out["position_ids"] = batch["position_ids"]
         out.update(self.extra_inputs(batch))

@@ -17,7 +17,6 @@ import torch
 from PIL import Image
 
 from .formats import BadSample
-from .image_inputs import IMAGE_KEYS
 
 MIN_SIDE = 8  # a 1x1 / 2x2 image carries nothing a vision tower can use
 MAX_PIXELS = 8192 * 8192  # decoding a 20000x20000 image takes 1.2 GB per worker; LLaVA's largest are < 20 MP
@@ -98,11 +97,11 @@ def expand_to_square(im: Image.Image, fill: tuple[int, int, int]) -> Image.Image
 
 class ImageLoader:
     """path -> the model's image tensors through its image processor: {pixel_values: [1, 3, H, W]} (CLIP /
-    SigLIP), or Qwen2-VL's {pixel_values: [patches, 3*2*14*14], image_grid_thw: [1, 3]} (see image_inputs)."""
+    SigLIP), or what else the family reads per image (``keys``: its layout's ``tensor_keys``; see image_inputs)."""
 
-    def __init__(self, image_processor, aspect: str):
+    def __init__(self, image_processor, aspect: str, keys: tuple[str, ...] = ("pixel_values",)):
         check_aspect(aspect)
-        self.processor, self.aspect = image_processor, aspect
+        self.processor, self.aspect, self.keys = image_processor, aspect, keys
         mean = getattr(image_processor, "image_mean", None) or (0.5, 0.5, 0.5)
         self.fill = tuple(int(round(255 * m)) for m in mean)
 
@@ -115,7 +114,7 @@ class ImageLoader:
 
     def __call__(self, path: str) -> dict[str, torch.Tensor]:
         out = self.processor(self.rgb(path), return_tensors="pt")
-        tensors = {k: out[k] for k in IMAGE_KEYS if k in out}
+        tensors = {k: out[k] for k in self.keys if k in out}
         pixels = tensors.get("pixel_values")
         if pixels is not None and pixels.dim() == 5:  # one image's tiles as [1, tiles, 3, H, W] (LLaVA-NeXT)
             tensors["pixel_values"] = pixels[0]

@@ -183,7 +183,8 @@ class Shapes:
         self.model = skeleton(self.config).to(self.dtype)
         self.model.set_attn_implementation(ATTENTION)
         self.parts = find_parts(self.model)
-        if not families.family_of(self.model).planned:
+        self.family = families.family_of(self.model)
+        if not self.family.planned:
             raise PlanError(f"--model {setting.model} is a {self.config.model_type} model, whose image tokens and "
                             f"activations the planner does not model yet (it models {', '.join(families.planned())}); "
                             "give --micro-batch, --grad-accum, --zero and --grad-ckpt yourself instead of planning")
@@ -218,13 +219,8 @@ class Shapes:
         return apply_region(model, self.region(spec), tuner)["all"]["trainable"]
 
     def tokens(self) -> tuple[int, tuple]:
-        """Tokens one image becomes in the LLM, and its patch grid (Qwen2-VL; () otherwise)."""
-        v = self.config.vision_config
-        if hasattr(v, "spatial_merge_size"):
-            side = (self.s.image_size or 448) // v.patch_size
-            return side * side // v.spatial_merge_size ** 2, ((1, side, side),)
-        from .families.llava import image_seq_length
-        return image_seq_length(self.config), ()
+        """Tokens one image becomes in the LLM, and its patch grid where it varies (the family's)."""
+        return self.family.planned_tokens(self.config, self.s.image_size)
 
     def activations(self, spec: str, grad_ckpt: bool, rows: int) -> tuple[int, int]:
         """(bytes autograd keeps for one micro-batch of ``rows`` samples, bytes of one checkpointed layer's
@@ -255,8 +251,7 @@ class Shapes:
         # the decoder layers, bottom to top, the hidden state needing a gradient from the lowest trainable one up
         h = torch.empty(rows, seq, hidden, **meta).requires_grad_(below)
         decoder = model.get_decoder()
-        position_ids = torch.zeros((3, rows, seq) if self.tokens()[1] else (rows, seq), dtype=torch.long,
-                                   device="meta")
+        position_ids = self.family.planned_position_ids(self.config, rows, seq)
         cos_sin = decoder.rotary_emb(h, position_ids)
         per_layer = []
         for i, layer in enumerate(parts.layers):
@@ -291,40 +286,16 @@ class Shapes:
         return total, recompute
 
     def vision_input(self, rows: int) -> dict:
-        """get_image_features' inputs for ``rows`` samples' images on the meta device (Qwen2-VL: the grid stays on
-        the CPU, its values decide the shapes; its rotary positions are computed from it and moved to meta)."""
-        v = self.config.vision_config
-        n = rows * self.s.images
-        meta = dict(device="meta", dtype=self.dtype)
-        _, grids = self.tokens()
-        if not grids:
-            return {"pixel_values": torch.empty(n, 3, v.image_size, v.image_size, **meta)}
-        from transformers.vision_utils import get_vision_position_ids
-
-        grid = torch.tensor(list(grids) * n)
-        out = {"pixel_values": torch.empty(int(grid.prod(-1).sum()), 3 * v.temporal_patch_size * v.patch_size ** 2,
-                                           **meta),
-               "image_grid_thw": grid, "position_ids": get_vision_position_ids(grid, v.spatial_merge_size).to("meta")}
-        if getattr(v, "num_position_embeddings", None):  # a learned position grid resampled to each image's grid
-            from transformers.vision_utils import get_vision_interpolation_indices_and_weights
-            index, weight = get_vision_interpolation_indices_and_weights(
-                grid, int(v.num_position_embeddings ** 0.5), align_corners=True,
-                spatial_merge_size=v.spatial_merge_size)
-            out.update(interp_indices=index.to("meta"), interp_weights=weight.to("meta"))
-        return out
+        """get_image_features' inputs for ``rows`` samples' images on the meta device."""
+        return self.family.planned_vision_inputs(self.config, rows * self.s.images, self.dtype, self.s.image_size)
 
     def projector_input(self, rows: int):
         """The projector's input for ``rows`` samples' images, on the meta device (None when it cannot be shaped)."""
         first = next((m for m in self.parts.projector.modules() if isinstance(m, nn.Linear)), None)
         if first is None:
             return None
-        per_image, grids = self.tokens()
-        if grids:  # Qwen2-VL's merger reads the patches (its norm before the 2x2 merge)
-            dim = self.config.vision_config.embed_dim if hasattr(self.config.vision_config, "embed_dim") else \
-                self.config.vision_config.hidden_size
-            n = sum(t * h * w for t, h, w in grids) * rows * self.s.images
-            return torch.empty(n, dim, device="meta", dtype=self.dtype)
-        return torch.empty(rows * self.s.images, per_image, first.in_features, device="meta", dtype=self.dtype)
+        return self.family.planned_projector_input(self.config, first.in_features, rows * self.s.images, self.dtype,
+                                                   self.s.image_size)
 
     def step_flops(self, spec: str, grad_ckpt: bool, rows: int) -> float:
         """Hardware FLOPs of one micro-batch of ``rows`` samples (recomputation included)."""

@@ -4,10 +4,10 @@ region (by default the region the model was trained with) and write a transforme
 
 The source model is loaded once, in its saved dtype. For each K the decoder's layer list is replaced by the kept
 layers (the same module objects, no copy), every submodule's ``layer_idx`` is renumbered (the KV cache is indexed by
-it), and the text config's ``num_hidden_layers``, every per-layer list (``layer_types`` ...) and
-``max_window_layers`` are cut to match; the view is saved and then undone. Tokenizer, processor and chat-template
-files are copied byte for byte. ``prune.json`` records the source, the scores, the dropped layers and the kept
-mapping (new layer i is source layer ``kept[i]``), and the settings the source was evaluated with.
+it), and the text config's ``num_hidden_layers``, every per-layer list (``layer_types`` ...) and the fields that
+count or index layers (``families.LAYER_FIELDS``) are cut to match; the view is saved and undone. Tokenizer, processor
+and chat-template files are copied byte for byte. ``prune.json`` records the source, the scores, the dropped layers
+and the kept mapping (new layer i is source layer ``kept[i]``), and the settings the source was evaluated with.
 
 With ``--eval-data`` the source and every pruned model are evaluated by launch/evaluate.py (one process each) and
 their greedy generation speed is measured in this process, one model after another on the same prompts, into
@@ -167,8 +167,7 @@ def pruned_view(model: PreTrainedModel, kept: list[int]):
     text = model.config.get_text_config()
     depth = len(layers)
     lists = _per_layer_lists(text, depth)
-    before = {k: getattr(text, k) for k in ("num_hidden_layers", "max_window_layers", "mlp_only_layers",
-                                             "decoder_sparse_step", *lists) if hasattr(text, k)}
+    before = {k: getattr(text, k) for k in ("num_hidden_layers", *families.LAYER_FIELDS, *lists) if hasattr(text, k)}
     numbered = [(m, i) for i, layer in enumerate(layers) for m in layer.modules()
                 if isinstance(getattr(m, "layer_idx", None), int)]
     try:
@@ -180,16 +179,7 @@ def pruned_view(model: PreTrainedModel, kept: list[int]):
         text.num_hidden_layers = len(kept)
         for k in lists:
             setattr(text, k, [before[k][i] for i in kept])
-        changed = list(lists)
-        if isinstance(before.get("max_window_layers"), int):  # layers below it use full attention (Qwen2)
-            text.max_window_layers = sum(1 for i in kept if i < before["max_window_layers"])
-            changed.append("max_window_layers")
-        if isinstance(before.get("decoder_sparse_step"), int):  # MoE (Qwen3-VL MoE): which layers have experts
-            dense = set(before.get("mlp_only_layers") or ())
-            step = before["decoder_sparse_step"]
-            text.mlp_only_layers = [new for new, old in enumerate(kept) if old in dense or (old + 1) % step]
-            text.decoder_sparse_step = 1
-            changed += ["mlp_only_layers", "decoder_sparse_step"]
+        changed = list(lists) + families.cut_layer_fields(text, kept, before)
         yield changed
     finally:
         decoder.layers = layers

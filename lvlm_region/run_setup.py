@@ -121,7 +121,7 @@ def setup(cfg: RunConfig, trains: bool = True) -> Setup:
     projector = None
     if cfg.init_projector:  # read and checked against the config's shapes before any weights load
         projector = read_mm_projector(cfg.init_projector, find_parts(shape).projector)
-    load_image = ImageLoader(processor.image_processor, cfg.image_aspect_ratio)
+    load_image = ImageLoader(processor.image_processor, cfg.image_aspect_ratio, encoding.layout.tensor_keys)
     return Setup(cfg, region, precision, ds_config, processor, tokenizer, encoding, load_image, attn, projector,
                  resume_from)
 

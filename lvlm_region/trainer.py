@@ -24,7 +24,7 @@ from .config import RESUME_MAY_CHANGE, RunConfig, trackers
 from .data import BatchStream, ImageTextDataset, run_loader, to_device
 from .evaluate import evaluate
 from .flops import BatchShape
-from .image_inputs import tower_inputs
+from .image_inputs import ImageLayout
 from .loss import loss_positions, router_loss, token_loss_sum, valid_tokens
 from .model import enable_checkpointing, load_model, skeleton
 from .projector import PROJECTOR_FILE, export_projector, import_projector, load_projector
@@ -51,9 +51,6 @@ def train(cfg: RunConfig) -> "Result":
             log.info("%s", done)
         return Result(done.summary, None, nothing_to_do=True)
     run = Trainer(s, session_start)
-    run.load_data()
-    run.build()
-    run.start()
     for step in range(run.start_step + 1, run.total + 1):
         stops = run.step(step)
         if stops:
@@ -62,7 +59,10 @@ def train(cfg: RunConfig) -> "Result":
 
 
 class Trainer:
-    """One stage's run, in the order train() calls its steps: data, model and engine, outputs, the loop, finish."""
+    """One stage's run. Constructing it does everything before the first step, in the one order that works (each
+    phase reads what the one before it set): the output directory and the seeds, then the data and step count
+    (``_load_data``), the model and the DeepSpeed engine (``_build``), run.json, metrics and timers (``_start``).
+    Then ``step`` once per optimizer step and ``finish`` once; nothing else is called from outside."""
 
     def __init__(self, s: Setup, session_start: float):
         self.s, self.cfg, self.session_start = s, s.cfg, session_start
@@ -78,8 +78,11 @@ class Trainer:
             checkpoint.set_aside_run(self.out)
         engine.barrier()
         seed_everything(cfg.seed)
+        self._load_data()
+        self._build()
+        self._start()
 
-    def load_data(self) -> None:
+    def _load_data(self) -> None:
         """The prepared data sets, the training loader and the step count; a resumed run's state is checked
         against this run's identity before any weights load."""
         cfg, s = self.cfg, self.s
@@ -102,7 +105,7 @@ class Trainer:
             self.prior = checkpoint.read_state(s.resume_from)
             checkpoint.check_compatible(self.prior["identity"], self.identity, s.resume_from)
 
-    def build(self) -> None:
+    def _build(self) -> None:
         """The model (weights, projector, LoRA, region, checkpointing) and the DeepSpeed engine around it."""
         cfg, s = self.cfg, self.s
         self.dtype = engine.torch_dtype(s.precision)
@@ -130,7 +133,7 @@ class Trainer:
                 log.info("resumed from %s at step %d (epoch %d, micro-batch %d)", s.resume_from, self.prior["step"],
                          self.prior["data"]["epoch"], self.prior["data"]["consumed"])
 
-    def start(self) -> None:
+    def _start(self) -> None:
         """run.json (status running), metrics.jsonl, the stop handler, the FLOP model and the timers."""
         cfg, s = self.cfg, self.s
         self.start_step = self.prior["step"]
@@ -209,7 +212,7 @@ class Trainer:
                 ds_engine.step()
             loss_sum += float(lsum.detach())
             router_sum += 0.0 if router is None else float(router.detach())
-        work = self.flop_model.step([shape for b in micro for shape in batch_shapes(b)])
+        work = self.flop_model.step([shape for b in micro for shape in batch_shapes(b, self.s.encoding.layout)])
         with timer.phase("optimizer"):
             # One collective for the loss, the stop request, a lost output directory and the step's work: every
             # rank stops together.
@@ -442,17 +445,11 @@ def timing_summary(totals: "timing.Totals", peak: float, peak_source: str, estim
     return out
 
 
-def executed_images(batch: dict) -> tuple[int, tuple]:
-    """Images the vision tower runs on in this micro-batch, the masked dummy included, and (Qwen2-VL) their
-    patch grids (t, h, w)."""
-    grids = tuple(tuple(g) for g in batch["image_grid_thw"].tolist()) if "image_grid_thw" in batch else ()
-    return tower_inputs(batch), grids
-
-
-def batch_shapes(batch: dict) -> list[BatchShape]:
+def batch_shapes(batch: dict, layout: ImageLayout) -> list[BatchShape]:
     """The micro-batch as the FLOP model sees it: one padded block, or (packed) one block per sample, since
-    attention stays within each sample."""
-    images, grids = executed_images(batch)
+    attention stays within each sample. Its images: what the vision tower runs on, the masked dummy included,
+    with their patch grids where the family's vary (``layout``)."""
+    images, grids = layout.tower_inputs(batch), layout.grids(batch)
     head = valid_tokens(batch["labels"])  # the LM head runs on the trained positions only (loss_positions)
     return [BatchShape(rows, seq, images=images if j == 0 else 0, grids=grids if j == 0 else (),
                        head_tokens=head if j == 0 else 0) for j, (rows, seq) in enumerate(batch["rows"])]

@@ -95,6 +95,22 @@ def test_family_names_appear_only_in_families():
     assert found == []
 
 
+# Config attributes and tensor keys that belong to one family (or one kind of LLM): its families/ module owns them
+# (Family / ImageLayout methods, families.LAYER_FIELDS), so adding a family is one file.
+FAMILY_ATTRIBUTES = ("spatial_merge_size", "temporal_patch_size", "num_position_embeddings", "image_grid_thw",
+                     "image_sizes", "batch_num_images", "max_window_layers", "decoder_sparse_step", "mlp_only_layers")
+
+
+def test_family_attributes_appear_only_in_families():
+    """No family attribute outside families/: not read (``v.spatial_merge_size``), not named (``"image_grid_thw"``,
+    ``hasattr(v, "spatial_merge_size")``)."""
+    found = [(name, node.attr if isinstance(node, ast.Attribute) else node.value)
+             for name, tree in sources().items() if not name.startswith("families") for node in ast.walk(tree)
+             if (isinstance(node, ast.Attribute) and node.attr in FAMILY_ATTRIBUTES)
+             or (isinstance(node, ast.Constant) and node.value in FAMILY_ATTRIBUTES)]
+    assert found == []
+
+
 def test_no_function_over_100_lines():
     long = [(name, n.name, n.end_lineno - n.lineno + 1) for name, tree in sources().items() for n in ast.walk(tree)
             if isinstance(n, (ast.FunctionDef, ast.AsyncFunctionDef)) and n.end_lineno - n.lineno + 1 > 100]

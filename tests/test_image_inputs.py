@@ -36,7 +36,7 @@ def data(tmp_path_factory):
 def test_token_count_from_the_header_is_what_the_processor_makes_of_the_image(ckpt, tmp_path, aspect):
     enc, tok, _ = prepare.for_model(ckpt, "auto", 512, aspect=aspect)
     layout = enc.layout
-    load = ImageLoader(qwen.image_processor(), aspect)
+    load = ImageLoader(qwen.image_processor(), aspect, layout.tensor_keys)
     seen = set()
     for w, h in qwen.SIZES + [(300, 20), (20, 300), (500, 400)]:
         path = str(tmp_path / f"{w}x{h}.png")
@@ -65,7 +65,7 @@ def test_prepared_samples_wrap_each_image_in_vision_tokens(ckpt, data, tmp_path)
     ds, meta = prepare.load_prepared(str(out))
     enc, tok, _ = prepare.for_model(ckpt, "auto", 2048, aspect="square")
     assert meta["identity"]["n_image_tokens"] == "grid" and meta["identity"]["pad_to_square"] is False
-    load = ImageLoader(qwen.image_processor(), "square")
+    load = ImageLoader(qwen.image_processor(), "square", enc.layout.tensor_keys)
     samples = json.loads(open(path).read())
     assert len(ds) == len(samples) and ds["id"] == [s["id"] for s in samples]
     for row, sample in zip(ds, samples):
@@ -91,7 +91,8 @@ def batches(ckpt, data, aspect="square"):
     path, folder = data
     enc, tok, _ = prepare.for_model(ckpt, "auto", 2048, aspect=aspect)
     ds = prepare.prepare(path, folder, enc, tok, os.path.join(folder, f"prepared-{aspect}"))
-    items = ImageTextDataset(ds, folder, ImageLoader(qwen.image_processor(), aspect), enc.layout)
+    load = ImageLoader(qwen.image_processor(), aspect, enc.layout.tensor_keys)
+    items = ImageTextDataset(ds, folder, load, enc.layout)
     return enc.layout, tok, items
 
 
@@ -195,7 +196,7 @@ def test_a_hub_style_preprocessor_config_counts_the_same(ckpt, tmp_path):
         "image_mean": [0.48145466, 0.4578275, 0.40821073], "image_std": [0.26862954, 0.26130258, 0.27577711],
         "image_processor_type": "Qwen2VLImageProcessor", "processor_class": "Qwen2VLProcessor"}))
     enc, _, _ = prepare.for_model(str(src), "auto", 512, aspect="square")
-    load = ImageLoader(AutoImageProcessor.from_pretrained(src), "square")
+    load = ImageLoader(AutoImageProcessor.from_pretrained(src), "square", enc.layout.tensor_keys)
     counts = []
     for w, h in [(60, 40), (300, 200), (1000, 700), (90, 1400)]:
         Image.new("RGB", (w, h), "blue").save(tmp_path / "x.png")

@@ -32,7 +32,7 @@ def data(tmp_path_factory):
 def test_prepared_ids_pixels_and_sizes_are_what_llava_next_processor_makes(ckpt, data, tmp_path):
     enc, tok, processor = prepare.for_model(ckpt, "auto", 512)
     assert type(processor).__name__ == "LlavaNextProcessor"
-    load = ImageLoader(processor.image_processor, "square")
+    load = ImageLoader(processor.image_processor, "square", enc.layout.tensor_keys)
     counts = set()
     for w, h in SIZES:  # the header size's count is the one the processor writes for the decoded image
         Image.new("RGB", (w, h), "red").save(tmp_path / "x.png")

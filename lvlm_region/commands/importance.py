@@ -30,9 +30,9 @@ FROM_RUN = "the model's run.json when it has one, else as stage 2 does"
 class Settings:
     """importance's own flags (the rest are RunConfig's, FLAGS)."""
 
-    method: str = setting("bi", "bi (block influence) | delta (weight change against --base)", choices=("bi", "delta"))
+    method: str = setting("bi", "bi (block influence) | delta (weight change against --base)")
     samples: int = setting(1000, "samples of --data scored (0: all)", valid=AT_LEAST_0)
-    tokens: str = setting("all", "positions scored: all | text | image", choices=("all", "text", "image"))
+    tokens: str = setting("all", "positions scored: all | text | image")
     base: str | None = setting(None, "--method delta: the model the scored one was tuned from")
     output: str | None = setting(None, "scores file; the chart beside it (.png)",
                                  default_help="MODEL/importance/scores.json")

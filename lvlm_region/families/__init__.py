@@ -13,10 +13,10 @@ import pkgutil
 from transformers import PreTrainedModel
 
 from ..flops import FlopModel
-from .base import TIED, Family, Parts
+from .base import LAYER_FIELDS, TIED, Family, Parts, cut_layer_fields
 
-__all__ = ["TIED", "Family", "Parts", "REGISTRY", "get", "find_parts", "family_of", "check_trainable", "trainable",
-           "planned", "default_aspect", "flop_model", "pinned_layers"]
+__all__ = ["TIED", "LAYER_FIELDS", "cut_layer_fields", "Family", "Parts", "REGISTRY", "get", "find_parts",
+           "family_of", "check_trainable", "trainable", "planned", "default_aspect", "flop_model", "pinned_layers"]
 
 
 

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import torch
 from torch import nn
 from transformers import AutoProcessor, PreTrainedModel
 
@@ -117,3 +118,44 @@ class Family:
     def vision_flops(self, model: PreTrainedModel, parts: Parts) -> VisionFlops:
         """The vision side's blocks for the FLOP model (trainable families)."""
         raise NotImplementedError(f"{self.title}: no FLOP model of its vision side")
+
+    # The planner (plan.Shapes, ``planned`` families): an image of a run from the model's config alone, on the meta
+    # device. ``image_size``: the side images are resized to where the family's token count depends on it.
+    def planned_tokens(self, config, image_size: int | None) -> tuple[int, tuple]:
+        """(tokens one image becomes in the LLM, its patch grid (t, h, w) for the FLOP model: () if fixed)."""
+        raise NotImplementedError(f"{self.title}: the planner does not model its images")
+
+    def planned_vision_inputs(self, config, images: int, dtype: torch.dtype, image_size: int | None) -> dict:
+        """get_image_features' keyword arguments for ``images`` images, on the meta device."""
+        raise NotImplementedError(f"{self.title}: the planner does not model its images")
+
+    def planned_projector_input(self, config, in_features: int, images: int, dtype: torch.dtype,
+                                image_size: int | None) -> torch.Tensor:
+        """What the projector reads for ``images`` images (its first linear takes ``in_features``), on meta."""
+        raise NotImplementedError(f"{self.title}: the planner does not model its images")
+
+    def planned_position_ids(self, config, rows: int, seq: int) -> torch.Tensor:
+        """Position ids of ``rows`` samples of ``seq`` tokens as the decoder layers' rotary embedding takes them."""
+        return torch.zeros((rows, seq), dtype=torch.long, device="meta")
+
+
+# An LLM's config fields that describe its layers by count or by index rather than as one entry per layer. They
+# belong to the text model (a Qwen2 LLM has max_window_layers inside InternVL or an assembled Llava alike), so they
+# are keyed by field; per-layer lists (layer_types, ...) are cut generically by the pruner.
+LAYER_FIELDS = ("max_window_layers", "mlp_only_layers", "decoder_sparse_step")
+
+
+def cut_layer_fields(text_config, kept: list[int], before: dict) -> list[str]:
+    """Set ``text_config``'s LAYER_FIELDS for a model that keeps only the decoder layers ``kept`` (source indices,
+    in order; ``before``: the fields' values before, by name); returns the fields it changed."""
+    changed = []
+    if isinstance(before.get("max_window_layers"), int):  # layers below it use full attention (Qwen2)
+        text_config.max_window_layers = sum(1 for i in kept if i < before["max_window_layers"])
+        changed.append("max_window_layers")
+    if isinstance(before.get("decoder_sparse_step"), int):  # MoE (Qwen3 MoE): which layers have experts
+        dense = set(before.get("mlp_only_layers") or ())
+        step = before["decoder_sparse_step"]
+        text_config.mlp_only_layers = [new for new, old in enumerate(kept) if old in dense or (old + 1) % step]
+        text_config.decoder_sparse_step = 1
+        changed += ["mlp_only_layers", "decoder_sparse_step"]
+    return changed

@@ -75,6 +75,17 @@ class Llava(Family):
         return VisionFlops(blocks + [projector_block(parts)], image_positions=positions,
                            image_tokens=image_seq_length(model.config), patches=patches)
 
+    def planned_tokens(self, config, image_size: int | None) -> tuple[int, tuple]:
+        return image_seq_length(config), ()
+
+    def planned_vision_inputs(self, config, images: int, dtype: torch.dtype, image_size: int | None) -> dict:
+        side = config.vision_config.image_size
+        return {"pixel_values": torch.empty(images, 3, side, side, device="meta", dtype=dtype)}
+
+    def planned_projector_input(self, config, in_features: int, images: int, dtype: torch.dtype,
+                                image_size: int | None) -> torch.Tensor:
+        return torch.empty(images, image_seq_length(config), in_features, device="meta", dtype=dtype)
+
 
 def tower_blocks(vision: nn.Module, vcfg, n_used: int) -> tuple[list[Block], int, int]:
     """A CLIP / SigLIP tower's FLOP blocks (patch convolution, encoder layers; the first ``n_used`` layers feed the

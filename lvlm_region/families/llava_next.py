@@ -22,6 +22,7 @@ from .llava import Llava, class_tokens
 class AnyresImages(ImageLayout):
     """n image tokens per image, n from the processor's arithmetic on its size; tiles and the size as tensors."""
 
+    tensor_keys = ("pixel_values", "image_sizes")
     image_token_id: int
     tile: int  # the tower's input side (one tile)
     pinpoints: tuple  # image_grid_pinpoints
@@ -39,6 +40,9 @@ class AnyresImages(ImageLayout):
 
     def tokens_in(self, tensors: dict) -> int:
         return sum(self.count(int(h), int(w)) for h, w in tensors["image_sizes"].tolist())
+
+    def count_images(self, tensors: dict) -> int:  # pixel_values holds tiles; image_sizes one row per image
+        return len(tensors["image_sizes"]) if "image_sizes" in tensors else 0
 
     def identity(self) -> dict:
         p = self.processor

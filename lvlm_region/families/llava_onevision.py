@@ -45,6 +45,7 @@ class OnevisionImages(ImageLayout):
     """Tokens per image from the processor's own count, which depends on the image's size and on whether its sample
     has other images; tiles, sizes and images per sample as tensors."""
 
+    tensor_keys = ("pixel_values", "image_sizes", "batch_num_images")
     image_token_id: int
     tile: int  # the tower's input side (one tile)
     pinpoints: tuple  # image_grid_pinpoints
@@ -83,6 +84,9 @@ class OnevisionImages(ImageLayout):
             total += sum(self.count(h, w, n) for h, w in sizes[start:start + n])
             start += n
         return total
+
+    def count_images(self, tensors: dict) -> int:  # pixel_values holds tiles; image_sizes one row per image
+        return len(tensors["image_sizes"]) if "image_sizes" in tensors else 0
 
     def identity(self) -> dict:
         return {"image_token_id": self.image_token_id, "n_image_tokens": "anyres (onevision)", "tile": self.tile,

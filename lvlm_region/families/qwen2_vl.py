@@ -28,6 +28,7 @@ from .base import Family
 class GridImages(ImageLayout):
     """Tokens from each image's size; flattened patches and image_grid_thw as tensors."""
 
+    tensor_keys = ("pixel_values", "image_grid_thw")
     image_token_id: int
     start_id: int  # <|vision_start|>, written before each image's tokens
     end_id: int  # <|vision_end|>
@@ -47,6 +48,15 @@ class GridImages(ImageLayout):
 
     def tokens_in(self, tensors: dict) -> int:
         return int(tensors["image_grid_thw"].prod(-1).sum()) // self.merge ** 2
+
+    def count_images(self, tensors: dict) -> int:
+        return len(tensors["image_grid_thw"]) if "image_grid_thw" in tensors else 0
+
+    def tower_inputs(self, tensors: dict) -> int:  # images (the FLOP model reads their patches from the grids)
+        return self.count_images(tensors)
+
+    def grids(self, tensors: dict) -> tuple:
+        return tuple(tuple(g) for g in tensors["image_grid_thw"].tolist()) if "image_grid_thw" in tensors else ()
 
     def identity(self) -> dict:
         settings = self.image_processor.to_dict()  # JSON-able (the prepared directory's prepare.json holds it)
@@ -116,6 +126,9 @@ class SplitProcessor:
                 shutil.copy2(os.path.join(self.source, name), os.path.join(out, name))
 
 
+PLANNED_SIDE = 448  # the planner's image side when --image-size is not given
+
+
 class Qwen2VL(Family):
     model_types = ("qwen2_vl", "qwen2_5_vl")
     title = "Qwen2-VL and Qwen2.5-VL checkpoints"
@@ -163,6 +176,41 @@ class Qwen2VL(Family):
                                 tail_macs=last_linear_macs(layer), windowed=bool(window) and i not in full))
         blocks.append(projector_block(parts))
         return VisionFlops(blocks, grid=GridVision(merge, window // merge // vcfg.patch_size if window else 0))
+
+    # The planner: images resized to a square of ``image_size`` (default PLANNED_SIDE), as many patches as that gives
+    def planned_tokens(self, config, image_size: int | None) -> tuple[int, tuple]:
+        v = config.vision_config
+        side = (image_size or PLANNED_SIDE) // v.patch_size
+        return side * side // v.spatial_merge_size ** 2, ((1, side, side),)
+
+    def planned_vision_inputs(self, config, images: int, dtype: torch.dtype, image_size: int | None) -> dict:
+        """The grid stays on the CPU (its values decide the shapes); the rotary positions computed from it go to
+        meta, as do a learned position grid's interpolation indices (Qwen3-VL)."""
+        from transformers.vision_utils import get_vision_position_ids
+
+        v = config.vision_config
+        grid = torch.tensor(list(self.planned_tokens(config, image_size)[1]) * images)
+        out = {"pixel_values": torch.empty(int(grid.prod(-1).sum()), 3 * v.temporal_patch_size * v.patch_size ** 2,
+                                           device="meta", dtype=dtype),
+               "image_grid_thw": grid, "position_ids": get_vision_position_ids(grid, v.spatial_merge_size).to("meta")}
+        if getattr(v, "num_position_embeddings", None):  # a learned position grid resampled to each image's grid
+            from transformers.vision_utils import get_vision_interpolation_indices_and_weights
+            index, weight = get_vision_interpolation_indices_and_weights(
+                grid, int(v.num_position_embeddings ** 0.5), align_corners=True,
+                spatial_merge_size=v.spatial_merge_size)
+            out.update(interp_indices=index.to("meta"), interp_weights=weight.to("meta"))
+        return out
+
+    def planned_projector_input(self, config, in_features: int, images: int, dtype: torch.dtype,
+                                image_size: int | None) -> torch.Tensor:
+        """The merger reads the patches (its norm comes before the 2x2 merge)."""
+        v = config.vision_config
+        dim = v.embed_dim if hasattr(v, "embed_dim") else v.hidden_size
+        patches = sum(t * h * w for t, h, w in self.planned_tokens(config, image_size)[1]) * images
+        return torch.empty(patches, dim, device="meta", dtype=dtype)
+
+    def planned_position_ids(self, config, rows: int, seq: int) -> torch.Tensor:
+        return torch.zeros((3, rows, seq), dtype=torch.long, device="meta")  # 3-D rotary positions
 
 
 FAMILY = Qwen2VL()

@@ -71,7 +71,8 @@ def items(ckpt: str, data: tuple[str, str]):
     path, folder = data
     enc, tok, processor = prepare.for_model(ckpt, "auto", 512)
     ds = prepare.prepare(path, folder, enc, tok, os.path.join(folder, "prepared"))
-    return enc.layout, tok, ImageTextDataset(ds, folder, ImageLoader(processor.image_processor, "square"), enc.layout)
+    load = ImageLoader(processor.image_processor, "square", enc.layout.tensor_keys)
+    return enc.layout, tok, ImageTextDataset(ds, folder, load, enc.layout)
 
 
 def loss_of(model, layout, tok):
