@@ -264,6 +264,21 @@ def _one(action: argparse.Action) -> argparse.Action:
     return argparse.Action(action.option_strings, action.dest, type=action.type, choices=action.choices)
 
 
+def command_values(parser: argparse.ArgumentParser, argv: list[str] | None) -> dict:
+    """A command's flag values (parse_args); a bad --config file exits with status 2, as a bad flag does."""
+    try:
+        return parse_args(parser, argv)[0]
+    except (ValueError, FileNotFoundError) as e:
+        parser.error(str(e))
+
+
+LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
+
+
+def log_to_stdout(level: int = logging.INFO) -> None:
+    logging.basicConfig(level=level, format=LOG_FORMAT, stream=sys.stdout)
+
+
 def parse(stage: str, doc: str, argv: list[str] | None = None) -> RunConfig:
     return config_of(stage, *parse_args(build_parser(stage, doc), argv, stage))
 
@@ -275,8 +290,7 @@ def config_of(stage: str, values: dict, given: set[str]) -> RunConfig:
 
 
 def main(stage: str, doc: str, argv: list[str] | None = None) -> int:
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-                        stream=sys.stdout)
+    log_to_stdout()
     try:
         values, given = parse_args(build_parser(stage, doc), argv, stage)
     except (ValueError, FileNotFoundError) as e:  # --config's file

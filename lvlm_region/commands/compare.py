@@ -17,7 +17,6 @@ On SLURM, launch/slurm/compare.sbatch runs the arms as an array job (--arm) and 
 (--report-only). Exit status: 0 done, 2 bad input or a failed arm.
 """
 import argparse
-import logging
 import sys
 from dataclasses import dataclass
 
@@ -71,8 +70,7 @@ def main(argv=None) -> int:
         return 2
     args, passthrough = p.parse_known_args(argv)
     passthrough = from_file + passthrough
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-                        stream=sys.stdout)
+    cli.log_to_stdout()
     from ..compare import arm_name, check_specs, compare, parse_seeds, split_regions  # after logging
 
     try:

@@ -42,11 +42,7 @@ def stages(output_dir: str, region: str, report_to: str) -> list[list[str]]:
 
 
 def main(argv=None) -> int:
-    try:
-        args = cli.parse_args(parser(), argv)[0]
-    except (ValueError, FileNotFoundError) as e:  # --config's file
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    args = cli.command_values(parser(), argv)
     for cmd in stages(args["output_dir"], args["region"], args["report_to"]):
         print(f"lvlm-region {' '.join(cmd)}", flush=True)
         code = subprocess.call([sys.executable, "-m", "lvlm_region", *cmd])

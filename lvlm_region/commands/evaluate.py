@@ -13,7 +13,6 @@ template, image aspect handling and --max-length of its run.json unless given. -
 over the ranks (for models one GPU cannot hold); otherwise every rank holds the model and evaluates its shard.
 Exit status: 0 done, 2 bad input.
 """
-import logging
 import os
 import sys
 
@@ -34,13 +33,8 @@ def parser():
 
 
 def main(argv=None) -> int:
-    try:
-        args = cli.parse_args(parser(), argv)[0]
-    except (ValueError, FileNotFoundError) as e:  # --config's file
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-                        stream=sys.stdout)
+    args = cli.command_values(parser(), argv)
+    cli.log_to_stdout()
     from ..eval_run import evaluate_model, evaluation_config  # after logging is set up; heavy imports
 
     if not args["model"] or not args["data"]:

@@ -12,7 +12,6 @@ method, per-layer scores in layer order, samples and tokens used, the model and 
 chart beside it (.png). A region spec can then pick layers by score: --region top25@OUTPUT.
 Exit status: 0 done, 2 bad input.
 """
-import logging
 import os
 import sys
 from dataclasses import dataclass
@@ -46,13 +45,8 @@ def parser():
 
 
 def main(argv=None) -> int:
-    try:
-        args = cli.parse_args(parser(), argv)[0]
-    except (ValueError, FileNotFoundError) as e:  # --config's file
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-                        stream=sys.stdout)
+    args = cli.command_values(parser(), argv)
+    cli.log_to_stdout()
     from ..eval_run import evaluation_config  # after logging is set up; heavy imports
     from ..importance import score
 

@@ -48,11 +48,7 @@ def parser():
 def main(argv=None) -> int:
     from ..plan import PlanError, Setting, calibrated_mfu, from_prepared, plan, table
 
-    try:
-        args = cli.parse_args(parser(), argv)[0]
-    except (ValueError, FileNotFoundError) as e:  # --config's file
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    args = cli.command_values(parser(), argv)
     logging.basicConfig(level=logging.WARNING, stream=sys.stderr)
     own = {f.name: args.pop(f.name) for f in dataclasses.fields(Settings)}
     try:

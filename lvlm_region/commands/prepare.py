@@ -13,7 +13,6 @@ modality, plus report.json (samples kept and dropped, per reason, every dropped 
 prepare.json. Pass it to training as --data. Running again with the same inputs returns at once.
 Exit status: 0 prepared, 2 bad input or too many bad samples (report.json says which).
 """
-import logging
 import os
 import sys
 from dataclasses import dataclass
@@ -48,13 +47,8 @@ def parser():
 
 
 def main(argv=None) -> int:
-    try:
-        args = cli.parse_args(parser(), argv)[0]
-    except (ValueError, FileNotFoundError) as e:  # --config's file
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-                        stream=sys.stdout)
+    args = cli.command_values(parser(), argv)
+    cli.log_to_stdout()
     from .. import prepare
 
     folder = args["image_folder"] or os.path.dirname(os.path.abspath(args["data"]))

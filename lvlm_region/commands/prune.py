@@ -14,7 +14,6 @@ unpruned model and every pruned one, generation tokens/s is measured for each in
 OUTPUT/prune_report.{md,json} compares them. A pruned model trains again with launch/sft.py (a short "healing"
 SFT) like any other. Exit status: 0 done, 2 bad input.
 """
-import logging
 import os
 import sys
 from dataclasses import dataclass
@@ -51,13 +50,8 @@ def parser():
 
 
 def main(argv=None) -> int:
-    try:
-        args = cli.parse_args(parser(), argv)[0]
-    except (ValueError, FileNotFoundError) as e:  # --config's file
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-                        stream=sys.stdout)
+    args = cli.command_values(parser(), argv)
+    cli.log_to_stdout()
     from ..prune import parse_drops, run  # after logging is set up; heavy imports
 
     try:

@@ -41,11 +41,7 @@ def parser():
 def main(argv=None) -> int:
     from ..report import Projection, ReportError, build, write
 
-    try:
-        args = cli.parse_args(parser(), argv)[0]
-    except (ValueError, FileNotFoundError) as e:  # --config's file
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    args = cli.command_values(parser(), argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s: %(message)s", stream=sys.stderr)
     projection = (Projection(args["project_samples"], args["project_nodes"], args["gpus_per_node"],
                              args["project_gpu"], args["assumed_mfu"]) if args["project_samples"] else None)
