@@ -66,13 +66,15 @@ class PlanError(ValueError):
 
 class _FlashSaved(torch.autograd.Function):
     """Attention that keeps what flash / memory-efficient attention keeps for its backward: q, k, v, the output and
-    the log-sum-exp per head and position. Runs on the meta device only (shapes, no values)."""
+    the log-sum-exp per head and position, and a materialised mask when the model passes one (sdpa's
+    memory-efficient kernel keeps it as its bias: Gemma 3's bidirectional image attention). Runs on the meta device
+    only (shapes, no values)."""
 
     @staticmethod
-    def forward(ctx, q, k, v):  # [B, H, T, D], k / v with their own (KV) head count
+    def forward(ctx, q, k, v, mask):  # [B, H, T, D], k / v with their own (KV) head count; mask [B, 1, T, T] or None
         out = torch.empty_like(q)
         lse = torch.empty(q.shape[:-1], dtype=torch.float32, device=q.device)
-        ctx.save_for_backward(q, k, v, out, lse)
+        ctx.save_for_backward(q, k, v, out, lse, *([mask] if mask is not None else []))
         return out
 
     @staticmethod
@@ -81,7 +83,8 @@ class _FlashSaved(torch.autograd.Function):
 
 
 def _planner_attention(module, query, key, value, attention_mask, dropout=0.0, scaling=None, **kwargs):
-    out = _FlashSaved.apply(query, key, value)
+    mask = attention_mask if isinstance(attention_mask, torch.Tensor) else None
+    out = _FlashSaved.apply(query, key, value, mask)
     return out.transpose(1, 2).contiguous(), None
 
 
@@ -246,21 +249,20 @@ class Shapes:
         projector = {id(p) for p in parts.projector.parameters()}
         if any(p.requires_grad for p in parts.vision.parameters() if id(p) not in projector):
             total += saved_bytes(lambda: model.model.get_image_features(**self.vision_input(rows)), params)
-        elif feats is not None and any(p.requires_grad for p in parts.projector.parameters()):
+        elif any(p.requires_grad for p in parts.projector.parameters()):
             total += saved_bytes(lambda: parts.projector(feats), params)
         # the decoder layers, bottom to top, the hidden state needing a gradient from the lowest trainable one up
         h = torch.empty(rows, seq, hidden, **meta).requires_grad_(below)
         decoder = model.get_decoder()
         position_ids = self.family.planned_position_ids(self.config, rows, seq)
-        cos_sin = decoder.rotary_emb(h, position_ids)
+        layer_kwargs = self.family.planned_layer_kwargs(self.config, decoder, h, position_ids)
         per_layer = []
         for i, layer in enumerate(parts.layers):
             trains = any(p.requires_grad for p in layer.parameters())
             if h.requires_grad or trains:
                 x = h if h.requires_grad else h.detach().requires_grad_(False)
                 out = {}
-                layer_bytes = saved_bytes(lambda: out.update(y=layer(x, position_embeddings=cos_sin,
-                                                                      position_ids=position_ids)), params)
+                layer_bytes = saved_bytes(lambda: out.update(y=layer(x, **layer_kwargs[i])), params)
                 h = (out["y"][0] if isinstance(out["y"], tuple) else out["y"])
             else:
                 layer_bytes = 0
@@ -270,8 +272,7 @@ class Shapes:
         if grad_ckpt and any(per_layer):  # one checkpointed layer's activations while it is recomputed
             model.activation_checkpointing_disable()
             x = torch.empty(rows, seq, hidden, **meta).requires_grad_(True)
-            recompute = saved_bytes(lambda: parts.layers[self.depth - 1](x, position_embeddings=cos_sin,
-                                                                          position_ids=position_ids), params)
+            recompute = saved_bytes(lambda: parts.layers[self.depth - 1](x, **layer_kwargs[-1]), params)
         # final norm, then the LM head and the fp32 loss on the trained positions only
         if h.requires_grad:
             n = max(1, int(rows * seq * s.memory_fraction()))
@@ -290,12 +291,9 @@ class Shapes:
         return self.family.planned_vision_inputs(self.config, rows * self.s.images, self.dtype, self.s.image_size)
 
     def projector_input(self, rows: int):
-        """The projector's input for ``rows`` samples' images, on the meta device (None when it cannot be shaped)."""
-        first = next((m for m in self.parts.projector.modules() if isinstance(m, nn.Linear)), None)
-        if first is None:
-            return None
-        return self.family.planned_projector_input(self.config, first.in_features, rows * self.s.images, self.dtype,
-                                                   self.s.image_size)
+        """The projector's input for ``rows`` samples' images, on the meta device."""
+        return self.family.planned_projector_input(self.config, self.parts.projector, rows * self.s.images,
+                                                   self.dtype, self.s.image_size)
 
     def step_flops(self, spec: str, grad_ckpt: bool, rows: int) -> float:
         """Hardware FLOPs of one micro-batch of ``rows`` samples (recomputation included)."""

@@ -142,20 +142,41 @@ def test_qwen_activations_match_what_autograd_keeps(tmp_path, family):
     assert all(0.85 <= r <= 1.15 for r in ratios.values()), sorted(ratios.items())
 
 
-@pytest.mark.parametrize("family", ["gemma3", "internvl", "llava_next", "llava_onevision", "qwen3_5"])
+def test_gemma3_activations_match_what_autograd_keeps(tmp_path):
+    """Gemma 3: soft tokens pooled from the tower's patches, each layer's rotary embedding by its type, and the
+    materialised mask of its bidirectional image attention (which sdpa keeps per layer): within 5%."""
+    from helpers import gemma3
+
+    path = gemma3.build(str(tmp_path / "g"))
+    cfg = AutoModelForImageTextToText.from_pretrained(path).config
+    rows, seq, n = 2, 48, cfg.mm_tokens_per_image
+    g = torch.Generator().manual_seed(0)
+    ids = torch.cat([torch.full((rows, 1), cfg.boi_token_index), torch.full((rows, n), cfg.image_token_index),
+                     torch.full((rows, 1), cfg.eoi_token_index),
+                     torch.randint(10, 90, (rows, seq - n - 2), generator=g)], 1)
+    size = cfg.vision_config.image_size
+    inputs = {"input_ids": ids, "attention_mask": torch.ones_like(ids),
+              "token_type_ids": (ids == cfg.image_token_index).long(),
+              "pixel_values": torch.randn(rows, 3, size, size, generator=g).bfloat16()}
+    ratios = compare(path, inputs, ids.clone(), seq, ("uniform25", "full", "none", "last25-projector",
+                                                      "uniform25+vision"))
+    assert all(0.95 <= r <= 1.05 for r in ratios.values()), sorted(ratios.items())
+
+
+@pytest.mark.parametrize("family", ["internvl", "llava_next", "llava_onevision", "qwen3_5"])
 def test_a_family_the_planner_does_not_model_is_refused_with_what_to_do(tmp_path, capsys, family):
-    """Gemma 3's pooled soft tokens, InternVL's, LLaVA-NeXT's and LLaVA-OneVision's tiles and Qwen3.5's linear-attention
-    layers are not in the planner's token and activation model: a plan for them would be silently wrong, so it is
-    refused (only config.json is read)."""
-    from helpers import gemma3, internvl, llava_next, llava_onevision, qwen
-    helper = {"gemma3": gemma3.model, "internvl": internvl.model, "llava_next": llava_next.model,
+    """InternVL's, LLaVA-NeXT's and LLaVA-OneVision's tiles and Qwen3.5's linear-attention layers are not in the
+    planner's token and activation model: a plan for them would be silently wrong, so it is refused (only
+    config.json is read)."""
+    from helpers import internvl, llava_next, llava_onevision, qwen
+    helper = {"internvl": internvl.model, "llava_next": llava_next.model,
               "llava_onevision": llava_onevision.model, "qwen3_5": lambda: qwen.model("qwen3_5")}
     helper[family]().config.save_pretrained(tmp_path)
     code = launcher()(["--model", str(tmp_path), "--gpus", "8", "--gpu", "A100-80GB", "--region", "uniform25"])
     err = capsys.readouterr().err
     assert code == 2
     assert (f"is a {family} model, whose image tokens and activations the planner does not model yet (it models "
-            "llava, qwen2_vl, qwen2_5_vl, qwen3_vl); give --micro-batch, --grad-accum, --zero and --grad-ckpt "
+            "gemma3, llava, qwen2_vl, qwen2_5_vl, qwen3_vl); give --micro-batch, --grad-accum, --zero and --grad-ckpt "
             "yourself") in err
 
 

@@ -129,14 +129,21 @@ class Family:
         """get_image_features' keyword arguments for ``images`` images, on the meta device."""
         raise NotImplementedError(f"{self.title}: the planner does not model its images")
 
-    def planned_projector_input(self, config, in_features: int, images: int, dtype: torch.dtype,
+    def planned_projector_input(self, config, projector: nn.Module, images: int, dtype: torch.dtype,
                                 image_size: int | None) -> torch.Tensor:
-        """What the projector reads for ``images`` images (its first linear takes ``in_features``), on meta."""
+        """What ``projector`` reads for ``images`` images, on the meta device."""
         raise NotImplementedError(f"{self.title}: the planner does not model its images")
 
     def planned_position_ids(self, config, rows: int, seq: int) -> torch.Tensor:
         """Position ids of ``rows`` samples of ``seq`` tokens as the decoder layers' rotary embedding takes them."""
         return torch.zeros((rows, seq), dtype=torch.long, device="meta")
+
+    def planned_layer_kwargs(self, config, decoder: nn.Module, hidden: torch.Tensor,
+                             position_ids: torch.Tensor) -> list[dict]:
+        """Each decoder layer's keyword arguments besides its input (``hidden``): the rotary embedding, computed
+        once as the decoder's forward computes it, and the positions."""
+        cos_sin = decoder.rotary_emb(hidden, position_ids)
+        return [{"position_embeddings": cos_sin, "position_ids": position_ids}] * len(decoder.layers)
 
 
 # An LLM's config fields that describe its layers by count or by index rather than as one entry per layer. They

@@ -58,6 +58,7 @@ class Gemma3(Family):
     model_types = ("gemma3",)
     title = "Gemma 3 (gemma-3-4b/12b/27b)"
     trains = True
+    planned = True
     no_packing = ("builds its bidirectional image attention from token_type_ids per row, which packed rows would "
                   "carry across samples; not tested with packing")
 
@@ -100,6 +101,30 @@ class Gemma3(Family):
         # Gemma 3's decoder layers normalise the MLP output (post_feedforward_layernorm) before the residual add.
         return VisionFlops(blocks, image_positions=positions, image_tokens=model.config.mm_tokens_per_image,
                            patches=patches, mlp_output_norm=True)
+
+    # The planner: mm_tokens_per_image soft tokens per image; the projector pools the tower's patches
+    def planned_tokens(self, config, image_size: int | None) -> tuple[int, tuple]:
+        return config.mm_tokens_per_image, ()
+
+    def planned_vision_inputs(self, config, images: int, dtype: torch.dtype, image_size: int | None) -> dict:
+        side = config.vision_config.image_size
+        return {"pixel_values": torch.empty(images, 3, side, side, device="meta", dtype=dtype)}
+
+    def planned_projector_input(self, config, projector, images: int, dtype: torch.dtype,
+                                image_size: int | None) -> torch.Tensor:
+        v = config.vision_config
+        return torch.empty(images, (v.image_size // v.patch_size) ** 2, v.hidden_size, device="meta", dtype=dtype)
+
+    def planned_layer_kwargs(self, config, decoder, hidden: torch.Tensor, position_ids: torch.Tensor) -> list[dict]:
+        """Each layer's rotary embedding is its layer type's (sliding: local base frequency, full: global), as
+        Gemma3TextModel computes them, and a materialised [rows, 1, T, T] mask of its own in the compute dtype: the
+        image tokens attend to each other both ways, so attention runs with an explicit mask, which sdpa keeps per
+        layer for the backward (measured on the tiny model: one mask per layer)."""
+        types = config.get_text_config().layer_types
+        rotary = {t: decoder.rotary_emb(hidden, position_ids, t) for t in set(types)}
+        rows, seq = hidden.shape[:2]
+        return [{"position_embeddings": rotary[t], "position_ids": position_ids,
+                 "attention_mask": torch.empty(rows, 1, seq, seq, device="meta", dtype=hidden.dtype)} for t in types]
 
 
 FAMILY = Gemma3()

@@ -82,9 +82,11 @@ class Llava(Family):
         side = config.vision_config.image_size
         return {"pixel_values": torch.empty(images, 3, side, side, device="meta", dtype=dtype)}
 
-    def planned_projector_input(self, config, in_features: int, images: int, dtype: torch.dtype,
+    def planned_projector_input(self, config, projector: nn.Module, images: int, dtype: torch.dtype,
                                 image_size: int | None) -> torch.Tensor:
-        return torch.empty(images, image_seq_length(config), in_features, device="meta", dtype=dtype)
+        """The tower's selected features per image token (several layers' concatenated: the first linear's input)."""
+        first = next(m for m in projector.modules() if isinstance(m, nn.Linear))
+        return torch.empty(images, image_seq_length(config), first.in_features, device="meta", dtype=dtype)
 
 
 def tower_blocks(vision: nn.Module, vcfg, n_used: int) -> tuple[list[Block], int, int]:

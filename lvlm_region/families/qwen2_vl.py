@@ -201,7 +201,7 @@ class Qwen2VL(Family):
             out.update(interp_indices=index.to("meta"), interp_weights=weight.to("meta"))
         return out
 
-    def planned_projector_input(self, config, in_features: int, images: int, dtype: torch.dtype,
+    def planned_projector_input(self, config, projector: nn.Module, images: int, dtype: torch.dtype,
                                 image_size: int | None) -> torch.Tensor:
         """The merger reads the patches (its norm comes before the 2x2 merge)."""
         v = config.vision_config
