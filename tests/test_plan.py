@@ -117,9 +117,10 @@ def test_llava_activations_match_what_autograd_keeps(demo_dir, lora_r):
     assert all(0.85 <= r <= 1.15 for r in ratios.values()), sorted(ratios.items())
 
 
-@pytest.mark.parametrize("family", ["qwen2_vl", "qwen3_vl"])
+@pytest.mark.parametrize("family", ["qwen2_vl", "qwen3_vl", "qwen3_5"])
 def test_qwen_activations_match_what_autograd_keeps(tmp_path, family):
-    """Qwen2-VL, and Qwen3-VL (its DeepStack mergers are projector too, their outputs added after layers 0 and 1)."""
+    """Qwen2-VL, Qwen3-VL (its DeepStack mergers are projector too, their outputs added after layers 0 and 1), and
+    Qwen3.5 (Gated DeltaNet layers, on transformers' torch path: the one that runs here)."""
     from PIL import Image
 
     path = qwen.build(str(tmp_path / "q"), family)
@@ -163,20 +164,21 @@ def test_gemma3_activations_match_what_autograd_keeps(tmp_path):
     assert all(0.95 <= r <= 1.05 for r in ratios.values()), sorted(ratios.items())
 
 
-@pytest.mark.parametrize("family", ["internvl", "llava_next", "llava_onevision", "qwen3_5"])
+@pytest.mark.parametrize("family", ["internvl", "llava_next", "llava_onevision", "qwen3_vl_moe", "qwen3_5_moe"])
 def test_a_family_the_planner_does_not_model_is_refused_with_what_to_do(tmp_path, capsys, family):
-    """InternVL's, LLaVA-NeXT's and LLaVA-OneVision's tiles and Qwen3.5's linear-attention layers are not in the
+    """InternVL's, LLaVA-NeXT's and LLaVA-OneVision's tiles and the MoE models' routed experts are not in the
     planner's token and activation model: a plan for them would be silently wrong, so it is refused (only
     config.json is read)."""
     from helpers import internvl, llava_next, llava_onevision, qwen
     helper = {"internvl": internvl.model, "llava_next": llava_next.model,
-              "llava_onevision": llava_onevision.model, "qwen3_5": lambda: qwen.model("qwen3_5")}
+              "llava_onevision": llava_onevision.model, "qwen3_vl_moe": lambda: qwen.model("qwen3_vl_moe"),
+              "qwen3_5_moe": lambda: qwen.model("qwen3_5_moe")}
     helper[family]().config.save_pretrained(tmp_path)
     code = launcher()(["--model", str(tmp_path), "--gpus", "8", "--gpu", "A100-80GB", "--region", "uniform25"])
     err = capsys.readouterr().err
     assert code == 2
     assert (f"is a {family} model, whose image tokens and activations the planner does not model yet (it models "
-            "gemma3, llava, qwen2_vl, qwen2_5_vl, qwen3_vl); give --micro-batch, --grad-accum, --zero and --grad-ckpt "
+            "gemma3, llava, qwen2_vl, qwen2_5_vl, qwen3_5, qwen3_vl); give --micro-batch, --grad-accum, --zero and --grad-ckpt "
             "yourself") in err
 
 

@@ -11,6 +11,7 @@ from .qwen3_5 import Qwen3_5
 class Qwen3_5Moe(Qwen3_5):
     model_types = ("qwen3_5_moe",)
     title = "Qwen3.5 MoE (e.g. Qwen3.5-35B-A3B)"
+    planned = False  # routed experts pick their tokens from the router's values, which the meta device does not have
 
 
 FAMILY = Qwen3_5Moe()
