@@ -21,14 +21,14 @@ import logging
 import tempfile
 import time
 
-from lvlm_region import engine
-from lvlm_region import timing
+from lvlm_region.train import engine
+from lvlm_region.infra import timing
 from lvlm_region.config import RunConfig
-from lvlm_region.data import BatchStream, ImageTextDataset
-from lvlm_region.data import run_loader
-from lvlm_region.families import flop_model as build_flop_model
-from lvlm_region.run_setup import obtain_data, setup
-from lvlm_region.trainer import batch_shapes, train
+from lvlm_region.data.batches import BatchStream, ImageTextDataset
+from lvlm_region.data.batches import run_loader
+from lvlm_region.model.families import flop_model as build_flop_model
+from lvlm_region.train.run_setup import obtain_data, setup
+from lvlm_region.train.trainer import batch_shapes, train
 
 
 def main() -> None:

@@ -20,13 +20,13 @@ import tempfile
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 import datasets  # noqa: E402
 
-from lvlm_region import demo, prepare  # noqa: E402
+from lvlm_region.data import demo, prepare
 from lvlm_region.config import DEMO_DIR, RunConfig  # noqa: E402
-from lvlm_region.data import BatchStream, ImageTextDataset  # noqa: E402
-from lvlm_region.templates import IGNORE  # noqa: E402
-from lvlm_region.data import run_loader  # noqa: E402
-from lvlm_region.run_setup import obtain_data, setup  # noqa: E402
-from lvlm_region.trainer import train  # noqa: E402
+from lvlm_region.data.batches import BatchStream, ImageTextDataset  # noqa: E402
+from lvlm_region.data.templates import IGNORE  # noqa: E402
+from lvlm_region.data.batches import run_loader  # noqa: E402
+from lvlm_region.train.run_setup import obtain_data, setup  # noqa: E402
+from lvlm_region.train.trainer import train  # noqa: E402
 
 
 def make_prepared(out: str, n: int, seed: int = 0) -> str:

@@ -34,7 +34,7 @@ def build(vocab: int):
 
 
 def arm(kept: bool, args) -> dict:
-    from lvlm_region.loss import loss_positions, token_loss_sum
+    from lvlm_region.model.loss import loss_positions, token_loss_sum
     model = build(args.vocab)
     g = torch.Generator().manual_seed(1)
     ids = torch.randint(10, args.vocab, (args.batch, args.seq), generator=g)

@@ -25,9 +25,9 @@ import time
 from PIL import Image
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
-from lvlm_region import prepare  # noqa: E402
-from lvlm_region.families.llava import FixedImages  # noqa: E402
-from lvlm_region.templates import resolve  # noqa: E402
+from lvlm_region.data import prepare
+from lvlm_region.model.families.llava import FixedImages  # noqa: E402
+from lvlm_region.data.templates import resolve  # noqa: E402
 
 WORDS = ("the a of and to in is on with for this that image shows what color shape where left right top bottom "
          "person people car dog cat table window building street sky tree water red blue green yellow white black "

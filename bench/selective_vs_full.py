@@ -25,13 +25,14 @@ import time
 import torch
 from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration
 
-from lvlm_region import engine, lora
-from lvlm_region.families import flop_model
-from lvlm_region.flops import BatchShape
-from lvlm_region.loss import token_loss_sum
-from lvlm_region.model import enable_checkpointing
-from lvlm_region.trainable import apply_region
-from lvlm_region.regions import resolve
+from lvlm_region.train import engine
+from lvlm_region.model import lora
+from lvlm_region.model.families import flop_model
+from lvlm_region.model.flops import BatchShape
+from lvlm_region.model.loss import token_loss_sum
+from lvlm_region.model.load import enable_checkpointing
+from lvlm_region.model.trainable import apply_region
+from lvlm_region.model.regions import resolve
 
 IMAGE_TOKEN = 4
 

@@ -8,7 +8,7 @@ The launchers (and lvlm-region demo) call the same code on first use when no --m
 import argparse
 import logging
 
-from lvlm_region import demo
+from lvlm_region.data import demo
 
 if __name__ == "__main__":
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,

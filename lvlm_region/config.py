@@ -13,10 +13,13 @@ import math
 import os
 from dataclasses import dataclass, field
 
-from . import families, hub
-from .images import ASPECTS
-from .templates import NAMES
+from .infra import hub
+from .model import families
 
+# The valid values of --template and --image-aspect-ratio. The run config owns them (it is below the data layer);
+# data.templates defines one template per name and data.images each aspect handling, and both check they match.
+TEMPLATES = ("auto", "plain", "vicuna_v1", "llama3", "phi3", "chatml")
+ASPECTS = ("pad", "square")
 DEMO_DIR = "data/demo"  # relative to the working directory; created on first use
 TEXT_EVAL = "text_eval.json"  # the demo's text-retention set (demo.generate writes it)
 
@@ -326,8 +329,8 @@ class RunConfig:
         if self.image_aspect_ratio is None:
             family = None if self.llm is not None else _model_type(self.model_path)  # --llm assembles a Llava
             self.image_aspect_ratio = families.default_aspect(self.stage, family)
-        if self.template not in NAMES:
-            raise ValueError(f"--template must be one of {', '.join(NAMES)}, got {self.template!r}")
+        if self.template not in TEMPLATES:
+            raise ValueError(f"--template must be one of {', '.join(TEMPLATES)}, got {self.template!r}")
         if self.image_aspect_ratio not in ASPECTS:
             raise ValueError(f"--image-aspect-ratio must be one of {', '.join(ASPECTS)}, got "
                              f"{self.image_aspect_ratio!r}")

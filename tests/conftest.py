@@ -29,7 +29,7 @@ def no_shm_leftovers():
 @pytest.fixture(scope="session")
 def demo_dir(repo_cwd) -> Path:
     """The embedded demo data and tiny base model (generated once, reused while complete)."""
-    from lvlm_region import demo
+    from lvlm_region.data import demo
     from lvlm_region.config import DEMO_DIR
     return Path(demo.ensure(DEMO_DIR))
 
@@ -39,7 +39,7 @@ def demo_sft_data(demo_dir, tmp_path_factory) -> list[str]:
     """--data / --eval-data / --text-eval-data: the demo's stage-2 sets prepared once for the demo model, as
     data_prep/prepare.py prepares them (its defaults), for the runs that test training rather than the default data
     path (which test_demo, test_launchers and sft_uniform25 run). Each such launch skips about 6 s of preparation."""
-    from lvlm_region import prepare
+    from lvlm_region.data import prepare
     from lvlm_region.config import TEXT_EVAL
     out = tmp_path_factory.mktemp("demo_prepared")
     enc, tokenizer, _ = prepare.for_model(str(demo_dir / "base_model"), "auto", 2048)
@@ -168,7 +168,7 @@ def assert_dummy_changes_no_generation(model, layout, tok, prompt) -> None:
     score."""
     import torch
 
-    from lvlm_region.data import collate
+    from lvlm_region.data.batches import collate
     outs = []
     for d in (layout.dummy(), None):
         g = collate([{"input_ids": prompt, "labels": prompt}], tok.pad_token_id, left_pad=True, dummy=d)

@@ -12,9 +12,9 @@ sys.path.insert(0, str(__import__("pathlib").Path(__file__).parent / "helpers"))
 import parts  # noqa: E402
 
 from conftest import deepspeed_cmd, run  # noqa: E402
-from lvlm_region.assemble import assemble  # noqa: E402
-from lvlm_region.templates import BUILTIN, VICUNA_SYSTEM  # noqa: E402
-from lvlm_region.families import find_parts  # noqa: E402
+from lvlm_region.model.assemble import assemble  # noqa: E402
+from lvlm_region.data.templates import BUILTIN, VICUNA_SYSTEM  # noqa: E402
+from lvlm_region.model.families import find_parts  # noqa: E402
 
 TOWER = {"clip": (parts.clip, CLIPVisionModel, "default"), "siglip": (parts.siglip, SiglipVisionModel, "full")}
 

@@ -9,10 +9,11 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from helpers.word_tokenizer import word_tokenizer
-from lvlm_region import formats, regions
-from lvlm_region import prepare
-from lvlm_region.families.llava import FixedImages
-from lvlm_region.templates import resolve
+from lvlm_region.data import formats
+from lvlm_region.model import regions
+from lvlm_region.data import prepare
+from lvlm_region.model.families.llava import FixedImages
+from lvlm_region.data.templates import resolve
 
 TOK = word_tokenizer("USER: ASSISTANT: what is it red")
 ENC = prepare.Encoding(resolve("vicuna_v1", TOK, "t"), FixedImages(image_token_id=4, n_image_tokens=2),

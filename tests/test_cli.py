@@ -8,7 +8,7 @@ import sys
 import pytest
 
 from conftest import run
-from lvlm_region.cli import build_parser, parse
+from lvlm_region.train.cli import build_parser, parse
 from lvlm_region.config import RANGES, RunConfig
 
 

@@ -13,7 +13,8 @@ import yaml
 
 from conftest import ROOT, run
 
-from lvlm_region import cli, commands, config, plan
+from lvlm_region.train import cli, plan
+from lvlm_region import commands, config
 from lvlm_region.commands import compare as compare_cmd
 from lvlm_region.commands import demo as demo_cmd
 from lvlm_region.commands import importance as importance_cmd
@@ -287,7 +288,7 @@ def test_a_hub_model_trains_reports_to_every_tracker_and_reruns_from_its_run_jso
     has; the run's run.json as --config reruns it to the same losses; a failing tracker only warns."""
     from conftest import deepspeed_cmd
 
-    from lvlm_region.tracking import scalars
+    from lvlm_region.infra.tracking import scalars
 
     env = hub_cache(tmp_path / "hub", {"tiny/llava-demo": demo_dir / "base_model"})
     commit = (tmp_path / "hub" / "models--tiny--llava-demo" / "refs" / "main").read_text()
@@ -340,7 +341,7 @@ def test_a_nodes_other_ranks_wait_for_its_local_rank_0_to_fetch(tmp_path, monkey
     gives up after hub.WAIT_S naming the id."""
     import threading
 
-    from lvlm_region import hub
+    from lvlm_region.infra import hub
 
     monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hub"))
     monkeypatch.setenv("LOCAL_RANK", "1")

@@ -11,10 +11,10 @@ from pathlib import Path
 import pytest
 
 from conftest import ROOT, run
-from lvlm_region.checkpoint import STOP_FILE
-from lvlm_region import compare
-from lvlm_region.compare import ARM_FILE, CompareError, split_regions, stage1_baseline
-from lvlm_region.report import by_region
+from lvlm_region.train.checkpoint import STOP_FILE
+from lvlm_region.tools import compare
+from lvlm_region.tools.compare import ARM_FILE, CompareError, split_regions, stage1_baseline
+from lvlm_region.tools.report import by_region
 
 ARM_FLAGS = ["--max-steps", "3", "--micro-batch", "4", "--num-workers", "0", "--allow-outside-images"]
 

@@ -6,14 +6,14 @@ from pathlib import Path
 
 import pytest
 
-from lvlm_region.templates import IGNORE
+from lvlm_region.data.templates import IGNORE
 
 
 def test_text_only_batch_gets_masked_dummy_image():
     import torch
 
-    from lvlm_region.data import collate
-    from lvlm_region.families.llava import FixedImages
+    from lvlm_region.data.batches import collate
+    from lvlm_region.model.families.llava import FixedImages
     batch = [{"input_ids": torch.tensor([1, 5, 6]), "labels": torch.tensor([IGNORE, 6, 2])},
              {"input_ids": torch.tensor([1, 7]), "labels": torch.tensor([IGNORE, 7])}]
     dummy = FixedImages(image_token_id=4, n_image_tokens=2, image_size=8).dummy()
@@ -36,7 +36,7 @@ def test_a_run_that_fails_with_its_loader_still_open_exits_instead_of_hanging(tm
     script = tmp_path / "fail.py"
     script.write_text(
         "import torch\n"
-        "from lvlm_region.data import make_loader\n"
+        "from lvlm_region.data.batches import make_loader\n"
         "ds = [{'input_ids': torch.tensor([1, 2, 3]), 'labels': torch.tensor([-100, 2, 3])}] * 64\n"
         "it = iter(make_loader(ds, 4, 0, 0, 1, 0, True, True, num_workers=2))\n"
         "assert next(it)['input_ids'].shape == (4, 3)\n"
@@ -48,7 +48,7 @@ def test_a_run_that_fails_with_its_loader_still_open_exits_instead_of_hanging(tm
 
 
 def test_grouped_sampler_keeps_a_small_modality():
-    from lvlm_region.data import grouped_order
+    from lvlm_region.data.batches import grouped_order
     import torch
     lengths, is_image = list(range(100, 140)), [True] * 37 + [False] * 3  # 3 text-only samples, global batch 8
     batches = grouped_order(lengths, is_image, 4, 2, torch.Generator().manual_seed(0))
@@ -59,7 +59,7 @@ def test_grouped_sampler_keeps_a_small_modality():
 def test_grouped_sampler_batches_one_modality_of_similar_length_deterministically():
     import random
 
-    from lvlm_region.data import GroupedSampler
+    from lvlm_region.data.batches import GroupedSampler
     rng = random.Random(0)
     n, b, world = 1000, 4, 2
     lengths = [rng.randint(20, 2000) for _ in range(n)]
@@ -97,9 +97,9 @@ def test_packed_batch_gives_the_padded_batch_loss_and_gradients(demo_dir, attn):
     import torch
     from transformers import LlavaForConditionalGeneration
 
-    from lvlm_region.data import collate, collate_packed
-    from lvlm_region.families.llava import FixedImages
-    from lvlm_region.loss import token_loss_sum
+    from lvlm_region.data.batches import collate, collate_packed
+    from lvlm_region.model.families.llava import FixedImages
+    from lvlm_region.model.loss import token_loss_sum
     model = LlavaForConditionalGeneration.from_pretrained(demo_dir / "base_model", attn_implementation=attn)
     g = torch.Generator().manual_seed(0)
     image_id = model.config.image_token_id
@@ -150,8 +150,8 @@ def test_generation_from_text_only_prompts_with_the_dummy_image_is_unchanged(dem
     import torch
     from transformers import AutoModelForImageTextToText, AutoTokenizer
 
-    from lvlm_region.data import collate
-    from lvlm_region import families
+    from lvlm_region.data.batches import collate
+    from lvlm_region.model import families
 
     base = demo_dir / "base_model"
     model = AutoModelForImageTextToText.from_pretrained(base).eval()

@@ -10,7 +10,7 @@ from pathlib import Path
 
 from conftest import deepspeed_cmd, run
 
-from lvlm_region.demo import chance_accuracy
+from lvlm_region.data.demo import chance_accuracy
 
 MIN_ACCURACY = 0.90  # measured 0.967 on this CPU machine, seed 0; 0.967-0.971 over seeds 0-2 (README, 2026-12-04)
 MIN_TEXT_RETENTION = 0.80  # measured 0.854, seed 0; 0.854-0.892 over seeds 0-2 (1.000 before stage 2). Was 0.85

@@ -3,7 +3,7 @@ import json
 
 import pytest
 
-from lvlm_region.engine import (DS_CONFIG_DIR, STALE_BUILD_LOCK_S, build_ds_config, cpu_threads, lr_lambda,
+from lvlm_region.train.engine import (DS_CONFIG_DIR, STALE_BUILD_LOCK_S, build_ds_config, cpu_threads, lr_lambda,
                                 stale_build_locks)
 
 
@@ -50,7 +50,7 @@ def test_warmup_cosine_schedule():
 def test_precision_follows_what_deepspeeds_accelerator_supports():
     from deepspeed.accelerator import get_accelerator
 
-    from lvlm_region.engine import resolve_precision
+    from lvlm_region.train.engine import resolve_precision
     acc = get_accelerator()
     assert resolve_precision("auto") == "fp32" and resolve_precision("fp32") == "fp32"  # CPU: fp32 unless asked
     assert acc.is_bf16_supported() and resolve_precision("bf16") == "bf16"

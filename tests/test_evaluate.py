@@ -6,7 +6,7 @@ import sys
 import pytest
 
 from conftest import deepspeed_cmd, run
-from lvlm_region.demo import COLORS, POSITIONS, SHAPES
+from lvlm_region.data.demo import COLORS, POSITIONS, SHAPES
 
 EVAL = "data/demo/sft_eval.json"
 N = 6  # held-out samples (as conftest's sft_uniform25 ran): even, so 2 ranks need no shard padding

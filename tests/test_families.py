@@ -7,9 +7,9 @@ import pytest
 import transformers as T
 from torch import nn
 
-from lvlm_region.families import find_parts
-from lvlm_region.trainable import apply_region, count_parameters
-from lvlm_region.regions import resolve
+from lvlm_region.model.families import find_parts
+from lvlm_region.model.trainable import apply_region, count_parameters
+from lvlm_region.model.regions import resolve
 
 TEXT = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=6, num_attention_heads=4, num_key_value_heads=2,
             vocab_size=300, bos_token_id=1, eos_token_id=2, pad_token_id=0)
@@ -105,7 +105,7 @@ def test_llava_next_image_newline_trains_with_the_projector():
                                                                      "qwen3_vl", "qwen3_vl_moe", "smolvlm"}))
 def test_training_a_family_without_a_data_path_is_refused_before_loading(tmp_path, family):
     """Only the config is on disk: the refusal comes before any processor, tokenizer or weights are read."""
-    from lvlm_region.prepare import for_model
+    from lvlm_region.data.prepare import for_model
 
     FAMILIES[family]().config.save_pretrained(tmp_path)
     with pytest.raises(ValueError) as e:
@@ -118,7 +118,7 @@ def test_training_a_family_without_a_data_path_is_refused_before_loading(tmp_pat
 
 
 def test_default_aspect_of_an_assembled_llava_is_llavas_whatever_family_registers_first():
-    from lvlm_region import families
+    from lvlm_region.model import families
     assert families.FAMILIES[0].model_types == ("gemma3",)  # the first trainable family by module name
     assert (families.default_aspect("pretrain", None), families.default_aspect("sft", None)) == ("square", "pad")
     assert (families.default_aspect("pretrain", "gemma3"), families.default_aspect("sft", "gemma3")) == ("square",

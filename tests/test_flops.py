@@ -3,12 +3,12 @@ import pytest
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from lvlm_region.families import flop_model
-from lvlm_region.flops import BatchShape, Block, FlopModel
-from lvlm_region.demo import build_demo_model
-from lvlm_region.model import enable_checkpointing
-from lvlm_region.trainable import apply_region
-from lvlm_region.regions import resolve
+from lvlm_region.model.families import flop_model
+from lvlm_region.model.flops import BatchShape, Block, FlopModel
+from lvlm_region.data.demo import build_demo_model
+from lvlm_region.model.load import enable_checkpointing
+from lvlm_region.model.trainable import apply_region
+from lvlm_region.model.regions import resolve
 
 
 def llm_only(n_layers: int, macs: int = 1000) -> FlopModel:
@@ -199,7 +199,7 @@ def test_gated_deltanet_layers_match_torch_flop_counter(spec, ckpt):
 
 @pytest.mark.parametrize("spec", ["uniform25", "full+lm_head"])
 def test_lm_head_on_the_trained_positions_only_matches_torch_flop_counter(model, spec):
-    from lvlm_region.loss import loss_positions, token_loss_sum
+    from lvlm_region.model.loss import loss_positions, token_loss_sum
     apply_region(model, resolve(spec, 8))
     torch.manual_seed(0)
     ids = torch.randint(10, 160, (2, 12))

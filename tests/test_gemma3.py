@@ -13,8 +13,10 @@ from transformers import AutoConfig, AutoModelForImageTextToText, AutoProcessor
 
 from conftest import assert_dummy_changes_no_generation, run
 from helpers import family_data, gemma3
-from lvlm_region import families, prepare, prune
-from lvlm_region.templates import IGNORE
+from lvlm_region.model import families
+from lvlm_region.data import prepare
+from lvlm_region.tools import prune
+from lvlm_region.data.templates import IGNORE
 
 SIZES = [(60, 40), (100, 50), (30, 90), (32, 32), (200, 70)]
 

@@ -12,9 +12,9 @@ from transformers import AutoModelForImageTextToText
 
 from conftest import assert_dummy_changes_no_generation
 from helpers import family_data, idefics3
-from lvlm_region import prepare
-from lvlm_region.images import ImageLoader
-from lvlm_region.templates import IGNORE
+from lvlm_region.data import prepare
+from lvlm_region.data.images import ImageLoader
+from lvlm_region.data.templates import IGNORE
 
 SIZES = [(32, 32), (60, 40), (100, 50), (30, 90), (200, 70), (130, 20)]
 

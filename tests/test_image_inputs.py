@@ -14,11 +14,11 @@ from PIL import Image
 
 from conftest import assert_dummy_changes_no_generation, run
 from helpers import qwen
-from lvlm_region import prepare
-from lvlm_region.data import ImageTextDataset, collate
-from lvlm_region.images import ImageLoader
-from lvlm_region.loss import token_loss_sum
-from lvlm_region.templates import IGNORE
+from lvlm_region.data import prepare
+from lvlm_region.data.batches import ImageTextDataset, collate
+from lvlm_region.data.images import ImageLoader
+from lvlm_region.model.loss import token_loss_sum
+from lvlm_region.data.templates import IGNORE
 
 
 @pytest.fixture(scope="module")
@@ -144,7 +144,7 @@ def test_a_processor_template_in_chat_template_json_is_used_and_exported(ckpt, t
     """Older Qwen2-VL checkpoints keep the template in chat_template.json (the processor's file)."""
     import shutil
 
-    from lvlm_region.families.qwen2_vl import SplitProcessor
+    from lvlm_region.model.families.qwen2_vl import SplitProcessor
     src = tmp_path / "legacy"
     shutil.copytree(ckpt, src)
     os.remove(src / "chat_template.jinja")
@@ -209,7 +209,7 @@ def test_a_hub_style_preprocessor_config_counts_the_same(ckpt, tmp_path):
 def test_qwen_keeps_the_aspect_ratio_by_default(ckpt, tmp_path):
     """Padding a Qwen2-VL image to a square only adds tokens, so its default is square in both stages (Llava keeps
     LLaVA-1.5's: square for stage 1, pad for SFT); data_prep's default follows the same rule."""
-    from lvlm_region.cli import parse
+    from lvlm_region.train.cli import parse
     for stage in ("pretrain", "sft"):
         flags = ["--model", ckpt, "--data", "d.json", "--output-dir", str(tmp_path)]
         assert parse(stage, "", flags).resolve().image_aspect_ratio == "square"

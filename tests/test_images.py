@@ -6,9 +6,9 @@ import torch
 from PIL import Image
 from transformers import CLIPImageProcessor
 
-from lvlm_region.data import ImageTextDataset, collate
-from lvlm_region.families.llava import FixedImages
-from lvlm_region.images import ImageLoader, expand_to_square, to_rgb
+from lvlm_region.data.batches import ImageTextDataset, collate
+from lvlm_region.model.families.llava import FixedImages
+from lvlm_region.data.images import ImageLoader, expand_to_square, to_rgb
 
 
 def reread(im, path, **kw):

@@ -9,9 +9,9 @@ import torch
 from transformers import AutoModelForImageTextToText, LlamaConfig
 
 from conftest import deepspeed_cmd, run
-from lvlm_region import regions
-from lvlm_region.families import find_parts
-from lvlm_region.importance import BlockInfluence, bi_scores, token_mask, weight_delta
+from lvlm_region.model import regions
+from lvlm_region.model.families import find_parts
+from lvlm_region.tools.importance import BlockInfluence, bi_scores, token_mask, weight_delta
 
 
 @pytest.fixture(scope="module")

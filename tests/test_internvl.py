@@ -18,8 +18,8 @@ from transformers import AutoModelForImageTextToText
 
 from conftest import assert_dummy_changes_no_generation
 from helpers import internvl, family_data
-from lvlm_region import prepare
-from lvlm_region.images import ImageLoader
+from lvlm_region.data import prepare
+from lvlm_region.data.images import ImageLoader
 
 SIZES = [(32, 32), (64, 32), (100, 50), (30, 90), (200, 70), (20, 20)]
 

@@ -12,9 +12,9 @@ from transformers import AutoModelForImageTextToText, AutoProcessor
 
 from conftest import assert_dummy_changes_no_generation
 from helpers import family_data, llava_next
-from lvlm_region import prepare
-from lvlm_region.images import ImageLoader
-from lvlm_region.templates import IGNORE
+from lvlm_region.data import prepare
+from lvlm_region.data.images import ImageLoader
+from lvlm_region.data.templates import IGNORE
 
 SIZES = [(28, 28), (60, 40), (40, 90), (100, 100), (200, 30), (20, 20)]
 

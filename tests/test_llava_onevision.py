@@ -13,9 +13,9 @@ from transformers import AutoModelForImageTextToText
 
 from conftest import assert_dummy_changes_no_generation
 from helpers import family_data, llava_onevision
-from lvlm_region import prepare
-from lvlm_region.families.llava_onevision import counter
-from lvlm_region.loss import token_loss_sum
+from lvlm_region.data import prepare
+from lvlm_region.model.families.llava_onevision import counter
+from lvlm_region.model.loss import token_loss_sum
 
 
 @pytest.fixture(scope="module")

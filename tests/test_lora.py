@@ -12,12 +12,12 @@ from safetensors.torch import load_file
 from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration
 
 from conftest import deepspeed_cmd, run
-from lvlm_region import lora
-from lvlm_region.demo import build_demo_model
-from lvlm_region.families import find_parts
-from lvlm_region.projector import PROJECTOR_FILE
-from lvlm_region.trainable import apply_region, count_parameters
-from lvlm_region.regions import resolve
+from lvlm_region.model import lora
+from lvlm_region.data.demo import build_demo_model
+from lvlm_region.model.families import find_parts
+from lvlm_region.model.projector import PROJECTOR_FILE
+from lvlm_region.model.trainable import apply_region, count_parameters
+from lvlm_region.model.regions import resolve
 
 
 def with_lora(model, spec, r, alpha=16, dropout=0.0):

@@ -5,11 +5,11 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from lvlm_region.demo import build_demo_model
-from lvlm_region.families import find_parts
-from lvlm_region.projector import PROJECTOR_FILE, export_projector, load_projector
-from lvlm_region.trainable import apply_region
-from lvlm_region.regions import resolve
+from lvlm_region.data.demo import build_demo_model
+from lvlm_region.model.families import find_parts
+from lvlm_region.model.projector import PROJECTOR_FILE, export_projector, load_projector
+from lvlm_region.model.trainable import apply_region
+from lvlm_region.model.regions import resolve
 
 
 @pytest.fixture(scope="module")
@@ -72,7 +72,7 @@ def test_projector_round_trip_and_errors(model, tmp_path):
 
 
 def test_attention_choice_and_fallbacks():
-    from lvlm_region.model import resolve_attention
+    from lvlm_region.model.load import resolve_attention
     assert resolve_attention("eager", False, "fp32") == ("eager", None)
     assert resolve_attention("flash_attention_2", False, "fp32") == (
         "sdpa", "flash_attention_2 needs a GPU; using sdpa on CPU")
@@ -94,8 +94,8 @@ def llava_mm_projector(path, shapes, dtype=torch.bfloat16, seed=0):
 
 
 def test_llava_mm_projector_imports_onto_linear_1_and_2(tmp_path):
-    from lvlm_region.model import skeleton
-    from lvlm_region.projector import import_projector, read_mm_projector
+    from lvlm_region.model.load import skeleton
+    from lvlm_region.model.projector import import_projector, read_mm_projector
     model = build_demo_model(vocab_size=160, image_token_id=4, pad_token_id=3, seed=0)
     src = llava_mm_projector(tmp_path / "mm_projector.bin", [(128, 64), (128, 128)])  # vision 64 -> LLM 128
     tensors = read_mm_projector(str(tmp_path / "mm_projector.bin"), find_parts(skeleton(model.config)).projector)
@@ -107,8 +107,8 @@ def test_llava_mm_projector_imports_onto_linear_1_and_2(tmp_path):
 
 
 def test_mm_projector_of_another_model_is_refused_with_the_shapes(tmp_path):
-    from lvlm_region.model import skeleton
-    from lvlm_region.projector import read_mm_projector
+    from lvlm_region.model.load import skeleton
+    from lvlm_region.model.projector import read_mm_projector
     model = build_demo_model(vocab_size=160, image_token_id=4, pad_token_id=3, seed=0)
     file = tmp_path / "mm_projector.bin"
     llava_mm_projector(file, [(4096, 1024), (4096, 4096)])  # LLaVA-1.5-7B's: CLIP-L 1024 -> Vicuna 4096
@@ -126,7 +126,7 @@ def test_mm_projector_of_another_model_is_refused_with_the_shapes(tmp_path):
 def test_llava_hf_checkpoint_in_the_published_key_layout_loads(tmp_path):
     # llava-hf/llava-1.5-7b-hf was written by transformers 4.x: language_model.model.*, language_model.lm_head.*,
     # vision_tower.*, multi_modal_projector.* at the top level. load_model must read that layout as it is.
-    from lvlm_region.model import load_model
+    from lvlm_region.model.load import load_model
     model = build_demo_model(vocab_size=160, image_token_id=4, pad_token_id=3, seed=0)
     model.config.save_pretrained(tmp_path)
     legacy = {}
@@ -149,7 +149,7 @@ def test_token_loss_sum_counts_only_labelled_positions():
     import torch
     import torch.nn.functional as F
 
-    from lvlm_region.loss import token_loss_sum, valid_tokens
+    from lvlm_region.model.loss import token_loss_sum, valid_tokens
     g = torch.Generator().manual_seed(0)
     logits = torch.randn(2, 6, 11, generator=g, dtype=torch.bfloat16, requires_grad=True)
     labels = torch.tensor([[-100, -100, 3, 4, -100, 5], [-100, 7, -100, -100, -100, -100]])
@@ -170,7 +170,7 @@ def test_logits_only_at_trained_positions_give_the_same_loss_and_gradients():
     loss and every gradient equal those of full [B, T, V] logits; a batch with nothing trained gives 0."""
     import torch
 
-    from lvlm_region.loss import loss_positions, token_loss_sum, valid_tokens
+    from lvlm_region.model.loss import loss_positions, token_loss_sum, valid_tokens
     model = build_demo_model(vocab_size=160, image_token_id=4, pad_token_id=3, seed=0)
     g = torch.Generator().manual_seed(0)
     ids = torch.randint(10, 150, (3, 14), generator=g)

@@ -11,8 +11,10 @@ import time
 import pytest
 
 from conftest import ROOT, run
-from lvlm_region import checkpoint, demo, outputs
-from lvlm_region import prepare
+from lvlm_region.train import checkpoint
+from lvlm_region.data import demo
+from lvlm_region.infra import outputs
+from lvlm_region.data import prepare
 
 
 def user_dir(path):
@@ -78,7 +80,7 @@ def test_demo_builder_refuses_a_directory_it_did_not_write(tmp_path):
 
 def test_assembly_refuses_a_base_model_dir_it_did_not_write(tmp_path):
     from helpers import parts
-    from lvlm_region import assemble
+    from lvlm_region.model import assemble
     llm, vision = parts.llm(tmp_path / "llm", "llama"), parts.clip(tmp_path / "clip")
     target = user_dir(tmp_path / "out" / "base_model")
     before = snapshot(target)
@@ -162,7 +164,7 @@ def test_export_removes_only_what_the_previous_export_wrote(tmp_path):
 
 
 def test_metrics_tolerate_a_torn_last_line_and_a_damaged_middle_is_named(tmp_path, caplog):
-    from lvlm_region.trainer import open_metrics
+    from lvlm_region.train.trainer import open_metrics
     path = tmp_path / "metrics.jsonl"
     path.write_text('{"step": 1, "loss": 2.0}\n{"step": 2, "loss": 1.5}\n{"step": 3, "lo')
     with caplog.at_level("WARNING"):
@@ -193,7 +195,7 @@ def test_report_reads_a_run_whose_metrics_end_in_a_torn_line(tmp_path):
 
 HOLDER = """
 import sys, time
-from lvlm_region.outputs import Heartbeat
+from lvlm_region.infra.outputs import Heartbeat
 with Heartbeat(sys.argv[1], every=0.2):
     print("beating", flush=True)
     time.sleep(600)
@@ -201,7 +203,7 @@ with Heartbeat(sys.argv[1], every=0.2):
 
 
 def test_ranks_waiting_for_a_killed_preparing_rank_stop_within_the_timeout(tmp_path):
-    from lvlm_region.run_setup import wait_for_preparation
+    from lvlm_region.train.run_setup import wait_for_preparation
     out = str(tmp_path / "prepared" / "train")
     os.makedirs(os.path.dirname(out))
     holder = subprocess.Popen([sys.executable, "-c", HOLDER, out + ".heartbeat"], cwd=ROOT, stdout=subprocess.PIPE,

@@ -13,11 +13,13 @@ from transformers import AutoModelForImageTextToText
 
 from conftest import ROOT, run
 from helpers import qwen
-from lvlm_region import lora, plan, regions, timing
-from lvlm_region.families.llava import image_seq_length
-from lvlm_region.loss import loss_positions, token_loss_sum
-from lvlm_region.model import enable_checkpointing
-from lvlm_region.trainable import apply_region
+from lvlm_region.model import lora, regions
+from lvlm_region.train import plan
+from lvlm_region.infra import timing
+from lvlm_region.model.families.llava import image_seq_length
+from lvlm_region.model.loss import loss_positions, token_loss_sum
+from lvlm_region.model.load import enable_checkpointing
+from lvlm_region.model.trainable import apply_region
 
 CONFIGS = ROOT / "docs" / "configs"
 
@@ -178,8 +180,8 @@ def test_a_family_the_planner_does_not_model_is_refused_with_what_to_do(tmp_path
     err = capsys.readouterr().err
     assert code == 2
     assert (f"is a {family} model, whose image tokens and activations the planner does not model yet (it models "
-            "gemma3, llava, qwen2_vl, qwen2_5_vl, qwen3_5, qwen3_vl); give --micro-batch, --grad-accum, --zero and --grad-ckpt "
-            "yourself") in err
+            "gemma3, llava, qwen2_vl, qwen2_5_vl, qwen3_5, qwen3_vl); give --micro-batch, --grad-accum, --zero and "
+            "--grad-ckpt yourself") in err
 
 
 def test_the_plan_for_llava_7b_on_8_a100s(tmp_path, capsys):
@@ -229,7 +231,7 @@ def test_a_run_calibrates_the_mfu_and_prepared_data_the_shape(sft_uniform25):
     assert plan.calibrated_mfu(str(sft_uniform25)) == run_json["timing"]["mfu"]
     prepared = sft_uniform25 / "prepared" / "train"
     shape = plan.from_prepared(str(prepared))
-    from lvlm_region.prepare import load_prepared
+    from lvlm_region.data.prepare import load_prepared
 
     ds, _ = load_prepared(str(prepared))
     lengths = sorted(ds["length"])
@@ -294,7 +296,7 @@ def prepared_subset(demo_dir, tmp_path_factory):
 
 def run_setting(demo_dir, prepared, gpus: int, memory: float) -> plan.Setting:
     """The Setting a uniform25 run on ``prepared`` with --peak-tflops 1 and --global-batch 8 asks the planner for."""
-    from lvlm_region.prepare import load_prepared
+    from lvlm_region.data.prepare import load_prepared
 
     return plan.Setting(model=str(demo_dir / "base_model"), region="uniform25", gpus=gpus, gpu="cpu",
                         gpu_memory_gb=memory, peak_tflops=1.0, **plan.data_shape(load_prepared(str(prepared))[0]),
@@ -386,7 +388,7 @@ def test_the_plan_follows_the_runs_precision_and_the_longest_batchs_trained_shar
     assert c32.memory_gb["model_states"] * plan.GIB == pytest.approx(fp)
     assert c16.memory_gb["model_states"] * plan.GIB == pytest.approx(bf) and fp > bf
     # the trained share of the longest samples (as many as the largest micro-batch), by hand
-    from lvlm_region.prepare import load_prepared
+    from lvlm_region.data.prepare import load_prepared
     ds, _ = load_prepared(str(prepared_subset))
     shape = plan.data_shape(ds)
     longest = sorted(range(len(ds)), key=lambda i: -ds[i]["length"])[:64]

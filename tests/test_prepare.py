@@ -9,10 +9,10 @@ import pytest
 from PIL import Image
 
 from helpers.word_tokenizer import word_tokenizer
-from lvlm_region import formats
-from lvlm_region import prepare
-from lvlm_region.families.llava import FixedImages
-from lvlm_region.templates import IGNORE, resolve
+from lvlm_region.data import formats
+from lvlm_region.data import prepare
+from lvlm_region.model.families.llava import FixedImages
+from lvlm_region.data.templates import IGNORE, resolve
 
 WORDS = "USER: ASSISTANT: SYS what is it red blue a square circle long"
 
@@ -134,7 +134,7 @@ def test_second_run_reuses_and_a_changed_input_rebuilds(tmp_path, folder, caplog
     prepare.prepare(str(data), str(folder), encoding(tok), tok, out)
     arrow = [f for f in os.listdir(out) if f.endswith(".arrow")][0]
     before = os.stat(os.path.join(out, arrow)).st_mtime_ns
-    with caplog.at_level(logging.INFO, logger="lvlm_region.prepare"):
+    with caplog.at_level(logging.INFO, logger="lvlm_region.data.prepare"):
         assert len(prepare.prepare(str(data), str(folder), encoding(tok), tok, out)) == 1
     assert "already prepared" in caplog.text
     assert os.stat(os.path.join(out, arrow)).st_mtime_ns == before

@@ -13,10 +13,12 @@ from transformers import AutoConfig, AutoModelForImageTextToText
 
 from conftest import run
 from helpers import qwen
-from lvlm_region import families, outputs, prune
-from lvlm_region.families import find_parts
-from lvlm_region.families.llava import image_seq_length
-from lvlm_region.importance import BlockInfluence, bi_scores, token_mask
+from lvlm_region.model import families
+from lvlm_region.infra import outputs
+from lvlm_region.tools import prune
+from lvlm_region.model.families import find_parts
+from lvlm_region.model.families.llava import image_seq_length
+from lvlm_region.tools.importance import BlockInfluence, bi_scores, token_mask
 
 
 @pytest.fixture(scope="module")

@@ -21,8 +21,10 @@ from safetensors.torch import load_file
 
 from conftest import assert_dummy_changes_no_generation, run
 from helpers import family_data, qwen
-from lvlm_region import families, prepare, prune
-from lvlm_region.projector import PROJECTOR_FILE, export_projector, load_projector
+from lvlm_region.model import families
+from lvlm_region.data import prepare
+from lvlm_region.tools import prune
+from lvlm_region.model.projector import PROJECTOR_FILE, export_projector, load_projector
 
 SIZES = qwen.SIZES + [(300, 20), (20, 300), (500, 400)]
 
@@ -66,8 +68,8 @@ def test_token_counts_and_ids_are_what_qwen3vl_processor_makes(ckpt, data, tmp_p
 
 def test_the_projector_is_the_merger_and_the_deepstack_mergers(tmp_path):
     """One part, set and counted together; stage 1's projector file carries both and loads into a fresh model."""
-    from lvlm_region.regions import resolve
-    from lvlm_region.trainable import apply_region
+    from lvlm_region.model.regions import resolve
+    from lvlm_region.model.trainable import apply_region
     model = qwen.model("qwen3_vl", seed=1)
     parts = families.find_parts(model)
     visual = model.model.visual
@@ -142,8 +144,8 @@ def test_qwen3_5_projector_is_the_merger_and_regions_take_linear_attention_layer
     """Qwen3.5's tower has no DeepStack: the merger alone is the projector. A region's layer is the whole decoder
     layer whatever its mixer: uniform25 of the 4 layers is layer 1, a Gated DeltaNet layer, with its convolution,
     decay (A_log, dt_bias), gated norm and projections."""
-    from lvlm_region.regions import resolve
-    from lvlm_region.trainable import apply_region
+    from lvlm_region.model.regions import resolve
+    from lvlm_region.model.trainable import apply_region
     model = qwen.model("qwen3_5")
     parts = families.find_parts(model)
     assert parts.projector is model.model.visual.merger and parts.tied
@@ -187,8 +189,8 @@ def test_moe_training_loss_is_the_models_own_loss_with_its_router_loss(family, d
     """The trainer's loss on an MoE model (its token loss plus loss.router_loss) is what the model's own forward
     returns as loss with labels: the mean token loss plus router_aux_loss_coef x its load-balancing loss, over a
     padded batch with images of two sizes and a text-only row; the router loss is not zero."""
-    from lvlm_region.data import collate
-    from lvlm_region.loss import loss_positions, router_loss, token_loss_sum, valid_tokens
+    from lvlm_region.data.batches import collate
+    from lvlm_region.model.loss import loss_positions, router_loss, token_loss_sum, valid_tokens
     ckpt = qwen.build(str(tmp_path / "ckpt"), family)
     model = AutoModelForImageTextToText.from_pretrained(ckpt).eval()
     layout, tok, ds = family_data.items(ckpt, data)

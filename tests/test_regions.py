@@ -3,7 +3,7 @@ import json
 
 import pytest
 
-from lvlm_region.regions import PAPER32, RegionError, resolve, uniform_indices
+from lvlm_region.model.regions import PAPER32, RegionError, resolve, uniform_indices
 
 DEPTHS = (8, 16, 24, 26, 32, 40, 80)
 

@@ -12,9 +12,13 @@ from types import SimpleNamespace
 import pytest
 
 from conftest import ROOT, run
-from lvlm_region import checkpoint, cli, compare, config, engine, prepare, regions
+from lvlm_region.train import checkpoint, cli, engine
+from lvlm_region.tools import compare
+from lvlm_region import config
+from lvlm_region.data import prepare
+from lvlm_region.model import regions
 from lvlm_region.config import RESUME_MAY_CHANGE, RunConfig
-from lvlm_region.trainer import run_identity
+from lvlm_region.train.trainer import run_identity
 
 SHORT = ["--micro-batch", "4", "--num-workers", "0", "--eval-max-samples", "2", "--max-steps", "4"]
 
@@ -224,7 +228,7 @@ def test_a_second_evaluation_or_scoring_never_replaces_a_file_it_did_not_write(s
 
 
 def test_malformed_numbers_are_bad_samples_not_tracebacks(tmp_path):
-    from lvlm_region import formats
+    from lvlm_region.data import formats
     with pytest.raises(formats.BadSample) as e:
         formats.normalize('{"id": ' + "9" * 5000 + ', "conversations": []}')
     assert e.value.reason == "malformed_json"
@@ -237,8 +241,8 @@ def test_malformed_numbers_are_bad_samples_not_tracebacks(tmp_path):
 def test_demo_depth_known_before_generation_matches_the_built_model(demo_dir):
     from transformers import AutoConfig
 
-    from lvlm_region import demo
-    from lvlm_region.model import num_decoder_layers
+    from lvlm_region.data import demo
+    from lvlm_region.model.load import num_decoder_layers
     built = AutoConfig.from_pretrained(demo_dir / "base_model")
     planned = demo.planned_config()
     assert num_decoder_layers(planned) == num_decoder_layers(built) == 8
@@ -277,7 +281,7 @@ def test_a_fresh_jit_build_lock_without_a_builder_stops_the_launch(demo_dir, tmp
     """A build killed a minute ago left a fresh lock: the age check let the launch wait on it forever."""
     import time
 
-    from lvlm_region import engine as eng
+    from lvlm_region.train import engine as eng
     lock = tmp_path / "ext" / "deepspeed_shm_comm" / "lock"
     lock.parent.mkdir(parents=True)
     lock.touch()

@@ -15,7 +15,7 @@ import psutil
 import pytest
 
 from conftest import ROOT, deepspeed_cmd, run
-from lvlm_region import checkpoint
+from lvlm_region.train import checkpoint
 
 STEPS = ["--max-steps", "6", "--micro-batch", "4", "--num-workers", "1", "--log-every", "1",
          "--eval-max-samples", "2", "--save-every", "2"]
@@ -181,7 +181,7 @@ def test_kill_9_rank_exits_promptly_and_resume_is_exact(demo_sft_data, ref2, tmp
     # exactly what metrics.jsonl holds
     from test_commands import tensorboard_scalars
 
-    from lvlm_region.tracking import scalars
+    from lvlm_region.infra.tracking import scalars
     want = {(n, r["step"]): v for r in map(json.loads, (out / "metrics.jsonl").read_text().splitlines())
             for n, v in scalars(r).items()}
     tb = tensorboard_scalars(out / "tensorboard")
@@ -348,7 +348,7 @@ def test_identity_difference_in_the_model_is_named():
 EXPORT_SCRIPT = """
 import sys, torch
 from transformers import LlamaConfig, LlamaForCausalLM
-from lvlm_region import checkpoint
+from lvlm_region.train import checkpoint
 out, width, shard = sys.argv[1], int(sys.argv[2]), sys.argv[3]
 torch.manual_seed(width)
 model = LlamaForCausalLM(LlamaConfig(vocab_size=64, hidden_size=width, intermediate_size=2 * width, num_hidden_layers=2,

@@ -15,7 +15,7 @@ import psutil
 import pytest
 
 from conftest import ROOT
-from lvlm_region import checkpoint
+from lvlm_region.train import checkpoint
 
 FAKE = ROOT / "tests" / "helpers" / "fake_slurm"
 FLAGS = ["--max-steps", "4", "--micro-batch", "4", "--num-workers", "1", "--log-every", "1",

@@ -5,7 +5,7 @@ Expected sequences are written out token by token; [brackets] mark the tokens th
 import pytest
 
 from helpers.word_tokenizer import word_tokenizer
-from lvlm_region.templates import (BUILTIN, IGNORE, VICUNA_SYSTEM, ChatFormat, TemplateError, end_of_turn_id,
+from lvlm_region.data.templates import (BUILTIN, IGNORE, VICUNA_SYSTEM, ChatFormat, TemplateError, end_of_turn_id,
                                    resolve, tokenize)
 
 WORDS = "USER: ASSISTANT: Q1 Q2 A1 A2 A3 SYS user assistant system You are a helpful assistant. " + VICUNA_SYSTEM

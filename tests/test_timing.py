@@ -1,7 +1,7 @@
 """The timing harness's pure parts: steady-state sums, resume of the sums, the memory estimate by hand."""
 import pytest
 
-from lvlm_region import timing
+from lvlm_region.infra import timing
 
 
 def times(step, data=0.1, fwd=0.2, bwd=0.3, opt=0.1):

@@ -76,7 +76,7 @@ def main(argv: list[str] | None = None) -> int:
     sys.argv[0] = f"lvlm-region {name}"  # argparse's prog: the usage line names the command, however it was started
     code = module(name).main(rest + (local if distributed else []))
     if distributed:
-        from ..engine import exit_process  # after main: a rank leaves the process group cleanly
+        from ..train.engine import exit_process
         exit_process(code)
     return code
 

@@ -20,8 +20,8 @@ import argparse
 import sys
 from dataclasses import dataclass
 
-from .. import cli
 from ..config import AT_LEAST_0, AT_LEAST_1, setting
+from ..train import cli
 
 
 @dataclass
@@ -71,7 +71,7 @@ def main(argv=None) -> int:
     args, passthrough = p.parse_known_args(argv)
     passthrough = from_file + passthrough
     cli.log_to_stdout()
-    from ..compare import arm_name, check_specs, compare, parse_seeds, split_regions  # after logging
+    from ..tools.compare import arm_name, check_specs, compare, parse_seeds, split_regions
 
     try:
         seeds = parse_seeds(args.seeds)

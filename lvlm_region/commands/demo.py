@@ -15,8 +15,8 @@ import subprocess
 import sys
 from dataclasses import dataclass
 
-from .. import cli
 from ..config import same_as, setting
+from ..train import cli
 
 
 @dataclass

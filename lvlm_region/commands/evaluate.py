@@ -16,7 +16,8 @@ Exit status: 0 done, 2 bad input.
 import os
 import sys
 
-from .. import cli, hub
+from ..infra import hub
+from ..train import cli
 
 FLAGS = ("model", "data", "text_eval_data", "image_folder", "output_dir", "template", "image_aspect_ratio",
          "max_length", "micro_batch", "zero", "eval_max_samples", "max_new_tokens", "precision", "attn", "num_workers",
@@ -35,7 +36,7 @@ def parser():
 def main(argv=None) -> int:
     args = cli.command_values(parser(), argv)
     cli.log_to_stdout()
-    from ..eval_run import evaluate_model, evaluation_config  # after logging is set up; heavy imports
+    from ..tools.evaluate import evaluate_model, evaluation_config
 
     if not args["model"] or not args["data"]:
         print("error: --model and --data are required: the model directory and the held-out data", file=sys.stderr)

@@ -16,8 +16,9 @@ import os
 import sys
 from dataclasses import dataclass
 
-from .. import cli, hub
 from ..config import AT_LEAST_0, setting
+from ..infra import hub
+from ..train import cli
 
 FLAGS = ("model", "data", "image_folder", "template", "image_aspect_ratio", "max_length", "micro_batch", "zero",
          "precision", "attn", "num_workers", "seed", "verify_images", "on_bad_sample", "max_bad_fraction",
@@ -47,8 +48,8 @@ def parser():
 def main(argv=None) -> int:
     args = cli.command_values(parser(), argv)
     cli.log_to_stdout()
-    from ..eval_run import evaluation_config  # after logging is set up; heavy imports
-    from ..importance import score
+    from ..tools.evaluate import evaluation_config
+    from ..tools.importance import score
 
     method, samples, tokens, base, output = (args.pop(k) for k in ("method", "samples", "tokens", "base", "output"))
     if not args["model"]:

@@ -9,7 +9,7 @@ Memory: model states as DeepSpeed counts them (per parameter, frozen ones only t
 activations autograd keeps (counted on the meta device with the region's requires_grad), an allowance for buffers
 and fragmentation. Step time: the project's FLOP model at an assumed MFU (--assumed-mfu) or the one a finished run
 measured (--calibrate RUN_DIR). Prints a table and the ratio of the best plan's GPU-hours to the best full-tuning
-plan's; --json writes every candidate. A projection: see lvlm_region/plan.py for every assumption.
+plan's; --json writes every candidate. A projection: see lvlm_region/train/plan.py for every assumption.
 Also: lvlm-region plan --model CKPT ... (the same flags).
 Exit status: 0 done, 2 bad input.
 """
@@ -19,9 +19,10 @@ import logging
 import sys
 from dataclasses import dataclass
 
-from .. import cli, hub
 from ..config import Range, setting
-from ..plan import ASSUMED_MFU
+from ..infra import hub
+from ..train import cli
+from ..train.plan import ASSUMED_MFU
 
 
 @dataclass
@@ -37,7 +38,7 @@ class Settings:
 
 
 def parser():
-    from ..plan import Setting
+    from ..train.plan import Setting
 
     p = cli.command_parser(__doc__)
     cli.add_flags(p, settings=Setting)
@@ -46,7 +47,7 @@ def parser():
 
 
 def main(argv=None) -> int:
-    from ..plan import PlanError, Setting, calibrated_mfu, from_prepared, plan, table
+    from ..train.plan import PlanError, Setting, calibrated_mfu, from_prepared, plan, table
 
     args = cli.command_values(parser(), argv)
     logging.basicConfig(level=logging.WARNING, stream=sys.stderr)

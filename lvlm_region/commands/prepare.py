@@ -17,8 +17,8 @@ import os
 import sys
 from dataclasses import dataclass
 
-from .. import cli
 from ..config import STAGES, default, setting
+from ..train import cli
 
 FLAGS = ("image_folder", "template", "image_aspect_ratio", "max_length", "on_bad_sample", "max_bad_fraction",
          "verify_images", "allow_outside_images", "prep_workers")
@@ -49,7 +49,7 @@ def parser():
 def main(argv=None) -> int:
     args = cli.command_values(parser(), argv)
     cli.log_to_stdout()
-    from .. import prepare
+    from ..data import prepare
 
     folder = args["image_folder"] or os.path.dirname(os.path.abspath(args["data"]))
     template = args["template"] or default("template", args["stage"])

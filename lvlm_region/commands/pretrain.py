@@ -7,7 +7,7 @@
 
 Flags: lvlm-region pretrain --help (the same as python launch/pretrain.py --help).
 """
-from .. import cli
+from ..train import cli
 
 
 def parser():

@@ -18,8 +18,9 @@ import os
 import sys
 from dataclasses import dataclass
 
-from .. import cli, hub
 from ..config import AT_LEAST_1, setting
+from ..infra import hub
+from ..train import cli
 
 EVAL_FLAGS = ("text_eval_data", "image_folder", "micro_batch", "eval_max_samples", "max_new_tokens", "precision",
               "attn", "num_workers", "allow_outside_images")
@@ -52,7 +53,7 @@ def parser():
 def main(argv=None) -> int:
     args = cli.command_values(parser(), argv)
     cli.log_to_stdout()
-    from ..prune import parse_drops, run  # after logging is set up; heavy imports
+    from ..tools.prune import parse_drops, run
 
     try:
         if hub.is_hub_id(args["model"]) and not args["scores"]:

@@ -11,9 +11,9 @@ import logging
 import sys
 from dataclasses import dataclass
 
-from .. import cli
 from ..config import AT_LEAST_1, Range, setting
-from ..timing import PEAK_TFLOPS
+from ..infra.timing import PEAK_TFLOPS
+from ..train import cli
 
 
 @dataclass
@@ -39,7 +39,7 @@ def parser():
 
 
 def main(argv=None) -> int:
-    from ..report import Projection, ReportError, build, write
+    from ..tools.report import Projection, ReportError, build, write
 
     args = cli.command_values(parser(), argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s: %(message)s", stream=sys.stderr)

@@ -10,7 +10,7 @@
 
 Flags: lvlm-region sft --help (the same as python launch/sft.py --help).
 """
-from .. import cli
+from ..train import cli
 
 
 def parser():

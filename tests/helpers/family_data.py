@@ -8,10 +8,10 @@ import pytest
 import torch
 from PIL import Image
 
-from lvlm_region import prepare
-from lvlm_region.data import ImageTextDataset, collate
-from lvlm_region.images import ImageLoader
-from lvlm_region.loss import token_loss_sum
+from lvlm_region.data import prepare
+from lvlm_region.data.batches import ImageTextDataset, collate
+from lvlm_region.data.images import ImageLoader
+from lvlm_region.model.loss import token_loss_sum
 
 COLORS = ["red", "green", "blue", "yellow"]
 
@@ -88,7 +88,7 @@ def loss_of(model, layout, tok):
 def assert_packing_matches_padding(model, layout, tok, samples) -> None:
     """Packed into one row (positions restarting per sample, no mask, no KV cache, as the trainer runs it), the
     samples give the summed loss of their right-padded batch."""
-    from lvlm_region.data import collate_packed
+    from lvlm_region.data.batches import collate_packed
     assert all(int(s["labels"][0]) == -100 for s in samples)  # packing ignores each first label; so does the data
     padded, packed = collate(samples, tok.pad_token_id), collate_packed(samples)
     assert packed["input_ids"].shape[0] == 1 and "attention_mask" not in packed
@@ -108,7 +108,7 @@ def check_importance_and_pruning(ckpt: str, data: tuple[str, str], tmp) -> dict:
 
     from transformers import AutoConfig, AutoModelForImageTextToText
 
-    from lvlm_region import prune
+    from lvlm_region.tools import prune
     path, folder = data
     scores = os.path.join(tmp, "scores.json")
     res = subprocess.run([sys.executable, "launch/importance.py", "--model", ckpt, "--data", path, "--image-folder",

@@ -14,7 +14,7 @@ import torch
 import transformers as T
 
 from helpers.llava_next import PATCH, PINPOINTS, TILE, tokenizer
-from lvlm_region.families import llava_onevision
+from lvlm_region.model.families import llava_onevision
 
 TEXT = dict(model_type="qwen2", hidden_size=32, intermediate_size=64, num_hidden_layers=4, num_attention_heads=4,
             num_key_value_heads=2, max_position_embeddings=512, tie_word_embeddings=False)

@@ -13,11 +13,11 @@ import sys
 import torch
 from transformers import AutoConfig
 
-from lvlm_region import engine
-from lvlm_region.families import find_parts
-from lvlm_region.model import load_model, skeleton
-from lvlm_region.projector import import_projector, read_mm_projector
-from lvlm_region.trainable import projector_parameters
+from lvlm_region.train import engine
+from lvlm_region.model.families import find_parts
+from lvlm_region.model.load import load_model, skeleton
+from lvlm_region.model.projector import import_projector, read_mm_projector
+from lvlm_region.model.trainable import projector_parameters
 
 
 def main() -> None:

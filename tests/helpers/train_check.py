@@ -15,10 +15,10 @@ import torch
 from safetensors.torch import load_file
 from transformers import AutoModelForImageTextToText
 
-from lvlm_region import checkpoint, engine
-from lvlm_region.cli import parse
-from lvlm_region.projector import PROJECTOR_FILE, projector_prefixes
-from lvlm_region.trainer import train
+from lvlm_region.train import checkpoint, engine
+from lvlm_region.train.cli import parse
+from lvlm_region.model.projector import PROJECTOR_FILE, projector_prefixes
+from lvlm_region.train.trainer import train
 
 
 def main() -> None:

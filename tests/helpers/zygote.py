@@ -34,8 +34,8 @@ import deepspeed  # noqa: E402, F401
 import torch  # noqa: E402, F401
 import transformers  # noqa: E402, F401
 
-import lvlm_region.cli  # noqa: E402, F401
-import lvlm_region.trainer  # noqa: E402, F401
+import lvlm_region.train.cli  # noqa: E402, F401
+import lvlm_region.train.trainer  # noqa: E402, F401
 
 
 def child(req: dict) -> None:

@@ -25,10 +25,12 @@ import datasets
 
 from transformers import AutoConfig
 
-from . import families, formats, images, outputs
-from .config import check_options
+from ..config import check_options
+from ..infra import outputs
+from ..model import families
+from ..model.image_inputs import ImageLayout
+from . import formats, images
 from .formats import BadSample
-from .image_inputs import ImageLayout
 from .templates import IMAGE_PLACEHOLDER, ChatFormat, TemplateError, resolve
 
 log = logging.getLogger(__name__)

@@ -19,6 +19,8 @@ import hashlib
 import os
 from dataclasses import dataclass
 
+from ..config import TEMPLATES
+
 IMAGE_PLACEHOLDER = "<image>"  # LLaVA's marker in the data; Llava's processors emit the same token
 IGNORE = -100
 # LLaVA-1.5's system prompt: conv_vicuna_v1 in LLaVA's llava/conversation.py, which it trains with (--version v1)
@@ -63,6 +65,8 @@ BUILTIN = {
 NEEDS_TOKENS = {"llama3": ("<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>"),
                 "phi3": ("<|user|>", "<|assistant|>", "<|end|>"), "chatml": ("<|im_start|>", "<|im_end|>")}
 NAMES = ("auto", *BUILTIN)
+if NAMES != TEMPLATES:  # the run config lists the valid --template values; they must be these
+    raise ImportError(f"config.TEMPLATES {TEMPLATES} and the templates defined here {NAMES} differ")
 
 
 class TemplateError(ValueError):

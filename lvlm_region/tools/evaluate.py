@@ -11,11 +11,12 @@ import logging
 import os
 import time
 
-from . import engine, outputs
-from .config import RunConfig
-from .evaluate import evaluate
-from .model import load_model
-from .run_setup import obtain_data, setup
+from ..config import RunConfig
+from ..infra import outputs
+from ..model.load import load_model
+from ..train import engine
+from ..train.held_out import evaluate
+from ..train.run_setup import obtain_data, setup
 
 log = logging.getLogger(__name__)
 

@@ -21,14 +21,18 @@ from pathlib import Path
 
 from transformers import AutoConfig
 
-from . import checkpoint, demo, outputs, regions, report
-from .config import DEMO_DIR, RANGES, TEXT_EVAL, flag
-from .families import find_parts
-from .model import num_decoder_layers, skeleton
+from ..config import DEMO_DIR, RANGES, TEXT_EVAL, flag
+from ..data import demo
+from ..infra import outputs
+from ..model import regions
+from ..model.families import find_parts
+from ..model.load import num_decoder_layers, skeleton
+from ..train import checkpoint
+from . import report
 
 log = logging.getLogger(__name__)
 
-SFT = Path(__file__).resolve().parents[1] / "launch" / "sft.py"
+SFT = Path(__file__).resolve().parents[2] / "launch" / "sft.py"
 EVALUATE = SFT.parent / "evaluate.py"
 OWNED = ("--region", "--seed", "--output-dir", "--resume", "--overwrite")  # flags compare sets per arm
 ARM_FILE = "compare.json"
@@ -115,7 +119,7 @@ def _flag(args: list[str], name: str) -> str | None:
 
 def check_arm_flags(passthrough: list[str]) -> None:
     """Parse the arms' flags with launch/sft.py's parser (no abbreviations), so a typo fails before any arm."""
-    from .cli import build_parser
+    from ..train.cli import build_parser
 
     parser = build_parser("sft", "")
     parser.exit_on_error = False
@@ -271,7 +275,7 @@ def _status(run_json: str) -> str | None:
 def arms_config(passthrough: list[str]):
     """The arms' run config as launch/sft.py resolves it (template, image aspect, length limit): the start model is
     evaluated with these, not with its own stage-1 settings."""
-    from .cli import parse
+    from ..train.cli import parse
 
     return parse("sft", "", [*passthrough, "--output-dir", "arm"]).resolve()
 

@@ -11,12 +11,12 @@ import string
 
 import torch
 
+from ..data.batches import ImageTextDataset, run_loader, to_device
+from ..data.prepare import image_token_ids
+from ..data.templates import end_of_turn_id
+from ..model.families import find_parts
+from ..model.loss import loss_positions, token_loss_sum, valid_tokens
 from . import engine
-from .data import ImageTextDataset, run_loader, to_device
-from .families import find_parts
-from .loss import loss_positions, token_loss_sum, valid_tokens
-from .prepare import image_token_ids
-from .templates import end_of_turn_id
 
 log = logging.getLogger(__name__)
 

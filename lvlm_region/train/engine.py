@@ -24,11 +24,11 @@ import torch.distributed as dist
 import transformers
 from deepspeed.accelerator import get_accelerator
 
-from .timing import DTYPES
+from ..infra.timing import DTYPES
 
 log = logging.getLogger(__name__)
 
-DS_CONFIG_DIR = Path(__file__).resolve().parents[1] / "ds_configs"
+DS_CONFIG_DIR = Path(__file__).resolve().parents[2] / "ds_configs"
 # Keys the run config owns; a DeepSpeed JSON may leave them out or say "auto", but not disagree.
 OWNED = ("train_micro_batch_size_per_gpu", "gradient_accumulation_steps", "gradient_clipping", "train_batch_size")
 

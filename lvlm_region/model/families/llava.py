@@ -10,8 +10,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from ..flops import (Block, VisionFlops, any_trainable, is_checkpointed, last_linear_macs, linear_macs,
-                     projector_block)
+from ..flops import Block, VisionFlops, any_trainable, is_checkpointed, last_linear_macs, linear_macs, projector_block
 from ..image_inputs import DummyImage, ImageLayout
 from .base import Family
 

@@ -19,17 +19,20 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from . import checkpoint, engine, families, lora, outputs, prepare, timing, tracking
-from .config import RESUME_MAY_CHANGE, RunConfig, trackers
-from .data import BatchStream, ImageTextDataset, run_loader, to_device
-from .evaluate import evaluate
-from .flops import BatchShape
-from .image_inputs import ImageLayout
-from .loss import loss_positions, router_loss, token_loss_sum, valid_tokens
-from .model import enable_checkpointing, load_model, skeleton
-from .projector import PROJECTOR_FILE, export_projector, import_projector, load_projector
+from ..config import RESUME_MAY_CHANGE, RunConfig, trackers
+from ..data import prepare
+from ..data.batches import BatchStream, ImageTextDataset, run_loader, to_device
+from ..infra import outputs, timing, tracking
+from ..model import families, lora
+from ..model.flops import BatchShape
+from ..model.image_inputs import ImageLayout
+from ..model.load import enable_checkpointing, load_model, skeleton
+from ..model.loss import loss_positions, router_loss, token_loss_sum, valid_tokens
+from ..model.projector import PROJECTOR_FILE, export_projector, import_projector, load_projector
+from ..model.trainable import apply_region, largest_module, projector_parameters
+from . import checkpoint, engine
+from .held_out import evaluate
 from .run_setup import Setup, obtain_data, plan_run, setup
-from .trainable import apply_region, largest_module, projector_parameters
 
 log = logging.getLogger(__name__)
 

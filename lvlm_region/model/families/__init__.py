@@ -67,7 +67,7 @@ def check_trainable(config, where: str) -> Family:
     family = get(config.model_type)
     if family is not None and family.trains:
         return family
-    why = family.not_trainable if family else "no family in lvlm_region/families/ describes its layout and inputs"
+    why = family.not_trainable if family else "no family in lvlm_region/model/families/ describes its layout and inputs"
     supported = "; ".join(f.title for f in FAMILIES if f.trains)
     raise ValueError(f"{where} is a {config.model_type} model ({type(config).__name__}); training it is not supported "
                      f"yet: {why}. Supported for training: {', '.join(trainable())} ({supported})")

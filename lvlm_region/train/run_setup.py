@@ -15,12 +15,15 @@ import datasets
 import torch
 from transformers import AutoConfig, AutoTokenizer
 
-from . import assemble, checkpoint, demo, engine, families, formats, outputs, plan, prepare, regions, templates, timing
-from .config import DEMO_DIR, PLANNED, RunConfig, flag
-from .families import find_parts
-from .images import ImageLoader
-from .model import num_decoder_layers, resolve_attention, skeleton
-from .projector import read_mm_projector
+from ..config import DEMO_DIR, PLANNED, RunConfig, flag
+from ..data import demo, formats, prepare, templates
+from ..data.images import ImageLoader
+from ..infra import outputs, timing
+from ..model import assemble, families, regions
+from ..model.families import find_parts
+from ..model.load import num_decoder_layers, resolve_attention, skeleton
+from ..model.projector import read_mm_projector
+from . import checkpoint, engine, plan
 
 log = logging.getLogger(__name__)
 
@@ -140,7 +143,7 @@ def dry_run(cfg: RunConfig, ranks: int) -> dict:
         model_config = AutoConfig.from_pretrained(cfg.model_path)
     shape = skeleton(model_config)
     region = regions.resolve(cfg.region, num_decoder_layers(model_config), tied=find_parts(shape).tied)
-    from .trainable import apply_region
+    from ..model.trainable import apply_region
     counts = apply_region(shape, region, cfg.tuner) if cfg.tuner == "full" else None
     if cfg.global_batch is not None and cfg.plan != "auto":
         cfg.grad_accum = accumulation(cfg, cfg.global_batch, ranks)

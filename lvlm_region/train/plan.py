@@ -35,12 +35,13 @@ import torch
 from torch import nn
 from transformers import AttentionInterface, AutoConfig
 
-from . import families, regions, timing
-from .config import AT_LEAST_1, POSITIVE, Range, same_as, setting
-from .families import find_parts, flop_model
-from .flops import BatchShape
-from .model import skeleton
-from .trainable import apply_region, largest_module
+from ..config import AT_LEAST_1, POSITIVE, Range, same_as, setting
+from ..infra import timing
+from ..model import families, regions
+from ..model.families import find_parts, flop_model
+from ..model.flops import BatchShape
+from ..model.load import skeleton
+from ..model.trainable import apply_region, largest_module
 
 GIB = 2 ** 30
 # Memory per GPU in GiB as torch sees it (torch.cuda.get_device_properties().total_memory: the nominal "80GB" of an
@@ -207,7 +208,7 @@ class Shapes:
         if spec not in self._lora:
             from peft.tuners.lora import LoraModel
 
-            from .lora import peft_config
+            from ..model.lora import peft_config
 
             model = skeleton(self.config).to(self.dtype)
             model.set_attn_implementation(ATTENTION)
@@ -469,7 +470,7 @@ def trained_fraction(labels: list[list[int]]) -> float:
 
 def from_prepared(path: str, sample: int = 10_000) -> dict:
     """data_shape of a prepared data directory (launch/plan.py --data)."""
-    from .prepare import is_prepared, load_prepared
+    from ..data.prepare import is_prepared, load_prepared
 
     if not is_prepared(path):
         raise PlanError(f"--data {path} is not a prepared directory (data_prep/prepare.py writes one); or give "

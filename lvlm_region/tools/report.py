@@ -15,8 +15,8 @@ import json
 import os
 from dataclasses import dataclass
 
-from . import outputs
-from .timing import PEAK_TFLOPS
+from ..infra import outputs
+from ..infra.timing import PEAK_TFLOPS
 
 
 class ReportError(ValueError):

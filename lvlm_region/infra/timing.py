@@ -2,7 +2,7 @@
 
 Phases are measured with device events on GPU (recorded without synchronising; read once per step after the
 step's own loss all-reduce has synchronised anyway) and with the wall clock on CPU, so the harness adds no
-synchronisation of its own. MFU = model FLOPs (lvlm_region.flops: forward + activation + weight gradients of
+synchronisation of its own. MFU = model FLOPs (lvlm_region.model.flops: forward + activation + weight gradients of
 what actually trains, never 6N) / (step time x peak). Peaks: dense bf16 TFLOP/s per GPU from PEAK_TFLOPS by
 device name, ``--peak-tflops`` to override, and on CPU a matmul measured at start-up.
 """

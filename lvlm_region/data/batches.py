@@ -1,6 +1,6 @@
 """Prepared samples -> batches: lazy image loading, padding collate, resumable sharded sampling.
 
-Samples come from ``lvlm_region.prepare`` (token ids, labels, image paths). Images are read in DataLoader
+Samples come from ``lvlm_region.data.prepare`` (token ids, labels, image paths). Images are read in DataLoader
 workers; an image that fails to decode is replaced by the next sample that loads, and counted.
 """
 from __future__ import annotations
@@ -15,7 +15,7 @@ import signal
 
 import torch
 
-from .image_inputs import DummyImage, ImageLayout
+from ..model.image_inputs import DummyImage, ImageLayout
 from .images import DECODE_ERRORS, ImageLoader
 from .templates import IGNORE
 

@@ -36,10 +36,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .config import PLANNED, RESUME_MAY_CHANGE, RunConfig, flag
+from ..config import PLANNED, RESUME_MAY_CHANGE, RunConfig, flag
+from ..infra.outputs import RUN_FILES, set_aside_files, write_json_atomic
+from ..infra.tracking import DIRS as TRACKER_FILES
 from .engine import barrier, load_state, rank, rng_state, save_state, set_rng_state
-from .outputs import RUN_FILES, set_aside_files, write_json_atomic
-from .tracking import DIRS as TRACKER_FILES
 
 log = logging.getLogger(__name__)
 

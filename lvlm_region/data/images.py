@@ -16,11 +16,11 @@ import numpy as np
 import torch
 from PIL import Image
 
+from ..config import ASPECTS
 from .formats import BadSample
 
 MIN_SIDE = 8  # a 1x1 / 2x2 image carries nothing a vision tower can use
 MAX_PIXELS = 8192 * 8192  # decoding a 20000x20000 image takes 1.2 GB per worker; LLaVA's largest are < 20 MP
-ASPECTS = ("pad", "square")
 DECODE_ERRORS = (OSError, ValueError, SyntaxError, Image.DecompressionBombError)  # what PIL raises on bad files
 Image.MAX_IMAGE_PIXELS = MAX_PIXELS  # PIL's own bomb check agrees with ours
 

@@ -31,8 +31,9 @@ from pathlib import Path
 import torch
 from transformers import AutoModelForImageTextToText, PreTrainedModel
 
-from . import families, outputs, regions
-from .eval_run import trained_settings, trained_with
+from ..infra import outputs
+from ..model import families, regions
+from .evaluate import trained_settings, trained_with
 from .importance import check_layers
 
 log = logging.getLogger(__name__)
@@ -41,7 +42,7 @@ PRUNE_FILE = "prune.json"  # in every pruned model directory
 SWEEP_FILE = "prune_sweep.json"  # in the output directory of several K (one model per K below it)
 STAGING = ".prune-staging"  # written first into OUTPUT.partial: a leftover holding it is an earlier attempt's
 MARKERS = (PRUNE_FILE, SWEEP_FILE)  # an earlier output of this program, which a new one may replace
-EVALUATE = Path(__file__).resolve().parents[1] / "launch" / "evaluate.py"
+EVALUATE = Path(__file__).resolve().parents[2] / "launch" / "evaluate.py"
 # What a checkpoint's tokenizer, processor and chat template are made of (copied as they are).
 PROCESSOR_FILES = ("tokenizer*", "special_tokens_map.json", "added_tokens.json", "vocab*", "merges.txt", "*.model",
                    "chat_template.*", "preprocessor_config.json", "processor_config.json",
@@ -289,11 +290,11 @@ def generation_speed(rows: list[dict], cfg, new_tokens: int, repeats: int) -> di
     """Greedy generation tokens/s of every row's model on the same prompt batch (the first micro-batch of
     ``cfg.eval_data``), exactly ``new_tokens`` new tokens per prompt (end-of-sequence suppressed), in this process,
     one model after another: a warm-up call, then the median of ``repeats`` timed calls. Adds ``tokens_per_s``."""
-    from . import engine
-    from .data import run_loader, to_device
-    from .evaluate import PromptDataset
-    from .model import load_model
-    from .run_setup import obtain_data, setup
+    from ..train import engine
+    from ..data.batches import run_loader, to_device
+    from ..train.held_out import PromptDataset
+    from ..model.load import load_model
+    from ..train.run_setup import obtain_data, setup
 
     s = setup(cfg, trains=False)
     ds, folder = obtain_data(cfg.eval_data, cfg.image_folder, "speed", s)
@@ -382,7 +383,7 @@ def run(model: str, scores_file: str, drops: list[int], protect: str | None, out
               "models": records}
     if eval_data is None:
         return result
-    from .eval_run import evaluation_config
+    from .evaluate import evaluation_config
 
     flags = {k: v for k, v in (eval_flags or {}).items() if v is not None and v is not False}
     args = ["--data", os.path.abspath(eval_data)]

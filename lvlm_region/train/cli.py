@@ -9,8 +9,8 @@ import os
 import sys
 from dataclasses import dataclass
 
-from .config import AT_LEAST_1, RANGES, Range, RunConfig, flag, setting
-from .regions import VALID_FORMS
+from ..config import AT_LEAST_1, RANGES, Range, RunConfig, flag, setting
+from ..model.regions import VALID_FORMS
 
 
 def number(name: str, valid: Range | None = None):
@@ -300,7 +300,7 @@ def main(stage: str, doc: str, argv: list[str] | None = None) -> int:
     cfg = config_of(stage, values, given)
     if dry is not None:
         return print_dry_run(cfg, dry or int(os.environ.get("WORLD_SIZE", "1")))
-    from .trainer import TrainingDiverged, train_and_compare  # after logging is set up; heavy imports
+    from .trainer import TrainingDiverged, train_and_compare
 
     try:
         result = train_and_compare(cfg)

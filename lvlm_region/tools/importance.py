@@ -20,13 +20,14 @@ import time
 
 import torch
 
-from . import engine, outputs
-from .config import RunConfig
-from .data import ImageTextDataset, run_loader, to_device
-from .eval_run import trained_with
-from .families import find_parts
-from .model import load_model, skeleton
-from .run_setup import obtain_data, setup
+from ..config import RunConfig
+from ..data.batches import ImageTextDataset, run_loader, to_device
+from ..infra import outputs
+from ..model.families import find_parts
+from ..model.load import load_model, skeleton
+from ..train import engine
+from ..train.run_setup import obtain_data, setup
+from .evaluate import trained_with
 
 log = logging.getLogger(__name__)
 

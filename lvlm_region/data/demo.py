@@ -27,11 +27,11 @@ from tqdm import tqdm
 from transformers import (AutoTokenizer, CLIPVisionConfig, LlamaConfig, LlamaTokenizer, LlavaConfig,
                           LlavaForConditionalGeneration, LlavaProcessor)
 
-from . import outputs
-from .config import TEXT_EVAL
-from .families.llava import class_tokens, image_seq_length
+from ..config import TEXT_EVAL
+from ..infra import outputs
+from ..model.families.llava import class_tokens, image_seq_length
+from ..model.loss import token_loss_sum, valid_tokens
 from .formats import normalize
-from .loss import token_loss_sum, valid_tokens
 from .templates import BUILTIN, VICUNA_SYSTEM, resolve
 
 log = logging.getLogger(__name__)

@@ -21,7 +21,7 @@ from transformers import (AutoConfig, AutoImageProcessor, AutoModelForCausalLM, 
                           LlavaConfig, LlavaForConditionalGeneration, LlavaProcessor, SiglipVisionModel)
 from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
 
-from . import outputs
+from ..infra import outputs
 from .families.llava import class_tokens, image_seq_length
 
 log = logging.getLogger(__name__)

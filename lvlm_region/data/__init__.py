@@ -1,0 +1,1 @@
+"""The data side: training data formats, chat templates, images, preparation, batches, the embedded demo."""
