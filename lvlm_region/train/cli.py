@@ -1,4 +1,6 @@
-"""Command-line flags shared by the launchers: they map one to one onto RunConfig fields."""
+"""The command line from declared settings: every command's flags (one per RunConfig field or per field of a
+command's settings dataclass, each a config.setting), --config recipe files and run.json reruns, --dry-run, and the
+training commands' main (lvlm-region pretrain / sft, launch/pretrain.py, launch/sft.py)."""
 from __future__ import annotations
 
 import argparse
@@ -49,11 +51,6 @@ def help_text(f: dataclasses.Field, stage: str) -> str:
         default = None
     text = meta["help"] + (f"; {VALID_FORMS}" if f.name == "region" else "")
     return f"{text} (default: {default})" if default is not None else text
-
-
-def field_help(name: str, stage: str = "sft") -> str:
-    """The help of RunConfig field ``name``."""
-    return help_text(next(f for f in dataclasses.fields(RunConfig) if f.name == name), stage)
 
 
 CONFIG_HELP = ("a recipe: a YAML or JSON file of flag values (keys are flag names, lora-r or lora_r); flags on the "
