@@ -166,22 +166,49 @@ def test_gemma3_activations_match_what_autograd_keeps(tmp_path):
     assert all(0.95 <= r <= 1.05 for r in ratios.values()), sorted(ratios.items())
 
 
-@pytest.mark.parametrize("family", ["internvl", "llava_next", "llava_onevision", "qwen3_vl_moe", "qwen3_5_moe"])
+def test_llava_next_tokens_tiles_and_activations_match_the_processor_and_autograd(tmp_path):
+    """LLaVA-NeXT: an image of --image-size's side is the base tile plus its grid pinpoint's tiles (the processor's
+    pixel tensors), and as many image tokens as LlavaNextProcessor counts; the activations within 5% of autograd."""
+    from PIL import Image
+    from transformers import AutoProcessor
+
+    from helpers import llava_next
+
+    path = llava_next.build(str(tmp_path / "n"))
+    processor = AutoProcessor.from_pretrained(path)
+    for side in (28, 40, 56, 70):
+        shapes = plan.Shapes(plan.Setting(model=path, image_size=side))
+        px = processor.image_processor(images=[Image.new("RGB", (side, side), "red")], return_tensors="pt")
+        assert shapes.tokens()[0] == processor._get_num_multimodal_tokens(image_sizes=[(side, side)])[
+            "num_image_tokens"][0]
+        assert shapes.family.planned_tiles(shapes.config, side) == px["pixel_values"].shape[1]
+    cfg, side, rows, seq = shapes.config, 56, 2, 64
+    px = processor.image_processor(images=[Image.new("RGB", (side, side), "red")] * rows, return_tensors="pt")
+    n = shapes.tokens()[0]
+    g = torch.Generator().manual_seed(0)
+    ids = torch.cat([torch.full((rows, n), cfg.image_token_id), torch.randint(5, 30, (rows, seq - n), generator=g)],
+                    1)
+    inputs = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "pixel_values": px["pixel_values"].bfloat16(),
+              "image_sizes": px["image_sizes"]}
+    ratios = compare(path, inputs, ids.clone(), seq, ("uniform25", "full", "none", "last25-projector",
+                                                      "uniform25+vision"), image_size=side)
+    assert all(0.95 <= r <= 1.05 for r in ratios.values()), sorted(ratios.items())
+
+
+@pytest.mark.parametrize("family", ["internvl", "llava_onevision", "qwen3_vl_moe", "qwen3_5_moe"])
 def test_a_family_the_planner_does_not_model_is_refused_with_what_to_do(tmp_path, capsys, family):
-    """InternVL's, LLaVA-NeXT's and LLaVA-OneVision's tiles and the MoE models' routed experts are not in the
-    planner's token and activation model: a plan for them would be silently wrong, so it is refused (only
-    config.json is read)."""
-    from helpers import internvl, llava_next, llava_onevision, qwen
-    helper = {"internvl": internvl.model, "llava_next": llava_next.model,
-              "llava_onevision": llava_onevision.model, "qwen3_vl_moe": lambda: qwen.model("qwen3_vl_moe"),
-              "qwen3_5_moe": lambda: qwen.model("qwen3_5_moe")}
+    """InternVL's and LLaVA-OneVision's tiles and the MoE models' routed experts are not in the planner's token and
+    activation model: a plan for them would be silently wrong, so it is refused (only config.json is read)."""
+    from helpers import internvl, llava_onevision, qwen
+    helper = {"internvl": internvl.model, "llava_onevision": llava_onevision.model,
+              "qwen3_vl_moe": lambda: qwen.model("qwen3_vl_moe"), "qwen3_5_moe": lambda: qwen.model("qwen3_5_moe")}
     helper[family]().config.save_pretrained(tmp_path)
     code = launcher()(["--model", str(tmp_path), "--gpus", "8", "--gpu", "A100-80GB", "--region", "uniform25"])
     err = capsys.readouterr().err
     assert code == 2
     assert (f"is a {family} model, whose image tokens and activations the planner does not model yet (it models "
-            "gemma3, llava, qwen2_vl, qwen2_5_vl, qwen3_5, qwen3_vl); give --micro-batch, --grad-accum, --zero and "
-            "--grad-ckpt yourself") in err
+            "gemma3, llava, llava_next, qwen2_vl, qwen2_5_vl, qwen3_5, qwen3_vl); give --micro-batch, --grad-accum, "
+            "--zero and --grad-ckpt yourself") in err
 
 
 def test_the_plan_for_llava_7b_on_8_a100s(tmp_path, capsys):

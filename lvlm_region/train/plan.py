@@ -143,8 +143,9 @@ class Setting:
     global_batch: int = setting(128, "samples per optimizer step", valid=AT_LEAST_1)
     mfu: float = setting(ASSUMED_MFU, "model FLOPs utilisation of the step time", flag=False)
     mfu_source: str = setting("assumed", "where mfu comes from", flag=False)
-    image_size: int | None = setting(None, "Qwen2-VL: the side images are resized to", valid=AT_LEAST_1,
-                                     default_help="448")
+    image_size: int | None = setting(None, "the images' side: Qwen2-VL's are resized to it; LLaVA-NeXT's size picks "
+                                           "their tiles", valid=AT_LEAST_1,
+                                     default_help="Qwen2-VL 448; LLaVA-NeXT the largest grid pinpoint (the most tiles)")
 
     def memory_bytes(self) -> float:
         if self.gpu_memory_gb is not None:
@@ -306,7 +307,8 @@ class Shapes:
         else:  # the blocks as the model has them (adapters' own matmuls train), with the checkpointing asked for
             fm = replace(fm, blocks=[replace(b, checkpointed=grad_ckpt) if b.kind == "llm" else b for b in fm.blocks])
         _, grids = self.tokens()
-        shape = BatchShape(rows=rows, seq_len=self.s.seq_len, images=rows * self.s.images,
+        tower = rows * self.s.images * self.family.planned_tiles(self.config, self.s.image_size)
+        shape = BatchShape(rows=rows, seq_len=self.s.seq_len, images=tower,
                            grids=grids * rows * self.s.images,
                            head_tokens=max(1, int(rows * self.s.seq_len * self.s.trained_fraction)))
         return fm.micro_batch(shape).hardware

@@ -125,6 +125,10 @@ class Family:
         """(tokens one image becomes in the LLM, its patch grid (t, h, w) for the FLOP model: () if fixed)."""
         raise NotImplementedError(f"{self.title}: the planner does not model its images")
 
+    def planned_tiles(self, config, image_size: int | None) -> int:
+        """What the vision tower runs on per image (the FLOP model's images): 1, or a tiled family's tiles."""
+        return 1
+
     def planned_vision_inputs(self, config, images: int, dtype: torch.dtype, image_size: int | None) -> dict:
         """get_image_features' keyword arguments for ``images`` images, on the meta device."""
         raise NotImplementedError(f"{self.title}: the planner does not model its images")

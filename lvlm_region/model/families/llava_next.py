@@ -63,7 +63,7 @@ class LlavaNext(Llava):
     model_types = ("llava_next",)
     title = "LLaVA-NeXT (llava-v1.6 / llava-hf llava-v1.6-* checkpoints)"
     projector_extra_attrs = ("image_newline",)  # trains with the projector
-    planned = False  # the planner does not model tiles yet
+    planned = True
 
     def default_aspect(self, stage: str) -> str:
         """The processor's own anyres resize and padding (as LLaVA-NeXT trains); pad would add tokens."""
@@ -89,6 +89,44 @@ class LlavaNext(Llava):
                              "preprocessor_config.json")
         return AnyresImages(config.image_token_id, side, tuple(tuple(x) for x in pinpoints), processor,
                             pad=aspect == "pad")
+
+
+    # The planner: images of image_size x image_size (default: the largest grid pinpoint, the most tiles: an upper
+    # bound), each the base tile plus its grid's tiles through the tower and the projector
+    def planned_side(self, config, image_size: int | None) -> int:
+        return image_size or max(max(p) for p in config.image_grid_pinpoints)
+
+    def planned_tiles(self, config, image_size: int | None) -> int:
+        """Tower inputs per image: the base tile and the tiles of the grid pinpoint its size selects."""
+        from transformers.models.llava_next.modeling_llava_next import image_size_to_num_patches
+        side, tile = self.planned_side(config, image_size), config.vision_config.image_size
+        return int(image_size_to_num_patches((side, side), config.image_grid_pinpoints, tile))
+
+    def planned_tokens(self, config, image_size: int | None) -> tuple[int, tuple]:
+        """LlavaNextProcessor's count from the config: the base tile's features, the grid's features with the
+        padding of the image's aspect removed, and a newline per row of them."""
+        from transformers.image_processing_utils import select_best_resolution
+        side, v = self.planned_side(config, image_size), config.vision_config
+        best_h, best_w = select_best_resolution([side, side], config.image_grid_pinpoints)
+        per_tile = v.image_size // v.patch_size
+        height, width = per_tile * (best_h // v.image_size), per_tile * (best_w // v.image_size)
+        if width < height:  # the image (square) fills the grid's width; the rest of its height is padding
+            height -= 2 * ((height - int(round(side * (width / side), 7))) // 2)
+        else:
+            width -= 2 * ((width - int(round(side * (height / side), 7))) // 2)
+        base = per_tile ** 2 + (class_tokens(v) if config.vision_feature_select_strategy == "full" else 0)
+        return base + height * width + height, ()
+
+    def planned_vision_inputs(self, config, images: int, dtype: torch.dtype, image_size: int | None) -> dict:
+        side, tile = self.planned_side(config, image_size), config.vision_config.image_size
+        n = images * self.planned_tiles(config, image_size)
+        return {"pixel_values": torch.empty(n, 3, tile, tile, device="meta", dtype=dtype),
+                "image_sizes": torch.tensor([[side, side]] * images)}
+
+    def planned_projector_input(self, config, projector, images: int, dtype: torch.dtype,
+                                image_size: int | None) -> torch.Tensor:
+        return super().planned_projector_input(config, projector, images * self.planned_tiles(config, image_size),
+                                               dtype, image_size)
 
 
 FAMILY = LlavaNext()

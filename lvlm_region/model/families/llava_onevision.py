@@ -105,6 +105,7 @@ class OnevisionImages(ImageLayout):
 class LlavaOnevision(LlavaNext):
     model_types = ("llava_onevision",)
     title = "LLaVA-OneVision (llava-hf llava-onevision-*-hf checkpoints)"
+    planned = False  # the planner does not model OneVision's tiles (anyres_max, pooled multi-image features) yet
 
     def load_processor(self, path: str) -> SplitProcessor:
         processor = SplitProcessor(path)
