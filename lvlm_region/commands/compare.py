@@ -49,9 +49,7 @@ def parser():
 def split_config(p: argparse.ArgumentParser, argv: list[str] | None) -> list[str]:
     """--config's file: compare's own keys become ``p``'s defaults; the arms' (launch/sft.py flags) are returned as
     arguments to put before the command line's own pass-through flags (which so win)."""
-    pre = argparse.ArgumentParser(add_help=False, allow_abbrev=False)
-    pre.add_argument("--config")
-    path = pre.parse_known_args(argv)[0].config
+    path = cli.config_path(argv)
     if not path:
         return []
     data = cli.read_config_file(path)

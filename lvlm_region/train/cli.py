@@ -122,23 +122,26 @@ def add_flags(p: argparse.ArgumentParser, stage: str = "sft", names: tuple[str, 
         p.add_argument(flag(f.name), **kw)
 
 
-def parse_args(parser: argparse.ArgumentParser, argv: list[str] | None, stage: str | None = None,
-               known: bool = False):
-    """``parser``'s values with --config's file under the command line: (values by dest, the dests given on the
-    command line or in the file[, the arguments not known, with ``known``]); --config and --local_rank are not among
-    them. A run.json's config is a valid file (``stage``: the command's stage, which it must match)."""
+def config_path(argv: list[str] | None) -> str | None:
+    """The --config FILE among ``argv``, read before the command's own parse (its values become the defaults)."""
     pre = argparse.ArgumentParser(add_help=False, allow_abbrev=False)
     pre.add_argument("--config")
-    path = pre.parse_known_args(argv)[0].config
+    return pre.parse_known_args(argv)[0].config
+
+
+def parse_args(parser: argparse.ArgumentParser, argv: list[str] | None, stage: str | None = None):
+    """``parser``'s values with --config's file under the command line: (values by dest, the dests given on the
+    command line or in the file); --config and --local_rank are not among them. A run.json's config is a valid file
+    (``stage``: the command's stage, which it must match)."""
+    path = config_path(argv)
     from_file = apply_config_file(parser, path, stage) if path else {}
-    args, rest = parser.parse_known_args(argv) if known else (parser.parse_args(argv), [])
-    values = {k: v for k, v in vars(args).items() if k not in ("config", "local_rank")}
+    values = {k: v for k, v in vars(parser.parse_args(argv)).items() if k not in ("config", "local_rank")}
     for action in parser._actions:  # parsed again without defaults: what remains was given on the command line
         action.default = argparse.SUPPRESS
         action.required = False
     typed = set(vars(parser.parse_known_args(argv)[0]))
     given = (typed | set(from_file)) - {"config", "local_rank"}
-    return (values, given, rest) if known else (values, given)
+    return values, given
 
 
 # run.json's config fields that are no flag: the stage is the command's, explicit what was typed, sources what

@@ -23,6 +23,7 @@ from ..model import assemble, families, regions
 from ..model.families import find_parts
 from ..model.load import num_decoder_layers, resolve_attention, skeleton
 from ..model.projector import read_mm_projector
+from ..model.trainable import apply_region
 from . import checkpoint, engine, plan
 
 log = logging.getLogger(__name__)
@@ -95,8 +96,7 @@ def setup(cfg: RunConfig, trains: bool = True) -> Setup:
     if not os.path.isfile(os.path.join(cfg.model_path, "config.json")):
         raise FileNotFoundError(f"--model {cfg.model_path}: no config.json; give a local transformers checkpoint dir")
     model_config = AutoConfig.from_pretrained(cfg.model_path)
-    shape = skeleton(model_config)  # on the meta device: no weights
-    region = regions.resolve(cfg.region, num_decoder_layers(model_config), tied=find_parts(shape).tied)
+    region, shape = config_region(cfg.region, model_config)
     if cfg.tuner == "lora" and not region.layers:
         raise ValueError(f"--tuner lora: region {region.spec!r} selects no decoder layer, so there is nothing to put "
                          "LoRA on; give a region with layers (e.g. --region uniform25) or use --tuner full")
@@ -141,9 +141,7 @@ def dry_run(cfg: RunConfig, ranks: int) -> dict:
         raise FileNotFoundError(f"--model {cfg.model_path}: no config.json; a dry run reads the model's config.json")
     else:
         model_config = AutoConfig.from_pretrained(cfg.model_path)
-    shape = skeleton(model_config)
-    region = regions.resolve(cfg.region, num_decoder_layers(model_config), tied=find_parts(shape).tied)
-    from ..model.trainable import apply_region
+    region, shape = config_region(cfg.region, model_config)
     counts = apply_region(shape, region, cfg.tuner) if cfg.tuner == "full" else None
     if cfg.global_batch is not None and cfg.plan != "auto":
         cfg.grad_accum = accumulation(cfg, cfg.global_batch, ranks)
@@ -158,7 +156,7 @@ def dry_run(cfg: RunConfig, ranks: int) -> dict:
              "--image-folder": cfg.image_folder, "--init": cfg.init, "--init-projector": cfg.init_projector,
              "--ds-config": cfg.ds_config, "--llm": cfg.llm, "--vision": cfg.vision}
     return {
-        "stage": cfg.stage, "model": (shown(cfg, "model") or cfg.model_path) if cfg.llm is None else
+        "model": (shown(cfg, "model") or cfg.model_path) if cfg.llm is None else
         f"{shown(cfg, 'llm')} + {shown(cfg, 'vision')} (assembled)",
         "model_type": model_config.model_type,
         "decoder_layers": num_decoder_layers(model_config), "region": region.to_dict(),
@@ -170,8 +168,13 @@ def dry_run(cfg: RunConfig, ranks: int) -> dict:
         "epochs": cfg.epochs, "max_steps": cfg.max_steps,
         "plan": "--plan auto: ZeRO stage, offload, checkpointing and batch split are chosen at launch from the "
                 "prepared data" if cfg.plan == "auto" else "off",
-        "ds_config": ds, "missing_here": {k: v for k, v in paths.items() if v and not os.path.exists(v)},
-        "report_to": cfg.report_to, "output_dir": cfg.output_dir}
+        "ds_config": ds, "missing_here": {k: v for k, v in paths.items() if v and not os.path.exists(v)}}
+
+
+def config_region(spec: str, model_config) -> tuple[regions.Region, torch.nn.Module]:
+    """``spec`` resolved against a model's config alone, and the meta-device skeleton it was read from (no weights)."""
+    shape = skeleton(model_config)
+    return regions.resolve(spec, num_decoder_layers(model_config), tied=find_parts(shape).tied), shape
 
 
 def shown(cfg: RunConfig, name: str) -> str | None:
@@ -184,8 +187,7 @@ def check_region_early(cfg: RunConfig) -> None:
     the demo's architecture is known before it exists, an --llm's depth from its config.json. A --model's spec is
     resolved from its config in setup, before any weights load."""
     if cfg.is_demo:
-        config = demo.planned_config()
-        regions.resolve(cfg.region, num_decoder_layers(config), tied=find_parts(skeleton(config)).tied)
+        config_region(cfg.region, demo.planned_config())
     elif cfg.llm is not None and os.path.isfile(os.path.join(cfg.llm, "config.json")):
         text = AutoConfig.from_pretrained(cfg.llm).get_text_config()
         regions.resolve(cfg.region, text.num_hidden_layers, tied=bool(getattr(text, "tie_word_embeddings", False)))
