@@ -130,8 +130,10 @@ class Family:
         return 1
 
     def planned_vision_inputs(self, config, images: int, dtype: torch.dtype, image_size: int | None) -> dict:
-        """get_image_features' keyword arguments for ``images`` images, on the meta device."""
-        raise NotImplementedError(f"{self.title}: the planner does not model its images")
+        """get_image_features' keyword arguments for ``images`` images, on the meta device: by default one square
+        image of the tower's input size each (a family that tiles or resizes per image overrides it)."""
+        side = config.vision_config.image_size
+        return {"pixel_values": torch.empty(images, 3, side, side, device="meta", dtype=dtype)}
 
     def planned_projector_input(self, config, projector: nn.Module, images: int, dtype: torch.dtype,
                                 image_size: int | None) -> torch.Tensor:

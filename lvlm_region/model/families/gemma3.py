@@ -106,10 +106,6 @@ class Gemma3(Family):
     def planned_tokens(self, config, image_size: int | None) -> tuple[int, tuple]:
         return config.mm_tokens_per_image, ()
 
-    def planned_vision_inputs(self, config, images: int, dtype: torch.dtype, image_size: int | None) -> dict:
-        side = config.vision_config.image_size
-        return {"pixel_values": torch.empty(images, 3, side, side, device="meta", dtype=dtype)}
-
     def planned_projector_input(self, config, projector, images: int, dtype: torch.dtype,
                                 image_size: int | None) -> torch.Tensor:
         v = config.vision_config

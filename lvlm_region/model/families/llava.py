@@ -77,10 +77,6 @@ class Llava(Family):
     def planned_tokens(self, config, image_size: int | None) -> tuple[int, tuple]:
         return image_seq_length(config), ()
 
-    def planned_vision_inputs(self, config, images: int, dtype: torch.dtype, image_size: int | None) -> dict:
-        side = config.vision_config.image_size
-        return {"pixel_values": torch.empty(images, 3, side, side, device="meta", dtype=dtype)}
-
     def planned_projector_input(self, config, projector: nn.Module, images: int, dtype: torch.dtype,
                                 image_size: int | None) -> torch.Tensor:
         """The tower's selected features per image token (several layers' concatenated: the first linear's input)."""
