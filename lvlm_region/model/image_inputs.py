@@ -12,6 +12,17 @@ from dataclasses import dataclass
 import torch
 
 @dataclass(frozen=True)
+class PlannedImages:
+    """The images the planner plans for: each ``size`` (width, height; None: the family's default), ``per_sample`` in a
+    sample, and the checkpoint's image processor where the family's tiles or tokens depend on its settings (the
+    family's ``planned_image_processor``; None where the config decides them)."""
+
+    size: tuple[int, int] | None = None
+    per_sample: int = 1
+    image_processor: object = None
+
+
+@dataclass(frozen=True)
 class DummyImage:
     """What a batch without images gets so the vision tower still runs (see data.collate): its token ids and
     tensors, which the attention mask and the labels then hide."""

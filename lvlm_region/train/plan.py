@@ -40,6 +40,7 @@ from ..infra import timing
 from ..model import families, regions
 from ..model.families import find_parts, flop_model
 from ..model.flops import BatchShape
+from ..model.image_inputs import PlannedImages
 from ..model.load import skeleton
 from ..model.trainable import apply_region, largest_module
 
@@ -116,7 +117,8 @@ def saved_bytes(run, params: list[nn.Parameter]) -> int:
 class Setting:
     """What a plan is made for: the model, the region, the allocation and the data's shape."""
 
-    model: str = setting(None, "a transformers checkpoint directory or hub id (only config.json is read)",
+    model: str = setting(None, "a transformers checkpoint directory or hub id (its config.json is read, and the image "
+                                 "processor's where a family tiles by it; no weights)",
                          required=True)
     region: str = same_as("region", default_help=None)  # stage 2's default, compared with full
     tuner: str = same_as("tuner", choices=("full", "lora"))
@@ -143,9 +145,17 @@ class Setting:
     global_batch: int = setting(128, "samples per optimizer step", valid=AT_LEAST_1)
     mfu: float = setting(ASSUMED_MFU, "model FLOPs utilisation of the step time", flag=False)
     mfu_source: str = setting("assumed", "where mfu comes from", flag=False)
-    image_size: int | None = setting(None, "the images' side: Qwen2-VL's are resized to it; LLaVA-NeXT's size picks "
-                                           "their tiles", valid=AT_LEAST_1,
-                                     default_help="Qwen2-VL 448; LLaVA-NeXT the largest grid pinpoint (the most tiles)")
+    image_size: int | None = setting(None, "the images' side (square images): Qwen2-VL's are resized from it; the "
+                                           "tiled families' tiles follow it", valid=AT_LEAST_1,
+                                     default_help="with --data its images' sizes; else Qwen2-VL 448, the tiled "
+                                                  "families a side that gives them the most tiles")
+    data_image_sizes: tuple | None = setting(None, "(width, height) of the data's images (data_shape): the one "
+                                                   "with the most tiles and tokens is planned for", flag=False)
+
+    def record(self) -> dict:
+        """The setting for a plan's JSON and run.json: the data's image sizes as their count (there may be
+        thousands)."""
+        return {**asdict(self), "data_image_sizes": len(self.data_image_sizes or ())}
 
     def memory_bytes(self) -> float:
         if self.gpu_memory_gb is not None:
@@ -189,14 +199,31 @@ class Shapes:
         self.model.set_attn_implementation(ATTENTION)
         self.parts = find_parts(self.model)
         self.family = families.family_of(self.model)
-        if not self.family.planned:
-            raise PlanError(f"--model {setting.model} is a {self.config.model_type} model, whose image tokens and "
-                            f"activations the planner does not model yet (it models {', '.join(families.planned())}); "
-                            "give --micro-batch, --grad-accum, --zero and --grad-ckpt yourself instead of planning")
+        self.image = self.planned_image()
         self.depth = len(self.parts.layers)
         self.total = sum(p.numel() for p in {id(p): p for p in self.model.parameters()}.values())
         self.largest = largest_module(self.model)  # the embeddings or the LM head
         self._lora: dict = {}
+
+    def planned_image(self) -> PlannedImages:
+        """The image planned for: --image-size's square, else of the data's image sizes the one the family makes the
+        most tiles, then tokens of (memory and time alike: an upper bound), else the family's default."""
+        s = self.s
+        try:
+            processor = self.family.planned_image_processor(s.model, self.config)
+        except (OSError, ValueError) as e:
+            raise PlanError(f"--model {s.model}: its image processor (preprocessor_config.json) does not load: {e}; "
+                            "fix or remove the file (without it the image processor class's defaults are planned "
+                            "for)") from None
+        image = PlannedImages(per_sample=s.images, image_processor=processor)
+        if s.image_size:
+            return replace(image, size=(s.image_size, s.image_size))
+        if s.data_image_sizes:
+            def cost(size):
+                one = replace(image, size=tuple(size))
+                return self.family.planned_tiles(self.config, one), self.family.planned_tokens(self.config, one)[0]
+            return replace(image, size=tuple(max(s.data_image_sizes, key=cost)))
+        return image
 
     def region(self, spec: str):
         return regions.resolve(spec, self.depth, tied=self.parts.tied)
@@ -225,7 +252,7 @@ class Shapes:
 
     def tokens(self) -> tuple[int, tuple]:
         """Tokens one image becomes in the LLM, and its patch grid where it varies (the family's)."""
-        return self.family.planned_tokens(self.config, self.s.image_size)
+        return self.family.planned_tokens(self.config, self.image)
 
     def activations(self, spec: str, grad_ckpt: bool, rows: int) -> tuple[int, int]:
         """(bytes autograd keeps for one micro-batch of ``rows`` samples, bytes of one checkpointed layer's
@@ -250,7 +277,7 @@ class Shapes:
         feats = self.projector_input(rows)
         projector = {id(p) for p in parts.projector.parameters()}
         if any(p.requires_grad for p in parts.vision.parameters() if id(p) not in projector):
-            total += saved_bytes(lambda: model.model.get_image_features(**self.vision_input(rows)), params)
+            total += saved_bytes(lambda: self.family.planned_image_features(model, self.vision_input(rows)), params)
         elif any(p.requires_grad for p in parts.projector.parameters()):
             total += saved_bytes(lambda: parts.projector(feats), params)
         # the decoder layers, bottom to top, the hidden state needing a gradient from the lowest trainable one up
@@ -258,10 +285,11 @@ class Shapes:
         decoder = model.get_decoder()
         position_ids = self.family.planned_position_ids(self.config, rows, seq)
         layer_kwargs = self.family.planned_layer_kwargs(self.config, decoder, h, position_ids)
-        per_layer = []
+        per_layer, on_path = [], []
         for i, layer in enumerate(parts.layers):
             trains = any(p.requires_grad for p in layer.parameters())
-            if h.requires_grad or trains:
+            on_path.append(h.requires_grad or trains)
+            if on_path[-1]:
                 x = h if h.requires_grad else h.detach().requires_grad_(False)
                 out = {}
                 layer_bytes = saved_bytes(lambda: out.update(y=layer(x, **layer_kwargs[i])), params)
@@ -270,6 +298,7 @@ class Shapes:
                 layer_bytes = 0
             per_layer.append(layer_bytes)
             total += layer_bytes
+        total += self.family.planned_outside_layers(self.config, parts.layers, on_path, rows * seq, self.dtype)
         recompute = 0
         if grad_ckpt and any(per_layer):  # one checkpointed layer's activations while it is recomputed
             model.activation_checkpointing_disable()
@@ -290,12 +319,12 @@ class Shapes:
 
     def vision_input(self, rows: int) -> dict:
         """get_image_features' inputs for ``rows`` samples' images on the meta device."""
-        return self.family.planned_vision_inputs(self.config, rows * self.s.images, self.dtype, self.s.image_size)
+        return self.family.planned_vision_inputs(self.config, rows * self.s.images, self.dtype, self.image)
 
     def projector_input(self, rows: int):
         """The projector's input for ``rows`` samples' images, on the meta device."""
         return self.family.planned_projector_input(self.config, self.parts.projector, rows * self.s.images,
-                                                   self.dtype, self.s.image_size)
+                                                   self.dtype, self.image)
 
     def step_flops(self, spec: str, grad_ckpt: bool, rows: int) -> float:
         """Hardware FLOPs of one micro-batch of ``rows`` samples (recomputation included)."""
@@ -307,7 +336,7 @@ class Shapes:
         else:  # the blocks as the model has them (adapters' own matmuls train), with the checkpointing asked for
             fm = replace(fm, blocks=[replace(b, checkpointed=grad_ckpt) if b.kind == "llm" else b for b in fm.blocks])
         _, grids = self.tokens()
-        tower = rows * self.s.images * self.family.planned_tiles(self.config, self.s.image_size)
+        tower = rows * self.s.images * self.family.planned_tiles(self.config, self.image)
         shape = BatchShape(rows=rows, seq_len=self.s.seq_len, images=tower,
                            grids=grids * rows * self.s.images,
                            head_tokens=max(1, int(rows * self.s.seq_len * self.s.trained_fraction)))
@@ -395,7 +424,8 @@ def plan(setting: Setting) -> dict:
     shapes = _shapes(setting)
     mine, full = candidates(shapes, setting.region), candidates(shapes, "full")
     b, fb = best(mine), best(full)
-    described = {**asdict(setting), "memory_gib": setting.memory_bytes() / GIB, "peak_tflops": setting.peak() / 1e12}
+    described = {**setting.record(), "memory_gib": setting.memory_bytes() / GIB, "peak_tflops": setting.peak() / 1e12,
+                 "planned_image_size": shapes.image.size}
     return {"setting": described, "parameters": {"total": shapes.total,
                                                        "trainable": shapes.trainable(setting.region),
                                                        "trainable_full": shapes.trainable("full")},
@@ -442,14 +472,15 @@ def no_candidate(setting: Setting, fixed: dict, flags: list[str]) -> str:
             f"given: {', '.join(flags)}); drop one of them")
 
 
-def data_shape(ds, sample: int = 10_000) -> dict:
+def data_shape(ds, sample: int = 10_000, image_folder: str | None = None) -> dict:
     """The shape a prepared data set gives a plan: ``seq_len``, the 95th-percentile sample length (what a padded
     micro-batch mostly runs at: the step time); ``fit_len``, the longest sample (a length-grouped micro-batch of
     the longest samples must fit); ``trained_fraction``, the share of positions whose label trains (the step time);
     ``fit_trained_fraction``, that share among the longest samples, as many as the largest micro-batch (length
     grouping batches them together, and the LM head's memory must fit that batch); ``images``, the
-    most images one sample has (at least 1: a text-only batch carries a dummy image). Labels and images are read
-    over up to ``sample`` samples drawn with a fixed seed: reading every label of 665K samples would take minutes."""
+    most images one sample has (at least 1: a text-only batch carries a dummy image); with ``image_folder``,
+    ``data_image_sizes``: the distinct sizes of the images (read_image_sizes()). Labels and images are read over up to
+    ``sample`` samples drawn with a fixed seed: reading every label of 665K samples would take minutes."""
     import random
 
     all_lengths = ds["length"]
@@ -459,10 +490,30 @@ def data_shape(ds, sample: int = 10_000) -> dict:
         ds_sample = ds.select(sorted(random.Random(0).sample(range(len(ds)), sample)))
     else:
         ds_sample = ds
-    return {"seq_len": lengths[min(len(lengths) - 1, int(0.95 * len(lengths)))], "fit_len": lengths[-1],
-            "trained_fraction": trained_fraction(ds_sample["labels"]),
-            "fit_trained_fraction": trained_fraction(ds.select(longest)["labels"]),
-            "images": max(1, max(len(x) for x in ds_sample["images"]))}
+    paths = ds_sample["images"]
+    shape = {"seq_len": lengths[min(len(lengths) - 1, int(0.95 * len(lengths)))], "fit_len": lengths[-1],
+             "trained_fraction": trained_fraction(ds_sample["labels"]),
+             "fit_trained_fraction": trained_fraction(ds.select(longest)["labels"]),
+             "images": max(1, max(len(x) for x in paths))}
+    if image_folder is not None:
+        shape["data_image_sizes"] = read_image_sizes(paths, image_folder)
+    return shape
+
+
+def read_image_sizes(paths: list[list[str]], folder: str) -> tuple | None:
+    """The distinct (width, height) of the samples' images under ``folder``, from the files' headers (no pixels are
+    decoded); a file that does not open is left out (preparation checked them all; a plan is an estimate). None
+    without images."""
+    from PIL import Image
+
+    sizes = set()
+    for path in {p for row in paths for p in row}:
+        try:
+            with Image.open(os.path.join(folder, path)) as im:
+                sizes.add(im.size)
+        except OSError:
+            continue
+    return tuple(sorted(sizes)) or None
 
 
 def trained_fraction(labels: list[list[int]]) -> float:
@@ -477,7 +528,8 @@ def from_prepared(path: str, sample: int = 10_000) -> dict:
     if not is_prepared(path):
         raise PlanError(f"--data {path} is not a prepared directory (data_prep/prepare.py writes one); or give "
                         "--seq-len")
-    return data_shape(load_prepared(path)[0], sample)
+    ds, meta = load_prepared(path)
+    return data_shape(ds, sample, meta["identity"]["image_folder"])
 
 
 def row(name: str, c: dict) -> str:
@@ -500,7 +552,13 @@ def table(out: dict) -> str:
     longest = f"(memory for the longest, {s['fit_len']}) " if s.get("fit_len") else ""
     lines = [f"{s['gpus']} x {s['gpu']} ({s['memory_gib']:.0f} GiB, {s['peak_tflops']:.0f} TFLOP/s bf16), "
              f"{s['samples']:,} samples, global batch {s['global_batch']}, {s['seq_len']} tokens {longest}"
-             f"(trained fraction {s['trained_fraction']:.2f}), MFU {s['mfu']:.2f} ({s['mfu_source']})", "", HEADER]
+             f"(trained fraction {s['trained_fraction']:.2f}), MFU {s['mfu']:.2f} ({s['mfu_source']})"]
+    if s.get("planned_image_size"):
+        w, h = s["planned_image_size"]
+        lines.append(f"images: {s['images']} per sample of {w}x{h} px"
+                     + (f" (of the data's {s['data_image_sizes']} sizes, the most tiles and tokens)"
+                        if s["data_image_sizes"] and not s["image_size"] else ""))
+    lines += ["", HEADER]
     for name, key in ((s["region"], "candidates"), ("full", "full_candidates")):
         groups: dict = {}
         for c in out[key]:

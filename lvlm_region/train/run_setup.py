@@ -208,12 +208,12 @@ def accumulation(cfg: RunConfig, global_batch: int, ranks: int | None = None) ->
     return global_batch // per_step
 
 
-def plan_run(s: Setup, train_ds) -> dict:
+def plan_run(s: Setup, train_ds, image_folder: str) -> dict:
     """--plan auto: the planner's fastest fitting ZeRO stage, offload, checkpointing and micro-batch for this model,
-    region, tuner, rank count and GPU memory, on the prepared training data's shape (plan.data_shape). Fields the
-    user set (RunConfig.given; --ds-config fixes the ZeRO stage and offload) keep their values and restrict the
-    candidates. Sets them in ``s.cfg`` and rebuilds ``s.ds_config``; returns what run.json records. Raises
-    ValueError, before any weights load, when nothing fits."""
+    region, tuner, rank count and GPU memory, on the prepared training data's shape (plan.data_shape: lengths, and
+    its images' sizes in ``image_folder``). Fields the user set (RunConfig.given; --ds-config fixes the ZeRO stage
+    and offload) keep their values and restrict the candidates. Sets them in ``s.cfg`` and rebuilds ``s.ds_config``;
+    returns what run.json records. Raises ValueError, before any weights load, when nothing fits."""
     cfg = s.cfg
     if s.attn == "eager":
         raise ValueError("--plan auto models attention as flash / sdpa keep it; eager attention's T x T weights are "
@@ -235,7 +235,8 @@ def plan_run(s: Setup, train_ds) -> dict:
     setting = plan.Setting(model=cfg.model_path, region=cfg.region, tuner=cfg.tuner, lora_r=cfg.lora_r,
                            lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout, gpus=world,
                            gpu=timing.device_name() if on_gpu else "cpu", gpu_memory_gb=memory, peak_tflops=peak,
-                           **plan.data_shape(train_ds), samples=len(train_ds), global_batch=global_batch,
+                           **plan.data_shape(train_ds, image_folder=image_folder), samples=len(train_ds),
+                           global_batch=global_batch,
                            precision=s.precision)
     chosen, cands = plan.choose(setting, fixed)
     kept = [flag(n) for n in given] + (["--ds-config"] if cfg.ds_config is not None else [])
@@ -252,7 +253,7 @@ def plan_run(s: Setup, train_ds) -> dict:
         setattr(cfg, name, getattr(chosen, name))
     s.ds_config = engine.build_ds_config(cfg.zero, cfg.ds_config, cfg.micro_batch, cfg.grad_accum, cfg.grad_clip,
                                          s.precision, cfg.offload)
-    record = {"chosen": asdict(chosen), "kept": kept, "setting": asdict(setting),
+    record = {"chosen": asdict(chosen), "kept": kept, "setting": setting.record(),
               "candidates": len(cands), "fitting": sum(c.fits for c in cands)}
     if engine.rank() == 0:
         log.info("--plan auto (%d of %d candidates fit %.2f GiB; kept as given: %s):\n%s\n%s", record["fitting"],

@@ -90,7 +90,8 @@ class Trainer:
         against this run's identity before any weights load."""
         cfg, s = self.cfg, self.s
         train_ds, train_folder = obtain_data(cfg.data, cfg.image_folder, "train", s)
-        self.plan = plan_run(s, train_ds) if cfg.plan == "auto" else None  # before the loader reads micro_batch
+        # --plan auto, before the loader reads micro_batch
+        self.plan = plan_run(s, train_ds, train_folder) if cfg.plan == "auto" else None
         self.dataset_size = len(train_ds)
         self.eval_ds, self.eval_folder = (obtain_data(cfg.eval_data, cfg.image_folder, "eval", s) if cfg.eval_data
                                           else (None, None))

@@ -16,7 +16,7 @@ from ..flops import FlopModel
 from .base import LAYER_FIELDS, TIED, Family, Parts, cut_layer_fields
 
 __all__ = ["TIED", "LAYER_FIELDS", "cut_layer_fields", "Family", "Parts", "REGISTRY", "get", "find_parts",
-           "family_of", "check_trainable", "trainable", "planned", "default_aspect", "flop_model", "pinned_layers"]
+           "family_of", "check_trainable", "trainable", "default_aspect", "flop_model", "pinned_layers"]
 
 
 
@@ -39,11 +39,6 @@ REGISTRY: dict[str, Family] = {t: f for f in FAMILIES for t in f.model_types}
 
 def get(model_type: str | None) -> Family | None:
     return REGISTRY.get(model_type)
-
-
-def planned() -> list[str]:
-    """The model types launch/plan.py models (image tokens and activations), in registry order."""
-    return [t for f in FAMILIES if f.planned for t in f.model_types]
 
 
 def trainable() -> list[str]:

@@ -8,7 +8,7 @@ from torch import nn
 from transformers import AutoProcessor, PreTrainedModel
 
 from ..flops import VisionFlops
-from ..image_inputs import ImageLayout
+from ..image_inputs import ImageLayout, PlannedImages
 
 TIED = "embed=lm_head (tied)"  # the part name of a tied input-embedding / LM-head tensor
 
@@ -75,8 +75,6 @@ class Family:
     projector_attr: str = "multi_modal_projector"
     projector_extra_attrs: tuple[str, ...] = ()
     trains: bool = False
-    # launch/plan.py models its image tokens and activations (tests/test_plan.py checks them against autograd)
-    planned: bool = False
     no_packing: str = ""  # why packed sequences (per-sample position ids) are invalid for it; "" = they are valid
     not_trainable: str = ""  # trains = False: the inputs its data path would need
 
@@ -119,26 +117,43 @@ class Family:
         """The vision side's blocks for the FLOP model (trainable families)."""
         raise NotImplementedError(f"{self.title}: no FLOP model of its vision side")
 
-    # The planner (plan.Shapes, ``planned`` families): an image of a run from the model's config alone, on the meta
-    # device. ``image_size``: the side images are resized to where the family's token count depends on it.
-    def planned_tokens(self, config, image_size: int | None) -> tuple[int, tuple]:
+    # The planner (plan.Shapes): an image of a run from the model's config (and, where the family's tiles depend on
+    # them, its image processor's settings), on the meta device. ``image``: image_inputs.PlannedImages.
+    def planned_image_processor(self, path: str, config):
+        """The image processor the planned_* methods read (``image.image_processor``): None where the config decides
+        tiles and tokens (the default). A family whose tiling is an image-processor setting returns the checkpoint's
+        (``path``'s preprocessor_config.json), or its class's defaults at the tower's side without one."""
+        return None
+
+    def planned_tokens(self, config, image: PlannedImages) -> tuple[int, tuple]:
         """(tokens one image becomes in the LLM, its patch grid (t, h, w) for the FLOP model: () if fixed)."""
         raise NotImplementedError(f"{self.title}: the planner does not model its images")
 
-    def planned_tiles(self, config, image_size: int | None) -> int:
+    def planned_tiles(self, config, image: PlannedImages) -> int:
         """What the vision tower runs on per image (the FLOP model's images): 1, or a tiled family's tiles."""
         return 1
 
-    def planned_vision_inputs(self, config, images: int, dtype: torch.dtype, image_size: int | None) -> dict:
+    def planned_vision_inputs(self, config, images: int, dtype: torch.dtype, image: PlannedImages) -> dict:
         """get_image_features' keyword arguments for ``images`` images, on the meta device: by default one square
         image of the tower's input size each (a family that tiles or resizes per image overrides it)."""
         side = config.vision_config.image_size
         return {"pixel_values": torch.empty(images, 3, side, side, device="meta", dtype=dtype)}
 
+    def planned_image_features(self, model: PreTrainedModel, inputs: dict):
+        """The tower and the projector on planned_vision_inputs, as training runs them: the model's own
+        get_image_features by default."""
+        return model.model.get_image_features(**inputs)
+
     def planned_projector_input(self, config, projector: nn.Module, images: int, dtype: torch.dtype,
-                                image_size: int | None) -> torch.Tensor:
+                                image: PlannedImages) -> torch.Tensor:
         """What ``projector`` reads for ``images`` images, on the meta device."""
         raise NotImplementedError(f"{self.title}: the planner does not model its images")
+
+    def planned_outside_layers(self, config, layers: nn.ModuleList, on_path: list[bool], tokens: int,
+                               dtype: torch.dtype) -> int:
+        """Bytes the model keeps from its decoder layers beyond what each layer's own run keeps, for ``tokens``
+        tokens (``on_path``: whether each layer is on the backward path): none by default."""
+        return 0
 
     def planned_position_ids(self, config, rows: int, seq: int) -> torch.Tensor:
         """Position ids of ``rows`` samples of ``seq`` tokens as the decoder layers' rotary embedding takes them."""

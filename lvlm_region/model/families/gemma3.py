@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import torch
 
 from ..flops import Block, VisionFlops, any_trainable
-from ..image_inputs import DummyImage, ImageLayout
+from ..image_inputs import DummyImage, ImageLayout, PlannedImages
 from .base import Family
 from .llava import tower_blocks
 
@@ -58,7 +58,6 @@ class Gemma3(Family):
     model_types = ("gemma3",)
     title = "Gemma 3 (gemma-3-4b/12b/27b)"
     trains = True
-    planned = True
     no_packing = ("builds its bidirectional image attention from token_type_ids per row, which packed rows would "
                   "carry across samples; not tested with packing")
 
@@ -103,11 +102,11 @@ class Gemma3(Family):
                            patches=patches, mlp_output_norm=True)
 
     # The planner: mm_tokens_per_image soft tokens per image; the projector pools the tower's patches
-    def planned_tokens(self, config, image_size: int | None) -> tuple[int, tuple]:
+    def planned_tokens(self, config, image: PlannedImages) -> tuple[int, tuple]:
         return config.mm_tokens_per_image, ()
 
     def planned_projector_input(self, config, projector, images: int, dtype: torch.dtype,
-                                image_size: int | None) -> torch.Tensor:
+                                image: PlannedImages) -> torch.Tensor:
         v = config.vision_config
         return torch.empty(images, (v.image_size // v.patch_size) ** 2, v.hidden_size, device="meta", dtype=dtype)
 

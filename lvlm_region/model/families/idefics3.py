@@ -24,9 +24,10 @@ from dataclasses import dataclass, field
 import torch
 
 from ..flops import VisionFlops, projector_block
-from ..image_inputs import DummyImage, ImageLayout
+from ..image_inputs import DummyImage, ImageLayout, PlannedImages
 from .base import Family
 from .llava import tower_blocks
+from .qwen2_vl import has_image_processor, size_field
 
 FAKE, GLOBAL, IMAGE = "<fake_token_around_image>", "<global-img>", "<image>"
 
@@ -122,6 +123,58 @@ class Idefics3(Family):
         blocks, positions, patches = tower_blocks(parts.vision, v, v.num_hidden_layers)
         return VisionFlops(blocks + [projector_block(parts)], image_positions=positions,
                            image_tokens=patches // model.config.scale_factor ** 2, patches=patches)
+
+    # The planner: each image (default: a square of the image processor's longest edge, split the most) as the global
+    # image plus the tiles the image processor cuts, the tower per tile and the connector on its patches
+    image_processor_class = "Idefics3ImageProcessorPil"  # its defaults, where the checkpoint has no image processor
+
+    def planned_image_processor(self, path: str, config):
+        """The checkpoint's image processor (size, max_image_size, do_image_splitting), or the class's defaults with
+        tiles of the tower's side and four tiles per side without preprocessor_config.json."""
+        import transformers
+        if has_image_processor(path):
+            return transformers.AutoImageProcessor.from_pretrained(path)
+        tile = config.vision_config.image_size
+        return getattr(transformers, self.image_processor_class)(size={"longest_edge": 4 * tile},
+                                                                 max_image_size={"longest_edge": tile})
+
+    def planned_size(self, config, image: PlannedImages) -> tuple[int, int]:
+        side = size_field(image.image_processor.size, "longest_edge")
+        return image.size or (side, side)
+
+    def planned_grid(self, config, image: PlannedImages) -> tuple[int, int]:
+        w, h = self.planned_size(config, image)
+        _, rows, cols = image.image_processor.get_number_of_image_patches(h, w, {})
+        return rows, cols
+
+    def planned_tiles(self, config, image: PlannedImages) -> int:
+        rows, cols = self.planned_grid(config, image)
+        return rows * cols + 1
+
+    def planned_tokens(self, config, image: PlannedImages) -> tuple[int, tuple]:
+        """SplitImages.text's tokens, each tag and newline counted as one token (the tokenizer is not read)."""
+        rows, cols = self.planned_grid(config, image)
+        v = config.vision_config
+        per_tile = (v.image_size // v.patch_size) ** 2 // config.scale_factor ** 2
+        tags = 2 * rows * cols + rows + (1 if rows else 0) + 3  # <fake><row_r_col_c> per tile, \n per row, global
+        return (rows * cols + 1) * per_tile + tags, ()
+
+    def planned_vision_inputs(self, config, images: int, dtype: torch.dtype, image: PlannedImages) -> dict:
+        side = config.vision_config.image_size
+        n = images * self.planned_tiles(config, image)
+        return {"pixel_values": torch.empty(n, 3, side, side, device="meta", dtype=dtype)}
+
+    def planned_image_features(self, model, inputs: dict):
+        """The tower on every tile and the connector, as get_image_features runs them on tiles that are all real
+        images (its search for all-zero padding images reads values, which the meta device does not have)."""
+        inner = model.model
+        return inner.connector(inner.vision_model(pixel_values=inputs["pixel_values"]).last_hidden_state)
+
+    def planned_projector_input(self, config, projector, images: int, dtype: torch.dtype,
+                                image: PlannedImages) -> torch.Tensor:
+        v = config.vision_config
+        n = images * self.planned_tiles(config, image)
+        return torch.empty(n, (v.image_size // v.patch_size) ** 2, v.hidden_size, device="meta", dtype=dtype)
 
 
 FAMILY = Idefics3()

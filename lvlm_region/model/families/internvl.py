@@ -19,15 +19,16 @@ passes on every call, so training tiles as inference does; the export writes it 
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 import torch
 from torch import nn
 
 from ..flops import Block, VisionFlops, any_trainable, is_checkpointed, last_linear_macs, linear_macs, projector_block
-from ..image_inputs import DummyImage, ImageLayout
+from ..image_inputs import DummyImage, ImageLayout, PlannedImages
 from .base import Family
-from .qwen2_vl import SplitProcessor
+from .qwen2_vl import SplitProcessor, has_image_processor
 
 
 @dataclass(frozen=True)
@@ -133,6 +134,44 @@ class InternVL(Family):
         patches = (_side(v.image_size) // _side(v.patch_size)) ** 2
         return VisionFlops(blocks + [projector_block(parts)], image_positions=patches + 1,
                            image_tokens=model.config.image_seq_length, patches=patches)
+
+    # The planner: each image (default: the square of the largest square grid max_patches allows) cut into tiles as
+    # the image processor cuts it, the tower and the projector run per tile
+    def planned_image_processor(self, path: str, config):
+        """The checkpoint's GotOcr2 image processor (min_patches, max_patches), or the class's defaults at the tower's
+        side without preprocessor_config.json; crop_to_patches on, as InternVLProcessor calls it."""
+        from transformers import AutoImageProcessor, GotOcr2ImageProcessorPil
+        side = _side(config.vision_config.image_size)
+        if has_image_processor(path):
+            processor = AutoImageProcessor.from_pretrained(path)
+        else:
+            processor = GotOcr2ImageProcessorPil(size={"height": side, "width": side})
+        processor.crop_to_patches = True
+        return processor
+
+    def planned_size(self, config, image: PlannedImages) -> tuple[int, int]:
+        side = _side(config.vision_config.image_size) * math.isqrt(image.image_processor.max_patches)
+        return image.size or (side, side)
+
+    def planned_tiles(self, config, image: PlannedImages) -> int:
+        w, h = self.planned_size(config, image)
+        return image.image_processor.get_number_of_image_patches(h, w, {"crop_to_patches": True})
+
+    def planned_tokens(self, config, image: PlannedImages) -> tuple[int, tuple]:
+        """<img>, image_seq_length per tile, </img>."""
+        return self.planned_tiles(config, image) * config.image_seq_length + 2, ()
+
+    def planned_vision_inputs(self, config, images: int, dtype: torch.dtype, image: PlannedImages) -> dict:
+        side = _side(config.vision_config.image_size)
+        n = images * self.planned_tiles(config, image)
+        return {"pixel_values": torch.empty(n, 3, side, side, device="meta", dtype=dtype)}
+
+    def planned_projector_input(self, config, projector, images: int, dtype: torch.dtype,
+                                image: PlannedImages) -> torch.Tensor:
+        """The pixel-shuffled patches of every tile (the projector's layer norm reads their widened features)."""
+        first = next(m for m in projector.modules() if isinstance(m, nn.Linear))
+        n = images * self.planned_tiles(config, image)
+        return torch.empty(n, config.image_seq_length, first.in_features, device="meta", dtype=dtype)
 
 
 FAMILY = InternVL()

@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 from ..flops import Block, VisionFlops, any_trainable, is_checkpointed, last_linear_macs, linear_macs, projector_block
-from ..image_inputs import DummyImage, ImageLayout
+from ..image_inputs import DummyImage, ImageLayout, PlannedImages
 from .base import Family
 
 
@@ -58,7 +58,6 @@ class Llava(Family):
     title = ("Llava (LLaVA-1.5, Bunny and llava-hf checkpoints, models assembled from an LLM and a CLIP/SigLIP "
              "tower with --llm/--vision)")
     trains = True
-    planned = True
 
     def image_layout(self, config, processor, aspect: str) -> FixedImages:
         return FixedImages(config.image_token_id, image_seq_length(config), image_size=config.vision_config.image_size)
@@ -74,11 +73,11 @@ class Llava(Family):
         return VisionFlops(blocks + [projector_block(parts)], image_positions=positions,
                            image_tokens=image_seq_length(model.config), patches=patches)
 
-    def planned_tokens(self, config, image_size: int | None) -> tuple[int, tuple]:
+    def planned_tokens(self, config, image: PlannedImages) -> tuple[int, tuple]:
         return image_seq_length(config), ()
 
     def planned_projector_input(self, config, projector: nn.Module, images: int, dtype: torch.dtype,
-                                image_size: int | None) -> torch.Tensor:
+                                image: PlannedImages) -> torch.Tensor:
         """The tower's selected features per image token (several layers' concatenated: the first linear's input)."""
         first = next(m for m in projector.modules() if isinstance(m, nn.Linear))
         return torch.empty(images, image_seq_length(config), first.in_features, device="meta", dtype=dtype)

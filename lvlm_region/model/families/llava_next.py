@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from ..image_inputs import DummyImage, ImageLayout
+from ..image_inputs import DummyImage, ImageLayout, PlannedImages
 from .llava import Llava, class_tokens
 
 
@@ -63,7 +63,6 @@ class LlavaNext(Llava):
     model_types = ("llava_next",)
     title = "LLaVA-NeXT (llava-v1.6 / llava-hf llava-v1.6-* checkpoints)"
     projector_extra_attrs = ("image_newline",)  # trains with the projector
-    planned = True
 
     def default_aspect(self, stage: str) -> str:
         """The processor's own anyres resize and padding (as LLaVA-NeXT trains); pad would add tokens."""
@@ -91,42 +90,44 @@ class LlavaNext(Llava):
                             pad=aspect == "pad")
 
 
-    # The planner: images of image_size x image_size (default: the largest grid pinpoint, the most tiles: an upper
-    # bound), each the base tile plus its grid's tiles through the tower and the projector
-    def planned_side(self, config, image_size: int | None) -> int:
-        return image_size or max(max(p) for p in config.image_grid_pinpoints)
+    # The planner: each image (default: a square of the largest grid pinpoint's side, the most tiles: an upper bound)
+    # is the base tile plus its grid pinpoint's tiles through the tower and the projector
+    def planned_size(self, config, image: PlannedImages) -> tuple[int, int]:
+        """(width, height) of the planned image."""
+        side = max(max(p) for p in config.image_grid_pinpoints)
+        return image.size or (side, side)
 
-    def planned_tiles(self, config, image_size: int | None) -> int:
+    def planned_tiles(self, config, image: PlannedImages) -> int:
         """Tower inputs per image: the base tile and the tiles of the grid pinpoint its size selects."""
         from transformers.models.llava_next.modeling_llava_next import image_size_to_num_patches
-        side, tile = self.planned_side(config, image_size), config.vision_config.image_size
-        return int(image_size_to_num_patches((side, side), config.image_grid_pinpoints, tile))
+        w, h = self.planned_size(config, image)
+        return int(image_size_to_num_patches((h, w), config.image_grid_pinpoints, config.vision_config.image_size))
 
-    def planned_tokens(self, config, image_size: int | None) -> tuple[int, tuple]:
-        """LlavaNextProcessor's count from the config: the base tile's features, the grid's features with the
-        padding of the image's aspect removed, and a newline per row of them."""
-        from transformers.image_processing_utils import select_best_resolution
-        side, v = self.planned_side(config, image_size), config.vision_config
-        best_h, best_w = select_best_resolution([side, side], config.image_grid_pinpoints)
-        per_tile = v.image_size // v.patch_size
-        height, width = per_tile * (best_h // v.image_size), per_tile * (best_w // v.image_size)
-        if width < height:  # the image (square) fills the grid's width; the rest of its height is padding
-            height -= 2 * ((height - int(round(side * (width / side), 7))) // 2)
-        else:
-            width -= 2 * ((width - int(round(side * (height / side), 7))) // 2)
-        base = per_tile ** 2 + (class_tokens(v) if config.vision_feature_select_strategy == "full" else 0)
-        return base + height * width + height, ()
+    def planned_tokens(self, config, image: PlannedImages) -> tuple[int, tuple]:
+        """LlavaNextProcessor's own count (its _get_number_of_features, on what it reads, taken from the config): the
+        base tile's features, the grid's features with the padding of the image's aspect removed, and a newline per
+        row of them."""
+        from types import SimpleNamespace
 
-    def planned_vision_inputs(self, config, images: int, dtype: torch.dtype, image_size: int | None) -> dict:
-        side, tile = self.planned_side(config, image_size), config.vision_config.image_size
-        n = images * self.planned_tiles(config, image_size)
+        from transformers import LlavaNextProcessor
+        v = config.vision_config
+        proc = object.__new__(LlavaNextProcessor)
+        proc.image_processor = SimpleNamespace(image_grid_pinpoints=config.image_grid_pinpoints)
+        proc.patch_size, proc.num_additional_image_tokens = v.patch_size, class_tokens(v)
+        w, h = self.planned_size(config, image)
+        n = proc._get_number_of_features(h, w, v.image_size, v.image_size)
+        return n - (config.vision_feature_select_strategy == "default"), ()
+
+    def planned_vision_inputs(self, config, images: int, dtype: torch.dtype, image: PlannedImages) -> dict:
+        tile, (w, h) = config.vision_config.image_size, self.planned_size(config, image)
+        n = images * self.planned_tiles(config, image)
         return {"pixel_values": torch.empty(n, 3, tile, tile, device="meta", dtype=dtype),
-                "image_sizes": torch.tensor([[side, side]] * images)}
+                "image_sizes": torch.tensor([[h, w]] * images)}
 
     def planned_projector_input(self, config, projector, images: int, dtype: torch.dtype,
-                                image_size: int | None) -> torch.Tensor:
-        return super().planned_projector_input(config, projector, images * self.planned_tiles(config, image_size),
-                                               dtype, image_size)
+                                image: PlannedImages) -> torch.Tensor:
+        return super().planned_projector_input(config, projector, images * self.planned_tiles(config, image), dtype,
+                                               image)
 
 
 FAMILY = LlavaNext()

@@ -20,10 +20,11 @@ trains with the projector. Videos are not supported for training.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from types import SimpleNamespace
 
 import torch
 
-from ..image_inputs import DummyImage, ImageLayout
+from ..image_inputs import DummyImage, ImageLayout, PlannedImages
 from .llava_next import LlavaNext
 from .qwen2_vl import SplitProcessor
 
@@ -105,7 +106,6 @@ class OnevisionImages(ImageLayout):
 class LlavaOnevision(LlavaNext):
     model_types = ("llava_onevision",)
     title = "LLaVA-OneVision (llava-hf llava-onevision-*-hf checkpoints)"
-    planned = False  # the planner does not model OneVision's tiles (anyres_max, pooled multi-image features) yet
 
     def load_processor(self, path: str) -> SplitProcessor:
         processor = SplitProcessor(path)
@@ -134,6 +134,26 @@ class LlavaOnevision(LlavaNext):
                              "preprocessor_config.json")
         return OnevisionImages(config.image_token_id, side, tuple(tuple(x) for x in pinpoints),
                                tuple(want[k] for k in SETTINGS), counter(ip, want), pad=aspect == "pad")
+
+    # The planner: LLaVA-NeXT's, except that an image of a multi-image sample is one tile, and the tokens are
+    # LlavaOnevisionProcessor's own count (anyres_max's shrinking included) on the config's settings
+    def planned_tiles(self, config, image: PlannedImages) -> int:
+        return super().planned_tiles(config, image) if image.per_sample == 1 else 1
+
+    def planned_tokens(self, config, image: PlannedImages) -> tuple[int, tuple]:
+        v = config.vision_config
+        strategy = config.vision_feature_select_strategy
+        settings = {"num_image_tokens": (v.image_size // v.patch_size) ** 2 + (strategy == "default"),
+                    "vision_feature_select_strategy": strategy, "vision_aspect_ratio": config.vision_aspect_ratio}
+        w, h = self.planned_size(config, image)
+        images = OnevisionImages(config.image_token_id, v.image_size, (), (),
+                                 counter(SimpleNamespace(image_grid_pinpoints=config.image_grid_pinpoints), settings))
+        return images.count(h, w, image.per_sample), ()
+
+    def planned_vision_inputs(self, config, images: int, dtype: torch.dtype, image: PlannedImages) -> dict:
+        per_sample = image.per_sample
+        return {**super().planned_vision_inputs(config, images, dtype, image),
+                "batch_num_images": torch.tensor([per_sample] * (images // per_sample))}
 
 
 FAMILY = LlavaOnevision()

@@ -20,7 +20,7 @@ from torch import nn
 
 from ..flops import (Block, GridVision, VisionFlops, any_trainable, is_checkpointed, last_linear_macs, linear_macs,
                      projector_block)
-from ..image_inputs import DummyImage, ImageLayout
+from ..image_inputs import DummyImage, ImageLayout, PlannedImages
 from .base import Family
 
 
@@ -129,13 +129,22 @@ class SplitProcessor:
 PLANNED_SIDE = 448  # the planner's image side when --image-size is not given
 
 
+def size_field(size, key: str):
+    """An image processor's ``size`` entry (a dict in saved configs, a SizeDict once loaded); None if unset."""
+    return size.get(key) if isinstance(size, dict) else getattr(size, key, None)
+
+
+def has_image_processor(path: str) -> bool:
+    """Whether the checkpoint directory ``path`` has an image processor (preprocessor_config.json)."""
+    return os.path.isfile(os.path.join(path, "preprocessor_config.json"))
+
+
 class Qwen2VL(Family):
     model_types = ("qwen2_vl", "qwen2_5_vl")
     title = "Qwen2-VL and Qwen2.5-VL checkpoints"
     vision_attr = "visual"
     projector_attr = "visual.merger"  # the merger is the projector
     trains = True
-    planned = True
     no_packing = ("computes its own 3-D rotary positions per sample (from image_grid_thw), which packed position ids "
                   "would replace")
 
@@ -177,19 +186,32 @@ class Qwen2VL(Family):
         blocks.append(projector_block(parts))
         return VisionFlops(blocks, grid=GridVision(merge, window // merge // vcfg.patch_size if window else 0))
 
-    # The planner: images resized to a square of ``image_size`` (default PLANNED_SIDE), as many patches as that gives
-    def planned_tokens(self, config, image_size: int | None) -> tuple[int, tuple]:
-        v = config.vision_config
-        side = (image_size or PLANNED_SIDE) // v.patch_size
-        return side * side // v.spatial_merge_size ** 2, ((1, side, side),)
+    # The planner: each image resized as the image processor resizes it (smart_resize: sides in multiples of the
+    # merged patch, pixels within its bounds); default a square of PLANNED_SIDE
+    def planned_image_processor(self, path: str, config):
+        """The checkpoint's image processor (its pixel bounds), None without preprocessor_config.json (the class's
+        default bounds then)."""
+        from transformers import AutoImageProcessor
+        return AutoImageProcessor.from_pretrained(path) if has_image_processor(path) else None
 
-    def planned_vision_inputs(self, config, images: int, dtype: torch.dtype, image_size: int | None) -> dict:
+    def planned_tokens(self, config, image: PlannedImages) -> tuple[int, tuple]:
+        from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import smart_resize  # no torchvision
+        v = config.vision_config
+        w, h = image.size or (PLANNED_SIDE, PLANNED_SIDE)
+        size = getattr(image.image_processor, "size", None)
+        low, high = (size_field(size, "shortest_edge"), size_field(size, "longest_edge")) if size else (None, None)
+        h, w = smart_resize(h, w, v.patch_size * v.spatial_merge_size,
+                            **({"min_pixels": low, "max_pixels": high} if low and high else {}))
+        grid = (1, h // v.patch_size, w // v.patch_size)
+        return grid[1] * grid[2] // v.spatial_merge_size ** 2, (grid,)
+
+    def planned_vision_inputs(self, config, images: int, dtype: torch.dtype, image: PlannedImages) -> dict:
         """The grid stays on the CPU (its values decide the shapes); the rotary positions computed from it go to
         meta, as do a learned position grid's interpolation indices (Qwen3-VL)."""
         from transformers.vision_utils import get_vision_position_ids
 
         v = config.vision_config
-        grid = torch.tensor(list(self.planned_tokens(config, image_size)[1]) * images)
+        grid = torch.tensor(list(self.planned_tokens(config, image)[1]) * images)
         out = {"pixel_values": torch.empty(int(grid.prod(-1).sum()), 3 * v.temporal_patch_size * v.patch_size ** 2,
                                            device="meta", dtype=dtype),
                "image_grid_thw": grid, "position_ids": get_vision_position_ids(grid, v.spatial_merge_size).to("meta")}
@@ -202,11 +224,11 @@ class Qwen2VL(Family):
         return out
 
     def planned_projector_input(self, config, projector: nn.Module, images: int, dtype: torch.dtype,
-                                image_size: int | None) -> torch.Tensor:
+                                image: PlannedImages) -> torch.Tensor:
         """The merger reads the patches (its norm comes before the 2x2 merge)."""
         v = config.vision_config
         dim = v.embed_dim if hasattr(v, "embed_dim") else v.hidden_size
-        patches = sum(t * h * w for t, h, w in self.planned_tokens(config, image_size)[1]) * images
+        patches = sum(t * h * w for t, h, w in self.planned_tokens(config, image)[1]) * images
         return torch.empty(patches, dim, device="meta", dtype=dtype)
 
     def planned_position_ids(self, config, rows: int, seq: int) -> torch.Tensor:

@@ -19,7 +19,6 @@ from .qwen2_vl import Qwen2VL
 class Qwen3_5(Qwen2VL):
     model_types = ("qwen3_5",)
     title = "Qwen3.5 dense checkpoints (e.g. Qwen3.5-27B)"
-    planned = True
     no_packing = ("computes its own 3-D rotary positions per sample (from image_grid_thw), which packed position ids "
                   "would replace, and its linear-attention layers' torch path carries their state across packed "
                   "samples")

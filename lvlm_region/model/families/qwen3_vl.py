@@ -27,15 +27,18 @@ from .qwen2_vl import Qwen2VL
 class DeepStackProjector(nn.Module):
     """The projector as one module: the merger and the DeepStack mergers (the model's own module objects)."""
 
-    def __init__(self, merger: nn.Module, deepstack: nn.ModuleList):
+    def __init__(self, merger: nn.Module, deepstack: nn.ModuleList, own_input: tuple[bool, ...] = ()):
         super().__init__()
         self.merger = merger
         self.deepstack = deepstack
+        self.own_input = own_input or (True,) * len(deepstack)  # a DeepStack layer's output is not the tower's
 
     def forward(self, patches):
-        """Every merger on the same patches (for the memory planner's activation count; the model itself feeds
-        each DeepStack merger its own vision layer's output)."""
-        return self.merger(patches), [m(patches) for m in self.deepstack]
+        """Every merger on patches of that shape, for the memory planner's activation count: as the model feeds each
+        DeepStack merger its own vision layer's output, a copy of its own, except for the last layer's (the tower's
+        output, which the merger reads too)."""
+        return self.merger(patches), [m(patches.clone() if own else patches)
+                                      for m, own in zip(self.deepstack, self.own_input)]
 
 
 class Qwen3VL(Qwen2VL):
@@ -47,7 +50,9 @@ class Qwen3VL(Qwen2VL):
     def parts(self, model, layers, norm):
         parts = super().parts(model, layers, norm)
         visual = model.model.visual
-        parts.projector = DeepStackProjector(visual.merger, visual.deepstack_merger_list)
+        last = len(visual.blocks) - 1
+        own = tuple(i != last for i in model.config.vision_config.deepstack_visual_indexes)
+        parts.projector = DeepStackProjector(visual.merger, visual.deepstack_merger_list, own)
         return parts
 
     def pinned_layers(self, config) -> tuple[list[int], str]:

@@ -19,15 +19,31 @@ before, from the safetensors header, naming --zero 2 (which loads it).
 import json
 import os
 
+import torch
 from safetensors import safe_open
 
 from .qwen3_vl import Qwen3VL
 
 
-class Qwen3VLMoe(Qwen3VL):
+class RouterLoss:
+    """The planner's term for a mixture-of-experts model's load-balancing loss (Qwen3-VL MoE, Qwen3.5 MoE): with
+    ``output_router_logits`` the model collects each expert layer's router logits and the loss keeps a softmax of
+    them (tokens x experts) for every such layer on the backward path, also when the layer itself is checkpointed.
+    The routed experts themselves need no term: the planner runs each layer, and transformers' default experts
+    implementation (grouped_mm, on the GPU as on the meta device) keeps tokens x top-k rows whatever the router
+    picks."""
+
+    def planned_outside_layers(self, config, layers, on_path: list[bool], tokens: int, dtype) -> int:
+        text = config.get_text_config()
+        if not getattr(text, "output_router_logits", False):
+            return 0
+        routed = [hasattr(layer.mlp, "experts") and on for layer, on in zip(layers, on_path)]
+        return sum(routed) * tokens * text.num_experts * torch.empty((), dtype=dtype).element_size()
+
+
+class Qwen3VLMoe(RouterLoss, Qwen3VL):
     model_types = ("qwen3_vl_moe",)
     title = "Qwen3-VL MoE (Qwen3-VL-30B-A3B, 235B-A22B)"
-    planned = False
 
     def check_checkpoint(self, path: str, config, zero: int) -> None:
         if zero != 3:

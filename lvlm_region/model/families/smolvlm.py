@@ -15,6 +15,7 @@ from .qwen2_vl import SplitProcessor
 class SmolVLM(Idefics3):
     model_types = ("smolvlm",)
     title = "SmolVLM2 (SmolVLM2-256M/500M/2.2B-Instruct)"
+    image_processor_class = "SmolVLMImageProcessorPil"
 
     def load_processor(self, path: str) -> SplitProcessor:
         processor = SplitProcessor(path)
