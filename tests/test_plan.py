@@ -1,6 +1,7 @@
 """The planner (launch/plan.py): model states against DeepSpeed's own estimators on LLaVA-1.5-7B / 13B configs,
-activations against what autograd really keeps in a real tiny Llava and Qwen2-VL (bf16, CPU, several regions, with
-and without checkpointing), and the plan itself: candidates, the best fitting one, full tuning, the ratio, refusals."""
+activations against what autograd really keeps in each family's real tiny model (bf16, CPU, several regions, with
+and without checkpointing; within 5%), the tiled families' tiles and tokens against their processors, and the plan
+itself: candidates, the best fitting one, full tuning, the ratio, refusals."""
 import importlib
 import json
 import sys
@@ -23,6 +24,7 @@ from lvlm_region.model.load import enable_checkpointing
 from lvlm_region.model.trainable import apply_region
 
 CONFIGS = ROOT / "docs" / "configs"
+QWEN = ("qwen2_vl", "qwen2_5_vl", "qwen3_vl", "qwen3_5", "qwen3_vl_moe", "qwen3_5_moe")
 
 
 def launcher():
@@ -120,9 +122,9 @@ def test_llava_activations_match_what_autograd_keeps(demo_dir, lora_r):
     assert all(0.95 <= r <= 1.05 for r in ratios.values()), sorted(ratios.items())
 
 
-@pytest.mark.parametrize("family", ["qwen2_vl", "qwen3_vl", "qwen3_5", "qwen3_vl_moe", "qwen3_5_moe"])
+@pytest.mark.parametrize("family", QWEN)
 def test_qwen_activations_match_what_autograd_keeps(tmp_path, family):
-    """Qwen2-VL, Qwen3-VL (its DeepStack mergers are projector too, their outputs added after layers 0 and 1),
+    """Qwen2-VL, Qwen2.5-VL (windowed vision attention), Qwen3-VL (its DeepStack mergers are projector too, their outputs added after layers 0 and 1),
     Qwen3.5 (Gated DeltaNet layers, on transformers' torch path: the one that runs here), and their MoE models: every
     expert's parameters in the model states, the routed experts run through the experts implementation training
     uses (grouped_mm: tokens x top-k rows whatever the router picks), and the load-balancing loss's router logits."""
@@ -270,7 +272,6 @@ def test_tiled_families_tiles_tokens_and_activations_match_the_processor_and_aut
         assert all(0.95 <= r <= 1.05 for r in ratios.values()), (sizes, sorted(ratios.items()))
 
 
-QWEN = ("qwen2_vl", "qwen2_5_vl", "qwen3_vl", "qwen3_5", "qwen3_vl_moe", "qwen3_5_moe")
 BUILD = {"llava": None, "llava_next": "llava_next.build", "gemma3": "gemma3.build", **TILED,
          **{f: f"qwen.build:{f}" for f in QWEN}}
 
