@@ -124,10 +124,11 @@ def test_llava_activations_match_what_autograd_keeps(demo_dir, lora_r):
 
 @pytest.mark.parametrize("family", QWEN)
 def test_qwen_activations_match_what_autograd_keeps(tmp_path, family):
-    """Qwen2-VL, Qwen2.5-VL (windowed vision attention), Qwen3-VL (its DeepStack mergers are projector too, their outputs added after layers 0 and 1),
-    Qwen3.5 (Gated DeltaNet layers, on transformers' torch path: the one that runs here), and their MoE models: every
-    expert's parameters in the model states, the routed experts run through the experts implementation training
-    uses (grouped_mm: tokens x top-k rows whatever the router picks), and the load-balancing loss's router logits."""
+    """Qwen2-VL, Qwen2.5-VL (windowed vision attention), Qwen3-VL (its DeepStack mergers are projector too, their
+    outputs added after layers 0 and 1), Qwen3.5 (Gated DeltaNet layers, on transformers' torch path: the one that
+    runs here), and their MoE models: every expert's parameters in the model states, the routed experts run through
+    the experts implementation training uses (grouped_mm: tokens x top-k rows whatever the router picks), and the
+    load-balancing loss's router logits."""
     from PIL import Image
 
     path = qwen.build(str(tmp_path / "q"), family)
