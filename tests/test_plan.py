@@ -317,6 +317,11 @@ def test_the_plan_for_llava_7b_on_8_a100s(tmp_path, capsys):
                                    key=lambda c: (c["step_s"], c["memory_gb"]["total"]))
     assert out["gpu_hours_ratio"] == pytest.approx(best["gpu_hours"] / out["full_best"]["gpu_hours"])
     assert 0.6 < out["gpu_hours_ratio"] < 0.9  # a quarter of the layers' backward, less gradient traffic
+    # README's figure and explanation are this plan's: both bests ZeRO-2 without checkpointing
+    readme = " ".join((ROOT / "README.md").read_text().split())
+    assert f"needs {out['gpu_hours_ratio']:.3f} of the best full-tuning plan's GPU-hours" in readme
+    assert "Both best plans are ZeRO-2 without checkpointing" in readme
+    assert [(c["zero"], c["grad_ckpt"]) for c in (best, out["full_best"])] == [(2, False), (2, False)]
     # the region frees memory: its best fits a micro-batch without checkpointing that full tuning's ZeRO-2 cannot
     def at(cs, **k):
         return next(c for c in cs if all(c[x] == v for x, v in k.items()))
