@@ -7,9 +7,11 @@ activation checkpointing and micro-batch, for a region and for full tuning, from
 
 Memory: model states as DeepSpeed counts them (per parameter, frozen ones only their 16-bit weights), the
 activations autograd keeps (counted on the meta device with the region's requires_grad), an allowance for buffers
-and fragmentation. Step time: the project's FLOP model at an assumed MFU (--assumed-mfu) or the one a finished run
-measured (--calibrate RUN_DIR). Prints a table and the ratio of the best plan's GPU-hours to the best full-tuning
-plan's; --json writes every candidate. A projection: see lvlm_region/train/plan.py for every assumption.
+and fragmentation. Time: the project's FLOP model over the epoch's micro-batches as the run batches them (--data
+or --lengths; else every sample --seq-len long) at the hardware utilisation an assumed MFU implies (--assumed-mfu)
+or a finished run measured (--calibrate RUN_DIR). Prints a table and the ratio of the best plan's GPU-hours to the
+best full-tuning plan's; --json writes every candidate. A projection: see lvlm_region/train/plan.py for every
+assumption.
 Also: lvlm-region plan --model CKPT ... (the same flags).
 Exit status: 0 done, 2 bad input.
 """
@@ -29,11 +31,16 @@ from ..train.plan import ASSUMED_MFU
 class Settings:
     """plan's flags besides plan.Setting's."""
 
-    data: str | None = setting(None, "a prepared data directory: its 95th-percentile length (step time), longest "
-                                     "sample (memory), trained fraction and images per sample")
-    assumed_mfu: float = setting(ASSUMED_MFU, "model FLOPs utilisation assumed for the step time",
-                                 valid=Range(float, 0, 1, low_open=True))
-    calibrate: str | None = setting(None, "use the MFU a finished run measured (its run.json)", metavar="RUN_DIR")
+    data: str | None = setting(None, "a prepared data directory: its samples' lengths (step time: batched as the run "
+                                     "batches them), longest sample (memory), trained fraction, images per sample "
+                                     "and image sizes")
+    lengths: str | None = setting(None, "the samples' lengths without prepared data: a JSON object {length: samples} "
+                                        "or lines 'length samples'", metavar="FILE")
+    assumed_mfu: float = setting(ASSUMED_MFU, "model FLOPs utilisation of LLaVA-style training with activation "
+                                              "checkpointing (LLaVA's own recipe); plans run at the hardware "
+                                              "utilisation it implies", valid=Range(float, 0, 1, low_open=True))
+    calibrate: str | None = setting(None, "run every plan at the hardware FLOPs utilisation a finished run "
+                                          "measured (its run.json)", metavar="RUN_DIR")
     json: str | None = setting(None, "write every candidate, the best plans and the ratio to this file")
 
 
@@ -47,18 +54,24 @@ def parser():
 
 
 def main(argv=None) -> int:
-    from ..train.plan import PlanError, Setting, calibrated_mfu, from_prepared, plan, table
+    from ..train.plan import PlanError, Setting, calibrated, from_prepared, plan, read_lengths, table
 
     args = cli.command_values(parser(), argv)
     logging.basicConfig(level=logging.WARNING, stream=sys.stderr)
     own = {f.name: args.pop(f.name) for f in dataclasses.fields(Settings)}
     try:
         args["model"] = hub.local_path(args["model"], config_only=True)  # only config.json is read
+        if own["data"] and own["lengths"]:
+            raise PlanError("give --data or --lengths, not both: both give the samples' lengths")
         if own["data"]:  # the prepared data's shape replaces the flags' one
             args.update(from_prepared(own["data"]))
-        mfu, source = ((calibrated_mfu(own["calibrate"]), f"measured by {own['calibrate']}") if own["calibrate"]
-                       else (own["assumed_mfu"], "assumed"))
-        out = plan(Setting(**args, mfu=mfu, mfu_source=source))
+        if own["lengths"]:
+            args.update(read_lengths(own["lengths"]))
+        rates = {"mfu": own["assumed_mfu"], "mfu_source": "assumed"}
+        if own["calibrate"]:
+            mfu, hfu = calibrated(own["calibrate"])
+            rates = {"mfu": mfu, "hfu": hfu, "mfu_source": f"measured by {own['calibrate']}"}
+        out = plan(Setting(**args, **rates))
     except (PlanError, ValueError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

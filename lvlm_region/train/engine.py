@@ -355,6 +355,12 @@ def zero_stage(ds_config: dict) -> int:
     return ds_config.get("zero_optimization", {}).get("stage", 0)
 
 
+def overlap_comm(ds_config: dict) -> bool:
+    """Whether gradient reduction overlaps the backward pass (DeepSpeed's default: on for ZeRO-3, off below)."""
+    zero = ds_config.get("zero_optimization", {})
+    return bool(zero.get("overlap_comm", zero.get("stage", 0) == 3))
+
+
 def optimizer_offload(ds_config: dict) -> str:
     """Where the optimizer state lives: "none", "cpu" or "nvme"."""
     return ds_config.get("zero_optimization", {}).get("offload_optimizer", {}).get("device", "none")

@@ -19,9 +19,11 @@ Memory per GPU, in three parts:
 - ``allowance``: ALLOWANCE_GIB for the CUDA context, NCCL and DeepSpeed's communication buckets, plus
   FRAGMENTATION of the rest for the caching allocator's fragmentation (stated assumptions, not measurements).
 
-Step time: the project's FLOP model (flops.py, hardware FLOPs: recomputation included) over the micro-batches of a
-step at an assumed MFU (ASSUMED_MFU) or one a finished run measured, plus stated transfer terms for ZeRO-3's
-parameter gathers and optimizer offload.
+Time: the project's FLOP model (flops.py, hardware FLOPs: recomputation included) over the epoch's micro-batches as
+the run batches them (the samples' lengths, length grouping, padding or packing: epoch_flops) at one hardware
+utilisation for every plan (a finished run's measured HFU, or ASSUMED_MFU, an MFU on model FLOPs of LLaVA's own
+checkpointed recipe, converted by that recipe's hardware / model FLOPs), plus stated transfer terms for the gradient
+reduction (hidden behind the backward pass with overlap_comm), ZeRO-3's parameter gathers and optimizer offload.
 """
 from __future__ import annotations
 
@@ -52,8 +54,9 @@ GPUS = {"A100-40GB": (39.4, 312.0), "A100-80GB": (79.2, 312.0), "H100-80GB": (79
 ALLOWANCE_GIB = 2.0  # CUDA context (~0.5-1 GiB), NCCL buffers, DeepSpeed's reduce / all-gather buckets
 FRAGMENTATION = 0.10  # of model states + activations: the caching allocator's fragmentation
 # MFU assumed when no run calibrates it: LLaVA-style training on transformers + DeepSpeed (this project's stack)
-# reaches about 0.20-0.27 of the bf16 peak (LLaVA-1.5-7B's published ~10 h on 8 A100s, by arithmetic); tuned
-# stacks reach 0.5-0.6 on dense text models. --calibrate replaces it with what a run of yours measured.
+# reaches about 0.20-0.27 of the bf16 peak on model FLOPs in LLaVA's own recipe, with activation checkpointing
+# (LLaVA-1.5-7B's published ~10 h on 8 A100s, by arithmetic); tuned stacks reach 0.5-0.6 on dense text models.
+# --calibrate replaces it with the hardware utilisation a run of yours measured.
 ASSUMED_MFU = 0.25
 NVLINK_GBPS = 150.0  # effective all-gather / reduce-scatter bandwidth per GPU within a node (assumed)
 PCIE_GBPS = 12.0  # effective host-device bandwidth per GPU (optimizer offload: gradients down, weights up)
@@ -130,7 +133,7 @@ class Setting:
     gpu_memory_gb: float | None = setting(None, "memory per GPU in GiB (overrides the table)", valid=POSITIVE)
     peak_tflops: float | None = setting(None, "dense bf16 peak per GPU in TFLOP/s (overrides the table)",
                                         valid=POSITIVE)
-    seq_len: int = setting(2048, "tokens per sample when no --data (the step time is estimated at it)",
+    seq_len: int = setting(2048, "tokens per sample when no --data or --lengths: every sample this long",
                            valid=AT_LEAST_1)
     fit_len: int | None = setting(None, "tokens per sample the memory must fit (default seq_len): the longest sample",
                                   flag=False)
@@ -143,8 +146,17 @@ class Setting:
                              choices=("bf16", "fp16", "fp32"))
     samples: int = setting(665_000, "samples of one epoch (665,000: LLaVA-665K)", valid=AT_LEAST_1)
     global_batch: int = setting(128, "samples per optimizer step", valid=AT_LEAST_1)
-    mfu: float = setting(ASSUMED_MFU, "model FLOPs utilisation of the step time", flag=False)
+    mfu: float = setting(ASSUMED_MFU, "model FLOPs utilisation of LLaVA-style training with checkpointing",
+                         flag=False)
     mfu_source: str = setting("assumed", "where mfu comes from", flag=False)
+    hfu: float | None = setting(None, "hardware FLOPs utilisation a finished run measured (--calibrate); every plan "
+                                      "runs at it", flag=False)
+    lengths: tuple | None = setting(None, "((length, samples), ...): the samples' lengths (--data, --lengths); none: "
+                                          "every sample seq_len long", flag=False)
+    group_by_length: bool = same_as("group_by_length")
+    packing: bool = same_as("packing")
+    overlap_comm: bool = setting(False, "DeepSpeed's overlap_comm: each micro-batch's gradient reduction overlaps its "
+                                        "backward pass (the shipped ZeRO configs leave it off)")
     image_size: int | None = setting(None, "the images' side (square images): Qwen2-VL's are resized from it; the "
                                            "tiled families' tiles follow it", valid=AT_LEAST_1,
                                      default_help="with --data its images' sizes; else Qwen2-VL 448, the tiled "
@@ -152,10 +164,15 @@ class Setting:
     data_image_sizes: tuple | None = setting(None, "(width, height) of the data's images (data_shape): the one "
                                                    "with the most tiles and tokens is planned for", flag=False)
 
+    def length_histogram(self) -> tuple:
+        """((length, samples), ...): the data's, or every sample seq_len long."""
+        return self.lengths or ((self.seq_len, self.samples),)
+
     def record(self) -> dict:
-        """The setting for a plan's JSON and run.json: the data's image sizes as their count (there may be
-        thousands)."""
-        return {**asdict(self), "data_image_sizes": len(self.data_image_sizes or ())}
+        """The setting for a plan's JSON and run.json: the data's image sizes and distinct lengths as their counts
+        (there may be thousands)."""
+        return {**asdict(self), "data_image_sizes": len(self.data_image_sizes or ()),
+                "lengths": len(self.lengths or ())}
 
     def memory_bytes(self) -> float:
         if self.gpu_memory_gb is not None:
@@ -183,6 +200,8 @@ class Candidate:
     fits: bool = False
     step_s: float = 0.0
     gpu_hours: float = 0.0
+    mfu: float = 0.0  # model FLOPs / (time x GPUs x peak)
+    hfu: float = 0.0  # hardware FLOPs (recomputation included) / (time x GPUs x peak)
 
 
 class Shapes:
@@ -204,6 +223,9 @@ class Shapes:
         self.total = sum(p.numel() for p in {id(p): p for p in self.model.parameters()}.values())
         self.largest = largest_module(self.model)  # the embeddings or the LM head
         self._lora: dict = {}
+        self._flop_models: dict = {}
+        self._flops: dict = {}
+        self._batched: dict = {}
 
     def planned_image(self) -> PlannedImages:
         """The image planned for: --image-size's square, else of the data's image sizes the one the family makes the
@@ -326,30 +348,133 @@ class Shapes:
         return self.family.planned_projector_input(self.config, self.parts.projector, rows * self.s.images,
                                                    self.dtype, self.image)
 
-    def step_flops(self, spec: str, grad_ckpt: bool, rows: int) -> float:
-        """Hardware FLOPs of one micro-batch of ``rows`` samples (recomputation included)."""
-        model, _, tuner = self.tuned(spec)
-        apply_region(model, self.region(spec), tuner)
-        fm = flop_model(model)
-        if tuner == "full":
-            fm = fm.for_region(self.region(spec), checkpointing=grad_ckpt)
-        else:  # the blocks as the model has them (adapters' own matmuls train), with the checkpointing asked for
-            fm = replace(fm, blocks=[replace(b, checkpointed=grad_ckpt) if b.kind == "llm" else b for b in fm.blocks])
-        _, grids = self.tokens()
-        tower = rows * self.s.images * self.family.planned_tiles(self.config, self.image)
-        shape = BatchShape(rows=rows, seq_len=self.s.seq_len, images=tower,
-                           grids=grids * rows * self.s.images,
-                           head_tokens=max(1, int(rows * self.s.seq_len * self.s.trained_fraction)))
-        return fm.micro_batch(shape).hardware
+    def flop_model(self, spec: str, grad_ckpt: bool):
+        """The FLOP model of the region (or LoRA's adapters) with the checkpointing asked for."""
+        key = (spec, grad_ckpt)
+        if key not in self._flop_models:
+            model, _, tuner = self.tuned(spec)
+            apply_region(model, self.region(spec), tuner)
+            fm = flop_model(model)
+            if tuner == "full":
+                fm = fm.for_region(self.region(spec), checkpointing=grad_ckpt)
+            else:  # the blocks as the model has them (adapters' own matmuls train), with the checkpointing asked for
+                fm = replace(fm, blocks=[replace(b, checkpointed=grad_ckpt) if b.kind == "llm" else b
+                                         for b in fm.blocks])
+            self._flop_models[key] = fm
+        return self._flop_models[key]
+
+    def flops(self, spec: str, grad_ckpt: bool, rows: int, seq: int, tokens: int | None = None):
+        """flops.Flops of one micro-batch of ``rows`` samples padded to ``seq`` tokens (``tokens``: how many of them
+        are the samples' own, default all), each with the setting's images; the LM head runs on the trained share
+        of the samples' own tokens."""
+        key = (spec, grad_ckpt, rows, seq, tokens)
+        if key not in self._flops:
+            _, grids = self.tokens()
+            per_sample = self.s.images
+            tower = rows * per_sample * self.family.planned_tiles(self.config, self.image)
+            own = rows * seq if tokens is None else tokens
+            shape = BatchShape(rows=rows, seq_len=seq, images=tower, grids=grids * rows * per_sample,
+                               head_tokens=max(1, int(own * self.s.trained_fraction)))
+            self._flops[key] = self.flop_model(spec, grad_ckpt).micro_batch(shape)
+        return self._flops[key]
+
+    def batched(self, micro_batch: int):
+        """micro_steps() of the setting, once per micro-batch size."""
+        if micro_batch not in self._batched:
+            self._batched[micro_batch] = micro_steps(self.s, micro_batch)
+        return self._batched[micro_batch]
+
+    def hardware_per_model(self) -> float:
+        """Hardware / model FLOPs of LLaVA's own recipe (full tuning, activation checkpointing) on one sample of the
+        setting's mean length: what converts the assumed MFU (LLaVA-style runs, checkpointed) into the hardware
+        utilisation every plan runs at."""
+        lengths, counts = zip(*self.s.length_histogram())
+        mean = max(1, round(sum(n * c for n, c in zip(lengths, counts)) / sum(counts)))
+        f = self.flops("full", True, 1, mean)
+        return f.hardware / f.model
+
+
+SIMULATED = 65_536  # samples whose batching the step time simulates (drawn from the length histogram; scaled up)
+
+
+def micro_steps(setting: Setting, micro_batch: int):
+    """The samples' lengths as the run would batch them: an array [micro-steps, ranks, micro_batch] (0 where a rank's
+    micro-batch has fewer samples), over up to SIMULATED samples drawn with a fixed seed from the length histogram,
+    ordered as the trainer's sampler orders them (--group-by-length: data.batches.grouped_order, one modality; else
+    a seeded shuffle), whole global micro-steps only (as grouped_order drops the rest)."""
+    import numpy as np
+
+    from ..data.batches import grouped_order
+
+    lengths, counts = (np.array(x) for x in zip(*setting.length_histogram()))
+    n = int(counts.sum())
+    rng = np.random.default_rng(0)
+    if n > SIMULATED:
+        drawn = rng.choice(lengths, size=SIMULATED, p=counts / n)
+    else:
+        drawn = np.repeat(lengths, counts)
+    size = micro_batch * setting.gpus
+    if setting.group_by_length:
+        order = [i for batch in grouped_order(drawn.tolist(), [True] * len(drawn), micro_batch, setting.gpus,
+                                              torch.Generator().manual_seed(0)) for i in batch]
+        drawn = drawn[order]
+    else:
+        drawn = drawn[rng.permutation(len(drawn))]
+    whole = len(drawn) - len(drawn) % size
+    if whole == 0:  # fewer samples than one global micro-step: one padded with empty slots
+        drawn, whole = np.concatenate([drawn, np.zeros(size - len(drawn), dtype=drawn.dtype)]), size
+    return drawn[:whole].reshape(-1, setting.gpus, micro_batch)
+
+
+def epoch_flops(shapes: Shapes, spec: str, grad_ckpt: bool, micro_batch: int) -> dict:
+    """Over micro_steps(): ``slowest``, the sum over micro-steps of the slowest rank's hardware FLOPs (ranks wait for
+    each other at every gradient reduction), ``hardware`` and ``model``, all ranks' FLOPs, and ``backward``, the
+    slowest rank's backward FLOPs per micro-step on average; all scaled from the simulated samples to the epoch's.
+    Padded micro-batches run at their longest sample; packed ones (--packing) are each sample's own length."""
+    import numpy as np
+
+    s = shapes.s
+    steps = shapes.batched(micro_batch)
+    cache: dict = {}
+
+    def cost(rows: int, seq: int):
+        if (rows, seq) not in cache:
+            f = shapes.flops(spec, grad_ckpt, rows, seq)
+            cache[(rows, seq)] = (f.hardware, f.model, f.act_grad + f.weight_grad)
+        return cache[(rows, seq)]
+
+    if s.packing:  # one row of the micro-batch's samples: each sample's own work
+        per = np.vectorize(lambda n: cost(1, int(n)) if n else (0.0, 0.0, 0.0), otypes=[float] * 3)(steps)
+        work = [x.sum(axis=2) for x in per]  # [micro-steps, ranks] each
+    else:
+        longest = steps.max(axis=2)
+        rows = (steps > 0).sum(axis=2)
+        work = list(np.vectorize(lambda r, n: cost(int(r), int(n)) if n else (0.0, 0.0, 0.0),
+                                 otypes=[float] * 3)(rows, longest))
+    hardware, model, backward = work
+    slowest = hardware.argmax(axis=1)
+    scale = s.samples / steps.astype(bool).sum()  # the simulated samples stand for the epoch's
+    picked = np.take_along_axis(backward, slowest[:, None], axis=1)
+    return {"slowest": float(hardware.max(axis=1).sum() * scale), "hardware": float(hardware.sum() * scale),
+            "model": float(model.sum() * scale), "micro_steps": len(steps) * scale,
+            "backward": float(picked.mean())}
 
 
 def candidates(shapes: Shapes, spec: str) -> list[Candidate]:
-    """Every ZeRO stage x offload x checkpointing x micro-batch whose accumulation fills the global batch."""
+    """Every ZeRO stage x offload x checkpointing x micro-batch whose accumulation fills the global batch.
+
+    Time: the epoch's micro-batches as the run batches them (epoch_flops) at the hardware utilisation ``hfu``
+    (a run's measured one with --calibrate; else the assumed MFU, which is LLaVA-style runs' on model FLOPs with
+    checkpointing, times that recipe's hardware / model FLOPs: recomputation is extra time), plus the transfer
+    terms of each optimizer step; MFU and HFU of the plan beside."""
     s = shapes.s
     trainable = shapes.trainable(spec)
     out = []
     act = {(ck, mb): shapes.activations(spec, ck, mb) for ck in (False, True) for mb in (1, 2)}
-    flops1 = {ck: shapes.step_flops(spec, ck, 1) for ck in (False, True)}
+    hfu = s.hfu or s.mfu * shapes.hardware_per_model()
+    rate = s.peak() * hfu
+    work = {(ck, mb): epoch_flops(shapes, spec, ck, mb) for ck in (False, True) for mb in MICRO_BATCHES
+            if s.global_batch % (mb * s.gpus) == 0}
     for zero in (2, 3):
         for offload in (False, True):
             states = timing.model_states(shapes.total, trainable, zero, s.gpus, s.precision, offload,
@@ -359,32 +484,38 @@ def candidates(shapes: Shapes, spec: str) -> list[Candidate]:
                 per_row = [two - one for one, two in zip(act[(ck, 1)], act[(ck, 2)])]
                 fixed = [one - b for one, b in zip(act[(ck, 1)], per_row)]
                 for mb in MICRO_BATCHES:
-                    if s.global_batch % (mb * s.gpus):
+                    if (ck, mb) not in work:
                         continue
+                    w = work[(ck, mb)]
                     accum = s.global_batch // (mb * s.gpus)
                     acts, recompute = (a + b * mb for a, b in zip(fixed, per_row))
                     allowance = ALLOWANCE_GIB * GIB + FRAGMENTATION * (states + acts + recompute)
                     total = states + acts + recompute + allowance
-                    compute = flops1[ck] * mb * accum / (s.peak() * s.mfu)
-                    step = compute + transfer_seconds(shapes.total, trainable, zero, offload, accum, s.gpus)
-                    steps = math.ceil(s.samples / s.global_batch)
+                    steps = w["micro_steps"] / accum
+                    transfer = transfer_seconds(shapes.total, trainable, zero, offload, accum, s.gpus,
+                                                hidden=w["backward"] / rate if s.overlap_comm else 0.0)
+                    epoch = w["slowest"] / rate + transfer * steps
                     out.append(Candidate(zero, offload, ck, mb, accum,
                                          {"model_states": states / GIB, "activations": acts / GIB,
                                           "recompute": recompute / GIB, "allowance": allowance / GIB,
                                           "total": total / GIB},
-                                         total <= s.memory_bytes(), step, step * steps * s.gpus / 3600))
+                                         total <= s.memory_bytes(), epoch / steps, epoch * s.gpus / 3600,
+                                         w["model"] / (epoch * s.gpus * s.peak()),
+                                         w["hardware"] / (epoch * s.gpus * s.peak())))
     return out
 
 
-def transfer_seconds(total: int, trainable: int, zero: int, offload: bool, accum: int, gpus: int) -> float:
+def transfer_seconds(total: int, trainable: int, zero: int, offload: bool, accum: int, gpus: int,
+                     hidden: float = 0.0) -> float:
     """Stated transfer terms of a step (bandwidths above are assumptions): every micro-batch reduce-scatters the
-    trainable parameters' 16-bit gradients (ZeRO-2 and 3 keep only their partition) and, under ZeRO-3, gathers every
+    trainable parameters' 16-bit gradients (ZeRO-2 and 3 keep only their partition; with overlap_comm up to
+    ``hidden`` seconds of it, the micro-batch's backward, run meanwhile) and, under ZeRO-3, gathers every
     16-bit weight twice (forward and backward); offload moves the trainable gradients down and weights up and runs
     Adam on the CPU, once a step."""
     t = 0.0
     if gpus > 1:
         share = (gpus - 1) / gpus
-        t += accum * 2 * trainable * share / (NVLINK_GBPS * 1e9)
+        t += accum * max(0.0, 2 * trainable * share / (NVLINK_GBPS * 1e9) - hidden)
         if zero == 3:
             t += accum * 2 * 2 * total * share / (NVLINK_GBPS * 1e9)
     if offload:
@@ -402,16 +533,19 @@ def best(cands: list[Candidate]) -> Candidate | None:
                                        c.memory_gb["total"])) if fitting else None
 
 
-def calibrated_mfu(run_dir: str) -> float:
-    """The MFU a finished run measured (run.json's timing)."""
+def calibrated(run_dir: str) -> tuple[float, float]:
+    """(MFU, HFU) a finished run measured (run.json's timing); the planner runs every plan at the HFU (its hardware
+    rate, which does not depend on checkpointing) and reports the MFU beside."""
     path = os.path.join(run_dir, "run.json")
     if not os.path.isfile(path):
         raise PlanError(f"--calibrate {run_dir}: no run.json there; give a finished run's output directory")
     with open(path) as f:
-        mfu = (json.load(f).get("timing") or {}).get("mfu")
-    if not mfu or not math.isfinite(mfu) or mfu <= 0:
-        raise PlanError(f"--calibrate {run_dir}: its run.json has no measured MFU (an unfinished or failed run?)")
-    return float(mfu)
+        timing_ = json.load(f).get("timing") or {}
+    got = [timing_.get(k) for k in ("mfu", "hfu")]
+    if not all(x and math.isfinite(x) and x > 0 for x in got):
+        raise PlanError(f"--calibrate {run_dir}: its run.json has no measured MFU and HFU (an unfinished or failed "
+                        "run?)")
+    return float(got[0]), float(got[1])
 
 
 def plan(setting: Setting) -> dict:
@@ -424,8 +558,11 @@ def plan(setting: Setting) -> dict:
     shapes = _shapes(setting)
     mine, full = candidates(shapes, setting.region), candidates(shapes, "full")
     b, fb = best(mine), best(full)
+    lengths, counts = zip(*setting.length_histogram())
     described = {**setting.record(), "memory_gib": setting.memory_bytes() / GIB, "peak_tflops": setting.peak() / 1e12,
-                 "planned_image_size": shapes.image.size}
+                 "planned_image_size": shapes.image.size,
+                 "planned_hfu": setting.hfu or setting.mfu * shapes.hardware_per_model(),
+                 "mean_length": sum(n * c for n, c in zip(lengths, counts)) / sum(counts)}
     return {"setting": described, "parameters": {"total": shapes.total,
                                                        "trainable": shapes.trainable(setting.region),
                                                        "trainable_full": shapes.trainable("full")},
@@ -473,14 +610,15 @@ def no_candidate(setting: Setting, fixed: dict, flags: list[str]) -> str:
 
 
 def data_shape(ds, sample: int = 10_000, image_folder: str | None = None) -> dict:
-    """The shape a prepared data set gives a plan: ``seq_len``, the 95th-percentile sample length (what a padded
-    micro-batch mostly runs at: the step time); ``fit_len``, the longest sample (a length-grouped micro-batch of
-    the longest samples must fit); ``trained_fraction``, the share of positions whose label trains (the step time);
-    ``fit_trained_fraction``, that share among the longest samples, as many as the largest micro-batch (length
-    grouping batches them together, and the LM head's memory must fit that batch); ``images``, the
-    most images one sample has (at least 1: a text-only batch carries a dummy image); with ``image_folder``,
-    ``data_image_sizes``: the distinct sizes of the images (read_image_sizes()). Labels and images are read over up to
-    ``sample`` samples drawn with a fixed seed: reading every label of 665K samples would take minutes."""
+    """The shape a prepared data set gives a plan: ``lengths``, every sample's length (the step time batches them as
+    the run does); ``seq_len``, the 95th-percentile sample length (shown); ``fit_len``, the longest sample (a
+    length-grouped micro-batch of the longest samples must fit); ``trained_fraction``, the share of positions whose
+    label trains (the step time); ``fit_trained_fraction``, that share among the longest samples, as many as the
+    largest micro-batch (length grouping batches them together, and the LM head's memory must fit that batch);
+    ``images``, the most images one sample has (at least 1: a text-only batch carries a dummy image); with
+    ``image_folder``, ``data_image_sizes``: the distinct sizes of the images (read_image_sizes()). Labels and
+    images are read over up to ``sample`` samples drawn with a fixed seed: reading every label of 665K samples
+    would take minutes."""
     import random
 
     all_lengths = ds["length"]
@@ -492,6 +630,7 @@ def data_shape(ds, sample: int = 10_000, image_folder: str | None = None) -> dic
         ds_sample = ds
     paths = ds_sample["images"]
     shape = {"seq_len": lengths[min(len(lengths) - 1, int(0.95 * len(lengths)))], "fit_len": lengths[-1],
+             "lengths": histogram(all_lengths),
              "trained_fraction": trained_fraction(ds_sample["labels"]),
              "fit_trained_fraction": trained_fraction(ds.select(longest)["labels"]),
              "images": max(1, max(len(x) for x in paths))}
@@ -514,6 +653,49 @@ def read_image_sizes(paths: list[list[str]], folder: str) -> tuple | None:
         except OSError:
             continue
     return tuple(sorted(sizes)) or None
+
+
+def histogram(lengths) -> tuple:
+    """((length, samples), ...) in increasing length."""
+    from collections import Counter
+    return tuple(sorted(Counter(int(n) for n in lengths).items()))
+
+
+def read_lengths(path: str) -> dict:
+    """--lengths FILE: a JSON object {length: samples} or lines 'length samples' (# comments); the setting's
+    ``lengths`` and ``fit_len`` (the longest: memory). Refused with the line at fault."""
+    if not os.path.isfile(path):
+        raise PlanError(f"--lengths {path}: no such file")
+    with open(path) as f:
+        text = f.read()
+    pairs = []
+    if text.lstrip().startswith("{"):
+        try:
+            pairs = [(k, v) for k, v in json.loads(text).items()]
+        except json.JSONDecodeError as e:
+            raise PlanError(f"--lengths {path}: not valid JSON ({e})") from None
+    else:
+        for no, line in enumerate(text.splitlines(), 1):
+            line = line.split("#")[0].strip()
+            if line:
+                parts = line.replace(",", " ").split()
+                if len(parts) != 2:
+                    raise PlanError(f"--lengths {path} line {no}: {line!r} is not 'length samples'")
+                pairs.append(tuple(parts))
+    out = {}
+    for k, v in pairs:
+        try:
+            length, count = int(k), int(v)
+        except (TypeError, ValueError):
+            raise PlanError(f"--lengths {path}: {k!r}: {v!r} is not a whole length and sample count") from None
+        if length < 1 or count < 0:
+            raise PlanError(f"--lengths {path}: length {length} with {count} samples; lengths must be >= 1 and "
+                            "counts >= 0")
+        out[length] = out.get(length, 0) + count
+    out = {n: c for n, c in out.items() if c}
+    if not out:
+        raise PlanError(f"--lengths {path}: no samples in it")
+    return {"lengths": tuple(sorted(out.items())), "fit_len": max(out)}
 
 
 def trained_fraction(labels: list[list[int]]) -> float:
@@ -550,9 +732,14 @@ def table(out: dict) -> str:
     combination, then the two bests and their GPU-hours ratio."""
     s = out["setting"]
     longest = f"(memory for the longest, {s['fit_len']}) " if s.get("fit_len") else ""
+    tokens = (f"{s['lengths']} distinct lengths, {s['mean_length']:.0f} tokens on average" if s["lengths"] else
+              f"{s['seq_len']} tokens each")
+    batching = ("packed" if s["packing"] else "padded") + (", length-grouped" if s["group_by_length"] else "")
+    rate = (f"HFU {s['hfu']:.3f} ({s['mfu_source']})" if s["hfu"] else
+            f"MFU {s['mfu']:.2f} of a checkpointed run ({s['mfu_source']}): HFU {s['planned_hfu']:.3f}")
     lines = [f"{s['gpus']} x {s['gpu']} ({s['memory_gib']:.0f} GiB, {s['peak_tflops']:.0f} TFLOP/s bf16), "
-             f"{s['samples']:,} samples, global batch {s['global_batch']}, {s['seq_len']} tokens {longest}"
-             f"(trained fraction {s['trained_fraction']:.2f}), MFU {s['mfu']:.2f} ({s['mfu_source']})"]
+             f"{s['samples']:,} samples, global batch {s['global_batch']}, {tokens} {longest}"
+             f"(trained fraction {s['trained_fraction']:.2f}), {batching}, {rate}"]
     if s.get("planned_image_size"):
         w, h = s["planned_image_size"]
         lines.append(f"images: {s['images']} per sample of {w}x{h} px"
@@ -574,7 +761,8 @@ def table(out: dict) -> str:
                                      f"ZeRO-{c['zero']}, offload {'on' if c['offload'] else 'off'}, checkpointing "
                                      f"{'on' if c['grad_ckpt'] else 'off'}, micro-batch {c['micro_batch']} x "
                                      f"accumulation {c['grad_accum']}: {c['memory_gb']['total']:.1f} GiB, "
-                                     f"{c['step_s']:.2f} s/step, {c['gpu_hours']:.1f} GPU-hours"))
+                                     f"{c['step_s']:.2f} s/step, {c['gpu_hours']:.1f} GPU-hours, MFU "
+                                     f"{c['mfu']:.3f} (HFU {c['hfu']:.3f})"))
     if out["gpu_hours_ratio"] is not None:
         lines.append(f"gpu_hours_ratio (best / best full): {out['gpu_hours_ratio']:.3f}")
     return "\n".join(lines) + "\n"

@@ -236,8 +236,8 @@ def plan_run(s: Setup, train_ds, image_folder: str) -> dict:
                            lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout, gpus=world,
                            gpu=timing.device_name() if on_gpu else "cpu", gpu_memory_gb=memory, peak_tflops=peak,
                            **plan.data_shape(train_ds, image_folder=image_folder), samples=len(train_ds),
-                           global_batch=global_batch,
-                           precision=s.precision)
+                           global_batch=global_batch, precision=s.precision, group_by_length=cfg.group_by_length,
+                           packing=cfg.packing, overlap_comm=engine.overlap_comm(s.ds_config))
     chosen, cands = plan.choose(setting, fixed)
     kept = [flag(n) for n in given] + (["--ds-config"] if cfg.ds_config is not None else [])
     if not cands:
