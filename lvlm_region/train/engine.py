@@ -17,7 +17,6 @@ import sys
 import time
 from pathlib import Path
 
-import datasets
 import deepspeed
 import torch
 import torch.distributed as dist
@@ -260,9 +259,15 @@ def all_gather_object(obj) -> list:
 
 
 def versions() -> dict:
-    """The versions a run used (run.json)."""
+    """The versions a run used (run.json). datasets is read where it is installed: the engine itself does not need
+    it, and bench/gpu_check.py runs on machines without it."""
+    try:
+        import datasets
+        have = datasets.__version__
+    except ImportError:
+        have = None
     return {"python": platform.python_version(), "torch": torch.__version__, "deepspeed": deepspeed.__version__,
-            "transformers": transformers.__version__, "datasets": datasets.__version__}
+            "transformers": transformers.__version__, "datasets": have}
 
 
 def device() -> torch.device:
