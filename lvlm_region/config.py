@@ -188,6 +188,9 @@ def default(name: str, stage: str = "sft"):
     return same_as(name, stage).default
 
 
+LR_PARTS = ("region", "projector", "vision", "embed", "norm", "lm_head")  # --lr-groups' parts
+
+
 @dataclass
 class RunConfig:
     """Every setting of a run; a flag per field (cli), resolved and checked by ``resolve``, saved in run.json."""
@@ -268,6 +271,10 @@ class RunConfig:
                                          default_help=f"--lr; with --tuner lora {LORA_PROJECTOR_LR[False]:g}, the "
                                                       f"paper's recipe ({LORA_PROJECTOR_LR[True]:g} on the demo "
                                                       "model)")
+    lr_groups: str | None = setting(None, "peak LRs per part, PART=LR,... with PART one of "
+                                          + ", ".join(LR_PARTS) + " (region: its decoder layers, sub-layers or "
+                                          "adapters); parts not named train at --lr (the projector at "
+                                          "--projector-lr); warm-up and decay shared", metavar="PART=LR,...")
     grad_ckpt: bool = setting(False, "activation checkpointing of the LLM (non-reentrant, works with frozen layers)")
     attn: str = setting("sdpa", "flash_attention_2 | sdpa | eager (flash needs a GPU, bf16/fp16 and the gpu extra; "
                                 "otherwise the run says so and uses sdpa)")
@@ -341,6 +348,12 @@ class RunConfig:
             self.lr = LR_DEFAULTS[self.stage, demo, self.tuner]
         if self.epochs is None:
             self.epochs = EPOCH_DEFAULTS[self.stage, demo]
+        groups = self.part_lrs()  # refuses a malformed --lr-groups
+        if "projector" in groups:
+            if self.projector_lr is not None:
+                raise ValueError(f"--lr-groups names projector={groups['projector']:g} and --projector-lr "
+                                 f"{self.projector_lr:g} is given too; give the projector's LR once")
+            self.projector_lr = groups["projector"]
         if self.projector_lr is None:
             self.projector_lr = LORA_PROJECTOR_LR[demo] if self.tuner == "lora" else self.lr
         for name, valid in RANGES.items():  # the flags parse through the same ranges (cli)
@@ -403,6 +416,28 @@ class RunConfig:
         other than its default."""
         default = next(f.default for f in dataclasses.fields(self) if f.name == name)
         return name in self.explicit or getattr(self, name) != default
+
+    def part_lrs(self) -> dict[str, float]:
+        """--lr-groups as {part: peak LR} ({} without it); ValueError naming the fault for a malformed one."""
+        if not self.lr_groups:
+            return {}
+        out: dict[str, float] = {}
+        for item in self.lr_groups.split(","):
+            name, eq, value = (x.strip() for x in item.partition("="))
+            if not eq or not name:
+                raise ValueError(f"--lr-groups {self.lr_groups!r}: {item.strip()!r} is not PART=LR")
+            if name not in LR_PARTS:
+                raise ValueError(f"--lr-groups: unknown part {name!r} (valid: {', '.join(LR_PARTS)})")
+            if name in out:
+                raise ValueError(f"--lr-groups names {name} twice")
+            try:
+                lr = float(value)
+            except ValueError:
+                lr = float("nan")
+            if not math.isfinite(lr) or lr <= 0:
+                raise ValueError(f"--lr-groups {name}={value}: the LR must be a finite number > 0")
+            out[name] = lr
+        return out
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)

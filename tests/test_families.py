@@ -3,6 +3,8 @@
 The LLM has 6 decoder layers and the vision encoder 6 layers too, so every selected index also exists in the
 vision tower: the region must pick exactly the decoder's layers (and the projector), never the vision layers.
 """
+import re
+
 import pytest
 import transformers as T
 from torch import nn
@@ -79,6 +81,37 @@ def test_region_selects_decoder_layers_only(family):
     assert counts["projector"]["trainable"] == counts["projector"]["total"] > 0
     assert counts["vision"]["trainable"] == 0 and counts["all"]["total"] == sum(p.numel() for p in model.parameters())
     assert counts["layers"]["trainable"] == sum(p.numel() for i in (1, 3) for p in parts.layers[i].parameters())
+
+
+@pytest.mark.parametrize("family", sorted(FAMILIES))
+def test_a_sublayer_region_trains_only_that_module_of_its_layers(family):
+    """layers:1,3.mlp / .attn: exactly those layers' MLP (token mixer) parameters and the projector train; with the
+    LoRA tuner, adapters only on those modules' linears."""
+    from lvlm_region.model import lora
+    from lvlm_region.model.families import family_of
+    for sub in ("mlp", "attn"):
+        model = FAMILIES[family]()
+        parts, fam = find_parts(model), family_of(model)
+        region = resolve(f"layers:1,3.{sub}", 6)
+        counts = apply_region(model, region)
+        modules = [fam.sublayer(parts.layers[i], sub) for i in (1, 3)]
+        assert all(m is not None and m is not parts.layers[i] for m, i in zip(modules, (1, 3)))
+        want = {id(p) for m in modules for p in m.parameters()}
+        want |= {id(p) for p in parts.projector.parameters()} | {id(p) for p in parts.projector_extra}
+        assert {id(p) for p in model.parameters() if p.requires_grad} == want
+        assert 0 < counts["layers"]["trainable"] < sum(p.numel() for i in (1, 3) for p in parts.layers[i].parameters())
+        if not fam.trains:
+            continue
+        model = FAMILIES[family]()
+        if family == "qwen3_vl_moe" and sub == "mlp":  # its routed experts are 3-D weights, its router no nn.Linear
+            with pytest.raises(ValueError, match="selects no linear layer to put LoRA on"):
+                lora.peft_config(model, region, 4, 8, 0.0)
+            continue
+        lora.inject(model, lora.peft_config(model, region, 4, 8, 0.0))
+        apply_region(model, region, "lora")
+        adapters = {n for n, p in model.named_parameters() if p.requires_grad and "lora_" in n}
+        assert adapters and all(re.search(r"\blayers\.(1|3)\.", n) and (".mlp." if sub == "mlp" else "attn.") in n
+                                for n in adapters), sorted(adapters)
 
 
 def test_unrecognised_model_names_what_was_looked_for():

@@ -71,7 +71,8 @@ def counted(model, rows: int, seq_len: int, images: int) -> float:
 
 @pytest.mark.parametrize("spec,ckpt", [("none", False), ("uniform25", False), ("layers:2,5-projector", False),
                                        ("full+vision+lm_head", False), ("uniform25", True),
-                                       ("layers:3-projector+norm", True)])
+                                       ("layers:3-projector+norm", True), ("uniform25.mlp", False),
+                                       ("layers:2,5.attn", False), ("uniform25.attn", True)])
 def test_matches_torch_flop_counter(model, spec, ckpt):
     apply_region(model, resolve(spec, 8))
     if ckpt:
@@ -315,7 +316,7 @@ def test_gemma3_pooled_projector_matches_torch_flop_counter(spec, ckpt):
 
 @pytest.mark.parametrize("family", ["qwen3_vl_moe", "qwen3_5_moe"])
 @pytest.mark.parametrize("spec,ckpt", [("none", False), ("layers:1", False), ("layers:2-projector", False),
-                                       ("full+vision", True)])
+                                       ("full+vision", True), ("layers:0,1.mlp", False), ("layers:1,3.attn", True)])
 def test_routed_experts_match_torch_flop_counter(family, spec, ckpt):
     """Qwen3-VL MoE (layers 0, 1, 3 with 4 experts, 2 per token; layer 2 a dense MLP) and Qwen3.5 MoE (experts and a
     gated shared expert in every layer, Gated DeltaNet layers 0, 1, 3): the router on every token and each token's

@@ -116,8 +116,9 @@ def test_llava_activations_match_what_autograd_keeps(demo_dir, lora_r):
     size = cfg.vision_config.image_size
     inputs = {"input_ids": ids, "attention_mask": torch.ones_like(ids),
               "pixel_values": torch.randn(rows, 3, size, size, generator=g).bfloat16()}
-    specs = ("uniform25", "last25-projector") if lora_r else ("uniform25", "full", "none", "middle25-projector",
-                                                                "last25-projector", "uniform25+vision")
+    specs = ("uniform25", "last25-projector", "uniform25.attn") if lora_r else (
+        "uniform25", "full", "none", "middle25-projector", "last25-projector", "uniform25+vision", "uniform25.mlp",
+        "last25.attn-projector")
     ratios = compare(base, inputs, ids.clone(), seq, specs, lora_r=lora_r)
     assert all(0.95 <= r <= 1.05 for r in ratios.values()), sorted(ratios.items())
 

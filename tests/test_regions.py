@@ -3,7 +3,7 @@ import json
 
 import pytest
 
-from lvlm_region.model.regions import PAPER32, RegionError, resolve, uniform_indices
+from lvlm_region.model.regions import VALID_FORMS, PAPER32, RegionError, resolve, uniform_indices
 
 DEPTHS = (8, 16, 24, 26, 32, 40, 80)
 
@@ -97,6 +97,9 @@ def test_parts_default_and_switches():
     ("", 32, "the spec is empty"),
     ("uniform25+head", 32, "unknown part 'head'"),
     ("none-projector", 32, "it selects nothing to train"),
+    ("uniform25.ffn", 32, "unknown sub-layer 'ffn' (valid: attn, mlp)"),
+    ("uniform25.mlp.attn", 32, "one sub-layer at most (attn, mlp), not mlp.attn"),
+    ("none.mlp", 32, ".mlp needs decoder layers to take it from, and 'none' selects none"),
 ])
 def test_invalid_specs_fail_with_valid_forms(spec, depth, problem):
     with pytest.raises(RegionError) as e:
@@ -137,3 +140,19 @@ def test_bad_score_specs(tmp_path, spec, depth, problem):
         resolve(spec.format(f=f, bad=bad), depth)
     assert problem.format(f=f, bad=bad) in str(e.value)
     assert "top<P>@FILE" in str(e.value)
+
+
+def test_sublayer_specs(tmp_path):
+    """.attn / .mlp narrow the selected layers to one sub-layer, after any layer form (a percentage's decimal point
+    is not one), before +/- parts and before a scores file's @."""
+    r = resolve("uniform25.mlp", 32)
+    assert (r.layers, r.sublayer) == ((0, 4, 9, 13, 18, 22, 27, 31), "mlp")
+    assert r.to_dict()["sublayer"] == "mlp" and resolve("uniform25", 32).sublayer is None
+    r = resolve("layers:0, 7.attn + lm_head", 32)
+    assert (r.layers, r.sublayer, r.parts["lm_head"], r.parts["projector"]) == ((0, 7), "attn", True, True)
+    assert resolve("uniform12.5.mlp", 32).layers == resolve("uniform12.5", 32).layers == (0, 10, 21, 31)
+    assert resolve("first:2.attn-projector", 32).parts["projector"] is False
+    (tmp_path / "s.json").write_text(json.dumps({"scores": list(range(8))}))
+    r = resolve(f"top25.mlp@{tmp_path}/s.json", 8)
+    assert (r.layers, r.sublayer) == ((6, 7), "mlp")
+    assert "uniform25.mlp" in VALID_FORMS

@@ -101,6 +101,19 @@ def test_stage2_zero3_starts_from_stage1_projector(demo_sft_data, stage1, tmp_pa
     assert report["summary"]["eval"]["samples"] == 6
 
 
+def test_a_sublayer_region_trains_exactly_those_modules_under_zero3(demo_sft_data, tmp_path):
+    """uniform25.mlp on ZeRO-3, 2 ranks: the MLPs of layers 0 and 7 and the projector change, their attention and
+    norms stay bit-identical; the FLOP model counts the frozen attention's weight gradients as skipped."""
+    out, report, stdout = train_and_report(tmp_path, "sft", "mlp_z3", *demo_sft_data, "--zero", "3", "--region",
+                                           "uniform25.mlp")
+    check(report, r"model\.multi_modal_projector\.|model\.language_model\.layers\.(0|7)\.mlp\.")
+    assert report["summary"]["region"]["sublayer"] == "mlp" and report["summary"]["region"]["layers"] == [0, 7]
+    run_json = json.loads((out / "run.json").read_text())
+    layers = run_json["parameters"]["layers"]
+    assert 0 < layers["trainable"] < 2 / 8 * layers["total"]  # two layers' MLPs, not two whole layers
+    assert "optimizer holds exactly the" in stdout
+
+
 def test_zero3_offload_config(demo_sft_data, tmp_path):
     # The shipped offload variant: optimizer state and parameters on CPU, DeepSpeed's CPU Adam (JIT-built).
     _, report, stdout = train_and_report(tmp_path, "sft", "off_z3", *demo_sft_data, "--ds-config",

@@ -19,10 +19,11 @@ the LM head), bottom to top:
 For a 32-layer LLM tuning 8 layers with the projector, the decoder part is (32 + 32 + 8) / 96 = 0.75 of
 full tuning, (32 + 64 + 8) / 128 = 0.81 with checkpointing; 6N per token would overstate it by a third.
 Known gap: inside a decoder layer the model does not follow requires_grad op by op. When the layer's input
-needs no gradient and its own norms are frozen (LoRA on the lowest layer of the path, projector frozen), torch
+needs no gradient and its own norms are frozen (LoRA or a ``.attn`` / ``.mlp`` region on the lowest layer of the
+path, projector frozen), torch
 skips the activation gradient of the q/k/v projections, which the model still counts (about a fifth of that
-layer's activation-gradient matmuls). Whole-layer regions, and LoRA with the projector trained (the paper's
-recipe), are exact.
+layer's activation-gradient matmuls). Whole-layer regions, and LoRA or sub-layers with the projector trained (the
+paper's recipe), are exact.
 Attention is counted as the full T x T products (as the eager and math paths run it; flash-attention skips
 about half of a causal mask).
 The LM head runs on the trained positions only (BatchShape.head_tokens; the trainer passes logits_to_keep).
@@ -192,7 +193,12 @@ class FlopModel:
     grid: GridVision | None = None  # set for Qwen2-VL-style towers: sizes come from BatchShape.grids
 
     def for_region(self, region: Region, checkpointing: bool | None = None) -> "FlopModel":
-        """The same shapes with the trainable set a region gives (whole blocks), e.g. `full` for the baseline."""
+        """The same shapes with the trainable set a region gives (whole blocks), e.g. `full` for the baseline. A
+        sub-layer region (``.attn`` / ``.mlp``) is refused: blocks here are whole layers; apply the region to the
+        model and build its FLOP model (families.flop_model reads requires_grad)."""
+        if region.sublayer:
+            raise ValueError(f"for_region counts whole layers; {region.spec!r} trains a sub-layer: apply it to the "
+                             "model and use families.flop_model")
         parts = region.parts
         out = []
         for b in self.blocks:

@@ -3,13 +3,19 @@
 A spec is a string resolved against the LLM's decoder depth L into a sorted list of 0-based decoder
 layer indices plus an on/off switch for every other part of the model. Grammar::
 
-    spec      := layers ( ("+" | "-") part )*
+    spec      := layers [ "." sublayer ] ( ("+" | "-") part )*
     layers    := "full" | "none" | "paper32"
                | ("uniform" | "first" | "last" | "middle") P        P percent, 0 < P <= 100
                | ("uniform" | "first" | "last" | "middle") ":" K    K layers, 1 <= K <= L
                | "layers:" i ("," i)*                               explicit 0-based indices
                | ("top" | "bottom") (P | ":" K) "@" FILE             by importance scores (below)
+    sublayer  := "attn" | "mlp"
     part      := "projector" | "vision" | "embed" | "norm" | "lm_head"
+
+Sub-layers: ``uniform25.mlp`` trains only the MLP of the selected layers (an MoE layer's router, experts and shared
+expert), ``uniform25.attn`` only their token mixer (self-attention; Qwen3.5's Gated DeltaNet in its linear-attention
+layers); the layer norms stay frozen. With a scores file the sub-layer comes before the @: ``top25.mlp@FILE``.
+Which module is which is the family's (``Family.sublayer``).
 
 Defaults: the projector trains; vision tower, token embeddings, final norm and LM head are frozen.
 ``+part`` switches a part on, ``-part`` off (``uniform25+lm_head``, ``none-projector``).
@@ -36,6 +42,7 @@ from dataclasses import dataclass, field
 from fractions import Fraction
 
 PARTS = ("projector", "vision", "embed", "norm", "lm_head")
+SUBLAYERS = ("attn", "mlp")
 DEFAULT_PARTS = {"projector": True, "vision": False, "embed": False, "norm": False, "lm_head": False}
 PAPER32 = (1, 5, 9, 13, 19, 23, 27, 31)
 PLACEMENTS = ("uniform", "first", "last", "middle")
@@ -46,7 +53,8 @@ VALID_FORMS = (
     "uniform<P> | first<P> | last<P> | middle<P> (P percent of the layers, 0 < P <= 100, e.g. uniform25) | "
     "uniform:<K> | first:<K> | last:<K> | middle:<K> (K layers) | layers:<i>,<j>,... (0-based) | "
     "top<P>@FILE | top:<K>@FILE | bottom<P>@FILE | bottom:<K>@FILE (the highest / lowest scoring layers of a "
-    "launch/importance.py scores file) ; "
+    "launch/importance.py scores file) ; optionally .attn or .mlp: only that sub-layer of the selected layers "
+    "(uniform25.mlp, layers:0,7.attn, top25.mlp@FILE) ; "
     "optionally followed by +part / -part with part in " + ", ".join(PARTS) + " (e.g. uniform25+lm_head)"
 )
 
@@ -66,10 +74,11 @@ class Region:
     num_layers: int
     layers: tuple[int, ...]
     parts: dict[str, bool] = field(default_factory=lambda: dict(DEFAULT_PARTS))
+    sublayer: str | None = None  # "attn" | "mlp": only that sub-module of each selected layer trains
 
     def to_dict(self) -> dict:
         return {"spec": self.spec, "num_layers": self.num_layers, "layers": list(self.layers),
-                "parts": dict(self.parts)}
+                "parts": dict(self.parts), "sublayer": self.sublayer}
 
 
 def _count(spec: str, text: str, num_layers: int) -> int:
@@ -224,6 +233,7 @@ def resolve(spec: str, num_layers: int, tied: bool = False) -> Region:
                                 "after the commas of layers:)")
     tokens = re.split(r"([+-])(?=[a-z_])", text)  # a sign before a letter starts a part
     body, mods = tokens[0], tokens[1:]
+    body, sublayer = _split_sublayer(spec, body)
     parts = dict(DEFAULT_PARTS)
     given: dict[str, bool] = {}
     for sign, name in zip(mods[::2], mods[1::2]):
@@ -237,6 +247,20 @@ def resolve(spec: str, num_layers: int, tied: bool = False) -> Region:
                                     "tensor, or neither")
         parts["embed"] = parts["lm_head"] = parts["embed"] or parts["lm_head"]
     layers = _layers(spec, body, num_layers, scores_file)
+    if sublayer and not layers:
+        raise RegionError(spec, f".{sublayer} needs decoder layers to take it from, and {body!r} selects none")
     if not layers and not any(parts.values()):
         raise RegionError(spec, "it selects nothing to train")
-    return Region(spec=spec.strip(), num_layers=num_layers, layers=tuple(layers), parts=parts)
+    return Region(spec=spec.strip(), num_layers=num_layers, layers=tuple(layers), parts=parts, sublayer=sublayer)
+
+
+def _split_sublayer(spec: str, body: str) -> tuple[str, str | None]:
+    """(the layer selection, its sub-layer or None) of ``body``: a trailing ``.name`` that is not part of a number."""
+    m = re.fullmatch(r"(.*?)\.([a-z_][a-z0-9_]*)((?:\.[a-z_][a-z0-9_]*)*)", body)
+    if m is None:
+        return body, None
+    if m.group(3):
+        raise RegionError(spec, f"one sub-layer at most ({', '.join(SUBLAYERS)}), not {m.group(2)}{m.group(3)}")
+    if m.group(2) not in SUBLAYERS:
+        raise RegionError(spec, f"unknown sub-layer {m.group(2)!r} (valid: {', '.join(SUBLAYERS)})")
+    return m.group(1), m.group(2)

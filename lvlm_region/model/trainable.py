@@ -4,7 +4,7 @@ from __future__ import annotations
 from torch import nn
 from transformers import PreTrainedModel
 
-from .families import find_parts
+from .families import find_parts, region_module
 from .lora import adapter_parameters
 from .regions import Region
 
@@ -28,6 +28,8 @@ def apply_region(model: PreTrainedModel, region: Region, tuner: str = "full") ->
     chosen = set(region.layers)
     for name, module in parts.named_parts().items():  # outer before inner: a nested projector is set last
         on = (int(name.split(".")[1]) in chosen) if name.startswith("layer.") else region.parts[name]
+        if on and name.startswith("layer.") and region.sublayer:
+            module = region_module(model, int(name.split(".")[1]), region)
         if on and tuner == "lora" and name.startswith("layer."):
             adapters = adapter_parameters(module)
             if not adapters:

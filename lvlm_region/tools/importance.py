@@ -8,6 +8,18 @@ weights stay partitioned and a rank with one sample fewer runs a masked repeat s
 
 ``delta``: ||W_i - W_base_i|| / ||W_base_i|| over all parameters of decoder layer i, between a fine-tuned model and
 its base: where tuning actually moved the LLM (the paper's way of locating the visual region).
+
+``snr``: the signal-to-noise of each weight matrix of decoder layer i from its singular values, as Spectrum scores
+text models, no data needed: the noise scale sigma = IQR(singular values) / 1.349, the Marchenko-Pastur bulk edge
+sigma (1 + sqrt(min(n, m) / max(n, m))), SNR = (sum of the singular values above it) / (sum of those at or below),
+divided by the largest singular value; a matrix with none at or below counts its smallest as the noise. A layer's
+score is the mean over its matrices: every nn.Linear weight, and each expert's matrices of an MoE layer's 3-D expert
+weights. Read on rank 0 from the checkpoint's weights (fp64 SVDs).
+
+``grad``: the norm of the gradient of the training loss (the mean over the samples' trained tokens, as the trainer
+computes it) with respect to all of decoder layer i's weights, over ``--samples`` of the data: every decoder layer
+and the projector made trainable, one real DeepSpeed engine (ZeRO-2 or 3, 1..N ranks) accumulating every sample's
+gradient, read whole on every rank (engine.full_grad) before any optimizer step; nothing is written to the model.
 """
 from __future__ import annotations
 
@@ -31,7 +43,7 @@ from .evaluate import trained_with
 
 log = logging.getLogger(__name__)
 
-METHODS = ("bi", "delta")
+METHODS = ("bi", "delta", "snr", "grad")
 TOKENS = ("all", "text", "image")
 
 
@@ -97,9 +109,11 @@ def check_layers(model_dir: str) -> int:
                          ) from None
 
 
-@torch.no_grad()
-def block_influence(cfg: RunConfig, samples: int | None, tokens: str) -> dict:
-    """BI of every decoder layer of ``cfg.model`` on ``cfg.data`` (``samples`` of it, drawn with cfg.seed)."""
+def scoring_run(cfg: RunConfig, samples: int | None):
+    """What bi and grad share: the setup, the prepared data and its image folder, the samples scored (drawn with
+    cfg.seed), this rank's share of them padded with repeats of the first (every rank makes the same calls: ZeRO-3
+    gathers; the caller masks the repeats out), how many of its share are real, the share's size, the dtype, and the
+    model (loaded into ZeRO-3's partitions when the config says so)."""
     s = setup(cfg, trains=False)
     ds, folder = obtain_data(cfg.data, cfg.image_folder, "importance", s)
     chosen = sample_indices(len(ds), samples, cfg.seed)
@@ -109,11 +123,19 @@ def block_influence(cfg: RunConfig, samples: int | None, tokens: str) -> dict:
     mine = chosen[rank::world]
     per_rank = math.ceil(len(chosen) / world)
     real = len(mine)
-    mine += [chosen[0]] * (per_rank - real)  # equal calls on every rank (ZeRO-3 gathers); the repeat is masked out
+    mine += [chosen[0]] * (per_rank - real)
     dtype = engine.torch_dtype(s.precision)
     loading = engine.PartitionedLoading(s.ds_config)
     model = load_model(cfg.model_path, dtype, s.attn)
     loading.close()
+    return s, ds, folder, chosen, mine, real, per_rank, dtype, model
+
+
+@torch.no_grad()
+def block_influence(cfg: RunConfig, samples: int | None, tokens: str) -> dict:
+    """BI of every decoder layer of ``cfg.model`` on ``cfg.data`` (``samples`` of it, drawn with cfg.seed)."""
+    s, ds, folder, chosen, mine, real, per_rank, dtype, model = scoring_run(cfg, samples)
+    world = engine.world_size()
     runner = engine.inference_model(model, s.ds_config)
     hooks = BlockInfluence(find_parts(model).layers)
     layout = s.encoding.layout
@@ -141,6 +163,46 @@ def block_influence(cfg: RunConfig, samples: int | None, tokens: str) -> dict:
             "world_size": world}
 
 
+def gradient_norms(cfg: RunConfig, samples: int | None) -> dict:
+    """Per decoder layer, ||d loss / d W_i|| of the mean token loss over ``samples`` of ``cfg.data`` (see above)."""
+    from ..model.loss import loss_positions, token_loss_sum, valid_tokens
+    from ..model.regions import resolve
+    from ..model.trainable import apply_region
+
+    s, ds, folder, chosen, mine, real, per_rank, dtype, model = scoring_run(cfg, samples)
+    world = engine.world_size()
+    parts = find_parts(model)
+    apply_region(model, resolve("full", len(parts.layers), tied=parts.tied))  # every layer's weights get a gradient
+    micro_steps = math.ceil(per_rank / cfg.micro_batch)  # one accumulation over every sample: no optimizer step
+    ds_config = engine.build_ds_config(engine.zero_stage(s.ds_config), cfg.ds_config, cfg.micro_batch, micro_steps,
+                                       0.0, s.precision)
+    eng, _ = engine.initialize(model, ds_config, lr=1e-3, weight_decay=0.0, total_steps=1, warmup_steps=0)
+    layout = s.encoding.layout
+    loader = run_loader(ImageTextDataset(ds.select(mine), folder, s.load_image, layout), cfg,
+                        s.tokenizer.pad_token_id, layout.dummy(), 0, 1, shuffle=False, drop_last=False)
+    position, tokens = 0, 0
+    for step, b in enumerate(loader):
+        engine.last_micro_step(eng, step == micro_steps - 1)
+        b = to_device(b, engine.device(), dtype)
+        rows = b["input_ids"].shape[0]
+        keep = torch.arange(position, position + rows, device=b["labels"].device) < real
+        labels = b["labels"].masked_fill(~keep[:, None], -100)
+        logits = eng(**layout.model_inputs(b), logits_to_keep=loss_positions(labels)).logits
+        eng.backward(token_loss_sum(logits, labels))
+        tokens += valid_tokens(labels)
+        position += rows
+    total = engine.all_reduce_sum([float(tokens)])[0]
+    if not total:
+        raise ValueError(f"no trained tokens in the {len(chosen)} samples scored: nothing to take a gradient of")
+    # DeepSpeed averaged the summed losses' gradients over micro-steps and ranks: back to the mean token loss's
+    scale = micro_steps * world / total
+    scores = [math.sqrt(sum(float(engine.full_grad(p).double().pow(2).sum()) for p in layer.parameters())) * scale
+              for layer in parts.layers]
+    engine.release(eng)
+    return {"scores": scores, "samples": len(chosen), "token_count": int(total), "data": os.path.abspath(cfg.data),
+            "precision": s.precision, "zero_stage": engine.zero_stage(ds_config), "world_size": world}
+
+
 @torch.no_grad()
 def weight_delta(model_dir: str, base_dir: str) -> dict:
     """||W_i - W_base_i|| / ||W_base_i|| per decoder layer i (all its parameters together), in fp64."""
@@ -161,6 +223,42 @@ def weight_delta(model_dir: str, base_dir: str) -> dict:
     return {"scores": scores, "base": os.path.abspath(base_dir)}
 
 
+def matrix_snr(w: torch.Tensor) -> float:
+    """Spectrum's SNR of one weight matrix over its largest singular value (see the module docstring)."""
+    s = torch.linalg.svdvals(w.double())
+    sigma = float(torch.quantile(s, 0.75) - torch.quantile(s, 0.25)) / 1.349
+    n, m = w.shape
+    edge = sigma * (1 + math.sqrt(min(n, m) / max(n, m)))
+    signal, noise = float(s[s > edge].sum()), float(s[s <= edge].sum())
+    if noise == 0:
+        noise = float(s[-1])
+    return signal / noise / float(s[0]) if noise > 0 and s[0] > 0 else 0.0
+
+
+def layer_matrices(layer: torch.nn.Module) -> list[torch.Tensor]:
+    """A decoder layer's weight matrices: each nn.Linear's, and each expert's of a 3-D experts weight (a module
+    with ``num_experts`` holding [experts, a, b] parameters)."""
+    out = []
+    for module in layer.modules():
+        if isinstance(module, torch.nn.Linear):
+            out.append(module.weight)
+        elif hasattr(module, "num_experts"):
+            out += [w for p in module.parameters(recurse=False) if p.ndim == 3 for w in p]
+    return out
+
+
+@torch.no_grad()
+def weight_snr(model_dir: str) -> dict:
+    """Per decoder layer, the mean SNR of its weight matrices (matrix_snr)."""
+    layers = find_parts(load_model(model_dir, torch.float32)).layers
+    scores, matrices = [], []
+    for layer in layers:
+        values = [matrix_snr(w) for w in layer_matrices(layer)]
+        scores.append(sum(values) / len(values))
+        matrices.append(len(values))
+    return {"scores": scores, "matrices": matrices}
+
+
 def score(cfg: RunConfig, method: str, output: str, samples: int | None = None, tokens: str = "all",
           base: str | None = None) -> dict:
     """Score ``cfg.model``'s decoder layers; rank 0 writes ``output`` (scores.json) and scores.png beside it."""
@@ -177,9 +275,13 @@ def score(cfg: RunConfig, method: str, output: str, samples: int | None = None, 
     start = time.perf_counter()
     if method == "bi":
         result = block_influence(cfg, samples, tokens)
+    elif method == "grad":
+        result = gradient_norms(cfg, samples)
     else:
         engine.init_distributed(cfg.dist_timeout)
-        result = weight_delta(cfg.model_path, base) if engine.rank() == 0 else {"scores": []}
+        read = (lambda: weight_delta(cfg.model_path, base)) if method == "delta" else (
+            lambda: weight_snr(cfg.model_path))
+        result = read() if engine.rank() == 0 else {"scores": []}
     run = trained_with(cfg.model_path)
     region = (run or {}).get("region")
     out = {"method": method, "model": os.path.abspath(cfg.model_path), "layers": depth, **result,
@@ -235,7 +337,8 @@ def plot(out: dict, path: str) -> None:
     colours = ["tab:orange" if i in trained else "tab:blue" for i in range(out["layers"])]
     ax.bar(range(out["layers"]), out["scores"], color=colours)
     ax.set_xlabel("decoder layer")
-    ax.set_ylabel({"bi": "block influence", "delta": "relative weight change"}[out["method"]])
+    ax.set_ylabel({"bi": "block influence", "delta": "relative weight change",
+                   "snr": "weight SNR (Marchenko-Pastur)", "grad": "loss gradient norm"}[out["method"]])
     title = os.path.basename(out["model"].rstrip("/"))
     if trained:
         title += f" (orange: trained region {out['region']['spec']})"

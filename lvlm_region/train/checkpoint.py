@@ -233,6 +233,7 @@ IDENTITY_WHY = {
     "epochs": "the LR schedule depends on it",
     "lr": "the LR schedule depends on it",
     "projector_lr": "the projector's LR schedule depends on it",
+    "lr_groups": "each part's LR schedule depends on it",
     "warmup_ratio": "the LR schedule (its warm-up) depends on it",
     "weight_decay": "every optimizer step depends on it",
     "grad_clip": "every optimizer step depends on it",

@@ -461,6 +461,19 @@ class PartitionedLoading:
             self.enabled, self._keep = False, None
 
 
+def last_micro_step(engine, last: bool) -> None:
+    """Mark whether the next forward / backward ends the gradient accumulation (reduced and readable with
+    full_grad after it), for code that accumulates without stepping (DeepSpeed counts micro-steps in step())."""
+    engine.set_gradient_accumulation_boundary(last)
+
+
+def full_grad(param: torch.nn.Parameter) -> torch.Tensor | None:
+    """A parameter's whole accumulated gradient after backward and before step, whatever ZeRO partitioned (every rank
+    gets all of it: DeepSpeed's safe_get_full_grad)."""
+    from deepspeed.utils import safe_get_full_grad
+    return safe_get_full_grad(param)
+
+
 def is_zero3(engine) -> bool:
     """Whether ``engine`` partitions its parameters (ZeRO-3); a plain model (inference_model) does not."""
     return hasattr(engine, "zero_optimization_partition_weights") and engine.zero_optimization_partition_weights()

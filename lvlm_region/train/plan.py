@@ -349,18 +349,15 @@ class Shapes:
                                                    self.dtype, self.image)
 
     def flop_model(self, spec: str, grad_ckpt: bool):
-        """The FLOP model of the region (or LoRA's adapters) with the checkpointing asked for."""
+        """The FLOP model of the model with the region applied (its requires_grad: whole layers, a sub-layer, or
+        LoRA's adapters, whose own matmuls train), with the checkpointing asked for."""
         key = (spec, grad_ckpt)
         if key not in self._flop_models:
             model, _, tuner = self.tuned(spec)
             apply_region(model, self.region(spec), tuner)
             fm = flop_model(model)
-            if tuner == "full":
-                fm = fm.for_region(self.region(spec), checkpointing=grad_ckpt)
-            else:  # the blocks as the model has them (adapters' own matmuls train), with the checkpointing asked for
-                fm = replace(fm, blocks=[replace(b, checkpointed=grad_ckpt) if b.kind == "llm" else b
-                                         for b in fm.blocks])
-            self._flop_models[key] = fm
+            self._flop_models[key] = replace(fm, blocks=[replace(b, checkpointed=grad_ckpt) if b.kind == "llm" else b
+                                                         for b in fm.blocks])
         return self._flop_models[key]
 
     def flops(self, spec: str, grad_ckpt: bool, rows: int, seq: int, tokens: int | None = None):

@@ -23,6 +23,7 @@ from ..model import assemble, families, regions
 from ..model.families import find_parts
 from ..model.load import num_decoder_layers, resolve_attention, skeleton
 from ..model.projector import read_mm_projector
+from ..model.lora import target_modules
 from ..model.trainable import apply_region
 from . import checkpoint, engine, plan
 
@@ -97,9 +98,12 @@ def setup(cfg: RunConfig, trains: bool = True) -> Setup:
         raise FileNotFoundError(f"--model {cfg.model_path}: no config.json; give a local transformers checkpoint dir")
     model_config = AutoConfig.from_pretrained(cfg.model_path)
     region, shape = config_region(cfg.region, model_config)
+    check_lr_groups(cfg, region)
     if cfg.tuner == "lora" and not region.layers:
         raise ValueError(f"--tuner lora: region {region.spec!r} selects no decoder layer, so there is nothing to put "
                          "LoRA on; give a region with layers (e.g. --region uniform25) or use --tuner full")
+    if cfg.tuner == "lora":
+        target_modules(shape, region)  # a region whose modules have no linear (an MoE .mlp) is refused here
     attn, why = resolve_attention(cfg.attn, not engine.on_cpu(), precision)
     if why and engine.rank() == 0:
         log.warning("--attn: %s", why)
@@ -142,6 +146,7 @@ def dry_run(cfg: RunConfig, ranks: int) -> dict:
     else:
         model_config = AutoConfig.from_pretrained(cfg.model_path)
     region, shape = config_region(cfg.region, model_config)
+    check_lr_groups(cfg, region)
     counts = apply_region(shape, region, cfg.tuner) if cfg.tuner == "full" else None
     if cfg.global_batch is not None and cfg.plan != "auto":
         cfg.grad_accum = accumulation(cfg, cfg.global_batch, ranks)
@@ -165,7 +170,7 @@ def dry_run(cfg: RunConfig, ranks: int) -> dict:
         "image_aspect_ratio": cfg.image_aspect_ratio, "max_length": cfg.max_length, "precision": precision,
         "ranks": ranks, "micro_batch": cfg.micro_batch, "grad_accum": cfg.grad_accum,
         "global_batch": cfg.micro_batch * cfg.grad_accum * ranks, "lr": cfg.lr, "projector_lr": cfg.projector_lr,
-        "epochs": cfg.epochs, "max_steps": cfg.max_steps,
+        "lr_groups": cfg.part_lrs(), "epochs": cfg.epochs, "max_steps": cfg.max_steps,
         "plan": "--plan auto: ZeRO stage, offload, checkpointing and batch split are chosen at launch from the "
                 "prepared data" if cfg.plan == "auto" else "off",
         "ds_config": ds, "missing_here": {k: v for k, v in paths.items() if v and not os.path.exists(v)}}
@@ -175,6 +180,17 @@ def config_region(spec: str, model_config) -> tuple[regions.Region, torch.nn.Mod
     """``spec`` resolved against a model's config alone, and the meta-device skeleton it was read from (no weights)."""
     shape = skeleton(model_config)
     return regions.resolve(spec, num_decoder_layers(model_config), tied=find_parts(shape).tied), shape
+
+
+def check_lr_groups(cfg: RunConfig, region: regions.Region) -> None:
+    """Refuse, before any weights load, an --lr-groups part that the region trains nothing of."""
+    for part, lr in cfg.part_lrs().items():
+        trains = bool(region.layers) if part == "region" else region.parts[part]
+        if not trains:
+            what = "no decoder layer" if part == "region" else f"no {part} parameter"
+            fix = "a region with layers" if part == "region" else f"+{part} in the region"
+            raise ValueError(f"--lr-groups {part}={lr:g}: region {region.spec!r} trains {what}, so the group would be "
+                             f"empty; give {fix}, or drop {part} from --lr-groups")
 
 
 def shown(cfg: RunConfig, name: str) -> str | None:

@@ -124,7 +124,19 @@ class Trainer:
                      "optimizer %.3f GB%s; total on device %.3f GB", mem["weights"] / 1e9, mem["gradients"] / 1e9,
                      mem["optimizer"] / 1e9, " (offloaded to CPU)" if offload else "", mem["total_on_device"] / 1e9)
         warmup = int(cfg.warmup_ratio * self.total)
-        own_lr = [(projector_parameters(model), cfg.projector_lr)] if cfg.projector_lr != cfg.lr else ()
+        own_lr = [(projector_parameters(model), cfg.projector_lr)] if cfg.projector_lr != cfg.lr else []
+        parts = part_groups(model, cfg.part_lrs())
+        own_lr += [(params, lr) for _, params, lr in parts]
+        # --lr-groups as the optimizer got them (run.json): each part's peak LR and what it holds
+        self.lr_groups = {part: {"lr": lr, "tensors": len(params), "parameters": sum(p.numel() for p in params)}
+                          for part, params, lr in parts}
+        if cfg.part_lrs().get("projector") is not None:
+            params = [p for p in projector_parameters(model) if p.requires_grad]
+            self.lr_groups["projector"] = {"lr": cfg.projector_lr, "tensors": len(params),
+                                           "parameters": sum(p.numel() for p in params)}
+        if self.rank0 and self.lr_groups:
+            log.info("learning rates per part (--lr-groups; the rest at --lr %g): %s", cfg.lr,
+                     ", ".join(f"{k} {v['lr']:g} ({v['tensors']} tensors)" for k, v in self.lr_groups.items()))
         self.engine, self.scheduler = engine.initialize(model, s.ds_config, cfg.lr, cfg.weight_decay, self.total,
                                                         warmup, lr_overrides=own_lr)
         self.device = engine.device()
@@ -150,6 +162,7 @@ class Trainer:
             "steps": self.total, "steps_per_epoch": self.steps_per_epoch, "dataset_size": self.dataset_size,
             "versions": engine.versions(), "device": str(self.device), "device_name": timing.device_name(),
             "memory_estimate": self.mem, "plan": self.plan, "ranks": engine.all_placements(),
+            **({"lr_groups": self.lr_groups} if self.lr_groups else {}),
             "resumed_from": str(s.resume_from) if s.resume_from else None}
         self.write_summary()
         st = os.stat(self.out)
@@ -279,6 +292,7 @@ class Trainer:
         rec = {"step": step, "loss": self.loss, **({"router_loss": self.router_loss} if self.router_loss is not None
                                                     else {}), "lr": cfg.lr * factor,
                **({"projector_lr": cfg.projector_lr * factor} if cfg.projector_lr != cfg.lr else {}),
+               **{f"{part}_lr": lr * factor for part, lr in cfg.part_lrs().items() if part != "projector"},
                "grad_norm": _float(self.grad_norm),
                "tokens_per_s": w["tokens_per_s_per_gpu"] * world, "step_s": w["step_seconds"],
                **{f"{p}_s": v for p, v in w["phase_seconds"].items()},
@@ -459,18 +473,39 @@ def batch_shapes(batch: dict, layout: ImageLayout) -> list[BatchShape]:
                        head_tokens=head if j == 0 else 0) for j, (rows, seq) in enumerate(batch["rows"])]
 
 
+def part_groups(model, rates: dict[str, float]) -> list[tuple[str, list, float]]:
+    """--lr-groups' parts other than the projector as (part, parameters, peak LR) for engine.initialize: ``region`` the
+    decoder layers' (the trainable ones: the region's layers, sub-layers or adapters), the rest the part's own; a
+    tied embedding / LM head tensor takes embed's rate, else lm_head's."""
+    owners = families.find_parts(model).owners()
+    want = {"layers" if part == "region" else part: lr for part, lr in rates.items() if part != "projector"}
+    if families.TIED in owners.values():
+        tied = want.get("embed", want.get("lm_head"))
+        if tied is not None:
+            want[families.TIED] = tied
+    groups: dict[str, list] = {part: [] for part in want}
+    for p in model.parameters():
+        part = owners.get(id(p))
+        if part in groups and p.requires_grad:
+            groups[part].append(p)
+    return [("region" if part == "layers" else part, params, want[part]) for part, params in groups.items() if params]
+
+
 def run_identity(cfg: RunConfig, s: Setup, total_steps: int, dataset_size: int) -> dict:
     """What a resumed run must share with its checkpoint: every RunConfig field but those in
     config.RESUME_MAY_CHANGE (paths as absolute paths, the model and starting projector by fingerprint, the region as
     its resolved layers and parts, the ZeRO stage and precision as resolved), plus what the run derives from them
     (ranks, data set size, step count). checkpoint.IDENTITY_WHY says why the named ones matter."""
     ident = {f.name: getattr(cfg, f.name) for f in dataclasses.fields(cfg) if f.name not in RESUME_MAY_CHANGE}
+    if ident.get("lr_groups") is None:  # unset: as runs before --lr-groups recorded it (they resume)
+        ident.pop("lr_groups", None)
     for name in ("llm", "vision", "image_folder", "data", "init_projector"):
         ident[name] = ident[name] and os.path.abspath(ident[name])
     ident.update({
         "model": checkpoint.fingerprint_dir(cfg.model_path), "init": init_fingerprint(cfg),
         "ds_config": checkpoint.fingerprint_file(cfg.ds_config),
-        "region": {"layers": list(s.region.layers), "parts": dict(s.region.parts)},
+        "region": {"layers": list(s.region.layers), "parts": dict(s.region.parts),
+                   **({"sublayer": s.region.sublayer} if s.region.sublayer else {})},  # whole layers: as before
         "world_size": engine.world_size(), "dataset_size": dataset_size,
         "sampling": {"group_by_length": cfg.group_by_length, "packing": cfg.packing},
         "total_steps": total_steps,

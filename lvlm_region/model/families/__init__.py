@@ -10,13 +10,15 @@ from __future__ import annotations
 import importlib
 import pkgutil
 
+from torch import nn
 from transformers import PreTrainedModel
 
 from ..flops import FlopModel
 from .base import LAYER_FIELDS, TIED, Family, Parts, cut_layer_fields
 
 __all__ = ["TIED", "LAYER_FIELDS", "cut_layer_fields", "Family", "Parts", "REGISTRY", "get", "find_parts",
-           "family_of", "check_trainable", "trainable", "default_aspect", "flop_model", "pinned_layers"]
+           "family_of", "check_trainable", "trainable", "default_aspect", "flop_model", "pinned_layers",
+           "region_module"]
 
 
 
@@ -106,3 +108,17 @@ def flop_model(model: PreTrainedModel) -> FlopModel:
     """Block shapes and the current requires_grad / checkpointing of a trainable family's model (flops.py)."""
     parts = find_parts(model)
     return family_of(model).vision_flops(model, parts).with_llm(model, parts)
+
+
+def region_module(model: PreTrainedModel, index: int, region) -> nn.Module:
+    """What trains of decoder layer ``index`` in ``region`` (regions.Region): the layer, or its ``.attn`` / ``.mlp``
+    sub-layer (``Family.sublayer``); refused, naming the layer's modules, where the layer has no such sub-layer."""
+    layer = find_parts(model).layers[index]
+    if not region.sublayer:
+        return layer
+    sub = family_of(model).sublayer(layer, region.sublayer)
+    if sub is None:
+        has = ", ".join(n for n, _ in layer.named_children())
+        raise ValueError(f"region {region.spec!r}: decoder layer {index} has no {region.sublayer} sub-layer (its "
+                         f"modules: {has}); use a whole-layer spec or the other sub-layer")
+    return sub

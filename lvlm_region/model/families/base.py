@@ -105,6 +105,16 @@ class Family:
         ``load_processor`` returned (its ``tokenizer`` and ``image_processor``)."""
         raise NotImplementedError(f"{self.title}: no image layout ({self.not_trainable})")
 
+    def sublayer(self, layer: nn.Module, name: str) -> nn.Module | None:
+        """A decoder layer's sub-layer for a ``.attn`` / ``.mlp`` region: its token mixer (self-attention, or a
+        linear-attention mixer such as Qwen3.5's Gated DeltaNet) or its MLP (an MoE layer's router, experts and
+        shared expert); None where the layer has none."""
+        if name == "attn":
+            return next((m for m in (getattr(layer, a, None) for a in ("self_attn", "linear_attn"))
+                         if isinstance(m, nn.Module)), None)
+        mlp = getattr(layer, "mlp", None)
+        return mlp if name == "mlp" and isinstance(mlp, nn.Module) else None
+
     def pinned_layers(self, config) -> tuple[list[int], str]:
         """Decoder layers the model refers to by index (pruning keeps them), and why; none by default."""
         return [], ""
