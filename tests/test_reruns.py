@@ -298,3 +298,13 @@ def test_a_fresh_jit_build_lock_without_a_builder_stops_the_launch(demo_dir, tmp
     assert res.returncode == 2, res.stderr[-2000:]
     assert f"torch's JIT-build lock {lock} exists but no process on this machine is building there" in res.stderr
     assert not (tmp_path / "out").exists()
+
+
+def test_a_setting_an_earlier_checkpoint_did_not_record_matches_only_while_unset(tmp_path):
+    """A checkpoint written before --lr-groups existed resumes while it is unset, and is refused once it is set."""
+    from lvlm_region.train.checkpoint import check_compatible
+    saved = {"lr": 1e-3}
+    check_compatible(saved, {"lr": 1e-3, "lr_groups": None}, tmp_path)
+    with pytest.raises(ValueError, match=r"lr_groups: not recorded by the checkpoint \(an earlier version wrote it\), "
+                                         r"now 'region=1e-3'"):
+        check_compatible(saved, {"lr": 1e-3, "lr_groups": "region=1e-3"}, tmp_path)

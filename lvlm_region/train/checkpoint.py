@@ -254,11 +254,14 @@ OTHER_WHY = "it changes what the run computes from here on"
 
 
 def check_compatible(saved: dict, now: dict, where: Path) -> None:
-    """Refuse a resume whose run differs from the checkpoint in anything that decides the future."""
+    """Refuse a resume whose run differs from the checkpoint in anything that decides the future. A setting the
+    checkpoint does not record (an earlier version wrote it) matches only while it is unset (None): what that
+    version ran."""
     keys = list(now) + [k for k in saved if k not in now]
     diffs = [f"{k}: checkpoint {saved[k]!r}, now {now.get(k)!r} ({IDENTITY_WHY.get(k, OTHER_WHY)})"
              if k in saved else f"{k}: not recorded by the checkpoint (an earlier version wrote it), now {now[k]!r}"
-             for k in keys if saved.get(k) != now.get(k) or (k in saved) != (k in now)]
+             for k in keys if saved.get(k) != now.get(k) or (k in saved) != (k in now)
+             and not (k not in saved and now.get(k) is None)]
     if diffs:
         raise ValueError(f"cannot resume from {where}: the run differs from the checkpoint in\n  "
                          + "\n  ".join(diffs) + "\nresume with the original settings, or start a new --output-dir")

@@ -497,8 +497,6 @@ def run_identity(cfg: RunConfig, s: Setup, total_steps: int, dataset_size: int) 
     its resolved layers and parts, the ZeRO stage and precision as resolved), plus what the run derives from them
     (ranks, data set size, step count). checkpoint.IDENTITY_WHY says why the named ones matter."""
     ident = {f.name: getattr(cfg, f.name) for f in dataclasses.fields(cfg) if f.name not in RESUME_MAY_CHANGE}
-    if ident.get("lr_groups") is None:  # unset: as runs before --lr-groups recorded it (they resume)
-        ident.pop("lr_groups", None)
     for name in ("llm", "vision", "image_folder", "data", "init_projector"):
         ident[name] = ident[name] and os.path.abspath(ident[name])
     ident.update({
