@@ -99,28 +99,6 @@ def loss_of(model, batch: dict) -> torch.Tensor:
     return token_loss_sum(out.logits, batch["labels"]) / (batch["labels"][:, 1:] != -100).sum()
 
 
-class Clock:
-    """Seconds of what runs between start() and stop(): CUDA events on GPU, perf_counter on CPU."""
-
-    def __init__(self):
-        self.cuda = torch.cuda.is_available()
-
-    def start(self):
-        if self.cuda:
-            self.t0 = torch.cuda.Event(enable_timing=True)
-            self.t0.record()
-        else:
-            self.t0 = time.perf_counter()
-
-    def stop(self) -> float:
-        if self.cuda:
-            t1 = torch.cuda.Event(enable_timing=True)
-            t1.record()
-            t1.synchronize()
-            return self.t0.elapsed_time(t1) / 1000
-        return time.perf_counter() - self.t0
-
-
 def planned_bytes(config_dir: str, z: dict, spec: str, tuner: str, ckpt: bool) -> dict:
     """The planner's memory for the arm: ZeRO-2, one rank, bf16, the arm's micro-batch and sequence length."""
     s = plan.Setting(model=config_dir, region=spec, tuner=tuner, lora_r=z["lora_r"], lora_alpha=2 * z["lora_r"],
@@ -133,7 +111,7 @@ def planned_bytes(config_dir: str, z: dict, spec: str, tuner: str, ckpt: bool) -
     return {"model_states": states, "activations": acts, "recompute": recompute, "total": states + acts + recompute}
 
 
-def run_arm(cfg, z: dict, spec: str, tuner: str, ckpt: bool, attn: str, precision: str, batch: dict, clock,
+def run_arm(cfg, z: dict, spec: str, tuner: str, ckpt: bool, attn: str, precision: str, batch: dict,
             peak: float) -> dict:
     """Build the arm's engine from an empty device, step it, and report step time, FLOPs, MFU, memory, loss."""
     dtype = engine.torch_dtype(precision)
@@ -152,13 +130,13 @@ def run_arm(cfg, z: dict, spec: str, tuner: str, ckpt: bool, attn: str, precisio
     eng, _ = engine.initialize(model, ds_config, lr=1e-5, weight_decay=0.0, total_steps=10 ** 6, warmup_steps=0)
     shape = BatchShape(z["batch"], z["seq"], z["batch"], head_tokens=int((batch["labels"][:, 1:] != -100).sum()))
     flops = flop_model(model).micro_batch(shape)
-    times, losses = [], []
+    times, losses, timer = [], [], timing.StepTimer()  # the run's own step timer: CUDA events on GPU
     for i in range(z["warmup"] + z["steps"]):
-        clock.start()
+        timer.start()
         loss = loss_of(eng, batch)
         eng.backward(loss)
         eng.step()
-        t = clock.stop()
+        t = timer.finish()["step"]
         losses.append(float(loss.detach()))
         if i >= z["warmup"]:
             times.append(t)
@@ -175,7 +153,7 @@ def run_arm(cfg, z: dict, spec: str, tuner: str, ckpt: bool, attn: str, precisio
     return out
 
 
-def packed_vs_padded(cfg, z: dict, attn: str, dtype: torch.dtype, clock) -> dict:
+def packed_vs_padded(cfg, z: dict, attn: str, dtype: torch.dtype) -> dict:
     """The same mixed-length samples as one padded micro-batch and as one packed row: losses and tokens/s."""
     g = torch.Generator().manual_seed(2)
     seq, n = z["seq"], cfg.image_seq_length
@@ -187,12 +165,12 @@ def packed_vs_padded(cfg, z: dict, attn: str, dtype: torch.dtype, clock) -> dict
            "sdpa packed sequences (block-diagonal mask)"}
     for name, batch in (("padded", collate(samples, PAD)), ("packed", collate_packed(samples))):
         batch = to_device(batch)
-        times = []
+        times, timer = [], timing.StepTimer()
         for i in range(1 + z["steps"]):
-            clock.start()
+            timer.start()
             loss = loss_of(model, batch)
             loss.backward()
-            t = clock.stop()
+            t = timer.finish()["step"]
             model.zero_grad(set_to_none=True)
             if i:
                 times.append(t)
@@ -205,11 +183,10 @@ def packed_vs_padded(cfg, z: dict, attn: str, dtype: torch.dtype, clock) -> dict
 
 def loss_scaled_step(cfg, z: dict, attn: str, precision: str, batch: dict) -> dict:
     """One step of a uniform25 engine in ``precision``: finite loss and weights (fp16: DeepSpeed's loss scaling)."""
-    small = {**z, "warmup": 0, "steps": 1}
     dtype = engine.torch_dtype(precision)
     batch = {k: v.to(dtype) if k == "pixel_values" else v for k, v in batch.items()}
     model = build(cfg, attn, dtype)
-    apply_region(model, resolve("uniform25", small["layers"]), "full")
+    apply_region(model, resolve("uniform25", z["layers"]), "full")
     eng, _ = engine.initialize(model, engine.build_ds_config(2, None, z["batch"], 1, 1.0, precision), lr=1e-5,
                                weight_decay=0.0, total_steps=10, warmup_steps=0)
     loss = loss_of(eng, batch)
@@ -283,18 +260,17 @@ def main(argv=None) -> int:
     flash = importlib.util.find_spec("flash_attn") is not None and torch.cuda.is_available()
     g = torch.Generator().manual_seed(1)
     batch = to_device(collate([sample(cfg, z["seq"], g, dtype) for _ in range(z["batch"])], PAD))
-    clock = Clock()
     arms = []
     for (spec, tuner) in ARMS:
         for ckpt in (False, True):
             t0 = time.time()
-            a = run_arm(cfg, z, spec, tuner, ckpt, "sdpa", precision, batch, clock, peak)
+            a = run_arm(cfg, z, spec, tuner, ckpt, "sdpa", precision, batch, peak)
             a["planned"] = planned_bytes(config_dir, z, spec, tuner, ckpt)
             arms.append(a)
             log.warning("%s %s ckpt=%s: %.3f s/step (%.0f s)", spec, tuner, ckpt, a["step_s"], time.time() - t0)
     if flash:
         for spec in ("full", "uniform25"):
-            a = run_arm(cfg, z, spec, "full", False, "flash_attention_2", precision, batch, clock, peak)
+            a = run_arm(cfg, z, spec, "full", False, "flash_attention_2", precision, batch, peak)
             a["planned"] = planned_bytes(config_dir, z, spec, "full", False)
             arms.append(a)
     ratios = []
@@ -306,7 +282,7 @@ def main(argv=None) -> int:
         key = "hardware_flops" if a["grad_ckpt"] else "model_flops"
         ratios.append({"arm": f"{a['region']} {a['tuner']}{' ckpt' if a['grad_ckpt'] else ''}",
                        "measured": a["step_s"] / base["step_s"], "model": a[key] / base[key]})
-    packing = packed_vs_padded(cfg, z, "flash_attention_2" if flash else "sdpa", dtype, clock)
+    packing = packed_vs_padded(cfg, z, "flash_attention_2" if flash else "sdpa", dtype)
     steps = [loss_scaled_step(cfg, z, "sdpa", prec, batch) for prec in ("fp16", precision)]
     total = plan.Shapes(plan.Setting(model=config_dir)).total  # counted on the meta device
     result = {"mode": "smoke" if args.smoke else "gpu", "date": time.strftime("%Y-%m-%d"),

@@ -19,7 +19,7 @@ from peft.tuners.lora import LoraLayer
 from torch import nn
 from transformers import PreTrainedModel
 
-from .families import region_module
+from .families import region_modules
 from .regions import Region
 
 log = logging.getLogger(__name__)
@@ -31,7 +31,7 @@ def target_modules(model: PreTrainedModel, region: Region) -> list[str]:
     """Full names of every nn.Linear inside the region's decoder layers (or their ``.attn`` / ``.mlp`` sub-layer),
     in depth order."""
     names = {id(m): n for n, m in model.named_modules()}
-    targets = [names[id(m)] for i in region.layers for m in region_module(model, i, region).modules()
+    targets = [names[id(m)] for module in region_modules(model, region).values() for m in module.modules()
                if isinstance(m, nn.Linear)]
     if not targets:  # the trainer refuses such a region before loading; this guards direct callers
         raise ValueError(f"--tuner lora: region {region.spec!r} selects no linear layer to put LoRA on (an MoE "

@@ -4,7 +4,7 @@ from __future__ import annotations
 from torch import nn
 from transformers import PreTrainedModel
 
-from .families import find_parts, region_module
+from .families import find_parts, region_modules
 from .lora import adapter_parameters
 from .regions import Region
 
@@ -25,12 +25,13 @@ def apply_region(model: PreTrainedModel, region: Region, tuner: str = "full") ->
         raise ValueError(f"region {region.spec!r} switches embed and lm_head differently, but this model ties them "
                          "(one tensor); resolve the spec with tied=True (regions.resolve)")
     model.requires_grad_(False)
-    chosen = set(region.layers)
+    trained = region_modules(model, region)  # index -> the layer, or its .attn / .mlp sub-layer
     for name, module in parts.named_parts().items():  # outer before inner: a nested projector is set last
-        on = (int(name.split(".")[1]) in chosen) if name.startswith("layer.") else region.parts[name]
-        if on and name.startswith("layer.") and region.sublayer:
-            module = region_module(model, int(name.split(".")[1]), region)
-        if on and tuner == "lora" and name.startswith("layer."):
+        index = int(name.split(".")[1]) if name.startswith("layer.") else None
+        on = index in trained if index is not None else region.parts[name]
+        if on and index is not None:
+            module = trained[index]
+        if on and tuner == "lora" and index is not None:
             adapters = adapter_parameters(module)
             if not adapters:
                 raise ValueError(f"--tuner lora: decoder {name} is in the region but has no LoRA adapter")

@@ -29,6 +29,7 @@ import math
 import os
 import random
 import time
+from dataclasses import dataclass
 
 import torch
 
@@ -109,47 +110,62 @@ def check_layers(model_dir: str) -> int:
                          ) from None
 
 
-def scoring_run(cfg: RunConfig, samples: int | None):
-    """What bi and grad share: the setup, the prepared data and its image folder, the samples scored (drawn with
-    cfg.seed), this rank's share of them padded with repeats of the first (every rank makes the same calls: ZeRO-3
-    gathers; the caller masks the repeats out), how many of its share are real, the share's size, the dtype, and the
-    model (loaded into ZeRO-3's partitions when the config says so)."""
-    s = setup(cfg, trains=False)
-    ds, folder = obtain_data(cfg.data, cfg.image_folder, "importance", s)
-    chosen = sample_indices(len(ds), samples, cfg.seed)
-    if not chosen:
-        raise ValueError(f"--data {cfg.data} has no samples left after preparation: nothing to score")
-    rank, world = engine.rank(), engine.world_size()
-    mine = chosen[rank::world]
-    per_rank = math.ceil(len(chosen) / world)
-    real = len(mine)
-    mine += [chosen[0]] * (per_rank - real)
-    dtype = engine.torch_dtype(s.precision)
-    loading = engine.PartitionedLoading(s.ds_config)
-    model = load_model(cfg.model_path, dtype, s.attn)
-    loading.close()
-    return s, ds, folder, chosen, mine, real, per_rank, dtype, model
+@dataclass
+class ScoringRun:
+    """What bi and grad share: the setup, the samples scored (``chosen``, drawn with cfg.seed), this rank's share of
+    them (``micro_steps`` micro-batches; padded with repeats of the first so that every rank makes the same calls,
+    which ZeRO-3's gathers need), and the model (loaded into ZeRO-3's partitions when the config says so)."""
+
+    s: object  # run_setup.Setup
+    chosen: list[int]
+    loader: object  # this rank's share, in order
+    real: int  # how many of this rank's share are real samples (the rest are masked repeats)
+    micro_steps: int
+    dtype: torch.dtype
+    model: torch.nn.Module
+
+    @classmethod
+    def start(cls, cfg: RunConfig, samples: int | None) -> "ScoringRun":
+        s = setup(cfg, trains=False)
+        ds, folder = obtain_data(cfg.data, cfg.image_folder, "importance", s)
+        chosen = sample_indices(len(ds), samples, cfg.seed)
+        if not chosen:
+            raise ValueError(f"--data {cfg.data} has no samples left after preparation: nothing to score")
+        rank, world = engine.rank(), engine.world_size()
+        mine = chosen[rank::world]
+        real = len(mine)
+        mine += [chosen[0]] * (math.ceil(len(chosen) / world) - real)
+        dtype = engine.torch_dtype(s.precision)
+        loading = engine.PartitionedLoading(s.ds_config)
+        model = load_model(cfg.model_path, dtype, s.attn)
+        loading.close()
+        layout = s.encoding.layout
+        loader = run_loader(ImageTextDataset(ds.select(mine), folder, s.load_image, layout), cfg,
+                            s.tokenizer.pad_token_id, layout.dummy(), 0, 1, shuffle=False, drop_last=False)
+        return cls(s, chosen, loader, real, math.ceil(len(mine) / cfg.micro_batch), dtype, model)
+
+    def batches(self):
+        """(batch on the device, [rows] bool: which rows are real samples) over this rank's share."""
+        position = 0
+        for b in self.loader:
+            b = to_device(b, engine.device(), self.dtype)
+            rows = b["input_ids"].shape[0]
+            yield b, torch.arange(position, position + rows, device=b["input_ids"].device) < self.real
+            position += rows
 
 
 @torch.no_grad()
 def block_influence(cfg: RunConfig, samples: int | None, tokens: str) -> dict:
     """BI of every decoder layer of ``cfg.model`` on ``cfg.data`` (``samples`` of it, drawn with cfg.seed)."""
-    s, ds, folder, chosen, mine, real, per_rank, dtype, model = scoring_run(cfg, samples)
-    world = engine.world_size()
-    runner = engine.inference_model(model, s.ds_config)
-    hooks = BlockInfluence(find_parts(model).layers)
+    run = ScoringRun.start(cfg, samples)
+    s, chosen, world = run.s, run.chosen, engine.world_size()
+    runner = engine.inference_model(run.model, s.ds_config)
+    hooks = BlockInfluence(find_parts(run.model).layers)
     layout = s.encoding.layout
-    loader = run_loader(ImageTextDataset(ds.select(mine), folder, s.load_image, layout), cfg,
-                        s.tokenizer.pad_token_id, layout.dummy(), 0, 1, shuffle=False, drop_last=False)
-    position = 0
     try:
-        for b in loader:
-            b = to_device(b, engine.device(), dtype)
-            rows = b["input_ids"].shape[0]
-            keep = torch.arange(position, position + rows, device=b["input_ids"].device) < real
+        for b, keep in run.batches():
             hooks.mask = token_mask(b, tokens, layout.image_token_id) & keep[:, None]
             runner(**layout.model_inputs(b), logits_to_keep=1)
-            position += rows
     finally:
         hooks.close()
     n_layers = len(hooks.sums)
@@ -169,28 +185,22 @@ def gradient_norms(cfg: RunConfig, samples: int | None) -> dict:
     from ..model.regions import resolve
     from ..model.trainable import apply_region
 
-    s, ds, folder, chosen, mine, real, per_rank, dtype, model = scoring_run(cfg, samples)
-    world = engine.world_size()
+    run = ScoringRun.start(cfg, samples)
+    s, chosen, model, micro_steps, world = run.s, run.chosen, run.model, run.micro_steps, engine.world_size()
     parts = find_parts(model)
     apply_region(model, resolve("full", len(parts.layers), tied=parts.tied))  # every layer's weights get a gradient
-    micro_steps = math.ceil(per_rank / cfg.micro_batch)  # one accumulation over every sample: no optimizer step
+    # one accumulation over every sample of this rank's share: no optimizer step
     ds_config = engine.build_ds_config(engine.zero_stage(s.ds_config), cfg.ds_config, cfg.micro_batch, micro_steps,
                                        0.0, s.precision)
     eng, _ = engine.initialize(model, ds_config, lr=1e-3, weight_decay=0.0, total_steps=1, warmup_steps=0)
     layout = s.encoding.layout
-    loader = run_loader(ImageTextDataset(ds.select(mine), folder, s.load_image, layout), cfg,
-                        s.tokenizer.pad_token_id, layout.dummy(), 0, 1, shuffle=False, drop_last=False)
-    position, tokens = 0, 0
-    for step, b in enumerate(loader):
+    tokens = 0
+    for step, (b, keep) in enumerate(run.batches()):
         engine.last_micro_step(eng, step == micro_steps - 1)
-        b = to_device(b, engine.device(), dtype)
-        rows = b["input_ids"].shape[0]
-        keep = torch.arange(position, position + rows, device=b["labels"].device) < real
         labels = b["labels"].masked_fill(~keep[:, None], -100)
         logits = eng(**layout.model_inputs(b), logits_to_keep=loss_positions(labels)).logits
         eng.backward(token_loss_sum(logits, labels))
         tokens += valid_tokens(labels)
-        position += rows
     total = engine.all_reduce_sum([float(tokens)])[0]
     if not total:
         raise ValueError(f"no trained tokens in the {len(chosen)} samples scored: nothing to take a gradient of")

@@ -168,6 +168,11 @@ class Setting:
         """((length, samples), ...): the data's, or every sample seq_len long."""
         return self.lengths or ((self.seq_len, self.samples),)
 
+    def mean_length(self) -> float:
+        """The samples' mean length over length_histogram()."""
+        lengths, counts = zip(*self.length_histogram())
+        return sum(n * c for n, c in zip(lengths, counts)) / sum(counts)
+
     def record(self) -> dict:
         """The setting for a plan's JSON and run.json: the data's image sizes and distinct lengths as their counts
         (there may be thousands)."""
@@ -360,18 +365,16 @@ class Shapes:
                                                          for b in fm.blocks])
         return self._flop_models[key]
 
-    def flops(self, spec: str, grad_ckpt: bool, rows: int, seq: int, tokens: int | None = None):
-        """flops.Flops of one micro-batch of ``rows`` samples padded to ``seq`` tokens (``tokens``: how many of them
-        are the samples' own, default all), each with the setting's images; the LM head runs on the trained share
-        of the samples' own tokens."""
-        key = (spec, grad_ckpt, rows, seq, tokens)
+    def flops(self, spec: str, grad_ckpt: bool, rows: int, seq: int):
+        """flops.Flops of one micro-batch of ``rows`` samples padded to ``seq`` tokens, each with the setting's
+        images (cached); the LM head runs on the trained share of its positions (padding counted: an upper bound)."""
+        key = (spec, grad_ckpt, rows, seq)
         if key not in self._flops:
             _, grids = self.tokens()
             per_sample = self.s.images
             tower = rows * per_sample * self.family.planned_tiles(self.config, self.image)
-            own = rows * seq if tokens is None else tokens
             shape = BatchShape(rows=rows, seq_len=seq, images=tower, grids=grids * rows * per_sample,
-                               head_tokens=max(1, int(own * self.s.trained_fraction)))
+                               head_tokens=max(1, int(rows * seq * self.s.trained_fraction)))
             self._flops[key] = self.flop_model(spec, grad_ckpt).micro_batch(shape)
         return self._flops[key]
 
@@ -381,14 +384,14 @@ class Shapes:
             self._batched[micro_batch] = micro_steps(self.s, micro_batch)
         return self._batched[micro_batch]
 
-    def hardware_per_model(self) -> float:
-        """Hardware / model FLOPs of LLaVA's own recipe (full tuning, activation checkpointing) on one sample of the
-        setting's mean length: what converts the assumed MFU (LLaVA-style runs, checkpointed) into the hardware
-        utilisation every plan runs at."""
-        lengths, counts = zip(*self.s.length_histogram())
-        mean = max(1, round(sum(n * c for n, c in zip(lengths, counts)) / sum(counts)))
-        f = self.flops("full", True, 1, mean)
-        return f.hardware / f.model
+    def hfu(self) -> float:
+        """The hardware utilisation every plan runs at: a run's measured one (--calibrate), else the assumed MFU
+        (LLaVA-style runs' on model FLOPs, with checkpointing) times the hardware / model FLOPs of LLaVA's own recipe
+        (full tuning, activation checkpointing) on one sample of the setting's mean length."""
+        if self.s.hfu:
+            return self.s.hfu
+        f = self.flops("full", True, 1, max(1, round(self.s.mean_length())))
+        return self.s.mfu * f.hardware / f.model
 
 
 SIMULATED = 65_536  # samples whose batching the step time simulates (drawn from the length histogram; scaled up)
@@ -432,13 +435,10 @@ def epoch_flops(shapes: Shapes, spec: str, grad_ckpt: bool, micro_batch: int) ->
 
     s = shapes.s
     steps = shapes.batched(micro_batch)
-    cache: dict = {}
 
     def cost(rows: int, seq: int):
-        if (rows, seq) not in cache:
-            f = shapes.flops(spec, grad_ckpt, rows, seq)
-            cache[(rows, seq)] = (f.hardware, f.model, f.act_grad + f.weight_grad)
-        return cache[(rows, seq)]
+        f = shapes.flops(spec, grad_ckpt, rows, seq)  # cached by shape
+        return f.hardware, f.model, f.act_grad + f.weight_grad
 
     if s.packing:  # one row of the micro-batch's samples: each sample's own work
         per = np.vectorize(lambda n: cost(1, int(n)) if n else (0.0, 0.0, 0.0), otypes=[float] * 3)(steps)
@@ -468,8 +468,7 @@ def candidates(shapes: Shapes, spec: str) -> list[Candidate]:
     trainable = shapes.trainable(spec)
     out = []
     act = {(ck, mb): shapes.activations(spec, ck, mb) for ck in (False, True) for mb in (1, 2)}
-    hfu = s.hfu or s.mfu * shapes.hardware_per_model()
-    rate = s.peak() * hfu
+    rate = s.peak() * shapes.hfu()
     work = {(ck, mb): epoch_flops(shapes, spec, ck, mb) for ck in (False, True) for mb in MICRO_BATCHES
             if s.global_batch % (mb * s.gpus) == 0}
     for zero in (2, 3):
@@ -555,11 +554,9 @@ def plan(setting: Setting) -> dict:
     shapes = _shapes(setting)
     mine, full = candidates(shapes, setting.region), candidates(shapes, "full")
     b, fb = best(mine), best(full)
-    lengths, counts = zip(*setting.length_histogram())
     described = {**setting.record(), "memory_gib": setting.memory_bytes() / GIB, "peak_tflops": setting.peak() / 1e12,
-                 "planned_image_size": shapes.image.size,
-                 "planned_hfu": setting.hfu or setting.mfu * shapes.hardware_per_model(),
-                 "mean_length": sum(n * c for n, c in zip(lengths, counts)) / sum(counts)}
+                 "planned_image_size": shapes.image.size, "planned_hfu": shapes.hfu(),
+                 "mean_length": setting.mean_length()}
     return {"setting": described, "parameters": {"total": shapes.total,
                                                        "trainable": shapes.trainable(setting.region),
                                                        "trainable_full": shapes.trainable("full")},

@@ -124,16 +124,15 @@ class Trainer:
                      "optimizer %.3f GB%s; total on device %.3f GB", mem["weights"] / 1e9, mem["gradients"] / 1e9,
                      mem["optimizer"] / 1e9, " (offloaded to CPU)" if offload else "", mem["total_on_device"] / 1e9)
         warmup = int(cfg.warmup_ratio * self.total)
-        own_lr = [(projector_parameters(model), cfg.projector_lr)] if cfg.projector_lr != cfg.lr else []
-        parts = part_groups(model, cfg.part_lrs())
-        own_lr += [(params, lr) for _, params, lr in parts]
+        self.part_rates = cfg.part_lrs()  # --lr-groups
+        rates = {part: lr for part, lr in self.part_rates.items() if part != "projector"}
+        if "projector" in self.part_rates or cfg.projector_lr != cfg.lr:  # --lr-groups' or --projector-lr
+            rates["projector"] = cfg.projector_lr
+        groups = part_groups(model, rates)  # the rest trains at --lr
+        own_lr = [(params, lr) for _, params, lr in groups]
         # --lr-groups as the optimizer got them (run.json): each part's peak LR and what it holds
         self.lr_groups = {part: {"lr": lr, "tensors": len(params), "parameters": sum(p.numel() for p in params)}
-                          for part, params, lr in parts}
-        if cfg.part_lrs().get("projector") is not None:
-            params = [p for p in projector_parameters(model) if p.requires_grad]
-            self.lr_groups["projector"] = {"lr": cfg.projector_lr, "tensors": len(params),
-                                           "parameters": sum(p.numel() for p in params)}
+                          for part, params, lr in groups if part != "projector" or part in self.part_rates}
         if self.rank0 and self.lr_groups:
             log.info("learning rates per part (--lr-groups; the rest at --lr %g): %s", cfg.lr,
                      ", ".join(f"{k} {v['lr']:g} ({v['tensors']} tensors)" for k, v in self.lr_groups.items()))
@@ -292,7 +291,7 @@ class Trainer:
         rec = {"step": step, "loss": self.loss, **({"router_loss": self.router_loss} if self.router_loss is not None
                                                     else {}), "lr": cfg.lr * factor,
                **({"projector_lr": cfg.projector_lr * factor} if cfg.projector_lr != cfg.lr else {}),
-               **{f"{part}_lr": lr * factor for part, lr in cfg.part_lrs().items() if part != "projector"},
+               **{f"{part}_lr": lr * factor for part, lr in self.part_rates.items() if part != "projector"},
                "grad_norm": _float(self.grad_norm),
                "tokens_per_s": w["tokens_per_s_per_gpu"] * world, "step_s": w["step_seconds"],
                **{f"{p}_s": v for p, v in w["phase_seconds"].items()},
@@ -474,11 +473,11 @@ def batch_shapes(batch: dict, layout: ImageLayout) -> list[BatchShape]:
 
 
 def part_groups(model, rates: dict[str, float]) -> list[tuple[str, list, float]]:
-    """--lr-groups' parts other than the projector as (part, parameters, peak LR) for engine.initialize: ``region`` the
-    decoder layers' (the trainable ones: the region's layers, sub-layers or adapters), the rest the part's own; a
-    tied embedding / LM head tensor takes embed's rate, else lm_head's."""
+    """Parts with their own peak LR (--lr-groups, --projector-lr) as (part, parameters, peak LR) for
+    engine.initialize: ``region`` the decoder layers' (the trainable ones: the region's layers, sub-layers or
+    adapters), the rest the part's own; a tied embedding / LM head tensor takes embed's rate, else lm_head's."""
     owners = families.find_parts(model).owners()
-    want = {"layers" if part == "region" else part: lr for part, lr in rates.items() if part != "projector"}
+    want = {"layers" if part == "region" else part: lr for part, lr in rates.items()}
     if families.TIED in owners.values():
         tied = want.get("embed", want.get("lm_head"))
         if tied is not None:

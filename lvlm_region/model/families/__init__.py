@@ -18,7 +18,7 @@ from .base import LAYER_FIELDS, TIED, Family, Parts, cut_layer_fields
 
 __all__ = ["TIED", "LAYER_FIELDS", "cut_layer_fields", "Family", "Parts", "REGISTRY", "get", "find_parts",
            "family_of", "check_trainable", "trainable", "default_aspect", "flop_model", "pinned_layers",
-           "region_module"]
+           "region_modules"]
 
 
 
@@ -110,15 +110,16 @@ def flop_model(model: PreTrainedModel) -> FlopModel:
     return family_of(model).vision_flops(model, parts).with_llm(model, parts)
 
 
-def region_module(model: PreTrainedModel, index: int, region) -> nn.Module:
-    """What trains of decoder layer ``index`` in ``region`` (regions.Region): the layer, or its ``.attn`` / ``.mlp``
-    sub-layer (``Family.sublayer``); refused, naming the layer's modules, where the layer has no such sub-layer."""
-    layer = find_parts(model).layers[index]
-    if not region.sublayer:
-        return layer
-    sub = family_of(model).sublayer(layer, region.sublayer)
-    if sub is None:
-        has = ", ".join(n for n, _ in layer.named_children())
-        raise ValueError(f"region {region.spec!r}: decoder layer {index} has no {region.sublayer} sub-layer (its "
-                         f"modules: {has}); use a whole-layer spec or the other sub-layer")
-    return sub
+def region_modules(model: PreTrainedModel, region) -> dict[int, nn.Module]:
+    """What trains of each of ``region``'s decoder layers (regions.Region), by index: the layer, or its ``.attn`` /
+    ``.mlp`` sub-layer (``Family.sublayer``); refused, naming the layer's modules, where a layer has no such
+    sub-layer."""
+    layers, family = find_parts(model).layers, family_of(model)
+    out = {}
+    for i in region.layers:
+        out[i] = family.sublayer(layers[i], region.sublayer) if region.sublayer else layers[i]
+        if out[i] is None:
+            has = ", ".join(n for n, _ in layers[i].named_children())
+            raise ValueError(f"region {region.spec!r}: decoder layer {i} has no {region.sublayer} sub-layer (its "
+                             f"modules: {has}); use a whole-layer spec or the other sub-layer")
+    return out

@@ -144,10 +144,13 @@ class Family:
         return 1
 
     def planned_vision_inputs(self, config, images: int, dtype: torch.dtype, image: PlannedImages) -> dict:
-        """get_image_features' keyword arguments for ``images`` images, on the meta device: by default one square
-        image of the tower's input size each (a family that tiles or resizes per image overrides it)."""
+        """get_image_features' keyword arguments for ``images`` images, on the meta device: by default each image's
+        planned_tiles squares of the tower's input size (a family that resizes per image, or reads more than pixels,
+        overrides it)."""
         side = config.vision_config.image_size
-        return {"pixel_values": torch.empty(images, 3, side, side, device="meta", dtype=dtype)}
+        side = side[0] if isinstance(side, (list, tuple)) else side  # InternVL's [S, S]
+        n = images * self.planned_tiles(config, image)
+        return {"pixel_values": torch.empty(n, 3, side, side, device="meta", dtype=dtype)}
 
     def planned_image_features(self, model: PreTrainedModel, inputs: dict):
         """The tower and the projector on planned_vision_inputs, as training runs them: the model's own

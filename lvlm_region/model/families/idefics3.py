@@ -27,9 +27,15 @@ from ..flops import VisionFlops, projector_block
 from ..image_inputs import DummyImage, ImageLayout, PlannedImages
 from .base import Family
 from .llava import tower_blocks
-from .qwen2_vl import has_image_processor, size_field
+from .qwen2_vl import checkpoint_image_processor, size_field
 
 FAKE, GLOBAL, IMAGE = "<fake_token_around_image>", "<global-img>", "<image>"
+
+
+def tile_tokens(config) -> int:
+    """LLM tokens per tile: the tower's patches, pixel-shuffled by scale_factor."""
+    v = config.vision_config
+    return (v.image_size // v.patch_size) ** 2 // config.scale_factor ** 2
 
 
 @dataclass(frozen=True)
@@ -100,7 +106,7 @@ class Idefics3(Family):
             raise ValueError(f"an idefics3 model needs its Idefics3 image processor (preprocessor_config.json), got "
                              f"{type(p).__name__}")
         v = config.vision_config
-        per_tile = (v.image_size // v.patch_size) ** 2 // config.scale_factor ** 2
+        per_tile = tile_tokens(config)
         seq = getattr(processor, "image_seq_len", per_tile)
         if seq != per_tile:
             raise ValueError(f"the processor's image_seq_len is {seq}, but a {v.image_size}-pixel tile in "
@@ -132,11 +138,9 @@ class Idefics3(Family):
         """The checkpoint's image processor (size, max_image_size, do_image_splitting), or the class's defaults with
         tiles of the tower's side and four tiles per side without preprocessor_config.json."""
         import transformers
-        if has_image_processor(path):
-            return transformers.AutoImageProcessor.from_pretrained(path)
         tile = config.vision_config.image_size
-        return getattr(transformers, self.image_processor_class)(size={"longest_edge": 4 * tile},
-                                                                 max_image_size={"longest_edge": tile})
+        return checkpoint_image_processor(path, lambda: getattr(transformers, self.image_processor_class)(
+            size={"longest_edge": 4 * tile}, max_image_size={"longest_edge": tile}))
 
     def planned_size(self, config, image: PlannedImages) -> tuple[int, int]:
         side = size_field(image.image_processor.size, "longest_edge")
@@ -154,15 +158,8 @@ class Idefics3(Family):
     def planned_tokens(self, config, image: PlannedImages) -> tuple[int, tuple]:
         """SplitImages.text's tokens, each tag and newline counted as one token (the tokenizer is not read)."""
         rows, cols = self.planned_grid(config, image)
-        v = config.vision_config
-        per_tile = (v.image_size // v.patch_size) ** 2 // config.scale_factor ** 2
         tags = 2 * rows * cols + rows + (1 if rows else 0) + 3  # <fake><row_r_col_c> per tile, \n per row, global
-        return (rows * cols + 1) * per_tile + tags, ()
-
-    def planned_vision_inputs(self, config, images: int, dtype: torch.dtype, image: PlannedImages) -> dict:
-        side = config.vision_config.image_size
-        n = images * self.planned_tiles(config, image)
-        return {"pixel_values": torch.empty(n, 3, side, side, device="meta", dtype=dtype)}
+        return (rows * cols + 1) * tile_tokens(config) + tags, ()
 
     def planned_image_features(self, model, inputs: dict):
         """The tower on every tile and the connector, as get_image_features runs them on tiles that are all real

@@ -28,7 +28,7 @@ from torch import nn
 from ..flops import Block, VisionFlops, any_trainable, is_checkpointed, last_linear_macs, linear_macs, projector_block
 from ..image_inputs import DummyImage, ImageLayout, PlannedImages
 from .base import Family
-from .qwen2_vl import SplitProcessor, has_image_processor
+from .qwen2_vl import SplitProcessor, checkpoint_image_processor
 
 
 @dataclass(frozen=True)
@@ -140,12 +140,10 @@ class InternVL(Family):
     def planned_image_processor(self, path: str, config):
         """The checkpoint's GotOcr2 image processor (min_patches, max_patches), or the class's defaults at the tower's
         side without preprocessor_config.json; crop_to_patches on, as InternVLProcessor calls it."""
-        from transformers import AutoImageProcessor, GotOcr2ImageProcessorPil
+        from transformers import GotOcr2ImageProcessorPil
         side = _side(config.vision_config.image_size)
-        if has_image_processor(path):
-            processor = AutoImageProcessor.from_pretrained(path)
-        else:
-            processor = GotOcr2ImageProcessorPil(size={"height": side, "width": side})
+        processor = checkpoint_image_processor(path, lambda: GotOcr2ImageProcessorPil(size={"height": side,
+                                                                                             "width": side}))
         processor.crop_to_patches = True
         return processor
 
@@ -160,11 +158,6 @@ class InternVL(Family):
     def planned_tokens(self, config, image: PlannedImages) -> tuple[int, tuple]:
         """<img>, image_seq_length per tile, </img>."""
         return self.planned_tiles(config, image) * config.image_seq_length + 2, ()
-
-    def planned_vision_inputs(self, config, images: int, dtype: torch.dtype, image: PlannedImages) -> dict:
-        side = _side(config.vision_config.image_size)
-        n = images * self.planned_tiles(config, image)
-        return {"pixel_values": torch.empty(n, 3, side, side, device="meta", dtype=dtype)}
 
     def planned_projector_input(self, config, projector, images: int, dtype: torch.dtype,
                                 image: PlannedImages) -> torch.Tensor:

@@ -119,9 +119,8 @@ class LlavaNext(Llava):
         return n - (config.vision_feature_select_strategy == "default"), ()
 
     def planned_vision_inputs(self, config, images: int, dtype: torch.dtype, image: PlannedImages) -> dict:
-        tile, (w, h) = config.vision_config.image_size, self.planned_size(config, image)
-        n = images * self.planned_tiles(config, image)
-        return {"pixel_values": torch.empty(n, 3, tile, tile, device="meta", dtype=dtype),
+        w, h = self.planned_size(config, image)
+        return {**super().planned_vision_inputs(config, images, dtype, image),
                 "image_sizes": torch.tensor([[h, w]] * images)}
 
     def planned_projector_input(self, config, projector, images: int, dtype: torch.dtype,

@@ -134,9 +134,13 @@ def size_field(size, key: str):
     return size.get(key) if isinstance(size, dict) else getattr(size, key, None)
 
 
-def has_image_processor(path: str) -> bool:
-    """Whether the checkpoint directory ``path`` has an image processor (preprocessor_config.json)."""
-    return os.path.isfile(os.path.join(path, "preprocessor_config.json"))
+def checkpoint_image_processor(path: str, default=None):
+    """The image processor of the checkpoint directory ``path`` (its preprocessor_config.json), else ``default()``
+    (None without a default): what the planner reads where a family's tiles are an image-processor setting."""
+    if os.path.isfile(os.path.join(path, "preprocessor_config.json")):
+        from transformers import AutoImageProcessor
+        return AutoImageProcessor.from_pretrained(path)
+    return default() if default else None
 
 
 class Qwen2VL(Family):
@@ -191,8 +195,7 @@ class Qwen2VL(Family):
     def planned_image_processor(self, path: str, config):
         """The checkpoint's image processor (its pixel bounds), None without preprocessor_config.json (the class's
         default bounds then)."""
-        from transformers import AutoImageProcessor
-        return AutoImageProcessor.from_pretrained(path) if has_image_processor(path) else None
+        return checkpoint_image_processor(path)
 
     def planned_tokens(self, config, image: PlannedImages) -> tuple[int, tuple]:
         from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import smart_resize  # no torchvision
