@@ -14,7 +14,7 @@ import os
 from dataclasses import dataclass, field
 
 from .infra import hub
-from .model import families
+from .model import families, schedule
 
 # The valid values of --template and --image-aspect-ratio. The run config owns them (it is below the data layer);
 # data.templates defines one template per name and data.images each aspect handling, and both check they match.
@@ -201,6 +201,10 @@ class RunConfig:
                                      "moved to checkpoints/abandoned/, never deleted)")
     region: str | None = setting(None, "region spec: which decoder layers and parts train",
                                  stages={"pretrain": "none", "sft": "uniform25"})
+    region_schedule: str | None = setting(None, "a moving region: random:K/N (K of the region's layers, drawn "
+                                                "again every N optimizer steps, as LISA) | cycle:K/N (the region's "
+                                                "layers in blocks of K, N steps each, as BAdam); Adam's state restarts "
+                                                "at each switch", metavar="KIND:K/N")
     model: str | None = setting(None, "local transformers checkpoint dir (default: the embedded tiny demo model)")
     llm: str | None = setting(None, "causal-LM checkpoint dir (Llama, Vicuna, Mistral, Phi-3, Qwen2) to assemble "
                                     "with --vision into OUTPUT_DIR/base_model, instead of --model")
@@ -348,6 +352,8 @@ class RunConfig:
             self.lr = LR_DEFAULTS[self.stage, demo, self.tuner]
         if self.epochs is None:
             self.epochs = EPOCH_DEFAULTS[self.stage, demo]
+        if self.region_schedule is not None:
+            schedule.parse(self.region_schedule)  # its syntax; against the region in run_setup
         groups = self.part_lrs()  # refuses a malformed --lr-groups
         if "projector" in groups:
             if self.projector_lr is not None:

@@ -23,6 +23,13 @@ def test_totals_skip_warmup_and_restore_across_sessions():
     resumed.add(times(9.0), 100, 4, 3, 2e12, 3e12)  # this session's warm-up: skipped
     resumed.add(times(1.0), 100, 4, 3, 2e12, 3e12)
     assert resumed.summary(2, 1e12)["steady_steps"] == 3 and resumed.seconds == 3.0
+    # a checkpoint of an earlier version, which had no switch phase: it starts at 0
+    earlier = t.state_dict()
+    del earlier["phases"]["switch"]
+    again = timing.Totals(warmup=0)
+    again.restore(earlier)
+    again.add({**times(1.0), "switch": 0.5}, 100, 4, 3, 2e12, 3e12)
+    assert again.phases["switch"] == 0.5 and again.phases["backward"] == pytest.approx(0.9)
 
 
 def test_model_states_by_hand():

@@ -9,7 +9,9 @@ way (OUTPUT_DIR/stage1/eval.json).
         --data mix.json --image-folder IMG --eval-data eval.json --zero 3 --output-dir runs/compare
 
 Every flag after the known ones goes to launch/sft.py unchanged, the same for every arm (compare sets --region,
---seed and --output-dir per arm). Writes OUTPUT_DIR/report.{md,html,json,csv} and OUTPUT_DIR/arms/<region>-seed<S>/.
+--seed and --output-dir per arm; an entry SPEC~SCHEDULE, e.g. full~random:2/10, is an arm whose region moves:
+--region SPEC --region-schedule SCHEDULE).
+Writes OUTPUT_DIR/report.{md,html,json,csv} and OUTPUT_DIR/arms/<region>-seed<S>/.
 Run again: finished arms are reused, an interrupted one continues (with --save-every, from its checkpoint).
 --config FILE: compare's own keys, and any launch/sft.py flag for the arms (the command line's come after).
 The accuracy is each arm's end-of-run evaluation on --eval-data (the code launch/evaluate.py runs).
@@ -28,7 +30,8 @@ from ..train import cli
 class Settings:
     """compare's flags; every other flag goes to the arms (launch/sft.py)."""
 
-    regions: str = setting(None, "comma-separated region specs, e.g. full,uniform25,first25", required=True)
+    regions: str = setting(None, "comma-separated region specs, e.g. full,uniform25,first25; SPEC~SCHEDULE: a moving "
+                                 "region (full~random:2/10)", required=True)
     seeds: str = setting("0", "comma-separated seeds; each region trains once per seed")
     gpus: int = setting(1, "ranks per arm", valid=AT_LEAST_1)
     output_dir: str = setting(None, "where the arms and the report go", required=True)

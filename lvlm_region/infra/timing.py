@@ -19,7 +19,7 @@ import torch
 # Dense bf16 tensor-core peaks (TFLOP/s per GPU) from the vendors' data sheets, matched against the device name.
 PEAK_TFLOPS = {"H200": 989.0, "H100": 989.0, "A100": 312.0, "A10G": 125.0, "L40S": 362.0, "L4": 121.0,
                "V100": 125.0}
-PHASES = ("data", "forward", "backward", "optimizer")
+PHASES = ("data", "forward", "backward", "optimizer", "switch")  # switch: a moving region rebuilding its engine
 
 
 def device_name() -> str:
@@ -146,7 +146,7 @@ class Totals:
         self.steps += 1
         self.seconds += times["step"]
         for p in PHASES:
-            self.phases[p] += times[p]
+            self.phases[p] += times.get(p, 0.0)
         self.tokens, self.samples, self.images = self.tokens + tokens, self.samples + samples, self.images + images
         self.model_flops, self.hardware_flops = self.model_flops + flops_model, self.hardware_flops + flops_hw
 
@@ -156,7 +156,9 @@ class Totals:
     def restore(self, state: dict | None) -> None:
         """Continue the sums of an earlier session (its warm-up setting stays this session's)."""
         for k, v in (state or {}).items():
-            if k != "warmup":
+            if k == "phases":  # a phase an earlier version did not time starts at 0
+                self.phases = {**self.phases, **v}
+            elif k != "warmup":
                 setattr(self, k, v)
 
     def summary(self, world: int, peak: float) -> dict:

@@ -80,6 +80,14 @@ class Region:
         return {"spec": self.spec, "num_layers": self.num_layers, "layers": list(self.layers),
                 "parts": dict(self.parts), "sublayer": self.sublayer}
 
+    def explicit(self) -> str:
+        """The spec that resolves to exactly this region (``layers:0,7.mlp+lm_head``), whatever it was written as; a
+        region without layers is ``none`` with its parts."""
+        body = ("layers:" + ",".join(map(str, self.layers)) if self.layers else "none") + (
+            f".{self.sublayer}" if self.sublayer and self.layers else "")
+        return body + "".join(("+" if on else "-") + part for part, on in self.parts.items()
+                              if on != DEFAULT_PARTS[part])
+
 
 def _count(spec: str, text: str, num_layers: int) -> int:
     if not re.fullmatch(r"\d+", text):

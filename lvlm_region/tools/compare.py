@@ -24,7 +24,7 @@ from transformers import AutoConfig
 from ..config import DEMO_DIR, RANGES, TEXT_EVAL, flag
 from ..data import demo
 from ..infra import outputs
-from ..model import regions
+from ..model import regions, schedule
 from ..model.families import find_parts
 from ..model.load import num_decoder_layers, skeleton
 from ..train import checkpoint
@@ -34,7 +34,8 @@ log = logging.getLogger(__name__)
 
 SFT = Path(__file__).resolve().parents[2] / "launch" / "sft.py"
 EVALUATE = SFT.parent / "evaluate.py"
-OWNED = ("--region", "--seed", "--output-dir", "--resume", "--overwrite")  # flags compare sets per arm
+OWNED = ("--region", "--region-schedule", "--seed", "--output-dir", "--resume", "--overwrite")  # set per arm
+MOVING = "~"  # an arm's region and its --region-schedule: full~random:2/10
 ARM_FILE = "compare.json"
 
 
@@ -44,10 +45,10 @@ class CompareError(ValueError):
 
 def split_regions(text: str) -> list[str]:
     """``full,uniform25,layers:1,5,9`` -> ['full', 'uniform25', 'layers:1,5,9']: a bare number continues the
-    ``layers:`` list before it (specs are otherwise comma-free)."""
+    ``layers:`` list before it (specs are otherwise comma-free), with its parts and a moving arm's ``~SCHEDULE``."""
     specs: list[str] = []
     for part in (p.strip() for p in text.split(",")):
-        if specs and re.fullmatch(r"\d+([+-]\w+)*", part) and specs[-1].startswith("layers:"):
+        if specs and re.fullmatch(r"\d+([+-]\w+)*(~.*)?", part) and specs[-1].startswith("layers:"):
             specs[-1] += "," + part
         elif part:
             specs.append(part)
@@ -56,6 +57,13 @@ def split_regions(text: str) -> list[str]:
     if len(set(specs)) != len(specs):
         raise CompareError(f"--regions names a region twice: {specs}")
     return specs
+
+
+def split_arm(entry: str) -> tuple[str, str | None]:
+    """``full~random:2/10`` -> ('full', 'random:2/10'): an arm's region spec and its --region-schedule (None: the
+    region stays)."""
+    spec, sep, moving = entry.partition(MOVING)
+    return spec, (moving if sep else None)
 
 
 def parse_seeds(text: str) -> list[int]:
@@ -98,9 +106,12 @@ def check_specs(specs: list[str], passthrough: list[str]) -> int:
         config = AutoConfig.from_pretrained(model)
     depth = num_decoder_layers(config)
     tied = find_parts(skeleton(config)).tied
-    for spec in specs:
+    for entry in specs:
+        spec, moving = split_arm(entry)
         try:
-            regions.resolve(spec, depth, tied=tied)
+            region = regions.resolve(spec, depth, tied=tied)
+            if moving is not None:
+                schedule.resolve(moving, region, seed=0)
         except ValueError as e:
             raise CompareError(f"--regions: {e}") from None
     return depth
@@ -142,7 +153,13 @@ def arm_command(spec: str, seed: int, arm_dir: str, gpus: int, passthrough: list
         s.bind(("127.0.0.1", 0))
         port = str(s.getsockname()[1])
     return [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", str(gpus), "--master_port", port,
-            str(SFT), "--region", spec, "--seed", str(seed), "--output-dir", arm_dir, *passthrough]
+            str(SFT), *region_flags(spec), "--seed", str(seed), "--output-dir", arm_dir, *passthrough]
+
+
+def region_flags(entry: str) -> list[str]:
+    """launch/sft.py's flags for an arm's --regions entry."""
+    spec, moving = split_arm(entry)
+    return ["--region", spec, *(["--region-schedule", moving] if moving is not None else [])]
 
 
 HASH_WHOLE = 512 * 2 ** 20  # files up to this size are hashed whole; larger ones by size, mtime and their ends
@@ -196,6 +213,7 @@ def input_fingerprints(passthrough: list[str], spec: str | None = None) -> dict:
                          "--eval-data": os.path.join(DEMO_DIR, "sft_eval.json"),
                          "--text-eval-data": os.path.join(DEMO_DIR, TEXT_EVAL)})
     out = {name: fingerprint(_flag(passthrough, name) or defaults.get(name)) for name in INPUT_FLAGS}
+    spec = spec and split_arm(spec)[0]
     if spec is not None and "@" in spec:
         out["scores"] = fingerprint(regions.scores_path(spec))
     return out

@@ -59,7 +59,7 @@ def load_run(path: str) -> dict:
         "name": os.path.basename(os.path.normpath(path)), "path": path,
         "status": {"running": "in progress (partial figures)", "interrupted": "interrupted (resumable)"}.get(status,
                                                                                                               status),
-        "region": run.get("region", {}).get("spec", cfg.get("region")), "layers": run.get("region", {}).get("layers"),
+        "region": region_label(run), "layers": run.get("region", {}).get("layers"),
         "tuner": cfg.get("tuner", "full"), "trainable_params": params.get("trainable"),
         "total_params": params.get("total"), "hardware": run.get("device_name"), "ranks": run.get("world_size"),
         "steps": run.get("steps_done", curve[-1][0] if curve else 0), "planned_steps": run.get("steps"),
@@ -206,6 +206,14 @@ def build(paths: list[str], baseline: str | None = None, price: float = 2.0,
 def category_accuracy(evaluation: dict) -> dict:
     """{category: accuracy} of an evaluation's ``by_category`` (empty when it has none)."""
     return {k: v["accuracy"] for k, v in evaluation.get("by_category", {}).items()}
+
+
+def region_label(run: dict) -> str | None:
+    """A run's region as the report names it: its spec, and a moving region's schedule after a ~
+    (``full~random:2/10``, as launch/compare.py's --regions writes it)."""
+    cfg = run.get("config", {})
+    spec = run.get("region", {}).get("spec", cfg.get("region"))
+    return f"{spec}~{cfg['region_schedule']}" if cfg.get("region_schedule") else spec
 
 
 def by_region(rows: list[dict], baseline: str = "full") -> list[dict]:

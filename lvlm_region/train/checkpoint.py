@@ -234,6 +234,7 @@ IDENTITY_WHY = {
     "lr": "the LR schedule depends on it",
     "projector_lr": "the projector's LR schedule depends on it",
     "lr_groups": "each part's LR schedule depends on it",
+    "region_schedule": "which layers train at each step, and when Adam's state restarts, depend on it",
     "warmup_ratio": "the LR schedule (its warm-up) depends on it",
     "weight_decay": "every optimizer step depends on it",
     "grad_clip": "every optimizer step depends on it",

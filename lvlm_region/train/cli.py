@@ -342,8 +342,14 @@ def print_dry_run(cfg: RunConfig, ranks: int) -> int:
     parts = ", ".join(p for p, on in region["parts"].items() if on) or "no other part"
     print(f"region:     {region['spec']}: layers {region['layers']} ({len(region['layers'])} of "
           f"{plan['decoder_layers']}), also trains {parts}; tuner {plan['tuner']}")
+    moving = plan.get("region_schedule")
+    if moving:
+        print(f"moving:     --region-schedule {moving['schedule']} over layers {moving['candidates']}: "
+              + "; ".join(f"steps {p['first_step']}-{p['last_step']} layers {p['layers']}"
+                          for p in moving["first_periods"]) + "; ... (Adam state reset at each switch)")
     if plan["total_parameters"]:
-        print(f"trainable:  {plan['trainable_parameters']:,} of {plan['total_parameters']:,} parameters")
+        print(f"trainable:  {plan['trainable_parameters']:,} of {plan['total_parameters']:,} parameters"
+              + (" (per period)" if moving else ""))
     print(f"template:   {plan['template']}; image aspect {plan['image_aspect_ratio']}; max length "
           f"{plan['max_length']}")
     print(f"batch:      global {plan['global_batch']} = micro-batch {plan['micro_batch']} x accumulation "

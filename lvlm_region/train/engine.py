@@ -382,11 +382,13 @@ def lr_lambda(total_steps: int, warmup_steps: int):
 
 
 def initialize(model: torch.nn.Module, ds_config: dict, lr: float, weight_decay: float, total_steps: int,
-               warmup_steps: int, lr_overrides: list[tuple[list[torch.nn.Parameter], float]] = ()):
+               warmup_steps: int, lr_overrides: list[tuple[list[torch.nn.Parameter], float]] = (),
+               done_steps: int = 0):
     """Build optimizer (trainable parameters only), scheduler and engine; check what the optimizer holds.
 
     ``lr_overrides``: (parameters, peak LR) for parameters that train at their own rate (the projector under
-    LoRA); the rest use ``lr``. The schedule scales every group alike.
+    LoRA); the rest use ``lr``. The schedule scales every group alike. ``done_steps``: optimizer steps already
+    taken (an engine rebuilt mid-run): the schedule continues there (torch's own way, ``last_epoch``).
     """
     trainable = [p for p in model.parameters() if p.requires_grad]
     if not trainable:
@@ -395,10 +397,13 @@ def initialize(model: torch.nn.Module, ds_config: dict, lr: float, weight_decay:
     special = {id(p) for params, _ in lr_overrides for p in params}
     by_lr = [([p for p in trainable if id(p) not in special], lr)]
     by_lr += [([p for p in params if p.requires_grad], group_lr) for params, group_lr in lr_overrides]
-    # Biases and norms take no weight decay; empty groups are dropped (they break ZeRO-1/2 init).
+    # Biases and norms take no weight decay; empty groups are dropped (they break ZeRO-1/2 init). A parameter's
+    # dimensions are its whole shape's: ZeRO-3 leaves a partitioned one a flat local piece (ds_shape is the whole),
+    # which put every matrix in the no-decay group (no weight decay at all under ZeRO-3) until an engine had
+    # gathered the small ones for good, and then a rebuilt engine's groups differed from its first's.
     groups = [g for params, group_lr in by_lr
-              for g in ({"params": [p for p in params if p.ndim >= 2], "weight_decay": weight_decay, "lr": group_lr},
-                        {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0, "lr": group_lr})
+              for g in ({"params": [p for p in params if dims(p) >= 2], "weight_decay": weight_decay, "lr": group_lr},
+                        {"params": [p for p in params if dims(p) < 2], "weight_decay": 0.0, "lr": group_lr})
               if g["params"]]
     if offload in ("cpu", "nvme"):
         from deepspeed.ops.adam import DeepSpeedCPUAdam
@@ -406,11 +411,19 @@ def initialize(model: torch.nn.Module, ds_config: dict, lr: float, weight_decay:
     else:
         optimizer = torch.optim.AdamW(groups, lr=lr)
     log.info("optimizer %s (optimizer offload: %s)", type(optimizer).__name__, offload)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(total_steps, warmup_steps))
+    for g in optimizer.param_groups:  # what LRScheduler reads when it starts at last_epoch > -1
+        g.setdefault("initial_lr", g["lr"])
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(total_steps, warmup_steps),
+                                                  last_epoch=done_steps - 1)
     engine, optimizer, _, scheduler = deepspeed.initialize(model=model, optimizer=optimizer,
                                                            lr_scheduler=scheduler, config=ds_config)
     check_optimizer(engine, trainable)
     return engine, scheduler
+
+
+def dims(p: torch.nn.Parameter) -> int:
+    """A parameter's number of dimensions, whole (ZeRO-3 partitioned or not)."""
+    return len(getattr(p, "ds_shape", p.shape))
 
 
 def optimizer_params(engine) -> list[torch.nn.Parameter]:
@@ -421,6 +434,14 @@ def optimizer_params(engine) -> list[torch.nn.Parameter]:
             return [p for group in getattr(opt, attr) for p in group]
     inner = getattr(opt, "optimizer", opt)
     return [p for g in inner.param_groups for p in g["params"]]
+
+
+def optimizer_state_numel(engine) -> int:
+    """The optimizer-state values this rank holds (Adam's two moments over its partition of the trainable
+    parameters, ZeRO's padding included): what a moving region keeps at K layers' size."""
+    inner = getattr(engine.optimizer, "optimizer", engine.optimizer)
+    return sum(t.numel() for state in inner.state.values() for t in state.values()
+               if torch.is_tensor(t) and t.dim() > 0)
 
 
 def check_optimizer(engine, intended: list[torch.nn.Parameter]) -> None:
@@ -512,9 +533,29 @@ def gathered(params, enabled: bool, modifier_rank: int | None = None):
     return deepspeed.zero.GatheredParameters(list(params), modifier_rank=modifier_rank)
 
 
-def release(engine) -> None:
-    """Free an engine's memory before another one is built in the same process."""
+def release(engine, model_continues: bool = False) -> None:
+    """Free an engine's memory before another one is built in the same process.
+
+    ``model_continues``: the next engine wraps the same model (a moving region's switch). DeepSpeed 0.19's
+    ``destroy()`` leaves the engine's forward pre- and post-hooks on the module, so the old engine would keep running
+    its forward prologue and epilogue in every later step, and stay alive through them; they are removed here. And
+    every parameter its optimizer held gets storage of its own: ZeRO-1/2 keep the trained parameters as views into one
+    flat buffer per group, ZeRO-3 their partitions, and a parameter that stops training would otherwise keep the old
+    buffer alive (seen: every earlier period's buffers stayed allocated, under ZeRO-2 the trained layers' weights once
+    more per switch)."""
+    if model_continues:
+        zero3 = is_zero3(engine)
+        for p in optimizer_params(engine):
+            if zero3:
+                p.ds_tensor.data = p.ds_tensor.data.clone()
+            else:
+                p.data = p.data.clone()
     engine.destroy()
+    for name in ("module_forward_pre_hook", "module_forward_post_hook"):
+        hook = getattr(engine, name, None)
+        if hook is not None:
+            hook.remove()
+            setattr(engine, name, None)
     del engine
     import gc
     gc.collect()
@@ -532,8 +573,16 @@ def save_state(engine, save_dir: str, tag: str) -> None:
 
 def load_state(engine, load_dir: str, tag: str) -> None:
     """Restore ``load_dir/tag`` written by save_state: weights, optimizer and LR scheduler states."""
-    path, _ = engine.load_checkpoint(load_dir, tag=tag, load_optimizer_states=True, load_lr_scheduler_states=True,
-                                     load_module_strict=True)
+    try:
+        path, _ = engine.load_checkpoint(load_dir, tag=tag, load_optimizer_states=True,
+                                         load_lr_scheduler_states=True, load_module_strict=True)
+    except ValueError as e:
+        if "number of parameter groups" not in str(e):
+            raise
+        raise ValueError(f"the checkpoint {os.path.join(load_dir, tag)} holds other optimizer parameter groups than "
+                         f"this run builds ({e}); a ZeRO-3 checkpoint written before the weight-decay groups read each "
+                         "parameter's whole shape (2026-12-04) holds one group per learning rate: finish that run "
+                         "with the version that wrote it, or start it again") from None
     if path is None:
         raise RuntimeError(f"DeepSpeed could not load the checkpoint {os.path.join(load_dir, tag)}")
 

@@ -19,7 +19,7 @@ from ..config import DEMO_DIR, PLANNED, RunConfig, flag
 from ..data import demo, formats, prepare, templates
 from ..data.images import ImageLoader
 from ..infra import outputs, timing
-from ..model import assemble, families, regions
+from ..model import assemble, families, regions, schedule
 from ..model.families import find_parts
 from ..model.load import num_decoder_layers, resolve_attention, skeleton
 from ..model.projector import read_mm_projector
@@ -45,6 +45,7 @@ class Setup:
     attn: str  # the attention implementation actually used
     projector: dict | None = None  # --init-projector's tensors, keyed as the projector's state_dict
     resume_from: Path | None = None  # the checkpoint to continue from (None: a fresh start)
+    schedule: schedule.Schedule | None = None  # --region-schedule over the region's layers (None: it stays)
 
 
 def setup(cfg: RunConfig, trains: bool = True) -> Setup:
@@ -99,6 +100,7 @@ def setup(cfg: RunConfig, trains: bool = True) -> Setup:
     model_config = AutoConfig.from_pretrained(cfg.model_path)
     region, shape = config_region(cfg.region, model_config)
     check_lr_groups(cfg, region)
+    moving = schedule.resolve(cfg.region_schedule, region, cfg.seed) if cfg.region_schedule else None
     if cfg.tuner == "lora" and not region.layers:
         raise ValueError(f"--tuner lora: region {region.spec!r} selects no decoder layer, so there is nothing to put "
                          "LoRA on; give a region with layers (e.g. --region uniform25) or use --tuner full")
@@ -130,7 +132,7 @@ def setup(cfg: RunConfig, trains: bool = True) -> Setup:
         projector = read_mm_projector(cfg.init_projector, find_parts(shape).projector)
     load_image = ImageLoader(processor.image_processor, cfg.image_aspect_ratio, encoding.layout.tensor_keys)
     return Setup(cfg, region, precision, ds_config, processor, tokenizer, encoding, load_image, attn, projector,
-                 resume_from)
+                 resume_from, moving)
 
 
 def dry_run(cfg: RunConfig, ranks: int) -> dict:
@@ -147,7 +149,10 @@ def dry_run(cfg: RunConfig, ranks: int) -> dict:
         model_config = AutoConfig.from_pretrained(cfg.model_path)
     region, shape = config_region(cfg.region, model_config)
     check_lr_groups(cfg, region)
-    counts = apply_region(shape, region, cfg.tuner) if cfg.tuner == "full" else None
+    moving = schedule.resolve(cfg.region_schedule, region, cfg.seed) if cfg.region_schedule else None
+    # a moving region's trainable parameters: its first period's
+    counts = (apply_region(shape, moving.region(0) if moving else region, cfg.tuner) if cfg.tuner == "full"
+              else None)
     if cfg.global_batch is not None and cfg.plan != "auto":
         cfg.grad_accum = accumulation(cfg, cfg.global_batch, ranks)
     precision = cfg.precision if cfg.precision != "auto" else "bf16 on GPU, fp32 on CPU"
@@ -165,6 +170,8 @@ def dry_run(cfg: RunConfig, ranks: int) -> dict:
         f"{shown(cfg, 'llm')} + {shown(cfg, 'vision')} (assembled)",
         "model_type": model_config.model_type,
         "decoder_layers": num_decoder_layers(model_config), "region": region.to_dict(),
+        **({"region_schedule": {"schedule": moving.text, "candidates": list(region.layers),
+                                "first_periods": moving.periods(3 * moving.every)}} if moving else {}),
         "trainable_parameters": counts["all"]["trainable"] if counts else "LoRA adapters (counted at launch)",
         "total_parameters": counts["all"]["total"] if counts else None, "tuner": cfg.tuner, "template": template,
         "image_aspect_ratio": cfg.image_aspect_ratio, "max_length": cfg.max_length, "precision": precision,
@@ -202,11 +209,15 @@ def check_region_early(cfg: RunConfig) -> None:
     """The region spec against the LLM's depth before the demo is generated or a model assembled (minutes of work):
     the demo's architecture is known before it exists, an --llm's depth from its config.json. A --model's spec is
     resolved from its config in setup, before any weights load."""
+    region = None
     if cfg.is_demo:
-        config_region(cfg.region, demo.planned_config())
+        region = config_region(cfg.region, demo.planned_config())[0]
     elif cfg.llm is not None and os.path.isfile(os.path.join(cfg.llm, "config.json")):
         text = AutoConfig.from_pretrained(cfg.llm).get_text_config()
-        regions.resolve(cfg.region, text.num_hidden_layers, tied=bool(getattr(text, "tie_word_embeddings", False)))
+        region = regions.resolve(cfg.region, text.num_hidden_layers,
+                                 tied=bool(getattr(text, "tie_word_embeddings", False)))
+    if region is not None and cfg.region_schedule:
+        schedule.resolve(cfg.region_schedule, region, cfg.seed)
 
 
 def accumulation(cfg: RunConfig, global_batch: int, ranks: int | None = None) -> int:
@@ -248,7 +259,9 @@ def plan_run(s: Setup, train_ds, image_folder: str) -> dict:
     # Every rank must choose the same plan: the smallest memory of any rank, rank 0's peak (measured on CPU).
     mine = engine.all_gather_object((memory, peak))
     memory, peak = min(m for m, _ in mine), mine[0][1]
-    setting = plan.Setting(model=cfg.model_path, region=cfg.region, tuner=cfg.tuner, lora_r=cfg.lora_r,
+    # a moving region is planned for its period that needs the most memory (Schedule.largest)
+    spec = cfg.region if s.schedule is None else s.schedule.largest().explicit()
+    setting = plan.Setting(model=cfg.model_path, region=spec, tuner=cfg.tuner, lora_r=cfg.lora_r,
                            lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout, gpus=world,
                            gpu=timing.device_name() if on_gpu else "cpu", gpu_memory_gb=memory, peak_tflops=peak,
                            **plan.data_shape(train_ds, image_folder=image_folder), samples=len(train_ds),
@@ -260,7 +273,7 @@ def plan_run(s: Setup, train_ds, image_folder: str) -> dict:
         raise ValueError(f"--plan auto: {plan.no_candidate(setting, fixed, kept)}")
     if chosen is None:
         smallest = min(cands, key=lambda c: c.memory_gb["total"])
-        need = f"the smallest, {plan.row(cfg.region, asdict(smallest))}, needs {smallest.memory_gb['total']:.2f} GiB"
+        need = f"the smallest, {plan.row(spec, asdict(smallest))}, needs {smallest.memory_gb['total']:.2f} GiB"
         rank_text = f"{world} rank{'s' if world > 1 else ''}"
         raise ValueError(f"--plan auto: nothing fits {memory:g} GiB per GPU with global batch {global_batch} on "
                          f"{rank_text} ({need}); use more GPUs, a smaller --global-batch, a smaller region, or drop "
@@ -274,7 +287,7 @@ def plan_run(s: Setup, train_ds, image_folder: str) -> dict:
     if engine.rank() == 0:
         log.info("--plan auto (%d of %d candidates fit %.2f GiB; kept as given: %s):\n%s\n%s", record["fitting"],
                  len(cands), memory, ", ".join(kept) or "nothing", plan.HEADER,
-                 plan.row(cfg.region, record["chosen"]))
+                 plan.row(spec, record["chosen"]))
     return record
 
 

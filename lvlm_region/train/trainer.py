@@ -7,6 +7,7 @@ Stage 1 and stage 2 differ only in their RunConfig (region, data, template, lear
 from __future__ import annotations
 
 import dataclasses
+import gc
 import json
 import logging
 import math
@@ -28,6 +29,7 @@ from ..model.flops import BatchShape
 from ..model.image_inputs import ImageLayout
 from ..model.load import enable_checkpointing, load_model, skeleton
 from ..model.loss import loss_positions, router_loss, token_loss_sum, valid_tokens
+from ..model.regions import Region
 from ..model.projector import PROJECTOR_FILE, export_projector, import_projector, load_projector
 from ..model.trainable import apply_region, largest_module, projector_parameters
 from . import checkpoint, engine
@@ -110,10 +112,15 @@ class Trainer:
             checkpoint.check_compatible(self.prior["identity"], self.identity, s.resume_from)
 
     def _build(self) -> None:
-        """The model (weights, projector, LoRA, region, checkpointing) and the DeepSpeed engine around it."""
+        """The model (weights, projector, LoRA, region, checkpointing) and the DeepSpeed engine around it. A moving
+        region (--region-schedule) applies the period of the last completed step: a resumed run continues in the
+        period its checkpoint's optimizer state belongs to (step() moves on at the next period's first step)."""
         cfg, s = self.cfg, self.s
         self.dtype = engine.torch_dtype(s.precision)
-        model, self.adapters, self.counts = build_model(s, self.dtype)
+        self.period = s.schedule.period(self.prior["step"]) if s.schedule else None
+        model, self.adapters, self.counts = build_model(s, self.dtype, s.schedule.region(self.period)
+                                                        if s.schedule else None)
+        self.model = model
         offload = engine.optimizer_offload(s.ds_config) != "none"
         self.mem = timing.model_states(self.counts["all"]["total"], self.counts["all"]["trainable"],
                                        engine.zero_stage(s.ds_config), engine.world_size(), s.precision, offload,
@@ -123,21 +130,12 @@ class Trainer:
             log.info("model state per rank (estimate, before activations): weights %.3f GB, gradients %.3f GB, "
                      "optimizer %.3f GB%s; total on device %.3f GB", mem["weights"] / 1e9, mem["gradients"] / 1e9,
                      mem["optimizer"] / 1e9, " (offloaded to CPU)" if offload else "", mem["total_on_device"] / 1e9)
-        warmup = int(cfg.warmup_ratio * self.total)
+        self.warmup = int(cfg.warmup_ratio * self.total)
         self.part_rates = cfg.part_lrs()  # --lr-groups
-        rates = {part: lr for part, lr in self.part_rates.items() if part != "projector"}
-        if "projector" in self.part_rates or cfg.projector_lr != cfg.lr:  # --lr-groups' or --projector-lr
-            rates["projector"] = cfg.projector_lr
-        groups = part_groups(model, rates)  # the rest trains at --lr
-        own_lr = [(params, lr) for _, params, lr in groups]
-        # --lr-groups as the optimizer got them (run.json): each part's peak LR and what it holds
-        self.lr_groups = {part: {"lr": lr, "tensors": len(params), "parameters": sum(p.numel() for p in params)}
-                          for part, params, lr in groups if part != "projector" or part in self.part_rates}
+        self.engine, self.scheduler = self._engine(done_steps=0)
         if self.rank0 and self.lr_groups:
             log.info("learning rates per part (--lr-groups; the rest at --lr %g): %s", cfg.lr,
                      ", ".join(f"{k} {v['lr']:g} ({v['tensors']} tensors)" for k, v in self.lr_groups.items()))
-        self.engine, self.scheduler = engine.initialize(model, s.ds_config, cfg.lr, cfg.weight_decay, self.total,
-                                                        warmup, lr_overrides=own_lr)
         self.device = engine.device()
         self.stream = BatchStream(self.loader)
         self.rng_states = None
@@ -147,6 +145,42 @@ class Trainer:
             if self.rank0:
                 log.info("resumed from %s at step %d (epoch %d, micro-batch %d)", s.resume_from, self.prior["step"],
                          self.prior["data"]["epoch"], self.prior["data"]["consumed"])
+
+    def _engine(self, done_steps: int):
+        """(DeepSpeed engine, LR scheduler) for the model's trainable set as it is now, the schedule at
+        ``done_steps`` completed steps; the parts with their own LR in their own groups (run.json lr_groups)."""
+        cfg = self.cfg
+        rates = {part: lr for part, lr in self.part_rates.items() if part != "projector"}
+        if "projector" in self.part_rates or cfg.projector_lr != cfg.lr:  # --lr-groups' or --projector-lr
+            rates["projector"] = cfg.projector_lr
+        groups = part_groups(self.model, rates)  # the rest trains at --lr
+        # --lr-groups as the optimizer got them (run.json): each part's peak LR and what it holds
+        self.lr_groups = {part: {"lr": lr, "tensors": len(params), "parameters": sum(p.numel() for p in params)}
+                          for part, params, lr in groups if part != "projector" or part in self.part_rates}
+        return engine.initialize(self.model, self.s.ds_config, cfg.lr, cfg.weight_decay, self.total, self.warmup,
+                                 lr_overrides=[(params, lr) for _, params, lr in groups], done_steps=done_steps)
+
+    def switch(self, period: int, step: int) -> None:
+        """A moving region's next period, before its first step: the engine is rebuilt around the period's trainable
+        set (DeepSpeed fixes its parameter groups at initialize; changing requires_grad under a built engine is
+        ignored, and under ZeRO-3 silently so). The weights stay (they live in the model's parameters, partitions
+        included); the LR schedule continues at ``step``; Adam's state restarts for every parameter, as LISA's
+        re-created optimizer has it, and the previous period's optimizer state is freed."""
+        old, self.engine = self.engine, None
+        engine.release(old, model_continues=True)
+        del old
+        gc.collect()  # the old engine and its optimizer state, now that nothing here holds them
+        self.period = period
+        region = self.s.schedule.region(period)
+        self.counts = apply_region(self.model, region, self.cfg.tuner)
+        self.engine, self.scheduler = self._engine(done_steps=step - 1)
+        self.engine.train()
+        self.flop_model = families.flop_model(self.engine.module)  # this period's trainable set
+        if self.rank0:
+            log.info("region schedule %s: period %d (steps %d-%d) trains layers %s; optimizer rebuilt for %d "
+                     "trainable parameters, Adam state reset", self.s.schedule.text, period, step,
+                     min(step + self.s.schedule.every - 1, self.total), list(region.layers),
+                     self.counts["all"]["trainable"])
 
     def _start(self) -> None:
         """run.json (status running), metrics.jsonl, the stop handler, the FLOP model and the timers."""
@@ -162,6 +196,7 @@ class Trainer:
             "versions": engine.versions(), "device": str(self.device), "device_name": timing.device_name(),
             "memory_estimate": self.mem, "plan": self.plan, "ranks": engine.all_placements(),
             **({"lr_groups": self.lr_groups} if self.lr_groups else {}),
+            **({"region_schedule": s.schedule.to_dict(self.total)} if s.schedule else {}),
             "resumed_from": str(s.resume_from) if s.resume_from else None}
         self.write_summary()
         st = os.stat(self.out)
@@ -203,8 +238,12 @@ class Trainer:
 
     def step(self, step: int) -> bool:
         """One optimizer step (grad_accum micro-batches), its checks, metrics and checkpoint; whether to stop."""
-        cfg, ds_engine, timer = self.cfg, self.engine, self.timer
+        cfg, timer = self.cfg, self.timer
         timer.start()
+        if self.s.schedule is not None and self.s.schedule.period(step) != self.period:
+            with timer.phase("switch"):
+                self.switch(self.s.schedule.period(step), step)
+        ds_engine = self.engine
         skipped_before = ds_engine.skipped_steps
         with timer.phase("data"):
             micro = [to_device(next(self.stream), self.device, self.dtype) for _ in range(cfg.grad_accum)]
@@ -371,9 +410,10 @@ class Trainer:
         summary["status"] = "complete"
 
 
-def build_model(s: Setup, dtype: torch.dtype):
+def build_model(s: Setup, dtype: torch.dtype, trained: Region | None = None):
     """(model, LoRA config or None, per-part parameter counts): loaded (ZeRO-3: in partitions), its projector
-    initialised, LoRA injected, the region applied (before any optimizer exists) and checkpointing enabled."""
+    initialised, LoRA injected (on the region's layers), the region applied (before any optimizer exists; a moving
+    region's ``trained``, its current period) and checkpointing enabled."""
     cfg = s.cfg
     loading = engine.PartitionedLoading(s.ds_config)  # ZeRO-3: built and loaded in partitions
     model = load_model(cfg.model_path, dtype, s.attn)
@@ -391,12 +431,15 @@ def build_model(s: Setup, dtype: torch.dtype):
         adapters = lora.peft_config(model, s.region, cfg.lora_r, cfg.lora_alpha, cfg.lora_dropout,
                                     base_path=os.path.abspath(cfg.model_path))
         lora.inject(model, adapters)
-    counts = apply_region(model, s.region, cfg.tuner)  # before the optimizer exists
+    counts = apply_region(model, trained or s.region, cfg.tuner)  # before the optimizer exists
     if cfg.grad_ckpt:
         enable_checkpointing(model)
     if engine.rank() == 0:
         log.info("region %s -> layers %s of %d; parts %s", s.region.spec, list(s.region.layers),
                  s.region.num_layers, {k: v for k, v in s.region.parts.items()})
+        if s.schedule is not None:
+            log.info("region schedule %s over these layers (Adam state reset at each switch); this period trains "
+                     "layers %s", s.schedule.text, list(trained.layers))
         for part, c in counts.items():
             log.info("  %-10s trainable %12d / %12d", part, c["trainable"], c["total"])
         if adapters is not None:
@@ -551,7 +594,8 @@ def train_and_compare(cfg: RunConfig) -> "Result":
     if cfg.compare_full.isdigit():
         engine.release(result.engine)
         prepared = os.path.join(cfg.output_dir, "prepared", "train")  # the same samples, not prepared again
-        arm = dataclasses.replace(cfg, region="full", max_steps=int(cfg.compare_full), compare_full=None,
+        arm = dataclasses.replace(cfg, region="full", region_schedule=None, max_steps=int(cfg.compare_full),
+                                  compare_full=None,
                                   data=prepared if prepare.is_prepared(prepared) else cfg.data,
                                   output_dir=os.path.join(cfg.output_dir, "compare-full"), save_every=0, resume=None,
                                   overwrite=True,  # the arm's directory is this run's own
