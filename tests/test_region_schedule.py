@@ -233,3 +233,20 @@ def test_lora_moves_its_adapters(demo_sft_data, tmp_path):
         # each layer's first step: B starts at zero, so only B moves (A's gradient is B's transpose times ...)
         want = [n for n in trained_in(r["names"], layers, None, PROJECTOR) if "lora_B" in n or n.startswith(PROJECTOR)]
         assert len(want) > 4 and period["changed"] == want
+
+
+@pytest.mark.parametrize("zero", ["2", "3"])
+def test_bf16_keeps_the_fp32_masters_of_what_trains_across_a_switch(demo_sft_data, tmp_path, zero):
+    """bf16: each engine keeps fp32 masters of the 16-bit weights; a rebuilt one would make them again from the bf16
+    weights, losing what lies below bf16's precision. The projector trains in every period: its masters are the same
+    bit for bit on both sides of each switch; per period only the scheduled layers and the projector change."""
+    r = schedule_check(tmp_path, f"bf16z{zero}", *demo_sft_data, "--zero", zero, "--precision", "bf16", "--region",
+                       "full", "--region-schedule", "random:2/2", "--max-steps", "4")
+    planned = r["summary"]["region_schedule"]["periods"]
+    assert [p["projector_masters_kept"] for p in r["periods"]] == [None, True]
+    for period, plan in zip(r["periods"], planned):
+        # in bf16 a norm weight at 1.0 does not move by 2e-3 (its spacing there is 2^-7): a subset changes, but in
+        # every scheduled layer, and nothing outside them and the projector
+        assert set(period["changed"]) <= set(trained_in(r["names"], plan["layers"], None, PROJECTOR))
+        assert {int(LAYER.match(n)[1]) for n in period["changed"] if LAYER.match(n)} == set(plan["layers"])
+        assert period["previous_engine_freed"] is (None if period["period"] == 0 else True)

@@ -533,6 +533,25 @@ def gathered(params, enabled: bool, modifier_rank: int | None = None):
     return deepspeed.zero.GatheredParameters(list(params), modifier_rank=modifier_rank)
 
 
+def master_weights(engine, params: list) -> list | None:
+    """The fp32 master copies the engine's optimizer keeps of ``params`` (whole, on the CPU) under bf16 / fp16; None
+    in fp32, where the parameters are their own masters. Every rank calls it (ZeRO-3 gathers the partitions)."""
+    if not (engine.bfloat16_enabled() or engine.fp16_enabled()):
+        return None
+    from deepspeed.utils import safe_get_full_fp32_param
+    return [safe_get_full_fp32_param(p).detach().cpu() for p in params]
+
+
+def set_master_weights(engine, params: list, masters: list | None) -> None:
+    """Give the engine's optimizer the fp32 masters ``master_weights`` read from another engine (it made its own
+    from the 16-bit weights, which lost what lies below 16-bit precision)."""
+    if masters is None:
+        return
+    from deepspeed.utils import safe_set_full_fp32_param
+    for p, master in zip(params, masters):
+        safe_set_full_fp32_param(p, master.to(device()))
+
+
 def release(engine, model_continues: bool = False) -> None:
     """Free an engine's memory before another one is built in the same process.
 

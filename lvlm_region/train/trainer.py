@@ -165,15 +165,21 @@ class Trainer:
         set (DeepSpeed fixes its parameter groups at initialize; changing requires_grad under a built engine is
         ignored, and under ZeRO-3 silently so). The weights stay (they live in the model's parameters, partitions
         included); the LR schedule continues at ``step``; Adam's state restarts for every parameter, as LISA's
-        re-created optimizer has it, and the previous period's optimizer state is freed."""
+        re-created optimizer has it, and the previous period's optimizer state is freed. Under bf16 / fp16 the fp32
+        master weights of what trains on both sides of the switch (the projector, layers drawn again) carry over; a
+        layer that returns later starts from its 16-bit weights."""
         old, self.engine = self.engine, None
-        engine.release(old, model_continues=True)
-        del old
-        gc.collect()  # the old engine and its optimizer state, now that nothing here holds them
+        held = engine.optimizer_params(old)
         self.period = period
         region = self.s.schedule.region(period)
-        self.counts = apply_region(self.model, region, self.cfg.tuner)
+        self.counts = apply_region(self.model, region, self.cfg.tuner)  # the old engine is not stepped again
+        staying = [p for p in held if p.requires_grad]
+        masters = engine.master_weights(old, staying)
+        engine.release(old, model_continues=True)
+        del old, held
+        gc.collect()  # the old engine and its optimizer state, now that nothing here holds them
         self.engine, self.scheduler = self._engine(done_steps=step - 1)
+        engine.set_master_weights(self.engine, staying, masters)
         self.engine.train()
         self.flop_model = families.flop_model(self.engine.module)  # this period's trainable set
         if self.rank0:

@@ -6,7 +6,8 @@ weights changed during it.
 The loop is train()'s (Trainer's steps, then finish); after each period's last step every rank gathers the engine's
 whole weights (ZeRO-3: from the partitions) and counts the optimizer-state values it holds. Rank 0 writes
 REPORT.json: run.json's summary and, per period, the tensors whose values changed during it (against the weights
-before its first step), whether the previous period's engine and its flat weight buffers were freed at the switch,
+before its first step), whether the previous period's engine, optimizer and flat weight buffers were freed at the
+switch (under bf16 the switch is made before the step, to compare the projector's fp32 masters on its two sides),
 the trainable parameter count, every rank's optimizer-state size, the LR of its first step
 and each changed tensor's largest change over that LR.
 """
@@ -38,7 +39,11 @@ def weights(ds_engine) -> dict | None:
 SHAPE = BatchShape(4, 96, images=4, head_tokens=40)
 
 
-def period_flops(run, period: int) -> float:
+def period_flops(run, period: int) -> float | None:
+    """The reference micro-batch's FLOPs on a skeleton with the period's region applied (full tuner: a skeleton has
+    no LoRA adapters)."""
+    if run.cfg.tuner != "full":
+        return None
     shape = skeleton(run.model.config)
     apply_region(shape, run.s.schedule.region(period), run.cfg.tuner)
     return families.flop_model(shape).step([SHAPE]).hardware
@@ -52,13 +57,19 @@ def main() -> None:
     every = run.s.schedule.every
     before = weights(run.engine)
     periods = []
-    lr, freed = None, None
+    lr, freed, kept = None, None, None
     for step in range(1, run.total + 1):
         if step > 1 and (step - 1) % every == 0:  # a switch: the engine and its flat weight buffers must go
             opt = run.engine.optimizer
             flat = getattr(opt, "bit16_groups_flat", None) or opt.fp16_partitioned_groups_flat  # ZeRO-2, ZeRO-3
-            old = [weakref.ref(run.engine), *(weakref.ref(t) for t in flat)]
+            old = [weakref.ref(run.engine), weakref.ref(opt), *(weakref.ref(t) for t in flat)]
             del opt, flat
+            if run.s.precision != "fp32":  # switch here, to read the projector's fp32 masters on both sides
+                projector = [p for n, p in run.model.named_parameters() if "multi_modal_projector" in n]
+                masters = engine.master_weights(run.engine, projector)
+                run.switch(run.s.schedule.period(step), step)
+                after = engine.master_weights(run.engine, projector)
+                kept = all(torch.equal(a, b) for a, b in zip(masters, after))
         run.step(step)
         if step > 1 and (step - 1) % every == 0:
             gc.collect()
@@ -72,7 +83,7 @@ def main() -> None:
                 changed = sorted(n for n in after if not torch.equal(after[n], before[n]))
                 periods.append({"period": run.s.schedule.period(step), "last_step": step, "changed": changed,
                                 "trainable": run.counts["all"]["trainable"], "optimizer_state": state, "lr": lr,
-                                "previous_engine_freed": freed,
+                                "previous_engine_freed": freed, "projector_masters_kept": kept,
                                 # the run's FLOP model of one reference micro-batch, and that of a model skeleton
                                 # with the period's region applied: the step's actual trainable set is counted
                                 "flops": run.flop_model.step([SHAPE]).hardware,
