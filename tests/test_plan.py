@@ -503,6 +503,17 @@ def run_setting(demo_dir, prepared, gpus: int, memory: float) -> plan.Setting:
                         samples=32, global_batch=8, precision="fp32")  # a CPU run's precision
 
 
+def test_a_moving_region_is_never_planned_as_zero3_with_checkpointing(demo_dir, prepared_subset):
+    """--region-schedule cannot run ZeRO-3 with --grad-ckpt (run_setup.MOVING_ZERO3_CKPT): --plan auto leaves those
+    candidates out, and only those."""
+    setting = run_setting(demo_dir, prepared_subset, 2, 1000.0)
+    _, every = plan.choose(setting, {})
+    _, moving = plan.choose(setting, {}, moving=True)
+    assert {(c.zero, c.grad_ckpt) for c in every} == {(2, False), (2, True), (3, False), (3, True)}
+    assert moving == [c for c in every if not (c.zero == 3 and c.grad_ckpt)]
+    assert plan.choose(setting, {"zero": 3, "grad_ckpt": True}, moving=True) == (None, [])
+
+
 def test_plan_auto_runs_the_fastest_plan_that_fits_and_explicit_flags_win(demo_dir, prepared_subset, tmp_path):
     from conftest import deepspeed_cmd
 

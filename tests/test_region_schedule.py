@@ -108,6 +108,17 @@ def test_a_bad_schedule_fails_before_anything_is_written(tmp_path):
     assert not out.exists()
 
 
+def test_zero3_with_checkpointing_is_refused_before_loading(tmp_path):
+    out = tmp_path / "o"
+    res = run([sys.executable, "launch/sft.py", "--output-dir", str(out), "--region", "full", "--region-schedule",
+               "random:2/10", "--zero", "3", "--grad-ckpt"], timeout=300)
+    assert res.returncode == 2
+    assert ("--region-schedule with --grad-ckpt under ZeRO-3 is not supported: after the first switch DeepSpeed "
+            "0.19's ZeRO-3 does not gather the parameters") in res.stderr
+    assert "use --zero 2 with --grad-ckpt, or ZeRO-3 without it" in res.stderr
+    assert not out.exists()
+
+
 def test_dry_run_shows_the_first_periods(tmp_path):
     res = run([sys.executable, "launch/sft.py", "--output-dir", str(tmp_path / "o"), "--region", "full",
                "--region-schedule", "cycle:4/5", "--dry-run", "1"], timeout=300)
@@ -227,7 +238,7 @@ def test_lora_moves_its_adapters(demo_sft_data, tmp_path):
     """--tuner lora: adapters on every candidate layer; per period only the scheduled layers' adapters and the
     projector change, the base weights never."""
     r = schedule_check(tmp_path, "lora", *demo_sft_data, "--zero", "2", "--tuner", "lora", "--lora-r", "4",
-                       "--region", "uniform50", "--region-schedule", "cycle:2/1", "--max-steps", "2")
+                       "--region", "uniform50", "--region-schedule", "cycle:2/1", "--max-steps", "2", "--grad-ckpt")
     assert [p["layers"] for p in r["summary"]["region_schedule"]["periods"]] == [[0, 2], [5, 7]]
     for period, layers in zip(r["periods"], ([0, 2], [5, 7])):
         # each layer's first step: B starts at zero, so only B moves (A's gradient is B's transpose times ...)
@@ -250,3 +261,15 @@ def test_bf16_keeps_the_fp32_masters_of_what_trains_across_a_switch(demo_sft_dat
         assert set(period["changed"]) <= set(trained_in(r["names"], plan["layers"], None, PROJECTOR))
         assert {int(LAYER.match(n)[1]) for n in period["changed"] if LAYER.match(n)} == set(plan["layers"])
         assert period["previous_engine_freed"] is (None if period["period"] == 0 else True)
+
+
+def test_offload_moves_and_frees_each_period(demo_sft_data, tmp_path):
+    """ZeRO-2 with the optimizer offloaded to the CPU (DeepSpeedCPUAdam, rebuilt each period): per period exactly the
+    scheduled layers and the projector change, and the previous optimizer with its CPU state is freed (ZeRO-2's
+    offload leaves a reference to it on every trained parameter; engine.release removes them)."""
+    r = schedule_check(tmp_path, "offload", *demo_sft_data, "--zero", "2", "--offload", "--region", "full",
+                       "--region-schedule", "random:2/2", "--max-steps", "4")
+    for period, plan in zip(r["periods"], r["summary"]["region_schedule"]["periods"]):
+        assert period["changed"] == trained_in(r["names"], plan["layers"], None, PROJECTOR), period["period"]
+        assert period["previous_engine_freed"] is (None if period["period"] == 0 else True)
+        assert sum(period["optimizer_state"]) == 2 * period["trainable"]

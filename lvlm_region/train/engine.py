@@ -561,7 +561,8 @@ def release(engine, model_continues: bool = False) -> None:
     every parameter its optimizer held gets storage of its own: ZeRO-1/2 keep the trained parameters as views into one
     flat buffer per group, ZeRO-3 their partitions, and a parameter that stops training would otherwise keep the old
     buffer alive (seen: every earlier period's buffers stayed allocated, under ZeRO-2 the trained layers' weights once
-    more per switch)."""
+    more per switch), as would the optimizer references ZeRO leaves on the parameters (seen with optimizer offload:
+    the old optimizer and its state stayed)."""
     if model_continues:
         zero3 = is_zero3(engine)
         for p in optimizer_params(engine):
@@ -569,6 +570,10 @@ def release(engine, model_continues: bool = False) -> None:
                 p.ds_tensor.data = p.ds_tensor.data.clone()
             else:
                 p.data = p.data.clone()
+        for p in engine.module.parameters():  # back-references ZeRO leaves on the parameters (ZeRO-2 with offload:
+            for attr in ("_zero_optimizer", "_z3_optimizer"):  # _zero_optimizer; ZeRO-3: _z3_optimizer on all)
+                if getattr(p, attr, None) is engine.optimizer:
+                    delattr(p, attr)
     engine.destroy()
     for name in ("module_forward_pre_hook", "module_forward_post_hook"):
         hook = getattr(engine, name, None)

@@ -574,14 +574,15 @@ def _shapes(setting: Setting) -> Shapes:
     return shapes
 
 
-def choose(setting: Setting, fixed: dict) -> tuple[Candidate | None, list[Candidate]]:
+def choose(setting: Setting, fixed: dict, moving: bool = False) -> tuple[Candidate | None, list[Candidate]]:
     """For a run's --plan auto: the fastest fitting candidate of the region among those that agree with ``fixed``
-    (Candidate field -> value: what the user set), and those candidates."""
+    (Candidate field -> value: what the user set), and those candidates. ``moving`` (--region-schedule): without
+    ZeRO-3 with activation checkpointing, which a moving region cannot run (run_setup.MOVING_ZERO3_CKPT)."""
     if setting.gpus < 1 or setting.global_batch % setting.gpus:
         raise PlanError(f"the global batch {setting.global_batch} is not a multiple of the {setting.gpus} ranks; set "
                         "--global-batch (or --micro-batch x --grad-accum) to a multiple of the rank count")
     cands = [c for c in candidates(_shapes(setting), setting.region)
-             if all(getattr(c, k) == v for k, v in fixed.items())]
+             if all(getattr(c, k) == v for k, v in fixed.items()) and not (moving and c.zero == 3 and c.grad_ckpt)]
     return best(cands), cands
 
 

@@ -48,6 +48,13 @@ class Setup:
     schedule: schedule.Schedule | None = None  # --region-schedule over the region's layers (None: it stays)
 
 
+# Seen with DeepSpeed 0.19.8: after a moving region's engine rebuild under ZeRO-3, the recompute of a checkpointed
+# layer in the backward pass runs on parameters ZeRO-3 did not gather (torch's CheckpointError: shape [0] recomputed).
+MOVING_ZERO3_CKPT = ("--region-schedule with --grad-ckpt under ZeRO-3 is not supported: after the first switch "
+                     "DeepSpeed 0.19's ZeRO-3 does not gather the parameters of a checkpointed layer's recompute, "
+                     "and the step fails; use --zero 2 with --grad-ckpt, or ZeRO-3 without it")
+
+
 def setup(cfg: RunConfig, trains: bool = True) -> Setup:
     """Validate everything that can be checked without loading weights: config, region, DeepSpeed JSON, data.
 
@@ -106,6 +113,8 @@ def setup(cfg: RunConfig, trains: bool = True) -> Setup:
                          "LoRA on; give a region with layers (e.g. --region uniform25) or use --tuner full")
     if cfg.tuner == "lora":
         target_modules(shape, region)  # a region whose modules have no linear (an MoE .mlp) is refused here
+    if moving and cfg.grad_ckpt and engine.zero_stage(ds_config) == 3:
+        raise ValueError(MOVING_ZERO3_CKPT)
     attn, why = resolve_attention(cfg.attn, not engine.on_cpu(), precision)
     if why and engine.rank() == 0:
         log.warning("--attn: %s", why)
@@ -267,7 +276,7 @@ def plan_run(s: Setup, train_ds, image_folder: str) -> dict:
                            **plan.data_shape(train_ds, image_folder=image_folder), samples=len(train_ds),
                            global_batch=global_batch, precision=s.precision, group_by_length=cfg.group_by_length,
                            packing=cfg.packing, overlap_comm=engine.overlap_comm(s.ds_config))
-    chosen, cands = plan.choose(setting, fixed)
+    chosen, cands = plan.choose(setting, fixed, moving=s.schedule is not None)
     kept = [flag(n) for n in given] + (["--ds-config"] if cfg.ds_config is not None else [])
     if not cands:
         raise ValueError(f"--plan auto: {plan.no_candidate(setting, fixed, kept)}")
