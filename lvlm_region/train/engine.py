@@ -436,14 +436,6 @@ def optimizer_params(engine) -> list[torch.nn.Parameter]:
     return [p for g in inner.param_groups for p in g["params"]]
 
 
-def optimizer_state_numel(engine) -> int:
-    """The optimizer-state values this rank holds (Adam's two moments over its partition of the trainable
-    parameters, ZeRO's padding included): what a moving region keeps at K layers' size."""
-    inner = getattr(engine.optimizer, "optimizer", engine.optimizer)
-    return sum(t.numel() for state in inner.state.values() for t in state.values()
-               if torch.is_tensor(t) and t.dim() > 0)
-
-
 def check_optimizer(engine, intended: list[torch.nn.Parameter]) -> None:
     """Fail unless the optimizer holds exactly the intended parameters (trap: late freezing is ignored)."""
     held = {id(p) for p in optimizer_params(engine)}

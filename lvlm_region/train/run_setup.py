@@ -105,9 +105,7 @@ def setup(cfg: RunConfig, trains: bool = True) -> Setup:
     if not os.path.isfile(os.path.join(cfg.model_path, "config.json")):
         raise FileNotFoundError(f"--model {cfg.model_path}: no config.json; give a local transformers checkpoint dir")
     model_config = AutoConfig.from_pretrained(cfg.model_path)
-    region, shape = config_region(cfg.region, model_config)
-    check_lr_groups(cfg, region)
-    moving = schedule.resolve(cfg.region_schedule, region, cfg.seed) if cfg.region_schedule else None
+    region, shape, moving = run_region(cfg, model_config)
     if cfg.tuner == "lora" and not region.layers:
         raise ValueError(f"--tuner lora: region {region.spec!r} selects no decoder layer, so there is nothing to put "
                          "LoRA on; give a region with layers (e.g. --region uniform25) or use --tuner full")
@@ -156,9 +154,7 @@ def dry_run(cfg: RunConfig, ranks: int) -> dict:
         raise FileNotFoundError(f"--model {cfg.model_path}: no config.json; a dry run reads the model's config.json")
     else:
         model_config = AutoConfig.from_pretrained(cfg.model_path)
-    region, shape = config_region(cfg.region, model_config)
-    check_lr_groups(cfg, region)
-    moving = schedule.resolve(cfg.region_schedule, region, cfg.seed) if cfg.region_schedule else None
+    region, shape, moving = run_region(cfg, model_config)
     # a moving region's trainable parameters: its first period's
     counts = (apply_region(shape, moving.region(0) if moving else region, cfg.tuner) if cfg.tuner == "full"
               else None)
@@ -196,6 +192,14 @@ def config_region(spec: str, model_config) -> tuple[regions.Region, torch.nn.Mod
     """``spec`` resolved against a model's config alone, and the meta-device skeleton it was read from (no weights)."""
     shape = skeleton(model_config)
     return regions.resolve(spec, num_decoder_layers(model_config), tied=find_parts(shape).tied), shape
+
+
+def run_region(cfg: RunConfig, model_config) -> tuple[regions.Region, torch.nn.Module, schedule.Schedule | None]:
+    """The run's region resolved against the model's config (config_region), its --lr-groups checked against it, and
+    its --region-schedule (None: the region stays); ValueError naming the fault, before any weights load."""
+    region, shape = config_region(cfg.region, model_config)
+    check_lr_groups(cfg, region)
+    return region, shape, (schedule.resolve(cfg.region_schedule, region, cfg.seed) if cfg.region_schedule else None)
 
 
 def check_lr_groups(cfg: RunConfig, region: regions.Region) -> None:

@@ -36,6 +36,14 @@ def weights(ds_engine) -> dict | None:
     return None if state is None else {k: v.clone() for k, v in state.items()}
 
 
+def optimizer_state_numel(ds_engine) -> int:
+    """The optimizer-state values this rank holds (Adam's two moments over its partition of the trainable
+    parameters, ZeRO's padding included): what a moving region keeps at K layers' size."""
+    inner = getattr(ds_engine.optimizer, "optimizer", ds_engine.optimizer)
+    return sum(t.numel() for state in inner.state.values() for t in state.values()
+               if torch.is_tensor(t) and t.dim() > 0)
+
+
 SHAPE = BatchShape(4, 96, images=4, head_tokens=40)
 
 
@@ -78,7 +86,7 @@ def main() -> None:
             lr = run.scheduler.lr_lambdas[0](step - 1) * run.cfg.lr
         if step % every == 0 or step == run.total:
             after = weights(run.engine)
-            state = engine.all_gather_object(engine.optimizer_state_numel(run.engine))
+            state = engine.all_gather_object(optimizer_state_numel(run.engine))
             if engine.rank() == 0:
                 changed = sorted(n for n in after if not torch.equal(after[n], before[n]))
                 periods.append({"period": run.s.schedule.period(step), "last_step": step, "changed": changed,
